@@ -1,0 +1,133 @@
+"""Decision points: where the monitor asks its policy whether to stop (DESIGN.md, "Decision points").
+
+Three kinds, each recorded with the index of the token that *completes* it:
+- "cue": a whole cue word ("hmm", "wait", "alternatively"; case-insensitive, configurable). LYNX matched
+  substrings of decoded text, so "await" fired; we match whole words on the decoded stream. A word is
+  only known to be whole when the next character is not a letter, so a cue is *confirmed* one token
+  later than the token that completes it (`DecisionPoint.index` is the completing token; the backend
+  acts on the decision from the confirming token on). DEER's cue, "Wait" at a paragraph start, is the
+  same word with `paragraph_start=True`.
+- "step_end": a blank line ("\\n\\n") closes a reasoning step; steps shorter than `min_step_tokens`
+  are merged into the next one (PUMA), so they do not fire.
+- "reasoning_end": the model's own end-of-reasoning marker (e.g. "</think>"); detection stops there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+DEFAULT_CUE_WORDS = ("hmm", "wait", "alternatively")
+
+
+@dataclass(frozen=True)
+class DecisionPoint:
+    """A place in the token stream where stopping may be considered."""
+
+    index: int  # token index (0-based among generated tokens) that completes the cue / step / marker
+    kind: str  # "cue" | "step_end" | "reasoning_end"
+    label: str  # the cue word (lower case), "step" or the marker text
+    paragraph_start: bool = False  # cue word at the start of a paragraph (DEER's "Wait")
+    ordinal: int = 0  # 1-based count of this label so far in the trace ("the 6th 'wait'")
+
+
+def _is_word_char(c: str) -> bool:
+    return c.isalnum() or c == "_"
+
+
+class CueDetector:
+    """Streams token text pieces and reports decision points.
+
+    Example:
+        >>> d = CueDetector(min_step_tokens=1)
+        >>> [p.label for i, t in enumerate(["We", " await", ".", " Wait", ",", " no"]) for p in d.update(i, t)]
+        ['wait']
+    """
+
+    def __init__(
+        self,
+        cue_words: Iterable[str] = DEFAULT_CUE_WORDS,
+        min_step_tokens: int = 8,
+        think_end: str | None = "</think>",
+        step_ends: bool = True,
+    ) -> None:
+        words = tuple(w.strip().lower() for w in cue_words)
+        if any(not w or not all(_is_word_char(c) for c in w) for w in words):
+            raise ValueError(
+                f"cue words must be single non-empty words of letters/digits, got {list(cue_words)!r}; "
+                "multi-word phrases are not supported as cues"
+            )
+        if not isinstance(min_step_tokens, int) or min_step_tokens < 1:
+            raise ValueError(f"min_step_tokens must be a positive int, got {min_step_tokens!r}")
+        self.cue_words = frozenset(words)
+        self.min_step_tokens = min_step_tokens
+        self.think_end = think_end or None
+        self.step_ends = step_ends
+        self.reset()
+
+    def reset(self) -> None:
+        self._word: list[str] = []
+        self._word_end_index = -1
+        self._word_at_para_start = False
+        self._prev_char = "\n"  # start of text counts as a paragraph start
+        self._line_start_is_para = True  # the current position follows a blank line (or text start)
+        self._tail = ""  # last characters, for the end-of-reasoning marker
+        self._step_start = 0
+        self._ended = False
+        self._counts: dict[str, int] = {}
+
+    @property
+    def reasoning_ended(self) -> bool:
+        return self._ended
+
+    def _point(self, index: int, kind: str, label: str, para: bool = False) -> DecisionPoint:
+        n = self._counts.get(label, 0) + 1
+        self._counts[label] = n
+        return DecisionPoint(index=index, kind=kind, label=label, paragraph_start=para, ordinal=n)
+
+    def _close_word(self, out: list[DecisionPoint]) -> None:
+        if self._word:
+            word = "".join(self._word).lower()
+            if word in self.cue_words:
+                out.append(self._point(self._word_end_index, "cue", word, self._word_at_para_start))
+            self._word = []
+
+    def update(self, index: int, text: str) -> list[DecisionPoint]:
+        """Feed the text piece of generated token `index`; return the decision points it completes."""
+        out: list[DecisionPoint] = []
+        if self._ended or not text:
+            return out
+        for c in text:
+            if _is_word_char(c):
+                if not self._word:
+                    self._word_at_para_start = self._line_start_is_para
+                self._word.append(c)
+                self._word_end_index = index
+                self._line_start_is_para = False
+            else:
+                self._close_word(out)
+                if c == "\n" and self._prev_char == "\n":
+                    if self.step_ends and not self._line_start_is_para:
+                        # a run of 3+ newlines is one boundary: _line_start_is_para stays True until text
+                        if index - self._step_start + 1 >= self.min_step_tokens:
+                            out.append(self._point(index, "step_end", "step"))
+                            self._step_start = index + 1
+                    self._line_start_is_para = True
+                elif not c.isspace() and c not in "*#>-":
+                    # markdown emphasis or a heading marker before "Wait" still counts as paragraph start
+                    self._line_start_is_para = False
+            self._prev_char = c
+        if self.think_end:
+            self._tail = (self._tail + text)[-(len(self.think_end) + len(text)) :]
+            if self.think_end in self._tail:
+                self._word = []
+                out.append(self._point(index, "reasoning_end", self.think_end))
+                self._ended = True
+        return out
+
+    def finish(self) -> list[DecisionPoint]:
+        """Close the stream: a cue word at the very end of the text is whole."""
+        out: list[DecisionPoint] = []
+        if not self._ended:
+            self._close_word(out)
+        return out

@@ -1,0 +1,204 @@
+"""Halting decisions: the `Decision` a monitor returns to its backend and the policies that make it.
+
+A policy sees a `DecisionContext` after every reasoning token (most policies only act at decision
+points) and answers with a `Decision`: continue, halt (the backend then injects the exit cue), or
+trial (DEER: the backend decodes a trial answer on a copy of the cache and reports its confidence
+back through `Policy.decide_after_trial`). Policies here:
+
+- `ObservePolicy`          never halts: record signals only (the unmonitored baseline's twin)
+- `HaltAfterPolicy`        halt after N reasoning tokens (fixed-budget baseline, `--halt-after N`)
+- `SignalThresholdPolicy`  halt at a decision point where one signal value crosses a threshold
+- `DeerPolicy`             DEER trial-answer confidence at cue words (probe tokens are counted)
+
+Calibrated probe policies (issue "probes and calibration") plug into the same interface.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from monitor.cues import DecisionPoint
+
+CONTINUE, HALT, TRIAL = "continue", "halt", "trial"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the backend should do next for one sequence."""
+
+    action: str = CONTINUE  # "continue" | "halt" | "trial"
+    reason: str = ""
+    score: float | None = None
+    threshold: float | None = None
+
+    @property
+    def halt(self) -> bool:
+        return self.action == HALT
+
+
+@dataclass
+class DecisionContext:
+    """Everything a policy may look at, after reasoning token `position` has been observed."""
+
+    position: int  # index of the token just observed (0-based among generated tokens)
+    reasoning_tokens: int  # reasoning tokens so far, including this one
+    values: Mapping[str, float]  # latest value of every signal key, flattened "family.key"
+    point: DecisionPoint | None = None  # the decision point confirmed at this token, if any
+    hidden: Mapping[int, object] | None = None  # hidden states at the decision point's token
+    extra: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class Policy(Protocol):
+    name: str
+
+    def decide(self, ctx: DecisionContext) -> Decision: ...
+
+
+def _point_words(point: DecisionPoint) -> str:
+    if point.kind == "cue":
+        return f"the {_ordinal(point.ordinal)} '{point.label}'"
+    if point.kind == "step_end":
+        return f"the end of step {point.ordinal}"
+    return f"the reasoning end marker {point.label!r}"
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+class ObservePolicy:
+    """Never halts. Signals and decision points are still recorded."""
+
+    name = "observe"
+
+    def decide(self, ctx: DecisionContext) -> Decision:
+        return Decision(CONTINUE)
+
+
+class HaltAfterPolicy:
+    """Halt after `n` reasoning tokens: the fixed thinking-budget baseline.
+
+    Example:
+        >>> HaltAfterPolicy(3).decide(DecisionContext(position=2, reasoning_tokens=3, values={})).halt
+        True
+    """
+
+    def __init__(self, n: int) -> None:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"halt-after budget must be a positive number of tokens, got {n!r}")
+        self.n = n
+        self.name = f"halt-after-{n}"
+
+    def decide(self, ctx: DecisionContext) -> Decision:
+        if ctx.reasoning_tokens >= self.n:
+            return Decision(HALT, f"reasoning budget of {self.n} tokens reached", float(ctx.reasoning_tokens),
+                            float(self.n))
+        return Decision(CONTINUE)
+
+
+_OPS: dict[str, Callable[[float, float], bool]] = {">=": operator.ge, ">": operator.gt, "<=": operator.le,
+                                                   "<": operator.lt}
+
+
+class SignalThresholdPolicy:
+    """Halt at the first decision point where signal `key` (e.g. "jsd_instability.instability") crosses
+    `threshold` (`op` one of >=, >, <=, <), after at least `min_tokens` reasoning tokens.
+
+    Example:
+        >>> p = SignalThresholdPolicy("redundancy.similarity", 0.9)
+        >>> from monitor.cues import DecisionPoint
+        >>> pt = DecisionPoint(index=40, kind="step_end", label="step", ordinal=3)
+        >>> p.decide(DecisionContext(40, 41, {"redundancy.similarity": 0.95}, pt)).reason
+        'halted at token 40: redundancy.similarity 0.95 >= threshold 0.9 at the end of step 3'
+    """
+
+    def __init__(self, key: str, threshold: float, op: str = ">=", min_tokens: int = 0,
+                 at: str = "decision_points") -> None:
+        if "." not in key:
+            raise ValueError(f"signal key must look like 'family.value' (e.g. 'jsd_instability.instability'), "
+                             f"got {key!r}")
+        if op not in _OPS:
+            raise ValueError(f"op must be one of {sorted(_OPS)}, got {op!r}")
+        if at not in ("decision_points", "any"):
+            raise ValueError(f"at must be 'decision_points' or 'any', got {at!r}")
+        self.key, self.threshold, self.op, self.min_tokens, self.at = key, float(threshold), op, min_tokens, at
+        self.name = f"threshold:{key}{op}{threshold:g}"
+
+    def decide(self, ctx: DecisionContext) -> Decision:
+        if self.at == "decision_points" and ctx.point is None:
+            return Decision(CONTINUE)
+        if ctx.reasoning_tokens < self.min_tokens:
+            return Decision(CONTINUE)
+        value = ctx.values.get(self.key)
+        if value is None or not _OPS[self.op](value, self.threshold):
+            return Decision(CONTINUE, score=value, threshold=self.threshold)
+        where = f" at {_point_words(ctx.point)}" if ctx.point is not None else ""
+        return Decision(HALT, f"halted at token {ctx.position}: {self.key} {value:.4g} {self.op} threshold "
+                              f"{self.threshold:.4g}{where}", value, self.threshold)
+
+
+class DeerPolicy:
+    """DEER (Dynamic Early Exit in Reasoning): at each cue word, the backend appends the trial prompt
+    "\\n**Final Answer**\\n\\boxed{" on a copy of the cache, decodes up to `max_trial_tokens` greedily,
+    and scores the mean (or geometric-mean) probability of the tokens inside the braces; halt when it is
+    >= `threshold`. Trial tokens are counted as probe tokens.
+    """
+
+    trial_prompt = "\n**Final Answer**\n\\boxed{"
+
+    def __init__(self, threshold: float = 0.95, max_trial_tokens: int = 20, mean: str = "arithmetic",
+                 kinds: tuple[str, ...] = ("cue",)) -> None:
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"DEER confidence threshold must be in (0, 1], got {threshold!r}")
+        if mean not in ("arithmetic", "geometric"):
+            raise ValueError(f"mean must be 'arithmetic' or 'geometric', got {mean!r}")
+        self.threshold, self.max_trial_tokens, self.mean, self.kinds = threshold, max_trial_tokens, mean, kinds
+        self.name = f"deer:{threshold:g}"
+
+    def decide(self, ctx: DecisionContext) -> Decision:
+        if ctx.point is not None and ctx.point.kind in self.kinds:
+            return Decision(TRIAL, f"trial answer at {_point_words(ctx.point)}")
+        return Decision(CONTINUE)
+
+    def decide_after_trial(self, ctx: DecisionContext, confidence: float) -> Decision:
+        where = _point_words(ctx.point) if ctx.point is not None else f"token {ctx.position}"
+        if confidence >= self.threshold:
+            return Decision(HALT, f"halted at token {ctx.position}: trial-answer confidence {confidence:.3f} >= "
+                                  f"threshold {self.threshold:.3g} at {where}", confidence, self.threshold)
+        return Decision(CONTINUE, score=confidence, threshold=self.threshold)
+
+
+def parse_policy(spec: str | None, halt_after: int | None = None) -> Policy:
+    """Build a policy from CLI text: "observe", "deer[:THRESHOLD]", "threshold:KEY>=VALUE", or
+    `halt_after` (which wins when given together with "observe")."""
+    spec = (spec or "observe").strip()
+    if halt_after is not None:
+        if spec != "observe":
+            raise ValueError("--halt-after is a policy of its own; do not combine it with --policy")
+        return HaltAfterPolicy(halt_after)
+    if spec == "observe":
+        return ObservePolicy()
+    if spec == "deer" or spec.startswith("deer:"):
+        _, _, thr = spec.partition(":")
+        try:
+            return DeerPolicy(float(thr)) if thr else DeerPolicy()
+        except ValueError as e:
+            raise ValueError(f"bad DEER policy {spec!r}: {e}. Use e.g. --policy deer:0.95") from None
+    if spec.startswith("threshold:"):
+        body = spec[len("threshold:"):]
+        for op in (">=", "<=", ">", "<"):
+            if op in body:
+                key, _, val = body.partition(op)
+                try:
+                    return SignalThresholdPolicy(key.strip(), float(val), op)
+                except ValueError as e:
+                    raise ValueError(f"bad threshold policy {spec!r}: {e}") from None
+        raise ValueError(f"bad threshold policy {spec!r}: use e.g. threshold:jsd_instability.instability>=0.3")
+    raise ValueError(
+        f"unknown policy {spec!r}: use observe, deer[:CONF], threshold:FAMILY.KEY>=VALUE, or --halt-after N"
+    )
