@@ -1,0 +1,382 @@
+"""Hugging Face transformers backend: monitored `model.generate` with per-sequence halting.
+
+This is a thin adapter. It adds three things to an ordinary `model.generate` call and nothing else:
+- taps: a forward hook on the model keeps the *raw* last-position logits (exact whatever logits
+  processors run later), and forward hooks on the configured decoder layers keep the last position's
+  hidden state only (never `output_hidden_states=True`, which keeps every layer for every step);
+- `MonitorLogitsProcessor`: after each forward it turns the token chosen at the previous step into a
+  `TokenStep` (its distribution + its hidden states, now known), feeds it to that row's `Monitor`, and
+  when the monitor halts it forces the exit cue token by token (all other logits set to -inf) into the
+  SAME sequence and KV cache; DEER trials decode on a per-row copy of the cache;
+- `MonitorStoppingCriteria`: ingests each newly chosen token (detokenize, phase bookkeeping) and stops a
+  row individually once its answer is written (closing brace after the exit cue, or its answer budget).
+
+Each row's monitor decides at the token it observes, and its decision shapes the very next token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import (
+    DynamicCache,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from monitor.decision import TRIAL, DeerPolicy
+from monitor.detokenize import IncrementalDetokenizer
+from monitor.events import TokenStep
+from monitor.models import decoder_layers
+from monitor.monitor import Monitor
+
+log = logging.getLogger("overthink.hf")
+
+
+class HFTaps:
+    """Forward hooks that keep the raw last-position logits and chosen layers' last-position hidden states."""
+
+    def __init__(self, model: torch.nn.Module, layers: Sequence[int]) -> None:
+        self.model = model
+        blocks = decoder_layers(model)
+        n = len(blocks)
+        self.layers = sorted({(i + n) % n if -n <= i < n else _bad_layer(i, n) for i in layers})
+        self.logits: torch.Tensor | None = None
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.enabled = True
+        self._handles = [model.register_forward_hook(self._on_model)]
+        for i in self.layers:
+            self._handles.append(blocks[i].register_forward_hook(self._make_layer_hook(i)))
+
+    def _on_model(self, module: Any, args: Any, output: Any) -> None:
+        if self.enabled:
+            logits = output.logits if hasattr(output, "logits") else output[0]
+            self.logits = logits[:, -1, :]
+
+    def _make_layer_hook(self, i: int) -> Callable[..., None]:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            if self.enabled:
+                h = output[0] if isinstance(output, tuple) else output
+                self.hidden[i] = h[:, -1, :].detach()
+        return hook
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.enabled = False
+        try:
+            yield
+        finally:
+            self.enabled = True
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def _bad_layer(i: int, n: int) -> int:
+    raise ValueError(f"layer index {i} is out of range for a model with {n} decoder layers (use 0..{n - 1})")
+
+
+@dataclass
+class RowState:
+    """Per-sequence state, like a vLLM logits processor's per-request state."""
+
+    monitor: Monitor
+    detok: IncrementalDetokenizer
+    pad_len: int
+    prompt_len: int
+    phase: str = "reasoning"  # reasoning | forcing | answer | done
+    pending: tuple[int, str] | None = None  # reasoning token waiting for its hidden state
+    prev_logits: torch.Tensor | None = None  # raw logits that produced the pending token
+    forced_queue: list[int] = field(default_factory=list)
+    generated: int = 0
+    answer_tokens: int = 0
+    brace_depth: int | None = None  # tracked after an exit cue that opens "\boxed{"
+    stop_reason: str = ""
+    budget_forced: bool = False
+
+
+class MonitorLogitsProcessor(LogitsProcessor):
+    """Observes each row's last token with its hidden states; forces the exit cue for halted rows."""
+
+    def __init__(self, gen: HFMonitoredGenerator, rows: list[RowState], cache: DynamicCache) -> None:
+        self.gen, self.rows, self.cache = gen, rows, cache
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        taps = self.gen.taps
+        raw = taps.logits if taps.logits is not None else scores
+        hidden = dict(taps.hidden)
+        for b, row in enumerate(self.rows):
+            if row.phase == "done":
+                continue
+            if row.pending is not None:
+                self.gen._observe(b, row, {i: h[b] for i, h in hidden.items()}, self.cache)
+            if row.phase == "reasoning":
+                row.prev_logits = raw[b]
+            if row.phase == "forcing" and row.forced_queue:
+                forced = row.forced_queue[0]
+                scores[b, :] = -math.inf
+                scores[b, forced] = 0.0
+        return scores
+
+
+class MonitorStoppingCriteria(StoppingCriteria):
+    """Ingests the token just chosen for each row and stops rows individually."""
+
+    def __init__(self, gen: HFMonitoredGenerator, rows: list[RowState]) -> None:
+        self.gen, self.rows = gen, rows
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for b, row in enumerate(self.rows):
+            if row.phase != "done":
+                self.gen._ingest(row, int(input_ids[b, -1]))
+            done[b] = row.phase == "done"
+        return done
+
+
+@dataclass
+class SequenceResult:
+    """What one row produced: its monitor (holding tokens, signals, decision) and the texts."""
+
+    monitor: Monitor
+    prompt: str
+    prompt_tokens: int
+    output_text: str
+    answer_text: str
+    stop_reason: str
+
+
+class HFMonitoredGenerator:
+    """Monitored generation over any causal LM, batched, with per-sequence halting.
+
+    Example:
+        >>> from monitor.models import load_model          # doctest: +SKIP
+        >>> lm = load_model("smollm2")                     # doctest: +SKIP
+        >>> gen = HFMonitoredGenerator(lm.model, lm.tokenizer, monitor_factory=default_monitor_factory(...))
+        >>> [r.output_text for r in gen.generate(["..."], max_new_tokens=256)]   # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        monitor_factory: Callable[[], Monitor],
+        layers: Sequence[int],
+        exit_cue: str,
+        answer_max_tokens: int = 48,
+        exit_at_budget: bool = True,
+    ) -> None:
+        if answer_max_tokens < 1:
+            raise ValueError(f"answer_max_tokens must be >= 1, got {answer_max_tokens}")
+        self.model, self.tokenizer = model, tokenizer
+        self.monitor_factory = monitor_factory
+        self.taps = HFTaps(model, layers)
+        self.layers = self.taps.layers
+        self.exit_cue = exit_cue
+        self.exit_ids = tokenizer.encode(exit_cue, add_special_tokens=False)
+        if not self.exit_ids:
+            raise ValueError(f"exit cue {exit_cue!r} encodes to no tokens")
+        self.answer_max_tokens = answer_max_tokens
+        self.exit_at_budget = exit_at_budget
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self._max_reasoning = 0
+
+    def close(self) -> None:
+        self.taps.remove()
+
+    # ------------------------------------------------------------------ per-token work
+    def _observe(self, b: int, row: RowState, hidden: dict[int, torch.Tensor] | None, cache: Any) -> None:
+        tok, text = row.pending  # type: ignore[misc]
+        row.pending = None
+        step = TokenStep(position=row.monitor.n_tokens, token_id=tok, text=text, logprobs=row.prev_logits,
+                         hidden=hidden or None)
+        mon = row.monitor
+        d = mon.observe(step)
+        if d.action == TRIAL and cache is not None:
+            policy = mon.policy
+            conf, n = self._trial(b, row, cache, policy)
+            d = mon.trial_result(conf, n)
+        if d.halt:
+            self._start_forcing(row)
+        elif mon.reasoning_ended or tok in self.eos_ids:
+            row.phase = "answer" if tok not in self.eos_ids else "done"
+            row.stop_reason = "model ended its reasoning" if tok not in self.eos_ids else "end of sequence"
+        elif row.generated >= self._max_reasoning:
+            if self.exit_at_budget:
+                row.budget_forced = True
+                row.stop_reason = f"reasoning budget of {self._max_reasoning} tokens exhausted: exit cue forced"
+                self._start_forcing(row)
+            else:
+                row.phase, row.stop_reason = "done", f"max_new_tokens={self._max_reasoning} reached"
+
+    def _start_forcing(self, row: RowState) -> None:
+        row.phase = "forcing"
+        row.forced_queue = list(self.exit_ids)
+        row.brace_depth = _brace_delta(self.exit_cue) if self.exit_cue.rstrip().endswith("{") else None
+
+    def _ingest(self, row: RowState, tok: int) -> None:
+        text = row.detok.push(tok)
+        row.generated += 1
+        if row.phase == "reasoning":
+            row.pending = (tok, text)
+            if tok in self.eos_ids:  # no forward will follow for this row: observe now, without hidden
+                self._observe(-1, row, None, None)
+                row.phase, row.stop_reason = "done", "end of sequence"
+            return
+        if row.phase == "forcing":
+            row.monitor.record_token(tok, text, "forced")
+            if row.forced_queue and row.forced_queue[0] == tok:
+                row.forced_queue.pop(0)
+            if not row.forced_queue:
+                row.phase = "answer"
+            return
+        # answer phase
+        row.monitor.record_token(tok, text, "answer")
+        row.answer_tokens += 1
+        if tok in self.eos_ids:
+            row.phase = "done"
+        elif row.brace_depth is not None:
+            row.brace_depth += _brace_delta(text)
+            if row.brace_depth <= 0:
+                row.phase = "done"
+        if row.answer_tokens >= self.answer_max_tokens:
+            row.phase = "done"
+
+    def _trial(self, b: int, row: RowState, cache: Any, policy: Any) -> tuple[float, int]:
+        """DEER trial answer on a copy of row b's cache; returns (confidence, tokens spent)."""
+        prompt = getattr(policy, "trial_prompt", DeerPolicy.trial_prompt)
+        max_tokens = getattr(policy, "max_trial_tokens", 20)
+        geometric = getattr(policy, "mean", "arithmetic") == "geometric"
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        with self.taps.paused():
+            sub = DynamicCache(ddp_cache_data=[
+                (layer.keys[b:b + 1, :, row.pad_len:], layer.values[b:b + 1, :, row.pad_len:])
+                for layer in cache.layers
+            ])
+            past = sub.get_seq_length()
+            inp = torch.tensor([ids], device=self.model.device)
+            probs: list[float] = []
+            depth, n_gen = 1, 0
+            for _ in range(max_tokens):
+                pos = torch.arange(past, past + inp.shape[1], device=inp.device)[None]
+                out = self.model(input_ids=inp, past_key_values=sub, position_ids=pos, use_cache=True)
+                past += inp.shape[1]
+                p = torch.softmax(out.logits[0, -1].float(), dim=-1)
+                tok = int(torch.argmax(p))
+                n_gen += 1
+                piece = self.tokenizer.decode([tok], skip_special_tokens=False)
+                depth += _brace_delta(piece)
+                if tok in self.eos_ids:
+                    break
+                if depth <= 0:
+                    if piece.split("}")[0].strip():  # content before the closing brace is inside
+                        probs.append(float(p[tok]))
+                    break
+                probs.append(float(p[tok]))
+                inp = torch.tensor([[tok]], device=inp.device)
+        if not probs:
+            return 0.0, len(ids) + n_gen
+        if geometric:
+            conf = math.exp(sum(math.log(max(x, 1e-30)) for x in probs) / len(probs))
+        else:
+            conf = sum(probs) / len(probs)
+        return conf, len(ids) + n_gen
+
+    # ------------------------------------------------------------------ batch entry point
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int = 512,
+        do_sample: bool = False,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        **generate_kwargs: Any,
+    ) -> list[SequenceResult]:
+        """Generate for a batch of rendered prompts; every row gets its own monitor.
+
+        `max_new_tokens` caps the reasoning; the exit cue and `answer_max_tokens` come on top of it.
+        Extra keyword arguments go to `model.generate` unchanged (e.g. `min_new_tokens`).
+        """
+        if not prompts:
+            return []
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        tok = self.tokenizer
+        tok.padding_side = "left"
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        enc = tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(self.model.device) for k, v in enc.items()}
+        mask = enc["attention_mask"]
+        rows = []
+        for b in range(len(prompts)):
+            n_real = int(mask[b].sum())
+            pad = int(mask.shape[1] - n_real)
+            prompt_ids = enc["input_ids"][b, pad:].tolist()
+            mon = self.monitor_factory()
+            mon.reset()
+            rows.append(RowState(monitor=mon, detok=IncrementalDetokenizer(tok, prompt_ids), pad_len=pad,
+                                 prompt_len=n_real))
+        self._max_reasoning = max_new_tokens
+        cache = DynamicCache(config=self.model.config)
+        if seed is not None:
+            torch.manual_seed(seed)
+        sampling: dict[str, Any] = {"do_sample": do_sample}
+        if do_sample:
+            sampling.update(temperature=temperature or 1.0, top_p=top_p or 1.0, top_k=0)
+        else:
+            sampling.update(temperature=None, top_p=None, top_k=None)
+        self.taps.logits, self.taps.hidden = None, {}
+        self.model.generate(
+            **enc,
+            past_key_values=cache,
+            max_new_tokens=max_new_tokens + len(self.exit_ids) + self.answer_max_tokens,
+            logits_processor=LogitsProcessorList([MonitorLogitsProcessor(self, rows, cache)]),
+            stopping_criteria=StoppingCriteriaList([MonitorStoppingCriteria(self, rows)]),
+            pad_token_id=tok.pad_token_id,
+            **sampling,
+            **generate_kwargs,
+        )
+        results = []
+        for row in rows:
+            if row.pending is not None:  # generation ended right after a reasoning token
+                self._observe(-1, row, None, None)
+            row.monitor.finish()
+            phases = row.monitor._tok_phase
+            texts = row.monitor._tok_text
+            answer_text = "".join(t for t, ph in zip(texts, phases) if ph != "reasoning")
+            if not row.stop_reason:
+                row.stop_reason = "generation ended"
+            results.append(SequenceResult(row.monitor, "", row.prompt_len, "".join(texts), answer_text,
+                                          row.stop_reason))
+        for r, p in zip(results, prompts):
+            r.prompt = p
+        return results
+
+
+def _brace_delta(text: str) -> int:
+    return text.count("{") - text.count("}")
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(int(e) for e in eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids

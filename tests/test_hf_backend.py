@@ -1,0 +1,243 @@
+"""HF backend on a real (tiny, randomly initialised) transformers model generating for real.
+
+Checks that monitoring does not perturb generation, that what the signals see (raw distributions,
+hidden states) equals an independent recompute, that halting injects the exit cue into the same KV cache
+(the answer equals a from-scratch greedy decode of prompt + reasoning + exit cue), per-row halting in a
+batch, DEER trials on a cache copy, and fail-open under a broken signal.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from monitor.decision import CONTINUE, TRIAL, Decision, HaltAfterPolicy, ObservePolicy
+from monitor.hf import HFMonitoredGenerator
+from monitor.models import tiny_model_and_tokenizer
+from monitor.monitor import Monitor
+
+PROMPTS = ["Question: what is 2 + 3?\nAnswer:", "Q: Tom has 4 apples and eats one. How many are left? Think."]
+LAYERS = [1, 2]  # not the last layer: hidden_states[-1] has the final norm applied
+EXIT = "\n\n**Final Answer**: \\boxed{"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = tiny_model_and_tokenizer()
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+class Recorder:
+    """Test signal: keeps every step it sees."""
+
+    name = "recorder"
+
+    def __init__(self):
+        self.steps = []
+
+    def update(self, step):
+        self.steps.append(step)
+        return {"n": float(len(self.steps))}
+
+    def reset(self):
+        self.steps = []
+
+    def summary(self):
+        return {}
+
+
+def make_gen(tiny, policies, signals_box=None, answer_max_tokens=8):
+    model, tok = tiny
+    it = iter(policies)
+
+    def factory():
+        rec = Recorder()
+        if signals_box is not None:
+            signals_box.append(rec)
+        return Monitor(signals=[rec], policy=next(it))
+
+    return HFMonitoredGenerator(model, tok, factory, layers=LAYERS, exit_cue=EXIT,
+                                answer_max_tokens=answer_max_tokens)
+
+
+def plain_greedy(tiny, prompts, n):
+    model, tok = tiny
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id,
+                         temperature=None, top_p=None, top_k=None)
+    return out[:, enc["input_ids"].shape[1]:].tolist()
+
+
+def test_observe_only_does_not_change_the_tokens(tiny):
+    gen = make_gen(tiny, [ObservePolicy(), ObservePolicy()])
+    gen.exit_at_budget = False
+    try:
+        res = gen.generate(PROMPTS, max_new_tokens=12, min_new_tokens=12)
+    finally:
+        gen.close()
+    expected = plain_greedy(tiny, PROMPTS, 12)
+    for r, exp in zip(res, expected):
+        assert r.monitor._tok_ids == exp
+        assert r.monitor.decision is None
+        assert set(r.monitor._tok_phase) == {"reasoning"}
+
+
+def test_steps_carry_raw_distribution_and_hidden_states_matching_a_recompute(tiny):
+    model, tok = tiny
+    box = []
+    gen = make_gen(tiny, [ObservePolicy()], box)
+    gen.exit_at_budget = False
+    try:
+        res = gen.generate(PROMPTS[:1], max_new_tokens=6, min_new_tokens=6)
+    finally:
+        gen.close()
+    steps = box[0].steps
+    ids = tok(PROMPTS[0], add_special_tokens=False)["input_ids"]
+    gen_ids = res[0].monitor._tok_ids
+    full = torch.tensor([ids + gen_ids])
+    with torch.no_grad():
+        out = model(full, output_hidden_states=True)
+    logp = torch.log_softmax(out.logits[0].double(), -1)
+    p0 = len(ids)
+    assert [s.token_id for s in steps] == gen_ids
+    for t, s in enumerate(steps):
+        # the distribution token t was drawn from = the logits at the position before it
+        np.testing.assert_allclose(s.distribution.probs, logp[p0 + t - 1].exp().numpy(), atol=1e-5)
+        assert s.logprob == pytest.approx(float(logp[p0 + t - 1, gen_ids[t]]), abs=1e-4)
+        if t < len(steps) - 1:  # the last token is never fed back, so it has no hidden state
+            for layer in LAYERS:
+                np.testing.assert_allclose(s.hidden_vector(layer), out.hidden_states[layer + 1][0, p0 + t].numpy(),
+                                           rtol=1e-4, atol=1e-4)
+    assert "".join(s.text for s in steps) == tok.decode(gen_ids)
+
+
+def test_halt_injects_exit_cue_into_the_same_cache_and_answer_matches_recompute(tiny):
+    model, tok = tiny
+    gen = make_gen(tiny, [HaltAfterPolicy(5)], answer_max_tokens=6)
+    try:
+        res = gen.generate(PROMPTS[:1], max_new_tokens=50)
+    finally:
+        gen.close()
+    mon = res[0].monitor
+    phases, ids = mon._tok_phase, mon._tok_ids
+    exit_ids = tok.encode(EXIT, add_special_tokens=False)
+    assert phases[:5] == ["reasoning"] * 5
+    assert phases[5:5 + len(exit_ids)] == ["forced"] * len(exit_ids)
+    assert ids[5:5 + len(exit_ids)] == exit_ids
+    n_answer = phases.count("answer")
+    assert 1 <= n_answer <= 6
+    assert mon.decision.halt and mon.halted_at == 5
+    # from-scratch greedy decode of prompt + reasoning + exit cue must give the same answer tokens
+    prompt_ids = tok(PROMPTS[0], add_special_tokens=False)["input_ids"]
+    prefix = torch.tensor([prompt_ids + ids[:5 + len(exit_ids)]])
+    out = model.generate(prefix, attention_mask=torch.ones_like(prefix), max_new_tokens=n_answer, do_sample=False,
+                         pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None)
+    assert out[0, prefix.shape[1]:].tolist()[:n_answer] == ids[5 + len(exit_ids):]
+    acc = mon.accounting(len(prompt_ids))
+    assert acc["reasoning"] == 5 and acc["forced"] == len(exit_ids) and acc["answer"] == n_answer
+
+
+def test_rows_halt_individually_in_a_batch(tiny):
+    gen = make_gen(tiny, [HaltAfterPolicy(3), ObservePolicy()], answer_max_tokens=2)
+    gen.exit_at_budget = False
+    try:
+        res = gen.generate(PROMPTS, max_new_tokens=10, min_new_tokens=10)
+    finally:
+        gen.close()
+    assert res[0].monitor.decision.halt and res[0].monitor.reasoning_tokens == 3
+    assert res[1].monitor.decision is None
+    assert res[1].monitor._tok_ids == plain_greedy(tiny, PROMPTS, 10)[1]
+
+
+class TrialAt:
+    """Asks for a trial answer at one position, never halts."""
+
+    name = "trial-at"
+
+    def __init__(self, at):
+        self.at, self.confidences = at, []
+        self.trial_prompt, self.max_trial_tokens, self.mean = "\n**Final Answer**\n\\boxed{", 4, "arithmetic"
+
+    def decide(self, ctx):
+        return Decision(TRIAL) if ctx.position == self.at else Decision(CONTINUE)
+
+    def decide_after_trial(self, ctx, confidence):
+        self.confidences.append(confidence)
+        return Decision(CONTINUE)
+
+
+def test_deer_trial_runs_on_a_cache_copy_and_counts_probe_tokens(tiny):
+    model, tok = tiny
+    pol = TrialAt(3)
+    gen = make_gen(tiny, [pol])
+    gen.exit_at_budget = False
+    try:
+        res = gen.generate(PROMPTS[:1], max_new_tokens=8, min_new_tokens=8)
+    finally:
+        gen.close()
+    mon = res[0].monitor
+    assert mon._tok_ids == plain_greedy(tiny, PROMPTS[:1], 8)[0]  # the trial did not disturb the sequence
+    trial_ids = tok.encode(pol.trial_prompt, add_special_tokens=False)
+    assert len(trial_ids) + 1 <= mon.probe_tokens <= len(trial_ids) + 4
+    assert len(pol.confidences) == 1 and 0.0 <= pol.confidences[0] <= 1.0
+    # recompute the trial from scratch: prefix up to and including token 3, then the trial prompt, greedy
+    prompt_ids = tok(PROMPTS[0], add_special_tokens=False)["input_ids"]
+    seq = prompt_ids + mon._tok_ids[:4] + trial_ids
+    probs = []
+    for _ in range(mon.probe_tokens - len(trial_ids)):
+        with torch.no_grad():
+            p = torch.softmax(model(torch.tensor([seq])).logits[0, -1], -1)
+        nxt = int(p.argmax())
+        piece = tok.decode([nxt])
+        if "}" in piece and not piece.split("}")[0].strip():
+            break
+        probs.append(float(p[nxt]))
+        seq.append(nxt)
+    if probs:
+        assert pol.confidences[0] == pytest.approx(sum(probs) / len(probs), abs=1e-4)
+
+
+def test_broken_signal_fails_open_during_real_generation(tiny):
+    model, tok = tiny
+
+    class Broken(Recorder):
+        name = "broken"
+
+        def update(self, step):
+            raise ZeroDivisionError("signal bug")
+
+    gen = HFMonitoredGenerator(model, tok, lambda: Monitor(signals=[Broken(), Recorder()]), layers=LAYERS,
+                               exit_cue=EXIT)
+    gen.exit_at_budget = False
+    try:
+        res = gen.generate(PROMPTS[:1], max_new_tokens=6, min_new_tokens=6)
+    finally:
+        gen.close()
+    mon = res[0].monitor
+    assert mon.n_tokens == 6
+    assert mon.errors[0]["signal"] == "broken" and "signal bug" in mon.errors[0]["error"]
+    assert mon._series["recorder"]["n"] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+
+
+def test_budget_exhaustion_forces_the_exit_cue_so_every_trace_has_an_answer(tiny):
+    gen = make_gen(tiny, [ObservePolicy()], answer_max_tokens=3)
+    try:
+        res = gen.generate(PROMPTS[:1], max_new_tokens=4, min_new_tokens=4)
+    finally:
+        gen.close()
+    mon = res[0].monitor
+    assert mon.reasoning_tokens == 4 and mon.decision is None
+    assert "forced" in mon._tok_phase and "budget" in res[0].stop_reason
+
+
+def test_hooks_are_removed_on_close(tiny):
+    model, _ = tiny
+    # transformers itself may keep capture hooks installed after output_hidden_states=True calls
+    before = [dict(model._forward_hooks)] + [dict(layer._forward_hooks) for layer in model.model.layers]
+    gen = make_gen(tiny, [ObservePolicy()])
+    assert len(model.model.layers[1]._forward_hooks) == len(before[2]) + 1
+    gen.close()
+    after = [dict(model._forward_hooks)] + [dict(layer._forward_hooks) for layer in model.model.layers]
+    assert after == before
