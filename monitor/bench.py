@@ -1,0 +1,102 @@
+"""`overthink bench overhead`: tokens/s of plain vs monitored generation, measured in one process.
+
+Plain = `model.generate` with no hooks at all. Monitored = the HF backend with all four signal families
+and three hooked decoder layers, observe-only policy (so both runs write the same tokens). Both runs are
+forced to the same length (`min_new_tokens`), alternate (plain, monitored, plain, ...) to spread
+machine noise evenly, and the ratio of median tokens/s is reported. A benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from monitor.answers import load_problems
+from monitor.models import LoadedModel, decoder_layers
+from monitor.run import RunConfig, monitor_factory
+
+
+@dataclass
+class OverheadResult:
+    model: str
+    batch_size: int
+    new_tokens: int
+    repeats: int
+    plain_tokens_per_s: float
+    monitored_tokens_per_s: float
+    throughput_ratio: float
+    layers: list[int]
+    plain_runs: list[float]
+    monitored_runs: list[float]
+    torch_threads: int
+
+
+# Used when no --data is given, so the benchmark needs no data file.
+BUILTIN_QUESTIONS = [
+    "A baker makes 24 muffins and sells them in boxes of 4. Each box costs $6. How much money does she make?",
+    "Tom reads 15 pages a day. His book has 240 pages. How many days does he need to finish it?",
+    "A train travels 60 miles per hour for 3 hours and then 40 miles per hour for 2 hours. How far does it go?",
+    "Sara has 3 times as many marbles as Ben. Together they have 48 marbles. How many marbles does Sara have?",
+]
+
+
+def three_layers(n: int) -> list[int]:
+    return sorted({n // 4, n // 2, n - 1})
+
+
+@torch.no_grad()
+def bench_overhead(lm: LoadedModel, data_path: str | None = None, new_tokens: int = 64, batch_size: int = 1,
+                   repeats: int = 3) -> OverheadResult:
+    from monitor.hf import HFMonitoredGenerator
+
+    if new_tokens < 1 or batch_size < 1 or repeats < 1:
+        raise ValueError("--new-tokens, --batch-size and --repeats must be positive integers")
+    if data_path:
+        questions = [p["question"] for p in load_problems(data_path, limit=batch_size)]
+    else:
+        questions = (BUILTIN_QUESTIONS * batch_size)[:batch_size]
+    prompts = [lm.family.build_prompt(lm.tokenizer, q) for q in questions]
+    tok = lm.tokenizer
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    layers = three_layers(len(decoder_layers(lm.model)))
+    cfg = RunConfig(max_new_tokens=new_tokens)
+    factory = monitor_factory(layers, cfg, lm.family.think_end)
+    greedy: dict[str, Any] = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+    def plain() -> float:
+        t0 = time.perf_counter()
+        out = lm.model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                pad_token_id=tok.pad_token_id, **greedy)
+        dt = time.perf_counter() - t0
+        return (out.shape[1] - enc["input_ids"].shape[1]) * len(prompts) / dt
+
+    def monitored() -> float:
+        gen = HFMonitoredGenerator(lm.model, tok, factory, layers=layers, exit_cue=lm.family.exit_cue)
+        gen.exit_at_budget = False
+        try:
+            t0 = time.perf_counter()
+            res = gen.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+            dt = time.perf_counter() - t0
+        finally:
+            gen.close()
+        n = sum(r.monitor.n_tokens for r in res)
+        return n / dt
+
+    plain()  # warm-up (allocator, kernels) not timed
+    p_runs, m_runs = [], []
+    for _ in range(repeats):
+        p_runs.append(plain())
+        m_runs.append(monitored())
+    p, m = statistics.median(p_runs), statistics.median(m_runs)
+    return OverheadResult(model=lm.name, batch_size=len(prompts), new_tokens=new_tokens, repeats=repeats,
+                          plain_tokens_per_s=round(p, 3), monitored_tokens_per_s=round(m, 3),
+                          throughput_ratio=round(m / p, 4), layers=layers,
+                          plain_runs=[round(x, 3) for x in p_runs], monitored_runs=[round(x, 3) for x in m_runs],
+                          torch_threads=torch.get_num_threads())

@@ -1,0 +1,170 @@
+"""`overthink run` as a library call: questions in, monitored generation, traces out.
+
+`run_problems` is what the CLI calls; a Python user gets the same traces by calling it directly.
+It builds one `Monitor` per sequence (the default signal set: all four families), renders each question
+with the model family's prompt, generates in batches with the HF backend, extracts and checks the
+answer, and returns `Trace` records. `summarize` turns traces into the batch summary the CLI prints.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from monitor.answers import check_answer, extract_answer
+from monitor.cues import DEFAULT_CUE_WORDS, CueDetector
+from monitor.decision import parse_policy
+from monitor.models import LoadedModel, decoder_layers, default_layers
+from monitor.monitor import Monitor
+from monitor.signals import JSDInstability, LatentTrajectory, PathDeviation, Redundancy
+from monitor.trace import Trace
+
+
+@dataclass
+class RunConfig:
+    """Settings of a monitored run (all have CLI flags)."""
+
+    policy: str = "observe"
+    halt_after: int | None = None
+    max_new_tokens: int = 512
+    answer_max_tokens: int = 48
+    layers: list[int] | None = None  # decoder layers to hook; None = LYNX default (~L/4, L/2, 3L/4, last)
+    block_tokens: int = 64  # latent-trajectory block size (paper: 500; short traces need smaller)
+    embedder: str = "hidden"  # redundancy embedder: "hidden" (monitored model) or "minilm"
+    min_step_tokens: int = 8
+    cue_words: tuple[str, ...] = DEFAULT_CUE_WORDS
+    batch_size: int = 4
+    seed: int = 0
+    do_sample: bool = False
+    temperature: float | None = None
+    answer_kind: str = "auto"
+    signals: bool = True  # False: no signals at all (policy and cues only)
+
+    def validate(self) -> None:
+        for name in ("max_new_tokens", "answer_max_tokens", "block_tokens", "batch_size", "min_step_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        if self.embedder not in ("hidden", "minilm"):
+            raise ValueError(f"--embedder must be 'hidden' or 'minilm', got {self.embedder!r}")
+        parse_policy(self.policy, self.halt_after)  # raises a readable ValueError on a bad spec
+
+
+def default_signals(layers: Sequence[int], cfg: RunConfig) -> list[Any]:
+    """The four signal families with the run's settings (a fresh set per sequence)."""
+    if not cfg.signals:
+        return []
+    if cfg.embedder == "minilm":
+        from monitor.signals import MiniLMEmbedder
+
+        embedder: Any = MiniLMEmbedder()
+    else:
+        embedder = None  # mean-pooled hidden states of the monitored model
+    return [
+        PathDeviation(),
+        JSDInstability(),
+        LatentTrajectory(layers=list(layers), block_tokens=cfg.block_tokens),
+        Redundancy(embedder=embedder, min_step_tokens=cfg.min_step_tokens),
+    ]
+
+
+def monitor_factory(layers: Sequence[int], cfg: RunConfig, think_end: str | None) -> Callable[[], Monitor]:
+    def make() -> Monitor:
+        return Monitor(
+            signals=default_signals(layers, cfg),
+            policy=parse_policy(cfg.policy, cfg.halt_after),
+            cues=CueDetector(cfg.cue_words, min_step_tokens=cfg.min_step_tokens, think_end=think_end),
+        )
+    return make
+
+
+def resolve_layers(lm: LoadedModel, layers: Sequence[int] | None) -> list[int]:
+    n = len(decoder_layers(lm.model))
+    if not layers:
+        return default_layers(n)
+    out = []
+    for i in layers:
+        if not -n <= i < n:
+            raise ValueError(f"--layers: index {i} is out of range; this model has {n} decoder layers (0..{n - 1})")
+        out.append(i % n)
+    return sorted(set(out))
+
+
+@dataclass
+class Progress:
+    """Callbacks the CLI uses to drive a progress bar; a library user may ignore them."""
+
+    on_batch: Callable[[int], None] = field(default=lambda n: None)
+
+
+def run_problems(
+    lm: LoadedModel,
+    problems: Sequence[dict[str, Any]],
+    cfg: RunConfig | None = None,
+    progress: Progress | None = None,
+    backend: str = "hf",
+) -> list[Trace]:
+    """Monitored generation for `problems` ({"id", "question", optional "answer"}); one Trace each."""
+    from monitor.hf import HFMonitoredGenerator
+
+    cfg = cfg or RunConfig()
+    cfg.validate()
+    if backend != "hf":
+        raise ValueError(f"unknown backend {backend!r}; this build supports --backend hf")
+    layers = resolve_layers(lm, cfg.layers)
+    fmt = lm.family
+    gen = HFMonitoredGenerator(
+        lm.model, lm.tokenizer, monitor_factory(layers, cfg, fmt.think_end), layers=layers,
+        exit_cue=fmt.exit_cue, answer_max_tokens=cfg.answer_max_tokens,
+    )
+    traces: list[Trace] = []
+    try:
+        for start in range(0, len(problems), cfg.batch_size):
+            batch = problems[start:start + cfg.batch_size]
+            prompts = [fmt.build_prompt(lm.tokenizer, p["question"]) for p in batch]
+            t0 = time.perf_counter()
+            results = gen.generate(prompts, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
+                                   temperature=cfg.temperature, seed=cfg.seed + start)
+            wall = time.perf_counter() - t0
+            for p, r in zip(batch, results):
+                answer = extract_answer(r.answer_text) or extract_answer(r.output_text)
+                gold = p.get("answer")
+                correct = None if gold is None else check_answer(answer, str(gold), cfg.answer_kind)
+                meta = {"seed": cfg.seed + start, "config": asdict(cfg), "layers": layers,
+                        "batch_wall_seconds": round(wall, 3), "batch_size": len(batch),
+                        "model_fingerprint": lm.fingerprint, "stop_reason": r.stop_reason}
+                traces.append(r.monitor.to_trace(
+                    trace_id=str(p.get("id", f"q{start}")), model=lm.name, backend=backend,
+                    question=p["question"], prompt=r.prompt, prompt_tokens=r.prompt_tokens,
+                    answer_text=r.answer_text, answer=answer, gold=None if gold is None else str(gold),
+                    correct=correct, reason=None if r.monitor.decision else r.stop_reason, meta=meta,
+                ))
+            if progress is not None:
+                progress.on_batch(len(batch))
+    finally:
+        gen.close()
+    return traces
+
+
+def summarize(traces: Sequence[Trace]) -> dict[str, Any]:
+    """Batch summary: accuracy, halt rate, mean tokens by kind, stop reasons."""
+    n = len(traces)
+    if n == 0:
+        return {"n": 0}
+    graded = [t for t in traces if t.correct is not None]
+    kinds = ("prompt", "reasoning", "answer", "probe", "forced")
+    reasons: dict[str, int] = {}
+    for t in traces:
+        key = t.decision["reason"].split(":")[0] if t.decision["halted"] else t.decision["reason"]
+        reasons[key] = reasons.get(key, 0) + 1
+    return {
+        "n": n,
+        "graded": len(graded),
+        "accuracy": (sum(bool(t.correct) for t in graded) / len(graded)) if graded else None,
+        "halt_rate": sum(bool(t.decision["halted"]) for t in traces) / n,
+        "mean_tokens": {k: sum(t.accounting[k] for t in traces) / n for k in kinds},
+        "stop_reasons": reasons,
+        "signal_errors": sum(len(t.errors) for t in traces),
+    }
