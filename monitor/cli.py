@@ -18,6 +18,7 @@ from dataclasses import asdict
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -220,6 +221,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # GGUF de-quantisation bars; rich shows our own progress
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 with a usage line on bad flags
@@ -235,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         from monitor.errors import is_user_error
 
         msg = str(e) or type(e).__name__
-        err_console.print(f"[red]error:[/red] {msg}", markup=True, highlight=False)
+        err_console.print(f"[red]error:[/red] {escape(msg)}", markup=True, highlight=False, soft_wrap=True)
         if is_user_error(e):
             return 2
         err_console.print("[dim](unexpected error; run with --debug for the traceback)[/dim]")

@@ -39,6 +39,15 @@ class Decision:
         return self.action == HALT
 
 
+@dataclass(frozen=True)
+class TrialOutcome:
+    """A trial answer decoded on a copy of the cache (DEER confidence, forced-exit labels)."""
+
+    confidence: float  # mean (or geometric-mean) probability of the tokens inside the braces
+    n_tokens: int  # trial prompt + decoded tokens: counted as probe tokens
+    text: str = ""  # what the model wrote after the trial prompt
+
+
 @dataclass
 class DecisionContext:
     """Everything a policy may look at, after reasoning token `position` has been observed."""
@@ -165,7 +174,8 @@ class DeerPolicy:
             return Decision(TRIAL, f"trial answer at {_point_words(ctx.point)}")
         return Decision(CONTINUE)
 
-    def decide_after_trial(self, ctx: DecisionContext, confidence: float) -> Decision:
+    def decide_after_trial(self, ctx: DecisionContext, trial: TrialOutcome) -> Decision:
+        confidence = trial.confidence
         where = _point_words(ctx.point) if ctx.point is not None else f"token {ctx.position}"
         if confidence >= self.threshold:
             return Decision(HALT, f"halted at token {ctx.position}: trial-answer confidence {confidence:.3f} >= "

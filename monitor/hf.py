@@ -32,7 +32,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from monitor.decision import TRIAL, DeerPolicy
+from monitor.decision import TRIAL, DeerPolicy, TrialOutcome
 from monitor.detokenize import IncrementalDetokenizer
 from monitor.events import TokenStep
 from monitor.models import decoder_layers
@@ -204,8 +204,7 @@ class HFMonitoredGenerator:
         d = mon.observe(step)
         if d.action == TRIAL and cache is not None:
             policy = mon.policy
-            conf, n = self._trial(b, row, cache, policy)
-            d = mon.trial_result(conf, n)
+            d = mon.trial_result(self._trial(b, row, cache, policy))
         if d.halt:
             self._start_forcing(row)
         elif mon.reasoning_ended or tok in self.eos_ids:
@@ -226,6 +225,8 @@ class HFMonitoredGenerator:
 
     def _ingest(self, row: RowState, tok: int) -> None:
         text = row.detok.push(tok)
+        if tok in self.eos_ids:  # the end-of-sequence marker is not text the model wrote
+            text = ""
         row.generated += 1
         if row.phase == "reasoning":
             row.pending = (tok, text)
@@ -252,8 +253,11 @@ class HFMonitoredGenerator:
         if row.answer_tokens >= self.answer_max_tokens:
             row.phase = "done"
 
-    def _trial(self, b: int, row: RowState, cache: Any, policy: Any) -> tuple[float, int]:
-        """DEER trial answer on a copy of row b's cache; returns (confidence, tokens spent)."""
+    def _trial(self, b: int, row: RowState, cache: Any, policy: Any) -> TrialOutcome:
+        """Decode a trial answer greedily on a copy of row b's cache (the sequence itself is untouched).
+
+        The policy names the trial prompt (DEER: "\\n**Final Answer**\\n\\boxed{"; forced-exit labelling:
+        the model's exit cue) and the token budget; decoding stops when the opened brace closes."""
         prompt = getattr(policy, "trial_prompt", DeerPolicy.trial_prompt)
         max_tokens = getattr(policy, "max_trial_tokens", 20)
         geometric = getattr(policy, "mean", "arithmetic") == "geometric"
@@ -266,7 +270,9 @@ class HFMonitoredGenerator:
             past = sub.get_seq_length()
             inp = torch.tensor([ids], device=self.model.device)
             probs: list[float] = []
-            depth, n_gen = 1, 0
+            out_ids: list[int] = []
+            depth, n_gen = _brace_delta(prompt), 0
+            track_brace = depth > 0  # a prompt ending in "\\boxed{" is answered when the brace closes
             for _ in range(max_tokens):
                 pos = torch.arange(past, past + inp.shape[1], device=inp.device)[None]
                 out = self.model(input_ids=inp, past_key_values=sub, position_ids=pos, use_cache=True)
@@ -274,23 +280,25 @@ class HFMonitoredGenerator:
                 p = torch.softmax(out.logits[0, -1].float(), dim=-1)
                 tok = int(torch.argmax(p))
                 n_gen += 1
+                out_ids.append(tok)
                 piece = self.tokenizer.decode([tok], skip_special_tokens=False)
                 depth += _brace_delta(piece)
                 if tok in self.eos_ids:
                     break
-                if depth <= 0:
+                if track_brace and depth <= 0:
                     if piece.split("}")[0].strip():  # content before the closing brace is inside
                         probs.append(float(p[tok]))
                     break
                 probs.append(float(p[tok]))
                 inp = torch.tensor([[tok]], device=inp.device)
+        text = self.tokenizer.decode([t for t in out_ids if t not in self.eos_ids], skip_special_tokens=False)
         if not probs:
-            return 0.0, len(ids) + n_gen
-        if geometric:
+            conf = 0.0
+        elif geometric:
             conf = math.exp(sum(math.log(max(x, 1e-30)) for x in probs) / len(probs))
         else:
             conf = sum(probs) / len(probs)
-        return conf, len(ids) + n_gen
+        return TrialOutcome(conf, len(ids) + n_gen, text)
 
     # ------------------------------------------------------------------ batch entry point
     @torch.no_grad()

@@ -16,7 +16,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from monitor.cues import CueDetector, DecisionPoint
-from monitor.decision import CONTINUE, HALT, TRIAL, Decision, DecisionContext, ObservePolicy, Policy
+from monitor.decision import (
+    CONTINUE,
+    HALT,
+    TRIAL,
+    Decision,
+    DecisionContext,
+    ObservePolicy,
+    Policy,
+    TrialOutcome,
+)
 from monitor.events import TokenStep
 from monitor.signals.base import Signal
 from monitor.trace import Trace
@@ -145,15 +154,16 @@ class Monitor:
             self.halted_at = self.n_tokens  # the exit cue starts at the next token
         return d
 
-    def trial_result(self, confidence: float, n_tokens: int) -> Decision:
-        """Report a trial answer (DEER) requested by the last decision; returns the follow-up decision."""
-        self.probe_tokens += int(n_tokens)
+    def trial_result(self, trial: TrialOutcome) -> Decision:
+        """Report a trial answer requested by the last decision; returns the follow-up decision."""
+        self.probe_tokens += int(trial.n_tokens)
+        confidence = trial.confidence
         ctx, self._pending_ctx = self._pending_ctx, None
         decide_after = getattr(self.policy, "decide_after_trial", None)
         if ctx is None or decide_after is None:
             return Decision(CONTINUE)
         try:
-            d = decide_after(ctx, float(confidence))
+            d = decide_after(ctx, trial)
         except Exception as e:
             self._signal_failed(f"policy:{self.policy.name}", ctx.position, e)
             d = Decision(CONTINUE)

@@ -9,6 +9,7 @@ from monitor.decision import (
     HaltAfterPolicy,
     ObservePolicy,
     SignalThresholdPolicy,
+    TrialOutcome,
     parse_policy,
 )
 
@@ -48,9 +49,9 @@ def test_deer_asks_for_trial_at_cues_then_decides_on_confidence():
     assert p.decide(ctx).action == "trial"
     step = DecisionPoint(index=5, kind="step_end", label="step", ordinal=1)
     assert p.decide(DecisionContext(5, 6, {}, step)).action == "continue"
-    assert p.decide_after_trial(ctx, 0.95).halt
-    assert "trial-answer confidence 0.950 >= threshold 0.9" in p.decide_after_trial(ctx, 0.95).reason
-    assert p.decide_after_trial(ctx, 0.5).action == "continue"
+    assert p.decide_after_trial(ctx, TrialOutcome(0.95, 10)).halt
+    assert "trial-answer confidence 0.950 >= threshold 0.9" in p.decide_after_trial(ctx, TrialOutcome(0.95, 10)).reason
+    assert p.decide_after_trial(ctx, TrialOutcome(0.5, 10)).action == "continue"
 
 
 @pytest.mark.parametrize("spec,cls", [("observe", ObservePolicy), ("deer", DeerPolicy), ("deer:0.8", DeerPolicy),

@@ -157,14 +157,15 @@ class TrialAt:
     name = "trial-at"
 
     def __init__(self, at):
-        self.at, self.confidences = at, []
+        self.at, self.confidences, self.texts = at, [], []
         self.trial_prompt, self.max_trial_tokens, self.mean = "\n**Final Answer**\n\\boxed{", 4, "arithmetic"
 
     def decide(self, ctx):
         return Decision(TRIAL) if ctx.position == self.at else Decision(CONTINUE)
 
-    def decide_after_trial(self, ctx, confidence):
-        self.confidences.append(confidence)
+    def decide_after_trial(self, ctx, trial):
+        self.confidences.append(trial.confidence)
+        self.texts.append(trial.text)
         return Decision(CONTINUE)
 
 
@@ -241,3 +242,18 @@ def test_hooks_are_removed_on_close(tiny):
     gen.close()
     after = [dict(model._forward_hooks)] + [dict(layer._forward_hooks) for layer in model.model.layers]
     assert after == before
+
+
+def test_trial_text_is_returned_for_forced_exit_labelling(tiny):
+    pol = TrialAt(2)
+    pol.trial_prompt = "\nAnswer:"  # opens no brace: decode runs to its budget
+    gen = make_gen(tiny, [pol])
+    gen.exit_at_budget = False
+    try:
+        res = gen.generate(PROMPTS[:1], max_new_tokens=5, min_new_tokens=5)
+    finally:
+        gen.close()
+    model, tok = tiny
+    n_prompt = len(tok.encode(pol.trial_prompt, add_special_tokens=False))
+    assert res[0].monitor.probe_tokens == n_prompt + pol.max_trial_tokens
+    assert isinstance(pol.texts[0], str) and pol.texts[0]
