@@ -8,6 +8,7 @@ answer, and returns `Trace` records. `summarize` turns traces into the batch sum
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -49,7 +50,8 @@ class RunConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
         if self.embedder not in ("hidden", "minilm"):
             raise ValueError(f"--embedder must be 'hidden' or 'minilm', got {self.embedder!r}")
-        parse_policy(self.policy, self.halt_after)  # raises a readable ValueError on a bad spec
+        if not is_bundle_spec(self.policy):
+            parse_policy(self.policy, self.halt_after)  # raises a readable ValueError on a bad spec
 
 
 def default_signals(layers: Sequence[int], cfg: RunConfig) -> list[Any]:
@@ -66,15 +68,40 @@ def default_signals(layers: Sequence[int], cfg: RunConfig) -> list[Any]:
         PathDeviation(),
         JSDInstability(),
         LatentTrajectory(layers=list(layers), block_tokens=cfg.block_tokens),
-        Redundancy(embedder=embedder, min_step_tokens=cfg.min_step_tokens),
+        # keep_embeddings: the diagnosis report's step-by-step similarity matrix (O(steps^2) in the summary)
+        Redundancy(embedder=embedder, min_step_tokens=cfg.min_step_tokens, keep_embeddings=True),
     ]
 
 
-def monitor_factory(layers: Sequence[int], cfg: RunConfig, think_end: str | None) -> Callable[[], Monitor]:
+def is_bundle_spec(policy: str | None) -> bool:
+    """`--policy` names a probe bundle file (rather than observe / deer / threshold:...)."""
+    return bool(policy) and (os.path.isfile(policy) or policy.endswith((".joblib", ".bundle")))
+
+
+def load_probe_policy(policy: str, lm: LoadedModel, cfg: RunConfig) -> Any:
+    """Load a calibrated bundle for this model and align the run's settings with what it was trained on."""
+    from probes.bundle import load_bundle
+    from probes.policy import ProbePolicy
+
+    if cfg.halt_after is not None:
+        raise ValueError("--halt-after is a policy of its own; do not combine it with a probe bundle")
+    bundle = load_bundle(policy, expect_fingerprint=lm.fingerprint, model_name=lm.name)
+    bc = bundle.config
+    cfg.layers = list(bc["layers"])
+    cfg.block_tokens = int(bc.get("block_tokens", cfg.block_tokens))
+    cfg.min_step_tokens = int(bc.get("min_step_tokens", cfg.min_step_tokens))
+    cfg.cue_words = tuple(bc.get("cue_words", cfg.cue_words))
+    cfg.embedder = bc.get("embedder", cfg.embedder)
+    return ProbePolicy(bundle)
+
+
+def monitor_factory(layers: Sequence[int], cfg: RunConfig, think_end: str | None,
+                    policy: Any = None) -> Callable[[], Monitor]:
+    """One fresh Monitor per sequence. `policy` (a stateless object, e.g. a ProbePolicy) is shared when given."""
     def make() -> Monitor:
         return Monitor(
             signals=default_signals(layers, cfg),
-            policy=parse_policy(cfg.policy, cfg.halt_after),
+            policy=policy if policy is not None else parse_policy(cfg.policy, cfg.halt_after),
             cues=CueDetector(cfg.cue_words, min_step_tokens=cfg.min_step_tokens, think_end=think_end),
         )
     return make
@@ -113,10 +140,11 @@ def run_problems(
     cfg.validate()
     if backend != "hf":
         raise ValueError(f"unknown backend {backend!r}; this build supports --backend hf")
+    policy = load_probe_policy(cfg.policy, lm, cfg) if is_bundle_spec(cfg.policy) else None
     layers = resolve_layers(lm, cfg.layers)
     fmt = lm.family
     gen = HFMonitoredGenerator(
-        lm.model, lm.tokenizer, monitor_factory(layers, cfg, fmt.think_end), layers=layers,
+        lm.model, lm.tokenizer, monitor_factory(layers, cfg, fmt.think_end, policy), layers=layers,
         exit_cue=fmt.exit_cue, answer_max_tokens=cfg.answer_max_tokens,
     )
     traces: list[Trace] = []

@@ -1,0 +1,123 @@
+"""`overthink collect | train | calibrate`: thin commands over `probes.collect` and `probes.pipeline`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def add_commands(sub: Any, positive_int: Callable[[str], int]) -> dict[str, Callable[[argparse.Namespace], int]]:
+    c = sub.add_parser("collect", help="roll out problems and label every decision point by a forced exit")
+    c.add_argument("--model", required=True)
+    c.add_argument("--data", required=True, help="JSONL problems (id, question, answer)")
+    c.add_argument("--limit", type=positive_int)
+    c.add_argument("--offset", type=int, default=0, help="skip the first N problems of --data")
+    c.add_argument("--out", required=True, help="output directory (resumable)")
+    c.add_argument("--max-new-tokens", type=positive_int, default=384)
+    c.add_argument("--answer-max-tokens", type=positive_int, default=32)
+    c.add_argument("--batch-size", type=positive_int, default=4)
+    c.add_argument("--layers", type=lambda t: [int(x) for x in t.split(",") if x.strip()])
+    c.add_argument("--json", action="store_true")
+
+    t = sub.add_parser("train", help="train the probe (grouped CV report, then fit) into a bundle")
+    t.add_argument("data_dir")
+    t.add_argument("--out", required=True, help="bundle file to write, e.g. probe.joblib")
+    t.add_argument("--probe", choices=["logreg", "mlp"], default="logreg")
+    t.add_argument("--signals-only", action="store_true", help="no hidden-state features")
+    t.add_argument("--calib-fraction", type=float, default=0.3,
+                   help="fraction of problems held out for calibration (default 0.3)")
+    t.add_argument("--folds", type=positive_int, default=5)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--json", action="store_true")
+
+    k = sub.add_parser("calibrate", help="conformally calibrate a bundle's halting rule")
+    k.add_argument("bundle")
+    k.add_argument("--data", required=True, help="collect directory (problems not used in training are used)")
+    k.add_argument("--delta", type=float, required=True, help="risk level, e.g. 0.1")
+    k.add_argument("--epsilon", type=float, default=0.1, help="1 - confidence of the per-trace guarantee")
+    k.add_argument("--mode", choices=["per-trace", "per-cue"], default="per-trace")
+    k.add_argument("--risk", choices=["premature", "halted_wrong"], default="premature")
+    k.add_argument("--out", help="write the calibrated bundle here (default: update BUNDLE in place)")
+    k.add_argument("--json", action="store_true")
+    return {"collect": cmd_collect, "train": cmd_train, "calibrate": cmd_calibrate}
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from monitor.answers import kind_for_dataset, load_problems
+    from monitor.models import load_model
+    from monitor.run import RunConfig
+    from probes.collect import collect
+
+    problems = load_problems(args.data)
+    problems = problems[args.offset:]
+    if args.limit:
+        problems = problems[:args.limit]
+    if not problems:
+        raise ValueError(f"no problems selected from {args.data} (offset {args.offset}, limit {args.limit})")
+    cfg = RunConfig(max_new_tokens=args.max_new_tokens, answer_max_tokens=args.answer_max_tokens,
+                    batch_size=args.batch_size, layers=args.layers)
+    cfg.validate()
+    with err_console.status(f"loading model {args.model} ..."):
+        lm = load_model(args.model)
+    with Progress(TextColumn("[bold]collecting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console, disable=args.json) as bar:
+        task = bar.add_task("collect", total=len(problems))
+        res = collect(lm, problems, args.out, cfg, kind=kind_for_dataset(args.data),
+                      on_batch=lambda n: bar.advance(task, n))
+    out = {"out_dir": str(res.out_dir), "problems_done": res.problems_done, "problems_skipped": res.problems_skipped,
+           "events": res.events, "positive_rate": res.positive_rate}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        console.print(f"collected {res.events} decision points from {res.problems_done} problems "
+                      f"({res.problems_skipped} already done) into [bold]{res.out_dir}[/bold]; "
+                      f"forced exits correct: {res.positive_rate if res.positive_rate is None else round(res.positive_rate, 3)}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from probes.pipeline import train_bundle
+    from probes.train import fmt_metric
+
+    _, rep = train_bundle(args.data_dir, args.out, kind=args.probe, use_hidden=not args.signals_only,
+                          calib_fraction=args.calib_fraction, folds=args.folds, seed=args.seed)
+    if args.json:
+        print(json.dumps({k: v for k, v in rep.items() if k != "train_ids"}, indent=2))
+        return 0
+    table = Table(title=f"grouped {rep['folds']}-fold validation on {rep['n_events']} decision points from "
+                        f"{rep['n_problems']} problems (positive rate {rep['positive_rate']:.3f})")
+    table.add_column("score")
+    table.add_column("AUROC", justify="right")
+    table.add_column("Brier", justify="right")
+    table.add_row(f"probe ({rep['kind']}{', signals only' if not rep['use_hidden'] else ''})",
+                  fmt_metric(rep["probe"]["auroc"]), fmt_metric(rep["probe"]["brier"]))
+    for name, m in rep["baselines"].items():
+        table.add_row(name, fmt_metric(m["auroc"]), fmt_metric(m["brier"]))
+    console.print(table)
+    console.print(f"bundle written to [bold]{args.out}[/bold] (not calibrated yet: run `overthink calibrate`)")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from probes.pipeline import calibrate_bundle
+
+    b = calibrate_bundle(args.bundle, args.data, delta=args.delta, epsilon=args.epsilon, mode=args.mode,
+                         risk=args.risk, out=args.out)
+    info = b.calibration_info
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    console.print(info["guarantee"], markup=False)
+    if "threshold" in info:
+        console.print(f"threshold lambda = {info['threshold']:.4f} on {info['n_traces']} calibration traces")
+    console.print(f"calibrated bundle written to [bold]{args.out or args.bundle}[/bold]")
+    return 0

@@ -1,0 +1,95 @@
+"""Library calls behind `overthink collect | train | calibrate` (each CLI command calls one of these).
+
+Training and calibration must not share problems (the guarantee is over calibration traces the probe has
+not seen): `train_bundle` holds out `calib_fraction` of the problems (split by problem id) and records the
+ids it trained on; `calibrate_bundle` uses only problems the probe was not trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from probes.bundle import Bundle, load_bundle, save_bundle
+from probes.collect import CollectedData, load_collected
+from probes.train import train_probe
+
+
+def _subset(data: CollectedData, keep: np.ndarray) -> CollectedData:
+    """Rows of the problems whose index is in `keep`, re-indexed 0..k-1."""
+    keep = np.asarray(sorted(set(keep.tolist())), dtype=np.int64)
+    remap = -np.ones(len(data.problems), dtype=np.int64)
+    remap[keep] = np.arange(len(keep))
+    rows = remap[data.group] >= 0
+    return CollectedData(data.config, data.hidden[rows], data.signals[rows], data.label[rows],
+                         data.confidence[rows], remap[data.group[rows]], [data.problems[i] for i in keep])
+
+
+def train_bundle(data_dir: str | Path, out: str | Path, kind: str = "logreg", use_hidden: bool = True,
+                 calib_fraction: float = 0.3, folds: int = 5, seed: int = 0) -> tuple[Bundle, dict[str, Any]]:
+    if not 0.0 <= calib_fraction < 1.0:
+        raise ValueError(f"--calib-fraction must be in [0, 1), got {calib_fraction}")
+    data = load_collected(data_dir)
+    n = len(data.problems)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    n_cal = int(round(calib_fraction * n))
+    train_idx = np.sort(order[n_cal:])
+    train = _subset(data, train_idx)
+    pipe, report = train_probe(train, kind=kind, use_hidden=use_hidden, folds=folds, seed=seed)
+    rep = asdict(report)
+    rep["train_ids"] = [str(data.problems[i]["id"]) for i in train_idx]
+    rep["data_dir"] = str(data_dir)
+    bundle = Bundle(pipeline=pipe, config=dict(data.config), report=rep, use_hidden=use_hidden)
+    save_bundle(bundle, out)
+    return bundle, rep
+
+
+def calibration_traces(bundle: Bundle, data: CollectedData) -> tuple[list[tuple[np.ndarray, np.ndarray, bool]],
+                                                                     np.ndarray, np.ndarray]:
+    """(scores, stop_correct, full_correct) per problem not used in training; plus all event scores/labels."""
+    trained = set(bundle.report.get("train_ids", []))
+    keep = np.asarray([i for i, p in enumerate(data.problems)
+                       if str(p["id"]) not in trained and p.get("full_correct") is not None], dtype=np.int64)
+    if len(keep) == 0:
+        raise ValueError("no calibration problems: every problem in this directory was used to train the probe "
+                         "(or has no gold answer); collect a separate calibration set, or train with "
+                         "--calib-fraction > 0")
+    sub = _subset(data, keep)
+    scores = bundle.scores(sub.hidden, sub.signals)
+    traces = []
+    for i, p in enumerate(sub.problems):
+        rows = np.flatnonzero(sub.group == i)
+        traces.append((scores[rows], sub.label[rows].astype(int), bool(p["full_correct"])))
+    return traces, scores, sub.label.astype(int)
+
+
+def calibrate_bundle(bundle_path: str | Path, data_dir: str | Path, delta: float, epsilon: float = 0.1,
+                     mode: str = "per-trace", risk: str = "premature", out: str | Path | None = None) -> Bundle:
+    from calibration import FirstExitRiskControl, PerCueConformal
+
+    bundle = load_bundle(bundle_path)
+    data = load_collected(data_dir)
+    if data.config.get("model_fingerprint") != bundle.config.get("model_fingerprint"):
+        raise ValueError(f"{data_dir} was collected on {data.config.get('model')!r} but the bundle was trained on "
+                         f"{bundle.config.get('model')!r}; calibrate on data from the same model")
+    traces, scores, labels = calibration_traces(bundle, data)
+    if mode == "per-cue":
+        cal: Any = PerCueConformal(delta).fit(scores, labels)
+        info = {"n_events": int(len(labels))}
+    elif mode == "per-trace":
+        cal = FirstExitRiskControl(delta, epsilon, risk=risk).fit(traces)
+        cal.require_certified()  # CalibrationError (a ValueError): one clear line from the CLI
+        info = {"threshold": float(cal.threshold), "evaluation": cal.evaluate(traces)}
+    else:
+        raise ValueError(f"--mode must be 'per-cue' or 'per-trace', got {mode!r}")
+    bundle.calibration = cal
+    bundle.calibration_info = {"mode": mode, "delta": delta, "epsilon": epsilon if mode == "per-trace" else None,
+                               "risk": risk if mode == "per-trace" else "per-cue wrong exit",
+                               "n_traces": len(traces), "guarantee": cal.guarantee(), "data_dir": str(data_dir),
+                               **info}
+    save_bundle(bundle, out or bundle_path)
+    return bundle

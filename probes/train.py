@@ -1,0 +1,104 @@
+"""`overthink train`: fit the halting probe on collected decision points (DESIGN.md, "Probe").
+
+The probe IS a scikit-learn Pipeline (StandardScaler + class-balanced LogisticRegression, or an
+MLPClassifier(256, 64) with the positive class re-weighted by sample duplication, since MLPClassifier takes
+no class weights). Validation is grouped by problem (GroupKFold): the decision points of one trace are
+correlated, so a random split would leak. On the same out-of-fold events we report AUROC and Brier score of
+the probe, of each single signal used as a score on its own, and of DEER trial-answer confidence (the mean
+probability of the forced answer's tokens, collected at every point).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import brier_score_loss, roc_auc_score
+from sklearn.model_selection import GroupKFold
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+from probes.collect import CollectedData
+from probes.features import SIGNAL_FEATURES
+
+
+def make_probe(kind: str = "logreg", seed: int = 0) -> Pipeline:
+    """A fresh, unfitted probe pipeline."""
+    if kind == "logreg":
+        clf: Any = LogisticRegression(class_weight="balanced", max_iter=2000, C=0.1)
+    elif kind == "mlp":
+        clf = MLPClassifier(hidden_layer_sizes=(256, 64), early_stopping=True, max_iter=300, random_state=seed,
+                            alpha=1e-3)
+    else:
+        raise ValueError(f"probe kind must be 'logreg' or 'mlp', got {kind!r}")
+    return Pipeline([("scale", StandardScaler()), ("clf", clf)])
+
+
+def _fit(pipe: Pipeline, X: np.ndarray, y: np.ndarray) -> Pipeline:
+    if isinstance(pipe.named_steps["clf"], MLPClassifier):  # balance by duplicating the minority class
+        pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+        if len(pos) and len(neg):
+            small, big = (pos, neg) if len(pos) < len(neg) else (neg, pos)
+            extra = np.resize(small, len(big) - len(small))
+            idx = np.concatenate([np.arange(len(y)), extra])
+            X, y = X[idx], y[idx]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence chatter on tiny data sets
+        return pipe.fit(X, y)
+
+
+def _metrics(y: np.ndarray, score: np.ndarray) -> dict[str, float | None]:
+    ok = np.isfinite(score)
+    y, score = y[ok], score[ok]
+    if len(y) == 0 or len(np.unique(y)) < 2:
+        return {"auroc": None, "brier": None, "n": int(len(y))}
+    brier = float(brier_score_loss(y, np.clip(score, 0, 1))) if score.min() >= 0 and score.max() <= 1 else None
+    return {"auroc": float(roc_auc_score(y, score)), "brier": brier, "n": int(len(y))}
+
+
+@dataclass
+class TrainReport:
+    probe: dict[str, Any]
+    baselines: dict[str, dict[str, Any]]
+    n_events: int
+    n_problems: int
+    positive_rate: float
+    folds: int
+    kind: str
+    use_hidden: bool
+
+
+def train_probe(data: CollectedData, kind: str = "logreg", use_hidden: bool = True, folds: int = 5,
+                seed: int = 0) -> tuple[Pipeline, TrainReport]:
+    """Grouped cross-validation report, then the probe refit on all events."""
+    X = data.features(use_hidden)
+    y = data.label.astype(int)
+    groups = data.group
+    n_groups = len(np.unique(groups))
+    if len(y) < 4 or len(np.unique(y)) < 2:
+        raise ValueError(f"cannot train a probe on {len(y)} decision points with labels {sorted(set(y.tolist()))}: "
+                         "need both correct and incorrect forced exits; collect more problems (--limit)")
+    folds = max(2, min(folds, n_groups))
+    oof = np.full(len(y), np.nan)
+    for tr, te in GroupKFold(n_splits=folds).split(X, y, groups):
+        if len(np.unique(y[tr])) < 2:
+            continue
+        oof[te] = _fit(make_probe(kind, seed), X[tr], y[tr]).predict_proba(X[te])[:, 1]
+    baselines = {"deer_confidence": _metrics(y, data.confidence.astype(float))}
+    for j, name in enumerate(SIGNAL_FEATURES):
+        col = data.signals[:, j].astype(float)
+        col = np.where(data.signals[:, len(SIGNAL_FEATURES) + j] > 0, np.nan, col)  # missing -> excluded
+        baselines[name] = _metrics(y, col)
+    pipe = _fit(make_probe(kind, seed), X, y)
+    report = TrainReport(probe=_metrics(y, oof), baselines=baselines, n_events=int(len(y)), n_problems=n_groups,
+                         positive_rate=float(y.mean()), folds=folds, kind=kind, use_hidden=use_hidden)
+    return pipe, report
+
+
+def fmt_metric(v: float | None) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
