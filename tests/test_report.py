@@ -1,0 +1,297 @@
+"""What the diagnosis report says: stop reason, token accounting, markers, panels (and why empty ones are
+empty), batch numbers, the terminal summary, and `overthink diagnose` on bad input (exit 2, no report left)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+from factories import make_signal_trace, make_trace
+from rich.console import Console
+
+from monitor.cli import main
+from monitor.report import (
+    batch_summary,
+    diagnose,
+    render_report,
+    render_text,
+    report_html,
+    select_traces,
+    stop_reason,
+    token_accounting,
+    trace_panels,
+)
+from monitor.trace import write_traces
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def tiny_traces():
+    """Real traces from the tiny random model: one halted by a budget, one that ran to its token cap."""
+    from monitor.models import load_model
+    from monitor.run import RunConfig, run_problems
+
+    lm = load_model("tiny-random")
+    halted = run_problems(lm, [{"id": "halted", "question": "What is 2 + 3?"}],
+                          RunConfig(halt_after=8, max_new_tokens=24, answer_max_tokens=6))
+    full = run_problems(lm, [{"id": "full", "question": "What is 4 + 4?"}],
+                        RunConfig(max_new_tokens=40, answer_max_tokens=6, block_tokens=8))
+    return halted + full
+
+
+# --------------------------------------------------------------------------- plain words
+def test_stop_reason_names_token_score_threshold_and_cue():
+    t = make_trace(decision_points=[{"index": 3, "kind": "cue", "label": "wait", "ordinal": 6, "action": "halt",
+                                     "score": 0.93, "threshold": 0.88, "values": {}}],
+                   decision={"halted": True, "at": 4, "policy": "probe", "reason": "probe 0.93 >= threshold 0.88"})
+    assert stop_reason(t) == "halted at token 4: probe 0.93 >= threshold 0.88 at the 6th 'wait'"
+    # a policy that already says where keeps its own words
+    assert stop_reason(make_signal_trace()) == \
+        "halted at token 20: jsd_instability.instability 0.1349 >= threshold 0.05 at the 2nd 'wait'"
+    assert stop_reason(make_signal_trace(halt=False)) == \
+        "not halted (policy observe): model ended its reasoning after 51 reasoning tokens"
+
+
+def test_stop_reason_of_a_real_budget_halt(tiny_traces):
+    t = tiny_traces[0]
+    assert t.decision["halted"] and t.decision["at"] == 8
+    assert stop_reason(t) == "halted at token 8: reasoning budget of 8 tokens reached"
+
+
+def test_token_accounting_with_and_without_the_unmonitored_length():
+    a = token_accounting(make_signal_trace())
+    assert (a["prompt"], a["reasoning"], a["answer"], a["probe"], a["forced"]) == (12, 21, 2, 0, 2)
+    assert a["monitored"] == 23 and a["unmonitored"] == 120 and a["saved"] == 97
+    b = token_accounting(make_trace())
+    assert b["unmonitored"] is None and b["saved"] is None
+    html = report_html([make_trace()])
+    assert re.search(r"<td>saved</td><td class=\"num\">unknown</td>", html)
+    html = report_html([make_signal_trace()])
+    assert '<td>saved</td><td class="num">97 (80.8%)</td>' in html
+    assert '<td>unmonitored run (reasoning + answer)</td><td class="num">120</td>' in html
+
+
+# --------------------------------------------------------------------------- the single-trace page
+def test_report_marks_decision_points_steps_and_halt(tmp_path):
+    t = make_signal_trace()
+    out = render_report(t, tmp_path / "r.html")
+    html = out.read_text()
+    for p in t.decision_points:
+        assert f'data-index="{p["index"]}"' in html
+    assert len(re.findall(r'class="dp dp-cue[^"]*" data-index', html)) == 2
+    assert len(re.findall(r'class="dp dp-step_end[^"]*" data-index', html)) == 2
+    assert 'class="dp dp-cue act-halt"' in html  # the cue where it halted stands out
+    assert len(re.findall(r'class="halt-marker" id=', html)) == 1 and "halted here (token 21)" in html
+    assert "st1" in html  # alternate steps are shaded
+    v = t.decision_points[-1]["values"]["jsd_instability.instability"]
+    assert f"jsd_instability.instability = {v:.4g}" in html  # signal values in the marker's hover text
+    assert 'data-role="stop-reason"' in html and "at the 2nd &#x27;wait&#x27;" in html
+
+
+def test_report_is_self_contained_with_plotly_inlined_once(tmp_path):
+    traces = [make_signal_trace(id=f"p{i}") for i in range(3)]
+    html = render_report(traces, tmp_path / "b.html").read_text()
+    assert html.count("* plotly.js v") == 1
+    markup = re.sub(r"<script>.*?</script>", "<script></script>", html, flags=re.S)  # plotly.js itself
+    assert not re.search(r"<(script|link|img|iframe)[^>]*(src|href)=", markup)  # nothing to fetch
+    assert not re.search(r"https?://", markup)
+    assert "Content-Security-Policy" in html and "default-src 'none'" in html
+    figs = json.loads(re.search(r'id="overthink-figures">(.*?)</script>', html, re.S).group(1))
+    divs = set(re.findall(r'<div class="plot" id="([^"]+)" data-fig', html))
+    assert divs == set(figs) and len(divs) == 3 + 3 * 6  # 3 batch figures + 6 per trace
+
+
+def test_panels_cover_each_family_with_thresholds_peak_and_matrix():
+    panels = {p.key: p for p in trace_panels(make_signal_trace())}
+    assert list(panels) == ["policy", "path_deviation", "jsd_instability", "latent_trajectory", "redundancy",
+                            "similarity_matrix"]
+    assert all(not p.empty for p in panels.values())
+    jsd = panels["jsd_instability"]
+    assert "early (constructive)" in jsd.note and "token 4" in jsd.note
+    shapes = jsd.figure.layout.shapes
+    assert any(s.y0 == 0.05 and s.y1 == 0.05 for s in shapes)  # the policy's threshold on its family
+    assert any(s.x0 == 21 for s in shapes)  # the halt
+    red = panels["redundancy"].figure
+    assert any(s.y0 == 0.65 for s in red.layout.shapes)  # tau
+    assert panels["similarity_matrix"].figure.data[0].type == "heatmap"
+    assert len(panels["similarity_matrix"].figure.data[0].z) == 3
+
+
+def test_logprob_only_trace_says_why_hidden_state_panels_are_empty():
+    panels = {p.key: p for p in trace_panels(make_trace())}
+    assert not panels["path_deviation"].empty and not panels["jsd_instability"].empty
+    for key in ("latent_trajectory", "redundancy", "similarity_matrix"):
+        assert panels[key].empty and "hidden states" in panels[key].note
+    html = report_html([make_trace()])
+    assert html.count('class="empty-panel"') == 3
+
+
+def test_failed_signal_and_short_trace_explain_themselves():
+    boom = [{"signal": "latent_trajectory", "position": 3, "error": "ValueError: boom"}]
+    panels = {p.key: p for p in trace_panels(make_trace(errors=boom))}
+    assert panels["latent_trajectory"].empty and "failed at token 3 (ValueError: boom)" in panels["latent_trajectory"].note
+    boom = [{"signal": "redundancy", "position": 15, "error": "ValueError: boom"}]
+    panels = {p.key: p for p in trace_panels(make_signal_trace(errors=boom))}  # values until it failed
+    assert not panels["redundancy"].empty and "Switched off at token 15" in panels["redundancy"].note
+    t = make_signal_trace()
+    t.signals["latent_trajectory"] = {}  # recorded, but no block pair closed yet
+    t.summary["latent_trajectory"]["n_blocks"] = 1
+    note = {p.key: p for p in trace_panels(t)}["latent_trajectory"].note
+    assert "two closed blocks of 10 tokens; this trace has 21 reasoning tokens (1 block closed)" in note
+
+
+def test_real_trace_renders_with_all_panels(tiny_traces, tmp_path):
+    html = render_report(tiny_traces[1], tmp_path / "full.html").read_text()
+    assert "Trace full" in html and "exit cue forced" in html  # ran into its budget: the cue was forced
+    keys = re.findall(r'data-panel="([^"]+)"', html)
+    assert keys[:5] == ["path_deviation", "jsd_instability", "latent_trajectory", "redundancy", "similarity_matrix"]
+
+
+# --------------------------------------------------------------------------- batch
+def test_batch_summary_numbers(tiny_traces):
+    traces = [make_signal_trace(id="a"), make_signal_trace(id="b", halt=False, correct=False), *tiny_traces]
+    s = batch_summary(traces)
+    assert s["n"] == 4 and s["graded"] == 2 and s["accuracy"] == 0.5
+    assert s["halted"] == 2 and s["halt_rate"] == 0.5
+    assert s["tokens"]["reasoning"]["total"] == 21 + 51 + 8 + 40
+    assert s["saved"] == {"known": 2, "total": 97 + 68, "unmonitored_total": 240}
+    assert s["stop_reasons"]["halted by halt-after-8"] == 1
+    assert s["stop_reasons"]["halted by threshold:jsd_instability.instability>=0.05 at a 'wait' cue"] == 1
+    html = report_html(traces)
+    assert "50.0% (1/2)" in html and "50.0% (2/4)" in html
+    for k, t in enumerate(traces):  # the trace table links each trace's section
+        assert f'<a href="#trace-{k}-{t.id}">' in html and f'<details class="trace" id="trace-{k}-{t.id}">' in html
+
+
+def test_batch_without_halts_or_gold_says_so():
+    traces = [make_signal_trace(id=f"x{i}", halt=False, gold=None, correct=None) for i in range(2)]
+    html = report_html(traces)
+    assert "No trace in this batch was halted" in html
+    assert "n/a (no gold answers)" in html and "all are ungraded" in html
+
+
+def test_select_traces_by_index_and_id():
+    traces = [make_trace(id="a"), make_trace(id="b")]
+    assert [t.id for t in select_traces(traces, index=1)] == ["b"]
+    assert [t.id for t in select_traces(traces, trace_id="a")] == ["a"]
+    with pytest.raises(ValueError, match=r"--index 2 is out of range: the trace file has 2 traces \(indices 0..1\)"):
+        select_traces(traces, index=2)
+    with pytest.raises(ValueError, match="no trace with id 'zz'.*'a', 'b'"):
+        select_traces(traces, trace_id="zz")
+
+
+# --------------------------------------------------------------------------- terminal
+def test_text_summary_of_one_trace_and_of_a_batch():
+    console = Console(record=True, width=120, force_terminal=False)
+    render_text(make_signal_trace(), console)
+    text = console.export_text()
+    assert "Stop: halted at token 20" in text and "token accounting" in text and "97 (81%)" in text
+    assert "■ HALT at token 21" in text and "⟨wait #2⟩" in text and "jsd_instability" in text
+    console = Console(record=True, width=120)
+    render_text(make_trace(), console)
+    text = console.export_text()
+    assert "latent_trajectory: No latent_trajectory values" in text and "hidden states" in text
+    console = Console(record=True, width=120)
+    render_text([make_signal_trace(id="a"), make_trace(id="b")], console)
+    text = console.export_text()
+    assert "batch of 2 traces" in text and "--index" in text
+
+
+# --------------------------------------------------------------------------- the command
+def _trace_file(tmp_path, traces):
+    path = tmp_path / "t.jsonl"
+    write_traces(path, traces)
+    return path
+
+
+def test_cli_writes_the_report_next_to_the_traces_by_default(tmp_path, capsys):
+    path = _trace_file(tmp_path, [make_signal_trace(id="a"), make_trace(id="b")])
+    code, out, err = run_cli(capsys, "diagnose", path)
+    assert code == 0, err
+    assert (tmp_path / "t.html").exists() and "report written to" in out
+    code, out, err = run_cli(capsys, "diagnose", path, "--id", "b", "--out", tmp_path / "sub" / "b.html")
+    assert code == 0, err
+    assert "Trace b" in (tmp_path / "sub" / "b.html").read_text()
+    assert diagnose(path, index=0) == tmp_path / "t-a.html"
+    code, out, err = run_cli(capsys, "diagnose", path, "--index", "0", "--format", "text")
+    assert code == 0 and "Stop: halted at token 20" in out and not err
+
+
+GOOD = json.dumps(make_trace().to_dict())
+
+
+@pytest.mark.parametrize("content,needle", [
+    ('{"schema": "overthink.trace/1", "id": \n', "line 1: not valid JSON"),
+    (GOOD + "\n" + GOOD[:40], "line 2: the last line is truncated"),
+    ("", "is empty: no traces"),
+    ("\n\n", "is empty: no traces"),
+    (json.dumps({**make_trace().to_dict(), "schema": "overthink.trace/9"}) + "\n", "unsupported trace schema"),
+    (json.dumps({**make_trace().to_dict(), "tokens": {"ids": [1]}}) + "\n", "tokens.text is missing"),
+    ('[1, 2]\n', "must be a JSON object"),
+])
+def test_bad_trace_file_is_one_line_exit_2_and_leaves_the_old_report(tmp_path, capsys, content, needle):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    report = tmp_path / "r.html"
+    report.write_text("previous report")
+    code, out, err = run_cli(capsys, "diagnose", path, "--out", report)
+    assert code == 2
+    assert needle in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert report.read_text() == "previous report"
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "r.html"]  # nothing half-written
+    code, _, err = run_cli(capsys, "diagnose", path)  # default output: none written
+    assert code == 2 and not (tmp_path / "bad.html").exists()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["diagnose", "{dir}/missing.jsonl"], "does not exist"),
+    (["diagnose", "{dir}"], "is a directory"),
+    (["diagnose", "{trace}", "--index", "3"], "--index 3 is out of range"),
+    (["diagnose", "{trace}", "--index", "-1"], "--index -1 is out of range"),
+    (["diagnose", "{trace}", "--id", "nope"], "no trace with id 'nope'"),
+    (["diagnose", "{trace}", "--out", "{dir}"], "is a directory; give a file name"),
+    (["diagnose", "{trace}", "--out", "{trace}/r.html"], "is a file, not a directory"),
+    (["diagnose", "{trace}", "--format", "text", "--out", "{dir}/r.html"], "--out applies to --format html"),
+])
+def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys, argv, needle):
+    trace = _trace_file(tmp_path, [make_trace()])
+    argv = [a.format(dir=tmp_path, trace=trace) for a in argv]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2, err
+    assert needle in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]
+
+
+def test_interrupted_write_keeps_the_previous_report(tmp_path, capsys, monkeypatch):
+    trace = _trace_file(tmp_path, [make_trace()])
+    report = tmp_path / "r.html"
+    report.write_text("previous report")
+
+    def disk_full(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("monitor.io.os.replace", disk_full)
+    code, _, err = run_cli(capsys, "diagnose", trace, "--out", report)
+    assert code == 2 and "cannot write the report" in err and "No space left on device" in err
+    assert report.read_text() == "previous report"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html", "t.jsonl"]
+
+
+def test_both_index_and_id_is_a_usage_error(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["diagnose", str(tmp_path / "t.jsonl"), "--index", "0", "--id", "a"])
+    assert e.value.code == 2
+
+
+def test_render_report_accepts_a_path_like_and_returns_it(tmp_path):
+    out = render_report([make_trace()], str(tmp_path / "x.html"))
+    assert isinstance(out, Path) and out.read_text().startswith("<!DOCTYPE html>")
