@@ -153,8 +153,11 @@ def extract_answer(text: str | None, kind: str = "auto", fallback_last_number: b
 # --------------------------------------------------------------------------- numbers
 _NUM_CORE = r"(?P<num>[-+]?\s*(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)(?:\s*/\s*(?P<den>[-+]?\d+(?:\.\d+)?))?"
 _UNITS_NUMBER_RE = re.compile(
-    r"(?P<pre>(?:[A-Za-z]+\.?[ \t]*:?[ \t]*)*[€£¥]?)[ \t]*" + _NUM_CORE
-    + r"(?P<post>(?:[ \t]*[A-Za-z]+\.?(?:\^\{?\d\}?|[²³])?(?:[ \t]*/[ \t]*[A-Za-z]+)?)*)[ \t]*\.?"
+    # (?![A-Za-z]) keeps each word whole: without it a long run of letters can be split between repetitions
+    # in exponentially many ways before the match fails (a 40-letter non-answer took minutes)
+    r"(?P<pre>(?:[A-Za-z]+(?![A-Za-z])\.?[ \t]*:?[ \t]*)*[€£¥]?)[ \t]*" + _NUM_CORE
+    + r"(?P<post>(?:[ \t]*[A-Za-z]+(?![A-Za-z])\.?(?:\^\{?\d\}?|[²³])?(?:[ \t]*/[ \t]*[A-Za-z]+(?![A-Za-z]))?)*)"
+    r"[ \t]*\.?"
 )
 _STRICT_NUMBER_RE = re.compile(_NUM_CORE + r"\.?")
 _TEXT_WRAP_RE = re.compile(r"\\(?:text|textbf|textrm|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")

@@ -257,3 +257,13 @@ def test_large_whole_numbers_must_match_exactly():
     # a relative tolerance of 1e-6 alone would accept an off-by-one on answers above a million
     assert not check_answer("1450001", "1450000", "gsm8k")
     assert check_answer("1450000.0", "1450000", "gsm8k")
+
+
+def test_long_run_of_letters_is_not_a_number_and_returns_at_once():
+    # a random model's "answer" of one long word made the unit-tolerant number regex backtrack for minutes
+    import time
+
+    t0 = time.perf_counter()
+    assert normalize_number("ti" + "tite" * 200) is None
+    assert check_answer("tiboxed" * 20 + "tite" * 30, "5", "auto") is False
+    assert time.perf_counter() - t0 < 1.0
