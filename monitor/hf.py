@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from threadpoolctl import ThreadpoolController
 from transformers import (
     DynamicCache,
     LogitsProcessor,
@@ -39,6 +40,17 @@ from monitor.models import decoder_layers
 from monitor.monitor import Monitor
 
 log = logging.getLogger("overthink.hf")
+
+# Signals make many small numpy/BLAS calls between forward passes; OpenBLAS worker threads then spin-wait
+# and steal the cores torch's OpenMP threads need for the next forward (measured: SmolLM2 on 2 cores ran
+# 3x slower). The monitor's vectors are small, so numpy's OpenBLAS runs single-threaded while we generate;
+# torch's own thread pool is untouched.
+_BLAS = ThreadpoolController()
+
+
+def _quiet_blas() -> contextlib.AbstractContextManager[Any]:
+    pools = _BLAS.select(internal_api="openblas")
+    return pools.limit(limits=1) if pools.lib_controllers else contextlib.nullcontext()
 
 
 class HFTaps:
@@ -347,6 +359,13 @@ class HFMonitoredGenerator:
         else:
             sampling.update(temperature=None, top_p=None, top_k=None)
         self.taps.logits, self.taps.hidden = None, {}
+        with _quiet_blas():
+            self._generate(enc, cache, rows, max_new_tokens, sampling, generate_kwargs)
+        return self._results(rows, prompts)
+
+    def _generate(self, enc: dict[str, Any], cache: Any, rows: list[RowState], max_new_tokens: int,
+                  sampling: dict[str, Any], generate_kwargs: dict[str, Any]) -> None:
+        tok = self.tokenizer
         self.model.generate(
             **enc,
             past_key_values=cache,
@@ -357,6 +376,8 @@ class HFMonitoredGenerator:
             **sampling,
             **generate_kwargs,
         )
+
+    def _results(self, rows: list[RowState], prompts: Sequence[str]) -> list[SequenceResult]:
         results = []
         for row in rows:
             if row.pending is not None:  # generation ended right after a reasoning token
