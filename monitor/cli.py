@@ -3,6 +3,7 @@
   overthink run --model M --question Q [--policy P | --halt-after N] [--trace t.jsonl] [--json]
   overthink run --model M --data FILE.jsonl --limit N [--trace t.jsonl]
   overthink bench overhead --model M [--json]
+  overthink diagnose TRACES.jsonl [--out report.html] [--index I | --id ID] [--format html|text]
 
 Errors are one readable line on stderr and exit code 2 (bad usage or input); `--debug` shows tracebacks.
 """
@@ -24,6 +25,9 @@ from rich.table import Table
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
+
+
+PROBE_HANDLERS: dict[str, Any] = {}  # collect / train / calibrate, registered by probes.cli
 
 
 class UsageError(Exception):
@@ -86,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--batch-size", type=_positive_int, default=1)
     o.add_argument("--repeats", type=_positive_int, default=3)
     o.add_argument("--json", action="store_true")
+
+    d = sub.add_parser("diagnose", help="HTML report (or terminal summary) of one trace or a batch of traces")
+    d.add_argument("traces", help="trace file (JSON Lines) written by `overthink run --trace`")
+    d.add_argument("--out", help="HTML file to write (default: the trace file's name with .html)")
+    pick = d.add_mutually_exclusive_group()
+    pick.add_argument("--index", type=int, help="report only the trace at this 0-based position in the file")
+    pick.add_argument("--id", help="report only the trace with this id")
+    d.add_argument("--format", choices=["html", "text"], default="html",
+                   help="html: self-contained report file (default); text: print to the terminal")
+    from probes.cli import add_commands
+
+    PROBE_HANDLERS.update(add_commands(sub, _positive_int))
     return p
 
 
@@ -218,6 +234,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from monitor.report import ReportWriteError, diagnose
+
+    if args.format == "text" and args.out:
+        raise UsageError("--out applies to --format html; --format text prints to the terminal")
+    try:
+        out = diagnose(args.traces, out=args.out, index=args.index, trace_id=args.id, fmt=args.format,
+                       console=console)
+    except ReportWriteError as e:  # the user's to fix (a path, a full disk): exit 2 like other bad input
+        raise UsageError(e.strerror) from None
+    if out is not None:
+        console.print(f"report written to [bold]{escape(str(out))}[/bold]")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -225,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 with a usage line on bad flags
-    handlers = {"run": cmd_run, "bench": cmd_bench}
+    handlers = {"run": cmd_run, "bench": cmd_bench, "diagnose": cmd_diagnose, **PROBE_HANDLERS}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

@@ -136,3 +136,16 @@ def test_run_halts_online_with_a_calibrated_bundle_and_refuses_another_model(tin
     other.fingerprint = "0" * 16
     with pytest.raises(BundleMismatch, match="trained on model 'tiny-random'"):
         run_problems(other, PROBLEMS[:1], RunConfig(policy=str(tmp_path / "b.joblib"), max_new_tokens=8))
+
+
+def test_cli_train_then_calibrate_then_refuse_bad_delta(tiny, cue_word, tmp_path, capsys):
+    from monitor.cli import main
+
+    fake_collect_dir(tmp_path / "d", tiny_config(tiny, cue_word), n_problems=120)
+    assert main(["train", str(tmp_path / "d"), "--out", str(tmp_path / "b.joblib"), "--signals-only", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["probe"]["auroc"] > 0.8 and "deer_confidence" in rep["baselines"]
+    assert main(["calibrate", str(tmp_path / "b.joblib"), "--data", str(tmp_path / "d"), "--delta", "0.3"]) == 0
+    assert "at most" in capsys.readouterr().out
+    assert main(["calibrate", str(tmp_path / "b.joblib"), "--data", str(tmp_path / "d"), "--delta", "1.5"]) == 2
+    assert "error:" in capsys.readouterr().err
