@@ -62,6 +62,15 @@ def make_gen(tiny, policies, signals_box=None, answer_max_tokens=8):
                                 answer_max_tokens=answer_max_tokens)
 
 
+def generate_once(gen, prompts, exit_at_budget=True, **kw):
+    """Run one monitored generation and remove the hooks afterwards."""
+    gen.exit_at_budget = exit_at_budget
+    try:
+        return gen.generate(prompts, **kw)
+    finally:
+        gen.close()
+
+
 def plain_greedy(tiny, prompts, n):
     model, tok = tiny
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -72,11 +81,7 @@ def plain_greedy(tiny, prompts, n):
 
 def test_observe_only_does_not_change_the_tokens(tiny):
     gen = make_gen(tiny, [ObservePolicy(), ObservePolicy()])
-    gen.exit_at_budget = False
-    try:
-        res = gen.generate(PROMPTS, max_new_tokens=12, min_new_tokens=12)
-    finally:
-        gen.close()
+    res = generate_once(gen, PROMPTS, exit_at_budget=False, max_new_tokens=12, min_new_tokens=12)
     expected = plain_greedy(tiny, PROMPTS, 12)
     for r, exp in zip(res, expected):
         assert r.monitor._tok_ids == exp
@@ -88,11 +93,7 @@ def test_steps_carry_raw_distribution_and_hidden_states_matching_a_recompute(tin
     model, tok = tiny
     box = []
     gen = make_gen(tiny, [ObservePolicy()], box)
-    gen.exit_at_budget = False
-    try:
-        res = gen.generate(PROMPTS[:1], max_new_tokens=6, min_new_tokens=6)
-    finally:
-        gen.close()
+    res = generate_once(gen, PROMPTS[:1], exit_at_budget=False, max_new_tokens=6, min_new_tokens=6)
     steps = box[0].steps
     ids = tok(PROMPTS[0], add_special_tokens=False)["input_ids"]
     gen_ids = res[0].monitor._tok_ids
@@ -116,10 +117,7 @@ def test_steps_carry_raw_distribution_and_hidden_states_matching_a_recompute(tin
 def test_halt_injects_exit_cue_into_the_same_cache_and_answer_matches_recompute(tiny):
     model, tok = tiny
     gen = make_gen(tiny, [HaltAfterPolicy(5)], answer_max_tokens=6)
-    try:
-        res = gen.generate(PROMPTS[:1], max_new_tokens=50)
-    finally:
-        gen.close()
+    res = generate_once(gen, PROMPTS[:1], max_new_tokens=50)
     mon = res[0].monitor
     phases, ids = mon._tok_phase, mon._tok_ids
     exit_ids = tok.encode(EXIT, add_special_tokens=False)
@@ -141,11 +139,7 @@ def test_halt_injects_exit_cue_into_the_same_cache_and_answer_matches_recompute(
 
 def test_rows_halt_individually_in_a_batch(tiny):
     gen = make_gen(tiny, [HaltAfterPolicy(3), ObservePolicy()], answer_max_tokens=2)
-    gen.exit_at_budget = False
-    try:
-        res = gen.generate(PROMPTS, max_new_tokens=10, min_new_tokens=10)
-    finally:
-        gen.close()
+    res = generate_once(gen, PROMPTS, exit_at_budget=False, max_new_tokens=10, min_new_tokens=10)
     assert res[0].monitor.decision.halt and res[0].monitor.reasoning_tokens == 3
     assert res[1].monitor.decision is None
     assert res[1].monitor._tok_ids == plain_greedy(tiny, PROMPTS, 10)[1]
@@ -173,11 +167,7 @@ def test_deer_trial_runs_on_a_cache_copy_and_counts_probe_tokens(tiny):
     model, tok = tiny
     pol = TrialAt(3)
     gen = make_gen(tiny, [pol])
-    gen.exit_at_budget = False
-    try:
-        res = gen.generate(PROMPTS[:1], max_new_tokens=8, min_new_tokens=8)
-    finally:
-        gen.close()
+    res = generate_once(gen, PROMPTS[:1], exit_at_budget=False, max_new_tokens=8, min_new_tokens=8)
     mon = res[0].monitor
     assert mon._tok_ids == plain_greedy(tiny, PROMPTS[:1], 8)[0]  # the trial did not disturb the sequence
     trial_ids = tok.encode(pol.trial_prompt, add_special_tokens=False)
@@ -211,11 +201,7 @@ def test_broken_signal_fails_open_during_real_generation(tiny):
 
     gen = HFMonitoredGenerator(model, tok, lambda: Monitor(signals=[Broken(), Recorder()]), layers=LAYERS,
                                exit_cue=EXIT)
-    gen.exit_at_budget = False
-    try:
-        res = gen.generate(PROMPTS[:1], max_new_tokens=6, min_new_tokens=6)
-    finally:
-        gen.close()
+    res = generate_once(gen, PROMPTS[:1], exit_at_budget=False, max_new_tokens=6, min_new_tokens=6)
     mon = res[0].monitor
     assert mon.n_tokens == 6
     assert mon.errors[0]["signal"] == "broken" and "signal bug" in mon.errors[0]["error"]
@@ -224,10 +210,7 @@ def test_broken_signal_fails_open_during_real_generation(tiny):
 
 def test_budget_exhaustion_forces_the_exit_cue_so_every_trace_has_an_answer(tiny):
     gen = make_gen(tiny, [ObservePolicy()], answer_max_tokens=3)
-    try:
-        res = gen.generate(PROMPTS[:1], max_new_tokens=4, min_new_tokens=4)
-    finally:
-        gen.close()
+    res = generate_once(gen, PROMPTS[:1], max_new_tokens=4, min_new_tokens=4)
     mon = res[0].monitor
     assert mon.reasoning_tokens == 4 and mon.decision is None
     assert "forced" in mon._tok_phase and "budget" in res[0].stop_reason
@@ -248,11 +231,7 @@ def test_trial_text_is_returned_for_forced_exit_labelling(tiny):
     pol = TrialAt(2)
     pol.trial_prompt = "\nAnswer:"  # opens no brace: decode runs to its budget
     gen = make_gen(tiny, [pol])
-    gen.exit_at_budget = False
-    try:
-        res = gen.generate(PROMPTS[:1], max_new_tokens=5, min_new_tokens=5)
-    finally:
-        gen.close()
+    res = generate_once(gen, PROMPTS[:1], exit_at_budget=False, max_new_tokens=5, min_new_tokens=5)
     model, tok = tiny
     n_prompt = len(tok.encode(pol.trial_prompt, add_special_tokens=False))
     assert res[0].monitor.probe_tokens == n_prompt + pol.max_trial_tokens
