@@ -103,6 +103,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     for name, m in rep["baselines"].items():
         table.add_row(name, fmt_metric(m["auroc"]), fmt_metric(m["brier"]))
     console.print(table)
+    console.print("single signals are scored as-is: an AUROC well below 0.5 means the signal predicts a correct "
+                  "stop in reverse (e.g. low entropy = safe to stop); the probe learns either direction.")
     console.print(f"bundle written to [bold]{args.out}[/bold] (not calibrated yet: run `overthink calibrate`)")
     return 0
 
