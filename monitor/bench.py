@@ -51,7 +51,7 @@ def three_layers(n: int) -> list[int]:
 @torch.no_grad()
 def bench_overhead(lm: LoadedModel, data_path: str | None = None, new_tokens: int = 64, batch_size: int = 1,
                    repeats: int = 3) -> OverheadResult:
-    from monitor.hf import HFMonitoredGenerator
+    from monitor.hf import HFMonitoredGenerator, prepare_tokenizer
 
     if new_tokens < 1 or batch_size < 1 or repeats < 1:
         raise ValueError("--new-tokens, --batch-size and --repeats must be positive integers")
@@ -60,10 +60,7 @@ def bench_overhead(lm: LoadedModel, data_path: str | None = None, new_tokens: in
     else:
         questions = (BUILTIN_QUESTIONS * batch_size)[:batch_size]
     prompts = [lm.family.build_prompt(lm.tokenizer, q) for q in questions]
-    tok = lm.tokenizer
-    tok.padding_side = "left"
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    tok = prepare_tokenizer(lm.tokenizer)
     layers = three_layers(len(decoder_layers(lm.model)))
     cfg = RunConfig(max_new_tokens=new_tokens)
     factory = monitor_factory(layers, cfg, lm.family.think_end)

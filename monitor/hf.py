@@ -333,10 +333,7 @@ class HFMonitoredGenerator:
             return []
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        tok = self.tokenizer
-        tok.padding_side = "left"
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
+        tok = prepare_tokenizer(self.tokenizer)
         enc = tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(self.model.device) for k, v in enc.items()}
         mask = enc["attention_mask"]
@@ -379,7 +376,7 @@ class HFMonitoredGenerator:
 
     def _results(self, rows: list[RowState], prompts: Sequence[str]) -> list[SequenceResult]:
         results = []
-        for row in rows:
+        for row, prompt in zip(rows, prompts):
             if row.pending is not None:  # generation ended right after a reasoning token
                 self._observe(-1, row, None, None)
             row.monitor.finish()
@@ -388,11 +385,17 @@ class HFMonitoredGenerator:
             answer_text = "".join(t for t, ph in zip(texts, phases) if ph != "reasoning")
             if not row.stop_reason:
                 row.stop_reason = "generation ended"
-            results.append(SequenceResult(row.monitor, "", row.prompt_len, "".join(texts), answer_text,
+            results.append(SequenceResult(row.monitor, prompt, row.prompt_len, "".join(texts), answer_text,
                                           row.stop_reason))
-        for r, p in zip(results, prompts):
-            r.prompt = p
         return results
+
+
+def prepare_tokenizer(tokenizer: Any) -> Any:
+    """Left padding (decoder-only batches grow on the right) and a pad token (EOS when the model has none)."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _brace_delta(text: str) -> int:

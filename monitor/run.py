@@ -96,12 +96,12 @@ def load_probe_policy(policy: str, lm: LoadedModel, cfg: RunConfig) -> Any:
 
 
 def monitor_factory(layers: Sequence[int], cfg: RunConfig, think_end: str | None,
-                    policy: Any = None) -> Callable[[], Monitor]:
-    """One fresh Monitor per sequence. `policy` (a stateless object, e.g. a ProbePolicy) is shared when given."""
+                    new_policy: Callable[[], Any] | None = None) -> Callable[[], Monitor]:
+    """One fresh Monitor per sequence; its policy from `new_policy()` or else from `cfg.policy`."""
     def make() -> Monitor:
         return Monitor(
             signals=default_signals(layers, cfg),
-            policy=policy if policy is not None else parse_policy(cfg.policy, cfg.halt_after),
+            policy=new_policy() if new_policy is not None else parse_policy(cfg.policy, cfg.halt_after),
             cues=CueDetector(cfg.cue_words, min_step_tokens=cfg.min_step_tokens, think_end=think_end),
         )
     return make
@@ -117,6 +117,13 @@ def resolve_layers(lm: LoadedModel, layers: Sequence[int] | None) -> list[int]:
             raise ValueError(f"--layers: index {i} is out of range; this model has {n} decoder layers (0..{n - 1})")
         out.append(i % n)
     return sorted(set(out))
+
+
+def grade(result: Any, gold: Any, kind: str = "auto") -> tuple[str | None, bool | None]:
+    """The final answer of a generated sequence (after reasoning, else anywhere) and its correctness
+    (None without a gold answer)."""
+    answer = extract_answer(result.answer_text) or extract_answer(result.output_text)
+    return answer, None if gold is None else check_answer(answer, str(gold), kind)
 
 
 @dataclass
@@ -144,7 +151,8 @@ def run_problems(
     layers = resolve_layers(lm, cfg.layers)
     fmt = lm.family
     gen = HFMonitoredGenerator(
-        lm.model, lm.tokenizer, monitor_factory(layers, cfg, fmt.think_end, policy), layers=layers,
+        lm.model, lm.tokenizer,
+        monitor_factory(layers, cfg, fmt.think_end, (lambda: policy) if policy is not None else None), layers=layers,
         exit_cue=fmt.exit_cue, answer_max_tokens=cfg.answer_max_tokens,
     )
     traces: list[Trace] = []
@@ -157,9 +165,8 @@ def run_problems(
                                    temperature=cfg.temperature, seed=cfg.seed + start)
             wall = time.perf_counter() - t0
             for p, r in zip(batch, results):
-                answer = extract_answer(r.answer_text) or extract_answer(r.output_text)
                 gold = p.get("answer")
-                correct = None if gold is None else check_answer(answer, str(gold), cfg.answer_kind)
+                answer, correct = grade(r, gold, cfg.answer_kind)
                 meta = {"seed": cfg.seed + start, "config": asdict(cfg), "layers": layers,
                         "batch_wall_seconds": round(wall, 3), "batch_size": len(batch),
                         "model_fingerprint": lm.fingerprint, "stop_reason": r.stop_reason}

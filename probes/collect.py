@@ -29,8 +29,7 @@ from monitor.answers import check_answer, extract_answer
 from monitor.decision import CONTINUE, TRIAL, Decision, DecisionContext, TrialOutcome
 from monitor.io import atomic_write_bytes, atomic_write_text
 from monitor.models import LoadedModel
-from monitor.monitor import Monitor
-from monitor.run import RunConfig, default_signals, resolve_layers
+from monitor.run import RunConfig, grade, monitor_factory, resolve_layers
 from probes.features import POINT_KINDS_FOR_PROBE, point_features, signal_feature_names
 
 MANIFEST = "manifest.json"
@@ -99,8 +98,6 @@ def _load_manifest(out: Path) -> dict[str, Any] | None:
 def collect(lm: LoadedModel, problems: Sequence[dict[str, Any]], out_dir: str | Path, cfg: RunConfig | None = None,
             kind: str = "auto", on_batch: Callable[[int], None] | None = None) -> CollectResult:
     """Roll out `problems`, label every decision point by a forced exit, write shards to `out_dir`."""
-    from monitor.cues import CueDetector
-    from monitor.decision import parse_policy
     from monitor.hf import HFMonitoredGenerator
 
     cfg = cfg or RunConfig()
@@ -126,18 +123,16 @@ def collect(lm: LoadedModel, problems: Sequence[dict[str, Any]], out_dir: str | 
     done = set(manifest["done"])
     todo = [p for p in problems if str(p["id"]) not in done]
     skipped = len(problems) - len(todo)
-    parse_policy(cfg.policy, cfg.halt_after)
     labelers: list[ForcedExitLabeler] = []
     golds = iter([])
 
-    def factory() -> Monitor:
+    def new_labeler() -> ForcedExitLabeler:  # one per sequence, in batch order
         lab = ForcedExitLabeler(lm.family.exit_cue, cfg.answer_max_tokens, next(golds), kind, layers, hidden_size)
         labelers.append(lab)
-        return Monitor(signals=default_signals(layers, cfg), policy=lab,
-                       cues=CueDetector(cfg.cue_words, min_step_tokens=cfg.min_step_tokens,
-                                        think_end=lm.family.think_end))
+        return lab
 
-    gen = HFMonitoredGenerator(lm.model, lm.tokenizer, factory, layers=layers, exit_cue=lm.family.exit_cue,
+    gen = HFMonitoredGenerator(lm.model, lm.tokenizer, monitor_factory(layers, cfg, lm.family.think_end, new_labeler),
+                               layers=layers, exit_cue=lm.family.exit_cue,
                                answer_max_tokens=cfg.answer_max_tokens)
     n_events = n_pos = 0
     try:
@@ -166,9 +161,8 @@ def _write_shard(out: Path, k: int, batch: Sequence[dict[str, Any]], results: Se
     hidden, signals, label, trace_idx, conf = [], [], [], [], []
     lines = []
     for i, (p, r, lab) in enumerate(zip(batch, results, labelers)):
-        full_answer = extract_answer(r.answer_text) or extract_answer(r.output_text)
         gold = None if p.get("answer") is None else str(p["answer"])
-        full_correct = None if gold is None else check_answer(full_answer, gold, kind)
+        full_answer, full_correct = grade(r, gold, kind)
         events = []
         for e in lab.events:
             hidden.append(e["hidden"])
