@@ -114,8 +114,9 @@ def _load(spec: str) -> Any:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from monitor.answers import kind_for_dataset, load_problems
+    from monitor.report import batch_summary
     from monitor.run import Progress as RunProgress
-    from monitor.run import RunConfig, run_problems, summarize
+    from monitor.run import RunConfig, run_problems
     from monitor.trace import write_traces
 
     if args.limit and not args.data:
@@ -148,7 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.trace:
         write_traces(args.trace, traces, append=args.append)
 
-    summary = summarize(traces)
+    summary = batch_summary(traces)
     if args.json:
         out = {"summary": summary, "traces": [_brief(t) for t in traces]}
         if args.trace:
@@ -205,8 +206,8 @@ def _print_summary(s: dict[str, Any]) -> None:
     acc = s["accuracy"]
     table.add_row("accuracy", "n/a" if acc is None else f"{acc:.3f} ({s['graded']} graded)")
     table.add_row("halt rate", f"{s['halt_rate']:.3f}")
-    for k, v in s["mean_tokens"].items():
-        table.add_row(f"mean {k} tokens", f"{v:.1f}")
+    for k, v in s["tokens"].items():
+        table.add_row(f"mean {k} tokens", f"{v['mean']:.1f}")
     for k, v in s["stop_reasons"].items():
         table.add_row(f"stop: {k}", str(v))
     table.add_row("signal errors", str(s["signal_errors"]))

@@ -3,7 +3,7 @@
 `run_problems` is what the CLI calls; a Python user gets the same traces by calling it directly.
 It builds one `Monitor` per sequence (the default signal set: all four families), renders each question
 with the model family's prompt, generates in batches with the HF backend, extracts and checks the
-answer, and returns `Trace` records. `summarize` turns traces into the batch summary the CLI prints.
+answer, and returns `Trace` records. The batch summary is `monitor.report.batch_summary`.
 """
 
 from __future__ import annotations
@@ -181,25 +181,3 @@ def run_problems(
     finally:
         gen.close()
     return traces
-
-
-def summarize(traces: Sequence[Trace]) -> dict[str, Any]:
-    """Batch summary: accuracy, halt rate, mean tokens by kind, stop reasons."""
-    n = len(traces)
-    if n == 0:
-        return {"n": 0}
-    graded = [t for t in traces if t.correct is not None]
-    kinds = ("prompt", "reasoning", "answer", "probe", "forced")
-    reasons: dict[str, int] = {}
-    for t in traces:
-        key = t.decision["reason"].split(":")[0] if t.decision["halted"] else t.decision["reason"]
-        reasons[key] = reasons.get(key, 0) + 1
-    return {
-        "n": n,
-        "graded": len(graded),
-        "accuracy": (sum(bool(t.correct) for t in graded) / len(graded)) if graded else None,
-        "halt_rate": sum(bool(t.decision["halted"]) for t in traces) / n,
-        "mean_tokens": {k: sum(t.accounting[k] for t in traces) / n for k in kinds},
-        "stop_reasons": reasons,
-        "signal_errors": sum(len(t.errors) for t in traces),
-    }
