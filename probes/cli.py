@@ -48,7 +48,17 @@ def add_commands(sub: Any, positive_int: Callable[[str], int]) -> dict[str, Call
     k.add_argument("--risk", choices=["premature", "halted_wrong"], default="premature")
     k.add_argument("--out", help="write the calibrated bundle here (default: update BUNDLE in place)")
     k.add_argument("--json", action="store_true")
-    return {"collect": cmd_collect, "train": cmd_train, "calibrate": cmd_calibrate}
+
+    e = sub.add_parser("evaluate", help="replay calibrated bundles on a held-out collection: accuracy, risk, tokens")
+    e.add_argument("bundles", nargs="+", help="calibrated bundle files")
+    e.add_argument("--data", required=True, help="collect directory of held-out problems (e.g. GSM8K test)")
+    e.add_argument("--deer", type=float, default=0.95,
+                   help="also replay DEER's rule at this trial confidence (default 0.95; 0 to skip)")
+    e.add_argument("--markdown", help="also write the table as Markdown to this file")
+    e.add_argument("--check-run", metavar="TRACES",
+                   help="compare the first bundle's replay with real `overthink run --policy BUNDLE` traces")
+    e.add_argument("--json", action="store_true")
+    return {"collect": cmd_collect, "train": cmd_train, "calibrate": cmd_calibrate, "evaluate": cmd_evaluate}
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
@@ -122,4 +132,47 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if "threshold" in info:
         console.print(f"threshold lambda = {info['threshold']:.4f} on {info['n_traces']} calibration traces")
     console.print(f"calibrated bundle written to [bold]{args.out or args.bundle}[/bold]")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from monitor.io import atomic_write_text
+    from probes.evaluate import evaluate, markdown_table
+
+    if not 0.0 <= args.deer <= 1.0:
+        raise ValueError(f"--deer must be a confidence in [0, 1] (0 skips the baseline), got {args.deer}")
+    if args.check_run:
+        from probes.evaluate import check_replay
+
+        chk = check_replay(args.bundles[0], args.data, args.check_run)
+        if args.json:
+            print(json.dumps(chk, indent=2))
+        else:
+            console.print(f"replay vs run on {chk['n']} problems: halted agree {chk['agree']['halted']}, "
+                          f"answer agree {chk['agree']['answer']}, correctness agree {chk['agree']['correct']}, "
+                          f"token counts equal {chk['exact_tokens']}")
+            for r in chk["rows"]:
+                if r["answer"][0] != r["answer"][1] or r["token_diff"] or r["halted"][0] != r["halted"][1]:
+                    console.print(f"  {r['id']}: run/replay halted {r['halted']}, answer {r['answer']}, "
+                                  f"token diff {r['token_diff']}", markup=False)
+        return 0
+    res = evaluate(args.bundles, args.data, deer=args.deer or None)
+    md = markdown_table(res)
+    if args.markdown:
+        atomic_write_text(args.markdown, md + "\n")
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    table = Table(title=f"replay on {res['n']} held-out problems from {res['data_dir']} ({res['model']})")
+    for col in ("policy", "delta", "accuracy", "exit rate", "premature risk (95% up)", "halted wrong",
+                "mean tokens", "saved"):
+        table.add_column(col, justify="left" if col == "policy" else "right")
+    rows = res["rows"]
+    table.add_row("unmonitored", "-", f"{rows[0]['full_accuracy']:.3f}" if rows else "-", "0", "-", "-",
+                  f"{rows[0]['mean_full_tokens']:.1f}" if rows else "-", "0")
+    for r in rows:
+        table.add_row(r["policy"], "-" if r["delta"] is None else f"{r['delta']:g}", f"{r['accuracy']:.3f}",
+                      f"{r['exit_rate']:.3f}", f"{r['premature_risk']:.3f} ({r['premature_risk_upper95']:.3f})",
+                      f"{r['halted_wrong_rate']:.3f}", f"{r['mean_tokens']:.1f}", f"{100 * r['tokens_saved']:.1f}%")
+    console.print(table)
     return 0

@@ -58,9 +58,10 @@ def test_collect_labels_every_decision_point_and_resumes(tiny, cue_word, tmp_pat
         collect(tiny, PROBLEMS, tmp_path / "c", RunConfig(max_new_tokens=8, layers=[1]))
 
 
-def fake_collect_dir(path, config, n_problems=300, seed=0):
+def fake_collect_dir(path, config, n_problems=300, seed=0, prefix="s"):
     """Synthetic collected data: the label depends on one signal column; the last points of a trace are
-    more often correct. Written in the real on-disk format."""
+    more often correct. Written in the real on-disk format (decision point j at 20 * (j + 1) reasoning
+    tokens, its forced exit costing 5; the full rollout 20 * k + 30 tokens)."""
     rng = np.random.default_rng(seed)
     names = signal_feature_names()
     h_dim = len(config["layers"]) * config["hidden_size"]
@@ -78,15 +79,16 @@ def fake_collect_dir(path, config, n_problems=300, seed=0):
             lab.append(y)
             ti.append(i)
             conf.append(rng.random())
-            events.append({"index": j, "kind": "cue", "label": y})
-        lines.append(json.dumps({"id": f"s{i}", "gold": "1", "full_answer": "1", "full_correct": bool(rng.random() < 0.9),
-                                 "accounting": {}, "events": events}))
+            events.append({"index": j, "kind": "cue", "label": y, "reasoning_tokens": 20 * (j + 1), "probe_tokens": 5})
+        lines.append(json.dumps({"id": f"{prefix}{i}", "gold": "1", "full_answer": "1",
+                                 "full_correct": bool(rng.random() < 0.9), "accounting": {},
+                                 "full_tokens": int(20 * k + 30), "events": events}))
     path.mkdir(parents=True)
     np.savez(path / "shard-00000.npz", hidden=np.asarray(hid), signals=np.asarray(sig), label=np.asarray(lab, np.int8),
              trace_index=np.asarray(ti, np.int32), confidence=np.asarray(conf, np.float32))
     (path / "shard-00000.jsonl").write_text("\n".join(lines) + "\n")
     (path / "manifest.json").write_text(json.dumps({"format": FORMAT, "config": config, "shards": ["shard-00000"],
-                                                    "done": [f"s{i}" for i in range(n_problems)]}))
+                                                    "done": [f"{prefix}{i}" for i in range(n_problems)]}))
 
 
 def tiny_config(tiny, cue_word):
@@ -149,3 +151,93 @@ def test_cli_train_then_calibrate_then_refuse_bad_delta(tiny, cue_word, tmp_path
     assert "at most" in capsys.readouterr().out
     assert main(["calibrate", str(tmp_path / "b.joblib"), "--data", str(tmp_path / "d"), "--delta", "1.5"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_evaluate_replays_the_calibrated_rule_on_held_out_problems(tiny, cue_word, tmp_path):
+    from probes.evaluate import evaluate, markdown_table
+    from probes.pipeline import calibration_traces
+
+    cfg = tiny_config(tiny, cue_word)
+    fake_collect_dir(tmp_path / "d", cfg)
+    fake_collect_dir(tmp_path / "test", cfg, n_problems=200, seed=1, prefix="t")
+    train_bundle(tmp_path / "d", tmp_path / "b.joblib", calib_fraction=0.5, use_hidden=False)
+    b = calibrate_bundle(tmp_path / "b.joblib", tmp_path / "d", delta=0.2, epsilon=0.1)
+    res = evaluate([tmp_path / "b.joblib"], tmp_path / "test", deer=0.9)
+    probe, deer = res["rows"]
+    # the same rates as the calibration object's own evaluation (another code path: TraceBatch.exits)
+    test = load_collected(tmp_path / "test")
+    traces, _, _ = calibration_traces(b, test)
+    want = b.calibration.evaluate(traces)
+    for k in ("n", "exit_rate", "premature_risk", "halted_wrong_rate", "accuracy", "full_accuracy"):
+        assert probe[k] == pytest.approx(want[k]), k
+    assert probe["delta"] == 0.2 and probe["threshold"] == pytest.approx(b.calibration.threshold)
+    assert probe["premature_risk"] <= probe["premature_risk_upper95"] <= 1
+    # tokens: a halt at point j costs 20 (j + 1) + 5; no halt costs the full 20 k + 30
+    expect = []
+    for scores, _, _ in traces:
+        j = b.calibration.first_exit(scores)
+        k = len(scores)
+        expect.append(20 * k + 30 if j is None else 20 * (j + 1) + 5)
+    assert probe["mean_tokens"] == pytest.approx(np.mean(expect))
+    assert probe["tokens_saved"] == pytest.approx(1 - np.sum(expect) / np.sum([20 * len(s) + 30 for s, _, _ in traces]))
+    assert deer["policy"].startswith("DEER") and deer["delta"] is None
+    md = markdown_table(res)
+    assert md.count("\n") == 4 and "| unmonitored |" in md and "| b.joblib | 0.2 |" in md
+
+
+def test_evaluate_deer_replay_counts_every_trial(tiny, cue_word, tmp_path):
+    from probes.evaluate import replay_deer
+
+    fake_collect_dir(tmp_path / "d", tiny_config(tiny, cue_word), n_problems=30, seed=3)
+    data = load_collected(tmp_path / "d")
+    tokens = []
+    for i, p in enumerate(data.problems):
+        conf = data.confidence[data.group == i]
+        hits = np.flatnonzero(conf >= 0.8)
+        k = len(p["events"])
+        tokens.append(20 * k + 30 + 5 * k if not len(hits) else 20 * (hits[0] + 1) + 5 * (hits[0] + 1))
+    row = replay_deer(data, 0.8)
+    assert row.mean_tokens == pytest.approx(np.mean(tokens))
+    assert 0 < row.exit_rate < 1
+
+
+def test_evaluate_refuses_training_problems_and_uncalibrated_bundles(tiny, cue_word, tmp_path, capsys):
+    from monitor.cli import main
+
+    fake_collect_dir(tmp_path / "d", tiny_config(tiny, cue_word), n_problems=120)
+    train_bundle(tmp_path / "d", tmp_path / "b.joblib", calib_fraction=0.5, use_hidden=False)
+    assert main(["evaluate", str(tmp_path / "b.joblib"), "--data", str(tmp_path / "d")]) == 2
+    assert "not calibrated" in capsys.readouterr().err
+    calibrate_bundle(tmp_path / "b.joblib", tmp_path / "d", delta=0.3, epsilon=0.2)
+    assert main(["evaluate", str(tmp_path / "b.joblib"), "--data", str(tmp_path / "d")]) == 2
+    assert "used to train" in capsys.readouterr().err
+    fake_collect_dir(tmp_path / "t", tiny_config(tiny, cue_word), n_problems=50, seed=2, prefix="t")
+    assert main(["evaluate", str(tmp_path / "b.joblib"), "--data", str(tmp_path / "t"),
+                 "--markdown", str(tmp_path / "table.md")]) == 0
+    assert "replay on 50 held-out problems" in capsys.readouterr().out
+    assert (tmp_path / "table.md").read_text().startswith("| policy |")
+
+
+def test_replay_matches_a_real_halting_run_token_for_token(tiny, cue_word, tmp_path):
+    """The claim behind `overthink evaluate`: replaying a bundle on a collection gives what a real
+    `run --policy BUNDLE` gives (same model, budgets, greedy decoding): the halt, the answer, the tokens."""
+    from monitor.trace import write_traces
+    from probes.evaluate import check_replay
+
+    cfg = RunConfig(max_new_tokens=24, answer_max_tokens=4, batch_size=1, cue_words=cue_word)
+    collect(tiny, PROBLEMS, tmp_path / "c", cfg)
+    fake_collect_dir(tmp_path / "d", tiny_config(tiny, cue_word))
+    train_bundle(tmp_path / "d", tmp_path / "b.joblib", calib_fraction=0.5, use_hidden=True)
+    halts = []
+    for delta, mode in ((0.3, "per-trace"), (0.45, "per-cue")):
+        out = tmp_path / f"{mode}.joblib"
+        calibrate_bundle(tmp_path / "b.joblib", tmp_path / "d", delta=delta, epsilon=0.2, mode=mode, out=out)
+        run_cfg = RunConfig(max_new_tokens=24, answer_max_tokens=4, batch_size=1, cue_words=cue_word, policy=str(out))
+        traces = run_problems(tiny, PROBLEMS, run_cfg)
+        write_traces(tmp_path / f"{mode}.jsonl", traces)
+        chk = check_replay(out, tmp_path / "c", tmp_path / f"{mode}.jsonl")
+        assert chk["n"] == 3
+        assert chk["agree"] == {"halted": 3, "answer": 3, "correct": 3}, chk["rows"]
+        assert chk["exact_tokens"] == 3, chk["rows"]
+        halts += [r["halted"][0] for r in chk["rows"]]
+    assert any(halts), "no run halted: the check covered only the no-halt path"

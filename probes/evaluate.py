@@ -1,0 +1,196 @@
+"""`overthink evaluate`: what a calibrated bundle does on held-out problems, replayed from a collection.
+
+Why a replay is exact: `overthink collect` rolls every problem out greedily and, at each decision point,
+forces the exit on a copy of the same KV cache (exit cue, then a greedy answer with its own budget). An
+online `overthink run --policy BUNDLE` with the same model, budgets and decoding halts at the first point
+the calibration accepts and then forces that same exit on that same cache. So the halted answer, its
+correctness and its token cost are already in the collection: the point's forced-exit answer, and
+(reasoning tokens up to the point) + (exit cue + answer tokens). An un-halted trace costs what the full
+rollout cost. The only source of difference is batch numerics (padding changes float rounding, which can
+flip a near-tie greedy token); `scripts/calibrated_table.sh` checks the replay against real runs.
+
+Token accounting (what "saved" means): unmonitored = reasoning + forced + answer tokens of the full
+rollout (a budget-hit rollout has its exit cue forced too); monitored = reasoning up to the halt + exit cue
++ answer, plus any trial (probe) tokens the policy spent. The probe policy spends none; the DEER baseline
+spends a trial at every decision point it passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.stats import binomtest
+
+from probes.bundle import Bundle, load_bundle
+from probes.collect import CollectedData, load_collected
+
+
+@dataclass
+class ReplayRow:
+    """One policy's replayed outcome over a held-out collection."""
+
+    policy: str
+    n: int
+    accuracy: float  # of the answers the policy returns (halted or full)
+    full_accuracy: float  # of the unmonitored rollouts
+    exit_rate: float
+    premature_risk: float  # halted wrong although the full rollout was right, over all traces
+    premature_risk_upper95: float  # Clopper-Pearson 95% upper bound on the realised premature risk
+    halted_wrong_rate: float  # halted wrong at all, over all traces
+    mean_tokens: float  # monitored tokens per trace (reasoning to halt + exit cue + answer + trials)
+    mean_full_tokens: float  # unmonitored tokens per trace
+    tokens_saved: float  # 1 - sum(monitored) / sum(unmonitored)
+    delta: float | None = None
+    epsilon: float | None = None
+    mode: str | None = None
+    threshold: float | None = None
+
+
+def _upper95(k: int, n: int) -> float:
+    return float(binomtest(k, n).proportion_ci(0.95, method="exact").high) if n else float("nan")
+
+
+def _row(policy: str, exit_idx: list[int | None], data: CollectedData, trial_cost: bool = False) -> ReplayRow:
+    """Rates and token costs of exiting at `exit_idx[i]` (an index into problem i's events, or None)."""
+    n = len(data.problems)
+    correct = np.zeros(n, dtype=bool)
+    full = np.zeros(n, dtype=bool)
+    halted = np.zeros(n, dtype=bool)
+    tokens = np.zeros(n)
+    full_tokens = np.zeros(n)
+    for i, (p, j) in enumerate(zip(data.problems, exit_idx)):
+        ev = p["events"]
+        full[i] = bool(p["full_correct"])
+        full_tokens[i] = p["full_tokens"]
+        trials = sum(e["probe_tokens"] for e in ev[: (len(ev) if j is None else j + 1)]) if trial_cost else 0
+        if j is None:
+            correct[i], tokens[i] = full[i], full_tokens[i] + trials
+        else:
+            halted[i] = True
+            correct[i] = bool(ev[j]["label"])
+            # the halted answer IS the forced exit at that point: its probe_tokens are exit cue + answer,
+            # counted once (when trials are counted, the exit's own trial is the answer)
+            tokens[i] = ev[j]["reasoning_tokens"] + (trials if trial_cost else ev[j]["probe_tokens"])
+    premature = halted & ~correct & full
+    return ReplayRow(
+        policy=policy, n=n, accuracy=float(correct.mean()), full_accuracy=float(full.mean()),
+        exit_rate=float(halted.mean()), premature_risk=float(premature.mean()),
+        premature_risk_upper95=_upper95(int(premature.sum()), n),
+        halted_wrong_rate=float((halted & ~correct).mean()), mean_tokens=float(tokens.mean()),
+        mean_full_tokens=float(full_tokens.mean()), tokens_saved=float(1.0 - tokens.sum() / full_tokens.sum()),
+    )
+
+
+def _graded(data: CollectedData) -> CollectedData:
+    from probes.pipeline import _subset
+
+    keep = np.asarray([i for i, p in enumerate(data.problems) if p.get("full_correct") is not None], dtype=np.int64)
+    if len(keep) == 0:
+        raise ValueError("no problem in this collection has a gold answer; evaluate needs graded problems")
+    return _subset(data, keep)
+
+
+def replay_bundle(bundle: Bundle, data: CollectedData, name: str = "") -> ReplayRow:
+    """Replay `bundle`'s calibrated halting rule on every graded problem of `data`."""
+    cal = bundle.calibration
+    if cal is None:
+        raise ValueError(f"bundle {name or ''} is not calibrated; run `overthink calibrate` on it first")
+    if data.config.get("model_fingerprint") != bundle.config.get("model_fingerprint"):
+        raise ValueError(f"the evaluation data was collected on {data.config.get('model')!r}, but bundle {name} "
+                         f"was made for {bundle.config.get('model')!r}; evaluate on data from the same model")
+    seen = set(bundle.report.get("train_ids", []))
+    overlap = [str(p["id"]) for p in data.problems if str(p["id"]) in seen]
+    if overlap:
+        raise ValueError(f"{len(overlap)} evaluation problems (e.g. {overlap[0]}) were used to train bundle {name}; "
+                         "evaluate on a held-out collection")
+    scores = bundle.scores(data.hidden, data.signals)
+    exits: list[int | None] = []
+    for i in range(len(data.problems)):
+        s = scores[data.group == i]
+        exits.append(cal.first_exit(s) if len(s) else None)
+    info = bundle.calibration_info
+    row = _row(name or f"probe:{info.get('mode')}", exits, data)
+    row.delta, row.epsilon, row.mode = info.get("delta"), info.get("epsilon"), info.get("mode")
+    row.threshold = info.get("threshold")
+    return row
+
+
+def replay_deer(data: CollectedData, threshold: float = 0.95) -> ReplayRow:
+    """DEER's rule on the same collection: halt at the first decision point whose forced-exit trial answer has
+    mean token probability >= threshold. Every trial up to and including the exit is counted as spent."""
+    exits: list[int | None] = []
+    for i in range(len(data.problems)):
+        conf = data.confidence[data.group == i]
+        hits = np.flatnonzero(conf >= threshold)
+        exits.append(int(hits[0]) if len(hits) else None)
+    return _row(f"DEER rule (trial confidence >= {threshold:g})", exits, data, trial_cost=True)
+
+
+def evaluate(bundles: list[str | Path], data_dir: str | Path, deer: float | None = 0.95) -> dict[str, Any]:
+    """Replay each calibrated bundle (and the DEER baseline) on a held-out collect directory."""
+    data = _graded(load_collected(data_dir))
+    rows = [replay_bundle(load_bundle(b), data, name=Path(b).name) for b in bundles]
+    if deer is not None:
+        rows.append(replay_deer(data, deer))
+    return {"data_dir": str(data_dir), "model": data.config.get("model"), "n": len(data.problems),
+            "rows": [asdict(r) for r in rows]}
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The evaluation as a Markdown table (README-ready)."""
+    lines = [
+        "| policy | delta | accuracy | exit rate | realised premature risk (95% upper) | halted wrong | "
+        "mean tokens | unmonitored tokens | tokens saved |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    rows = result["rows"]
+    if rows:
+        r0 = rows[0]
+        lines.append(f"| unmonitored | - | {r0['full_accuracy']:.3f} | 0 | - | - | {r0['mean_full_tokens']:.1f} | "
+                     f"{r0['mean_full_tokens']:.1f} | 0 |")
+    for r in rows:
+        d = "-" if r["delta"] is None else f"{r['delta']:g}"
+        lines.append(
+            f"| {r['policy']} | {d} | {r['accuracy']:.3f} | {r['exit_rate']:.3f} | {r['premature_risk']:.3f} "
+            f"({r['premature_risk_upper95']:.3f}) | {r['halted_wrong_rate']:.3f} | {r['mean_tokens']:.1f} | "
+            f"{r['mean_full_tokens']:.1f} | {100 * r['tokens_saved']:.1f}% |")
+    return "\n".join(lines)
+
+
+def check_replay(bundle_path: str | Path, data_dir: str | Path, traces_path: str | Path) -> dict[str, Any]:
+    """Compare the replay with real `overthink run --policy BUNDLE` traces of the same problems.
+
+    Per problem present in both: did both halt, the same answer, the same correctness, and the monitored
+    token count (reasoning + forced + answer + probe) of the run minus the replay's."""
+    from monitor.trace import read_traces
+
+    bundle = load_bundle(bundle_path)
+    data = _graded(load_collected(data_dir))
+    by_id = {str(p["id"]): i for i, p in enumerate(data.problems)}
+    scores = bundle.scores(data.hidden, data.signals)
+    rows = []
+    for t in read_traces(traces_path):
+        i = by_id.get(t.id)
+        if i is None:
+            continue
+        p = data.problems[i]
+        s = scores[data.group == i]
+        j = bundle.calibration.first_exit(s) if len(s) else None
+        ev = p["events"]
+        want_answer = p["full_answer"] if j is None else ev[j]["answer"]
+        want_tokens = p["full_tokens"] if j is None else ev[j]["reasoning_tokens"] + ev[j]["probe_tokens"]
+        a = t.accounting
+        got_tokens = a["reasoning"] + a["forced"] + a["answer"] + a["probe"]
+        rows.append({"id": t.id, "halted": (bool(t.decision["halted"]), j is not None),
+                     "answer": (t.answer, want_answer), "correct": (t.correct, bool(p["full_correct"]) if j is None
+                                                                   else bool(ev[j]["label"])),
+                     "token_diff": int(got_tokens - want_tokens)})
+    if not rows:
+        raise ValueError(f"no trace in {traces_path} has an id from {data_dir}; run the same problems with "
+                         "`overthink run --policy BUNDLE --data ...`")
+    same = {k: sum(r[k][0] == r[k][1] for r in rows) for k in ("halted", "answer", "correct")}
+    return {"n": len(rows), "agree": same, "exact_tokens": sum(r["token_diff"] == 0 for r in rows),
+            "rows": rows}
