@@ -97,3 +97,87 @@ def bench_overhead(lm: LoadedModel, data_path: str | None = None, new_tokens: in
                           throughput_ratio=round(m / p, 4), layers=layers,
                           plain_runs=[round(x, 3) for x in p_runs], monitored_runs=[round(x, 3) for x in m_runs],
                           torch_threads=torch.get_num_threads())
+
+
+@dataclass
+class VLLMThroughputResult:
+    model: str
+    requests: int
+    new_tokens: int
+    repeats: int
+    layers: list[int]
+    logprobs: int
+    plain_tokens_per_s: float
+    logprob_monitored_tokens_per_s: float
+    hidden_monitored_tokens_per_s: float
+    logprob_ratio: float  # monitored (logprob signals only) / plain
+    hidden_ratio: float  # monitored (all four families, hidden-state tap) / plain
+    runs: dict[str, list[float]]
+
+
+def bench_vllm(lm: LoadedModel, requests: int = 16, new_tokens: int = 128, repeats: int = 2,
+               logprobs: int = 20, data_path: str | None = None) -> VLLMThroughputResult:
+    """`overthink bench vllm`: N concurrent requests through one vLLM engine, three ways, alternating:
+    plain `LLM.generate` (no logprobs), monitored with the logprob signals only (path deviation, JSD), and
+    monitored with all four families (hidden-state tap on three layers). Every run decodes exactly
+    `new_tokens` per request (EOS ignored, observe-only policy), so tokens/s compare like for like. One
+    engine serves all three (built by `make_llm` with eager mode, which the hidden-state tap needs)."""
+    from vllm import SamplingParams
+
+    from monitor.signals import JSDInstability, PathDeviation
+    from monitor.vllm import VLLMMonitoredGenerator, export_for_vllm, make_llm
+
+    if requests < 1 or new_tokens < 1 or repeats < 1:
+        raise ValueError("--requests, --new-tokens and --repeats must be positive integers")
+    if data_path:
+        questions = [p["question"] for p in load_problems(data_path, limit=requests)]
+    else:
+        questions = (BUILTIN_QUESTIONS * requests)[:requests]
+    prompts = [lm.family.build_prompt(lm.tokenizer, q) for q in questions]
+    prompt_ids = [lm.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    layers = three_layers(len(decoder_layers(lm.model)))
+    llm = make_llm(export_for_vllm(lm), hidden=True, max_logprobs=max(20, logprobs),
+                   max_model_len=min(4096, max(len(x) for x in prompt_ids) + new_tokens + 128))
+    cfg = RunConfig(max_new_tokens=new_tokens)
+    try:
+        def plain() -> float:
+            sp = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+            t0 = time.perf_counter()
+            outs = llm.generate([{"prompt_token_ids": x} for x in prompt_ids], sp, use_tqdm=False)
+            dt = time.perf_counter() - t0
+            return sum(len(o.outputs[0].token_ids) for o in outs) / dt
+
+        def monitored(hidden: bool) -> float:
+            if hidden:
+                factory = monitor_factory(layers, cfg, lm.family.think_end)
+            else:
+                def factory() -> Any:
+                    from monitor.monitor import Monitor
+
+                    return Monitor(signals=[PathDeviation(), JSDInstability()])
+            gen = VLLMMonitoredGenerator(llm, lm.tokenizer, factory, layers=layers if hidden else [],
+                                         exit_cue=lm.family.exit_cue, hidden=hidden, logprobs=logprobs,
+                                         exit_at_budget=False)
+            t0 = time.perf_counter()
+            res = gen.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
+            dt = time.perf_counter() - t0
+            return sum(r.monitor.n_tokens for r in res) / dt
+
+        plain()  # warm-up, not timed
+        runs: dict[str, list[float]] = {"plain": [], "logprob": [], "hidden": []}
+        for _ in range(repeats):
+            runs["plain"].append(plain())
+            runs["logprob"].append(monitored(False))
+            runs["hidden"].append(monitored(True))
+    finally:
+        import contextlib
+
+        with contextlib.suppress(Exception):
+            llm.llm_engine.engine_core.shutdown()
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    return VLLMThroughputResult(
+        model=lm.name, requests=len(prompts), new_tokens=new_tokens, repeats=repeats, layers=layers,
+        logprobs=logprobs, plain_tokens_per_s=round(med["plain"], 3),
+        logprob_monitored_tokens_per_s=round(med["logprob"], 3), hidden_monitored_tokens_per_s=round(med["hidden"], 3),
+        logprob_ratio=round(med["logprob"] / med["plain"], 4), hidden_ratio=round(med["hidden"] / med["plain"], 4),
+        runs={k: [round(x, 3) for x in v] for k, v in runs.items()})

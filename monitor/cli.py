@@ -51,6 +51,18 @@ def _layers(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers, got {text!r}") from None
 
 
+def _logprobs(text: str) -> int | str:
+    if text == "full":
+        return text
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"--logprobs takes a positive integer or 'full', got {text!r}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="overthink", description="Monitor a reasoning LLM and stop it when "
                                 "more thinking will not change the answer.")
@@ -77,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--sample", action="store_true", help="sample (default: greedy)")
     r.add_argument("--temperature", type=float)
+    r.add_argument("--backend", choices=["hf", "vllm"], default="hf",
+                   help="hf: transformers generate (default); vllm: vLLM engine (install the vllm extra)")
+    r.add_argument("--logprobs", type=_logprobs, default=20,
+                   help="vLLM: top-k log-probabilities per token fed to the signals, or 'full' (default 20)")
+    r.add_argument("--no-hidden", action="store_true",
+                   help="vLLM: no hidden-state taps (logprob signals only; no latent trajectory or probes on hidden)")
+    r.add_argument("--force", choices=["auto", "processor", "resubmit"], default="auto",
+                   help="vLLM: force the exit cue with the logits processor, or abort + resubmit (default auto)")
     r.add_argument("--trace", help="write traces to this JSON Lines file (atomically)")
     r.add_argument("--append", action="store_true", help="append to --trace instead of replacing it")
     r.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -90,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--batch-size", type=_positive_int, default=1)
     o.add_argument("--repeats", type=_positive_int, default=3)
     o.add_argument("--json", action="store_true")
+
+    v = bsub.add_parser("vllm", help="vLLM throughput: N concurrent requests, plain vs monitored")
+    v.add_argument("--model", required=True)
+    v.add_argument("--data", help="JSONL questions (default: built-in questions)")
+    v.add_argument("--requests", type=_positive_int, default=16, help="concurrent requests (default 16)")
+    v.add_argument("--new-tokens", type=_positive_int, default=128)
+    v.add_argument("--repeats", type=_positive_int, default=2)
+    v.add_argument("--logprobs", type=_positive_int, default=20, help="top-k logprobs for the monitor (default 20)")
+    v.add_argument("--json", action="store_true")
 
     d = sub.add_parser("diagnose", help="HTML report (or terminal summary) of one trace or a batch of traces")
     d.add_argument("traces", help="trace file (JSON Lines) written by `overthink run --trace`")
@@ -124,7 +153,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = RunConfig(policy=args.policy, halt_after=args.halt_after, max_new_tokens=args.max_new_tokens,
                     answer_max_tokens=args.answer_max_tokens, layers=args.layers, block_tokens=args.block_tokens,
                     embedder=args.embedder, batch_size=args.batch_size, seed=args.seed, do_sample=args.sample,
-                    temperature=args.temperature)
+                    temperature=args.temperature, backend=args.backend, vllm_hidden=not args.no_hidden,
+                    vllm_logprobs=args.logprobs, vllm_force=args.force)
     if args.data:
         problems = load_problems(args.data, limit=args.limit)
         if not problems:
@@ -218,6 +248,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from monitor.bench import bench_overhead
 
     lm = _load(args.model)
+    if args.bench == "vllm":
+        return _bench_vllm(args, lm)
     with err_console.status("benchmarking plain vs monitored generation ..."):
         res = bench_overhead(lm, args.data, new_tokens=args.new_tokens, batch_size=args.batch_size,
                              repeats=args.repeats)
@@ -231,6 +263,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
     table.add_row("plain model.generate", f"{res.plain_tokens_per_s:.2f}")
     table.add_row(f"monitored (4 signal families, layers {res.layers})", f"{res.monitored_tokens_per_s:.2f}")
     table.add_row("throughput_ratio", f"{res.throughput_ratio:.4f}")
+    console.print(table)
+    return 0
+
+
+def _bench_vllm(args: argparse.Namespace, lm: Any) -> int:
+    from monitor.bench import bench_vllm
+    from monitor.vllm import require_vllm
+
+    require_vllm()
+    with err_console.status("benchmarking plain vs monitored vLLM ..."):
+        res = bench_vllm(lm, requests=args.requests, new_tokens=args.new_tokens, repeats=args.repeats,
+                         logprobs=args.logprobs, data_path=args.data)
+    if args.json:
+        print(json.dumps(asdict(res), indent=2))
+        return 0
+    table = Table(title=f"vLLM throughput on {res.model}: {res.requests} concurrent requests x {res.new_tokens} "
+                        f"tokens, median of {res.repeats}")
+    table.add_column("run")
+    table.add_column("tokens/s", justify="right")
+    table.add_column("ratio", justify="right")
+    table.add_row("plain LLM.generate", f"{res.plain_tokens_per_s:.2f}", "1")
+    table.add_row(f"monitored, logprob signals (top-{res.logprobs})", f"{res.logprob_monitored_tokens_per_s:.2f}",
+                  f"{res.logprob_ratio:.4f}")
+    table.add_row(f"monitored, 4 families + hidden tap (layers {res.layers})",
+                  f"{res.hidden_monitored_tokens_per_s:.2f}", f"{res.hidden_ratio:.4f}")
     console.print(table)
     return 0
 

