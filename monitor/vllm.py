@@ -210,6 +210,8 @@ class _Request:
     overrun: int = 0  # tokens produced after the answer was complete (abort lands late); not in the text
     resubmitted: bool = False
     phase_forced: bool = False  # the exit cue was forced (policy halt or budget)
+    engine_finish: str | None = None  # vLLM's finish reason of the last request (stop, length, abort)
+    fallback: str | None = None  # why a processor halt fell back to abort + resubmit
 
 
 def _to_logprobs(entry: Any) -> dict[int, float] | None:
@@ -463,15 +465,16 @@ class VLLMMonitoredGenerator:
                     self._ingest(st, int(tok), lp, hid.setdefault(st.rid, {}), actions)
                 if out.finished:
                     hid.pop(st.rid, None)
+                    self._finished(st, o.finish_reason, actions)
                 elif st.phase == "done" and st.rid in by:  # answer complete (or budget without exit): stop it
                     actions.append(("finish", st))
-                    self._finished(st, o.finish_reason, actions)
             for what, st in actions:
                 if what == "halt":
                     self._halt(st, seed, by)
                 elif what == "stuck" and st.phase == "forcing" and not st.resubmitted:
-                    log.warning("request %s: exit cue not seen %d tokens after forcing; aborting and "
-                                "resubmitting instead", st.key, LAG_LIMIT)
+                    st.fallback = (f"engine finished the request ({st.engine_finish}) before the exit cue landed"
+                                   if st.engine_finish else f"exit cue not seen {LAG_LIMIT} tokens after forcing")
+                    log.warning("request %s: %s; resubmitting prompt + reasoning + exit cue", st.key, st.fallback)
                     self.llm.collective_rpc("overthink_forget", args=([st.key],))
                     self._resubmit(st, seed, by)
                 elif what == "finish" and st.rid in by:
@@ -480,13 +483,12 @@ class VLLMMonitoredGenerator:
 
     def _finished(self, st: _Request, reason: str | None, actions: list[tuple[str, _Request]]) -> None:
         """vLLM ended the request (EOS, length, abort)."""
-        if st.pending is not None:  # no forward follows: observe without hidden
-            if self._observe(st, None) == "halt" and st.phase == "reasoning":
-                st.phase = "forcing"
-                actions.append(("halt", st))
-                return
+        st.engine_finish = reason
+        if st.pending is not None and self._observe(st, None) == "halt":  # no forward follows: no hidden
+            st.phase = "forcing"
         if st.phase == "forcing" and not st.resubmitted:
-            # the engine stopped (e.g. EOS) before the exit cue landed: resubmit with the cue
+            # the request ended (e.g. EOS among the lag tokens) before the exit cue landed: the processor
+            # cannot force a finished request, so resubmit with the cue
             actions.append(("stuck", st))
             return
         if st.phase != "done":
@@ -516,7 +518,8 @@ class VLLMMonitoredGenerator:
         return SequenceResult(st.monitor, st.prompt, len(st.prompt_ids), "".join(texts), answer_text,
                               st.stop_reason or "generation ended",
                               extra={"lag_tokens": st.lag, "discarded_lag_tokens": st.discarded,
-                                     "overrun_tokens": st.overrun,
+                                     "overrun_tokens": st.overrun, "engine_finish_reason": st.engine_finish,
+                                     "fallback": st.fallback,
                                      "halt_mode": self.info.force_mode if st.fbuf or st.phase_forced else None})
 
 

@@ -7,11 +7,11 @@
 #   4. replay every calibrated rule on the test collection (probes/evaluate.py says why this is exact),
 #   5. check the replay against real `overthink run --policy BUNDLE` halting runs on the first test problems.
 # CPU only this takes hours (Qwen2.5-Coder-0.5B runs about 10 tokens/s on 2 cores): run it on a quiet
-# machine. Environment knobs: N_TRAIN (240), N_TEST (200), N_CHECK (16), BATCH (8), OUT (out/calibrated).
+# machine. Environment knobs: N_TRAIN (160), N_TEST (200), N_CHECK (16), BATCH (8), OUT (out/calibrated).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
-N_TRAIN=${N_TRAIN:-240}
+N_TRAIN=${N_TRAIN:-160}
 N_TEST=${N_TEST:-200}
 N_CHECK=${N_CHECK:-16}
 BATCH=${BATCH:-8}
@@ -26,7 +26,9 @@ overthink collect --model $MODEL --data "$DATA/gsm8k_train.jsonl" --limit "$N_TR
 overthink collect --model $MODEL --data "$DATA/gsm8k_test.jsonl" --limit "$N_TEST" --out "$OUT/collect-test" \
     "${BUDGET[@]}" --batch-size "$BATCH"
 
-overthink train "$OUT/collect-train" --out "$OUT/probe.joblib" --calib-fraction 0.4 | tee "$OUT/train.txt"
+# signals-only logistic regression: on these 96 training problems its grouped 5-fold AUROC (0.805) beat the probe
+# with hidden states (0.745) and the MLP (0.676); 40% of the train problems are held out for calibration
+overthink train "$OUT/collect-train" --out "$OUT/probe.joblib" --calib-fraction 0.4 --signals-only | tee "$OUT/train.txt"
 bundles=()
 lenient=""
 for delta in 0.05 0.1 0.2; do

@@ -204,7 +204,15 @@ def test_hf_trained_bundle_scores_the_same_under_vllm(tiny, llm, tmp_path):
 
     from probes.pipeline import calibrate_bundle, train_bundle
 
-    fake_collect_dir(tmp_path / "d", tiny_config(tiny, ("the",)))
+    words = []  # cue words the tiny model surely writes for these questions, so decision points occur
+    for q in PROMPTS:
+        enc = tiny.tokenizer(tiny.family.build_prompt(tiny.tokenizer, q), return_tensors="pt", add_special_tokens=False)
+        out = tiny.model.generate(**enc, max_new_tokens=30, do_sample=False, temperature=None, top_p=None, top_k=None,
+                                  pad_token_id=tiny.tokenizer.eos_token_id)
+        text = tiny.tokenizer.decode(out[0, enc["input_ids"].shape[1]:]).replace("\n", " ")
+        words += [w.lower() for w in text.split() if w.isalpha() and w.lower() != "think"][:2]
+    assert words, "tiny-random wrote no word"
+    fake_collect_dir(tmp_path / "d", tiny_config(tiny, tuple(sorted(set(words)))))
     train_bundle(tmp_path / "d", tmp_path / "b.joblib", calib_fraction=0.5, use_hidden=True)
     calibrate_bundle(tmp_path / "b.joblib", tmp_path / "d", delta=0.45, epsilon=0.2, mode="per-cue")
     problems = [{"id": f"p{i}", "question": q, "answer": "5"} for i, q in enumerate(PROMPTS)]
@@ -239,3 +247,20 @@ def test_cli_run_backend_vllm_halts_and_writes_a_valid_trace(tmp_path, capsys):
     assert "latent_trajectory" in t.signals and any(v is not None for v in t.signals["latent_trajectory"]["net"])
     brief = json.loads(capsys.readouterr().out)
     assert brief["traces"][0]["id"] == "q0"
+
+
+def test_exit_still_lands_when_the_engine_ends_the_request_first(tiny, llm):
+    """The request stops (here: its token limit) before the forced exit cue lands: the driver resubmits."""
+    box = []
+    gen = vllm_gen(tiny, llm, lambda: HaltAfterPolicy(8), box, force="processor")
+    add = gen._add
+
+    def short_first_request(st, prompt_ids, max_tokens, seed):
+        add(st, prompt_ids, 9 if not st.resubmitted else max_tokens, seed)  # 8 observed + 1, then "length"
+
+    gen._add = short_first_request
+    (r,) = gen.generate(PROMPTS[:1], max_new_tokens=40)
+    assert r.extra["fallback"] and "length" in r.extra["fallback"]
+    ph = r.monitor._tok_phase
+    forced = [t for t, p in zip(r.monitor._tok_ids, ph) if p == "forced"]
+    assert forced == gen.exit_ids and ph.count("reasoning") == 8 and ph.count("answer") >= 1
