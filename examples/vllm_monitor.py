@@ -20,7 +20,7 @@ def main() -> None:
                  "Tom reads 15 pages a day. His book has 240 pages. How many days does he need?"]
     prompts = [lm.family.build_prompt(lm.tokenizer, q) for q in questions]
 
-    # --- Overthink: six lines -----------------------------------------------------------------------
+    # --- Overthink: a few lines --------------------------------------------------------------------
     from monitor.vllm import VLLMMonitoredGenerator, export_for_vllm, make_llm
 
     llm = make_llm(export_for_vllm(lm), max_model_len=1024)
