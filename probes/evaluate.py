@@ -53,6 +53,26 @@ def _upper95(k: int, n: int) -> float:
     return float(binomtest(k, n).proportion_ci(0.95, method="exact").high) if n else float("nan")
 
 
+def _outcome(p: dict[str, Any], j: int | None) -> tuple[str | None, bool, int]:
+    """Answer, correctness and monitored tokens of problem `p` exited at event `j` (None: the full rollout).
+
+    The halted answer IS the forced exit at that point: its probe_tokens are the exit cue + the answer."""
+    if j is None:
+        return p.get("full_answer"), bool(p["full_correct"]), int(p["full_tokens"])
+    e = p["events"][j]
+    return e.get("answer"), bool(e["label"]), int(e["reasoning_tokens"] + e["probe_tokens"])
+
+
+def bundle_exits(bundle: Bundle, data: CollectedData) -> list[int | None]:
+    """Per problem, the index of the event where the bundle's calibrated rule halts (None: it does not)."""
+    scores = bundle.scores(data.hidden, data.signals)
+    exits: list[int | None] = []
+    for i in range(len(data.problems)):
+        s = scores[data.group == i]
+        exits.append(bundle.calibration.first_exit(s) if len(s) else None)
+    return exits
+
+
 def _row(policy: str, exit_idx: list[int | None], data: CollectedData, trial_cost: bool = False) -> ReplayRow:
     """Rates and token costs of exiting at `exit_idx[i]` (an index into problem i's events, or None)."""
     n = len(data.problems)
@@ -62,18 +82,12 @@ def _row(policy: str, exit_idx: list[int | None], data: CollectedData, trial_cos
     tokens = np.zeros(n)
     full_tokens = np.zeros(n)
     for i, (p, j) in enumerate(zip(data.problems, exit_idx)):
-        ev = p["events"]
         full[i] = bool(p["full_correct"])
         full_tokens[i] = p["full_tokens"]
-        trials = sum(e["probe_tokens"] for e in ev[: (len(ev) if j is None else j + 1)]) if trial_cost else 0
-        if j is None:
-            correct[i], tokens[i] = full[i], full_tokens[i] + trials
-        else:
-            halted[i] = True
-            correct[i] = bool(ev[j]["label"])
-            # the halted answer IS the forced exit at that point: its probe_tokens are exit cue + answer,
-            # counted once (when trials are counted, the exit's own trial is the answer)
-            tokens[i] = ev[j]["reasoning_tokens"] + (trials if trial_cost else ev[j]["probe_tokens"])
+        halted[i] = j is not None
+        _, correct[i], tokens[i] = _outcome(p, j)
+        if trial_cost:  # every trial before the exit (or all, without one) was spent; the exit's own is the answer
+            tokens[i] += sum(e["probe_tokens"] for e in p["events"][: len(p["events"]) if j is None else j])
     premature = halted & ~correct & full
     return ReplayRow(
         policy=policy, n=n, accuracy=float(correct.mean()), full_accuracy=float(full.mean()),
@@ -106,13 +120,8 @@ def replay_bundle(bundle: Bundle, data: CollectedData, name: str = "") -> Replay
     if overlap:
         raise ValueError(f"{len(overlap)} evaluation problems (e.g. {overlap[0]}) were used to train bundle {name}; "
                          "evaluate on a held-out collection")
-    scores = bundle.scores(data.hidden, data.signals)
-    exits: list[int | None] = []
-    for i in range(len(data.problems)):
-        s = scores[data.group == i]
-        exits.append(cal.first_exit(s) if len(s) else None)
     info = bundle.calibration_info
-    row = _row(name or f"probe:{info.get('mode')}", exits, data)
+    row = _row(name or f"probe:{info.get('mode')}", bundle_exits(bundle, data), data)
     row.delta, row.epsilon, row.mode = info.get("delta"), info.get("epsilon"), info.get("mode")
     row.threshold = info.get("threshold")
     return row
@@ -170,23 +179,18 @@ def check_replay(bundle_path: str | Path, data_dir: str | Path, traces_path: str
     bundle = load_bundle(bundle_path)
     data = _graded(load_collected(data_dir))
     by_id = {str(p["id"]): i for i, p in enumerate(data.problems)}
-    scores = bundle.scores(data.hidden, data.signals)
+    exits = bundle_exits(bundle, data)
     rows = []
     for t in read_traces(traces_path):
         i = by_id.get(t.id)
         if i is None:
             continue
-        p = data.problems[i]
-        s = scores[data.group == i]
-        j = bundle.calibration.first_exit(s) if len(s) else None
-        ev = p["events"]
-        want_answer = p["full_answer"] if j is None else ev[j]["answer"]
-        want_tokens = p["full_tokens"] if j is None else ev[j]["reasoning_tokens"] + ev[j]["probe_tokens"]
+        j = exits[i]
+        want_answer, want_correct, want_tokens = _outcome(data.problems[i], j)
         a = t.accounting
         got_tokens = a["reasoning"] + a["forced"] + a["answer"] + a["probe"]
         rows.append({"id": t.id, "halted": (bool(t.decision["halted"]), j is not None),
-                     "answer": (t.answer, want_answer), "correct": (t.correct, bool(p["full_correct"]) if j is None
-                                                                   else bool(ev[j]["label"])),
+                     "answer": (t.answer, want_answer), "correct": (t.correct, want_correct),
                      "token_diff": int(got_tokens - want_tokens)})
     if not rows:
         raise ValueError(f"no trace in {traces_path} has an id from {data_dir}; run the same problems with "
