@@ -125,7 +125,7 @@ def bench_vllm(lm: LoadedModel, requests: int = 16, new_tokens: int = 128, repea
     from vllm import SamplingParams
 
     from monitor.signals import JSDInstability, PathDeviation
-    from monitor.vllm import VLLMMonitoredGenerator, export_for_vllm, make_llm
+    from monitor.vllm import VLLMMonitoredGenerator, export_for_vllm, make_llm, shutdown_llm
 
     if requests < 1 or new_tokens < 1 or repeats < 1:
         raise ValueError("--requests, --new-tokens and --repeats must be positive integers")
@@ -170,10 +170,7 @@ def bench_vllm(lm: LoadedModel, requests: int = 16, new_tokens: int = 128, repea
             runs["logprob"].append(monitored(False))
             runs["hidden"].append(monitored(True))
     finally:
-        import contextlib
-
-        with contextlib.suppress(Exception):
-            llm.llm_engine.engine_core.shutdown()
+        shutdown_llm(llm)
     med = {k: statistics.median(v) for k, v in runs.items()}
     return VLLMThroughputResult(
         model=lm.name, requests=len(prompts), new_tokens=new_tokens, repeats=repeats, layers=layers,

@@ -234,7 +234,7 @@ class HFMonitoredGenerator:
     def _start_forcing(self, row: RowState) -> None:
         row.phase = "forcing"
         row.forced_queue = list(self.exit_ids)
-        row.brace_depth = _brace_delta(self.exit_cue) if self.exit_cue.rstrip().endswith("{") else None
+        row.brace_depth = exit_brace_depth(self.exit_cue)
 
     def _ingest(self, row: RowState, tok: int) -> None:
         text = row.detok.push(tok)
@@ -256,15 +256,7 @@ class HFMonitoredGenerator:
             return
         # answer phase
         row.monitor.record_token(tok, text, "answer")
-        row.answer_tokens += 1
-        if tok in self.eos_ids:
-            row.phase = "done"
-        elif row.brace_depth is not None:
-            row.brace_depth += _brace_delta(text)
-            if row.brace_depth <= 0:
-                row.phase = "done"
-        if row.answer_tokens >= self.answer_max_tokens:
-            row.phase = "done"
+        advance_answer(row, tok in self.eos_ids, text, self.answer_max_tokens)
 
     def _trial(self, b: int, row: RowState, cache: Any, policy: Any) -> TrialOutcome:
         """Decode a trial answer greedily on a copy of row b's cache (the sequence itself is untouched).
@@ -401,6 +393,25 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
 
 def _brace_delta(text: str) -> int:
     return text.count("{") - text.count("}")
+
+
+def exit_brace_depth(exit_cue: str) -> int | None:
+    """Brace depth to track after an exit cue that opens "\\boxed{" (None: no brace to wait for)."""
+    return _brace_delta(exit_cue) if exit_cue.rstrip().endswith("{") else None
+
+
+def advance_answer(state: Any, is_eos: bool, text: str, answer_max_tokens: int) -> None:
+    """Count one answer token on a row's state (HF `RowState`, vLLM `_Request`): its phase becomes "done"
+    once the answer is written (end of sequence, the brace the exit cue opened closes, or the budget is spent)."""
+    state.answer_tokens += 1
+    if is_eos:
+        state.phase = "done"
+    elif state.brace_depth is not None:
+        state.brace_depth += _brace_delta(text)
+        if state.brace_depth <= 0:
+            state.phase = "done"
+    if state.answer_tokens >= answer_max_tokens:
+        state.phase = "done"
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -221,13 +221,7 @@ def run_problems(
     finally:
         gen.close()
         if cfg.backend == "vllm" and llm is None:
-            _shutdown(gen.llm)
+            from monitor.vllm import shutdown_llm
+
+            shutdown_llm(gen.llm)
     return traces
-
-
-def _shutdown(llm: Any) -> None:
-    """Stop an engine this module built (its worker processes), quietly if it is already gone."""
-    import contextlib
-
-    with contextlib.suppress(Exception):
-        llm.llm_engine.engine_core.shutdown()

@@ -50,7 +50,7 @@ import numpy as np
 from monitor.decision import TRIAL
 from monitor.detokenize import IncrementalDetokenizer
 from monitor.events import TokenStep
-from monitor.hf import SequenceResult, _brace_delta
+from monitor.hf import SequenceResult, advance_answer, exit_brace_depth
 from monitor.monitor import Monitor
 
 log = logging.getLogger("overthink.vllm")
@@ -118,6 +118,23 @@ def _save_plain(model: Any, out: Path) -> None:
         gen.save_pretrained(out)
 
 
+def _engine_kwargs(model_dir: str | Path, hidden: bool, max_model_len: int, seed: int, dtype: str,
+                   max_logprobs: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """Engine arguments shared by `make_llm` and `make_async_llm`: our processor and worker extension,
+    prefix caching (cheap resubmits), eager mode when hidden states are tapped."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    kwargs: dict[str, Any] = dict(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed,
+                                  max_model_len=max_model_len, enable_prefix_caching=True,
+                                  logits_processors=[PROCESSOR], worker_extension_cls=EXTENSION,
+                                  max_logprobs=max_logprobs)
+    if hidden:
+        if extra.get("enforce_eager") is False:
+            raise ValueError("hidden-state taps need enforce_eager=True (hooks do not run in compiled graphs)")
+        kwargs["enforce_eager"] = True
+    kwargs.update(extra)
+    return kwargs
+
+
 def make_llm(model_dir: str | Path, *, hidden: bool = True, max_model_len: int = 2048, seed: int = 0,
              dtype: str = "float32", max_logprobs: int = 20, **llm_kwargs: Any) -> Any:
     """An offline `vllm.LLM` with Overthink's logits processor and worker extension registered.
@@ -128,17 +145,7 @@ def make_llm(model_dir: str | Path, *, hidden: bool = True, max_model_len: int =
     require_vllm()
     from vllm import LLM
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    kwargs: dict[str, Any] = dict(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed,
-                                  max_model_len=max_model_len, enable_prefix_caching=True,
-                                  logits_processors=[PROCESSOR], worker_extension_cls=EXTENSION,
-                                  max_logprobs=max_logprobs)
-    if hidden:
-        if llm_kwargs.get("enforce_eager") is False:
-            raise ValueError("hidden-state taps need enforce_eager=True (hooks do not run in compiled graphs)")
-        kwargs["enforce_eager"] = True
-    kwargs.update(llm_kwargs)
-    return LLM(**kwargs)
+    return LLM(**_engine_kwargs(model_dir, hidden, max_model_len, seed, dtype, max_logprobs, llm_kwargs))
 
 
 def make_async_llm(model_dir: str | Path, *, hidden: bool = True, max_model_len: int = 2048, seed: int = 0,
@@ -148,15 +155,16 @@ def make_async_llm(model_dir: str | Path, *, hidden: bool = True, max_model_len:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    kwargs: dict[str, Any] = dict(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed,
-                                  max_model_len=max_model_len, enable_prefix_caching=True,
-                                  logits_processors=[PROCESSOR], worker_extension_cls=EXTENSION,
-                                  max_logprobs=max_logprobs)
-    if hidden:
-        kwargs["enforce_eager"] = True
-    kwargs.update(engine_kwargs)
-    return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(
+        **_engine_kwargs(model_dir, hidden, max_model_len, seed, dtype, max_logprobs, engine_kwargs)))
+
+
+def shutdown_llm(llm: Any) -> None:
+    """Stop an offline engine's processes (quietly if they are already gone)."""
+    import contextlib
+
+    with contextlib.suppress(Exception):
+        llm.llm_engine.engine_core.shutdown()
 
 
 @dataclass
@@ -383,21 +391,13 @@ class VLLMMonitoredGenerator:
         st.generated.append(tok)
         st.monitor.record_token(tok, "" if self._is_eos(tok) else text, "answer",
                                 _chosen_logprob(_to_logprobs(lp), tok))
-        st.answer_tokens += 1
-        if self._is_eos(tok):
-            st.phase = "done"
-        elif st.brace_depth is not None:
-            st.brace_depth += _brace_delta(text)
-            if st.brace_depth <= 0:
-                st.phase = "done"
-        if st.answer_tokens >= self.answer_max_tokens:
-            st.phase = "done"
+        advance_answer(st, self._is_eos(tok), text, self.answer_max_tokens)
 
     def _start_answer(self, st: _Request) -> None:
         """The exit cue is in: the model writes its answer next."""
         st.phase = "answer"
         st.phase_forced = True
-        st.brace_depth = _brace_delta(self.exit_cue) if self.exit_cue.rstrip().endswith("{") else None
+        st.brace_depth = exit_brace_depth(self.exit_cue)
         if not st.stop_reason:
             st.stop_reason = "halted by policy: exit cue forced"
 
