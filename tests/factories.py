@@ -1,10 +1,30 @@
-"""Builders of valid records for tests: `make_trace(**overrides)` gives a small, schema-valid Trace."""
+"""Builders of valid records for tests: `make_trace(**overrides)` gives a small, schema-valid Trace;
+`Recorder` is a signal that keeps every `TokenStep` a backend fed it."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from monitor.trace import Trace
+
+
+class Recorder:
+    """Test signal: keeps every step it sees."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.steps: list[Any] = []
+
+    def update(self, step: Any) -> dict[str, float]:
+        self.steps.append(step)
+        return {"n": float(len(self.steps))}
+
+    def reset(self) -> None:
+        self.steps = []
+
+    def summary(self) -> dict[str, Any]:
+        return {}
 
 
 def make_trace(**overrides: Any) -> Trace:

