@@ -33,7 +33,6 @@ KEY = "overthink_key"  # SamplingParams.extra_args key naming a request for the 
 # key -> token ids to force; filled by the worker extension (RPC), consumed by the processor. Both live in
 # the same worker process; the engine runs RPCs between steps, so no lock is needed.
 _FORCE: dict[str, list[int]] = {}
-_FORCE_DONE: dict[str, int] = {}  # key -> output index where forcing started (for the driver's checks)
 
 try:  # vLLM is optional: the driver imports nothing from here unless the vllm extra is installed
     from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
@@ -55,7 +54,7 @@ class ForceTokensProcessor(LogitsProcessor):  # type: ignore[misc]
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if batch_update is None:
             return
-        for index in batch_update.removed:
+        for index in batch_update.removed:  # (forcing progress stays keyed by request: a preempted request resumes)
             self.rows.pop(index, None)
         for index, params, _prompt, output_ids in batch_update.added:
             key = (getattr(params, "extra_args", None) or {}).get(KEY)
@@ -81,7 +80,6 @@ class ForceTokensProcessor(LogitsProcessor):  # type: ignore[misc]
             k = len(output_ids) - start
             if k >= len(ids):  # the whole sequence is out: stop forcing this request
                 _FORCE.pop(key, None)
-                _FORCE_DONE[key] = start
                 self.start.pop(key, None)
                 continue
             if index < logits.shape[0]:
@@ -102,7 +100,7 @@ class OverthinkWorkerExtension:
         """Drop forcing state of finished requests."""
         n = 0
         for k in keys:
-            n += (_FORCE.pop(k, None) is not None) + (_FORCE_DONE.pop(k, None) is not None)
+            n += _FORCE.pop(k, None) is not None
         return n
 
     def overthink_runner_info(self) -> dict[str, Any]:
