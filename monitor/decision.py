@@ -11,12 +11,20 @@ back through `Policy.decide_after_trial`). Policies here:
 - `DeerPolicy`             DEER trial-answer confidence at cue words (probe tokens are counted)
 
 Calibrated probe policies (issue "probes and calibration") plug into the same interface.
+
+Signal keys: `parse_policy(spec, known_keys=...)` (or `validate_policy_keys`) refuses a threshold policy
+whose key no signal emits, so a typo fails at parse time instead of never halting. `known_keys` are
+"family.key" strings, e.g. `monitor.signals.known_signal_keys(signals)`; "family.*" accepts any key of a
+family whose keys are not declared.
 """
 
 from __future__ import annotations
 
+import difflib
+import math
+import numbers
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -128,9 +136,16 @@ class SignalThresholdPolicy:
 
     def __init__(self, key: str, threshold: float, op: str = ">=", min_tokens: int = 0,
                  at: str = "decision_points") -> None:
-        if "." not in key:
+        if not isinstance(key, str) or not key.strip():
+            raise ValueError("the threshold policy needs a signal key, e.g. 'jsd_instability.instability>=0.3' "
+                             "(`overthink signals` lists them)")
+        family, _, value_key = key.partition(".")
+        if not family or not value_key:
             raise ValueError(f"signal key must look like 'family.value' (e.g. 'jsd_instability.instability'), "
                              f"got {key!r}")
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) \
+                or not math.isfinite(float(threshold)):
+            raise ValueError(f"threshold must be a finite number, got {threshold!r}")
         if op not in _OPS:
             raise ValueError(f"op must be one of {sorted(_OPS)}, got {op!r}")
         if at not in ("decision_points", "any"):
@@ -162,7 +177,8 @@ class DeerPolicy:
 
     def __init__(self, threshold: float = 0.95, max_trial_tokens: int = 20, mean: str = "arithmetic",
                  kinds: tuple[str, ...] = ("cue",)) -> None:
-        if not 0.0 < threshold <= 1.0:
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or math.isnan(threshold) \
+                or not 0.0 < threshold <= 1.0:
             raise ValueError(f"DEER confidence threshold must be in (0, 1], got {threshold!r}")
         if mean not in ("arithmetic", "geometric"):
             raise ValueError(f"mean must be 'arithmetic' or 'geometric', got {mean!r}")
@@ -183,9 +199,81 @@ class DeerPolicy:
         return Decision(CONTINUE, score=confidence, threshold=self.threshold)
 
 
-def parse_policy(spec: str | None, halt_after: int | None = None) -> Policy:
+def _split_known(known_keys: Iterable[str]) -> tuple[list[str], set[str]]:
+    """("family.key" names in order, families marked lenient with "family.*")."""
+    if isinstance(known_keys, str):
+        raise ValueError(f"known_keys must be an iterable of 'family.key' strings, not one string ({known_keys!r})")
+    exact: list[str] = []
+    lenient: set[str] = set()
+    for k in known_keys:
+        family, _, sub = str(k).partition(".")
+        if sub == "*":
+            lenient.add(family)
+        elif str(k) not in exact:
+            exact.append(str(k))
+    return exact, lenient
+
+
+def _similarity(a: str, b: str) -> float:
+    return difflib.SequenceMatcher(None, a.lower(), b.lower()).ratio()
+
+
+def closest_signal_key(key: str, valid: Iterable[str], cutoff: float = 0.6) -> str | None:
+    """The valid "family.key" most like `key` (family and key compared separately, so "jsd.instabilty"
+    finds "jsd_instability.instability"), or None if nothing scores `cutoff` or more."""
+    family, dot, sub = key.partition(".")
+    if not dot:
+        family, sub = "", key
+    best, best_score = None, cutoff
+    for v in valid:
+        vf, _, vs = v.partition(".")
+        key_sim = _similarity(sub, vs)
+        if family:
+            fam_sim = 1.0 if vf.lower().startswith(family.lower()) else _similarity(family, vf)
+            parts = 0.4 * fam_sim + 0.6 * key_sim
+        else:
+            parts = 0.9 * key_sim
+        score = max(_similarity(key, v), parts)
+        if score > best_score or (best is None and score >= cutoff):
+            best, best_score = v, score
+    return best
+
+
+def check_signal_key(key: str, known_keys: Iterable[str], where: str = "") -> None:
+    """Raise ValueError unless `key` is in `known_keys` ("family.key" names; "family.*" accepts any key of
+    that family). The message names the bad key, suggests the closest valid one and lists them all;
+    `where` is appended after the key (e.g. " in --policy 'threshold:...'")."""
+    exact, lenient = _split_known(known_keys)
+    if key in exact or key.partition(".")[0] in lenient:
+        return
+    if not exact and not lenient:
+        raise ValueError(f"unknown signal key {key!r}{where}: this run computes no signals, so no threshold key "
+                         "is valid (enable the signals, or use another policy)")
+    best = closest_signal_key(key, exact)
+    hint = f"; did you mean {best!r}?" if best is not None else ";"
+    valid = ", ".join(exact) if exact else "(none declared)"
+    any_of = f" (and any key of {', '.join(sorted(f + '.*' for f in lenient))})" if lenient else ""
+    raise ValueError(f"unknown signal key {key!r}{where}{hint} valid keys: {valid}{any_of}")
+
+
+def validate_policy_keys(policy: Policy, known_keys: Iterable[str]) -> None:
+    """Raise ValueError if `policy` reads a signal key not in `known_keys` (see `check_signal_key`).
+    Only `SignalThresholdPolicy` names a key; other policies pass."""
+    if isinstance(policy, SignalThresholdPolicy):
+        check_signal_key(policy.key, known_keys, f" in policy {policy.name!r}")
+
+
+def parse_policy(spec: str | None, halt_after: int | None = None,
+                 known_keys: Iterable[str] | None = None) -> Policy:
     """Build a policy from CLI text: "observe", "deer[:THRESHOLD]", "threshold:KEY>=VALUE", or
-    `halt_after` (which wins when given together with "observe")."""
+    `halt_after` (which wins when given together with "observe").
+
+    `known_keys`: the "family.key" names the run's signals emit (`monitor.signals.known_signal_keys`;
+    "family.*" accepts any key of that family). When given, a threshold key outside them is refused with
+    the closest valid key suggested; None (the default) accepts any "family.key" (custom signals).
+    """
+    if known_keys is not None:
+        known_keys = list(known_keys)  # may be a one-shot iterator
     spec = (spec or "observe").strip()
     if halt_after is not None:
         if spec != "observe":
@@ -204,8 +292,11 @@ def parse_policy(spec: str | None, halt_after: int | None = None) -> Policy:
         for op in (">=", "<=", ">", "<"):
             if op in body:
                 key, _, val = body.partition(op)
+                key = key.strip()
+                if key and known_keys is not None:
+                    check_signal_key(key, known_keys, f" in --policy {spec!r}")
                 try:
-                    return SignalThresholdPolicy(key.strip(), float(val), op)
+                    return SignalThresholdPolicy(key, float(val), op)
                 except ValueError as e:
                     raise ValueError(f"bad threshold policy {spec!r}: {e}") from None
         raise ValueError(f"bad threshold policy {spec!r}: use e.g. threshold:jsd_instability.instability>=0.3")

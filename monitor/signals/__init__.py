@@ -4,9 +4,14 @@
 - `JSDInstability`     jsd_instability.py    JSD between consecutive distributions x normalised entropy
 - `LatentTrajectory`   latent_trajectory.py  net / cumulative / aligned drift of block-mean hidden states
 - `Redundancy`         redundancy.py         similarity of each finished reasoning step to the previous K
+
+Each family class declares `FAMILY` (its default `name`), `KEYS` (key -> meaning of every value its
+`update()` returns) and `INPUTS` (which TokenStep fields it reads); `catalog.py` collects them
+(`signal_catalog`, `known_signal_keys`, `describe`, `format_catalog`).
 """
 
 from monitor.signals.base import Signal
+from monitor.signals.catalog import describe, format_catalog, known_signal_keys, signal_catalog
 from monitor.signals.jsd_instability import JSDInstability
 from monitor.signals.latent_trajectory import LatentTrajectory
 from monitor.signals.path_deviation import PathDeviation
@@ -20,4 +25,8 @@ __all__ = [
     "Redundancy",
     "HiddenStateEmbedder",
     "MiniLMEmbedder",
+    "signal_catalog",
+    "known_signal_keys",
+    "describe",
+    "format_catalog",
 ]

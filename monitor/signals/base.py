@@ -1,4 +1,4 @@
-"""The contract every signal follows (DESIGN.md, "Signals").
+"""The contract every signal follows (docs/signals.md).
 
 A signal is one small stateful class: a constructor that validates its few parameters, `update(step)`
 called once per generated token with a `TokenStep`, `reset()` to start a new trace, and optionally

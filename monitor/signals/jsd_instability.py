@@ -1,5 +1,4 @@
-"""JSD instability: how much the next-token distribution jumps while the model is unsure (DESIGN.md,
-"Signals", item 2).
+"""JSD instability: how much the next-token distribution jumps while the model is unsure (docs/signals.md).
 
 Our reconstruction of the instability score of "I May Not Have Articulated Myself Clearly": the
 Jensen-Shannon divergence between consecutive next-token distributions, weighted by the normalised
@@ -9,7 +8,7 @@ entropy of the current one; the trace-level peak and whether it comes late (dest
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -105,12 +104,26 @@ class JSDInstability:
         0.6674
     """
 
+    FAMILY: ClassVar[str] = "jsd_instability"  # default `name`: the "family" in "family.key"
+    # Every key update() returns (all of them, at every token), with its meaning.
+    KEYS: ClassVar[dict[str, str]] = {
+        "jsd": "JSD(p_{t-1}, p_t) between consecutive next-token distributions, bits in [0, 1] (0 on the "
+               "first token)",
+        "entropy": "entropy H(p_t) of this token's next-token distribution, nats",
+        "entropy_norm": "H(p_t) / log |support of p_t|, in [0, 1]",
+        "instability": "I_t = jsd * entropy_norm (or mix * jsd + (1 - mix) * entropy_norm): per-token instability",
+        "peak_relative": "position of the running peak of instability / tokens so far, in [0, 1] (late = "
+                         "destructive)",
+    }
+    # What each TokenStep field is used for (the backend must provide it).
+    INPUTS: ClassVar[dict[str, str]] = {"distribution": "next-token log-probabilities (full or top-k)"}
+
     def __init__(
         self,
         mix: float | None = None,
         eps: float = 1e-6,
         rho0: float = 0.5,
-        name: str = "jsd_instability",
+        name: str = FAMILY,
     ) -> None:
         if mix is not None and (isinstance(mix, bool) or not isinstance(mix, (int, float))
                                 or not 0.0 <= mix <= 1.0):

@@ -1,4 +1,4 @@
-"""Latent trajectory: does the hidden-state path head somewhere, or wander? (DESIGN.md, "Signals", item 3).
+"""Latent trajectory: does the hidden-state path head somewhere, or wander? (docs/signals.md).
 
 After "Tracing the Traces": mean-pool hidden states over blocks of tokens (or reasoning steps), and
 measure the trajectory of block means per layer: net drift per block (higher = better), cumulative path
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -109,6 +109,22 @@ class LatentTrajectory:
         (1.3333333333333333, 4.0, 1.0)
     """
 
+    FAMILY: ClassVar[str] = "latent_trajectory"  # default `name`: the "family" in "family.key"
+    # Every key update() returns (all of them, once two blocks are closed; {} before), with its meaning.
+    KEYS: ClassVar[dict[str, str]] = {
+        "net": "||h_N - h_1|| / N: net drift of the block-mean hidden states per block, mean over layers "
+               "(higher = better)",
+        "cumulative": "sum_n ||h_n - h_{n-1}||: path length of the block means, mean over layers (higher = worse)",
+        "aligned": "mean_n cos(h_n - h_{n-1}, h_N - h_1): how well updates follow the net drift, in [-1, 1] "
+                   "(higher = better)",
+        "n_blocks": "closed blocks so far (the most of any layer)",
+    }
+    # What each TokenStep field is used for (the backend must provide it).
+    INPUTS: ClassVar[dict[str, str]] = {
+        "hidden_states": "hidden states of the configured layers (block means)",
+        "text": "token text, only with block='steps' (blank lines end blocks)",
+    }
+
     def __init__(
         self,
         layers: Sequence[int],
@@ -116,7 +132,7 @@ class LatentTrajectory:
         *,
         block: str = "tokens",
         min_step_tokens: int = 8,
-        name: str = "latent_trajectory",
+        name: str = FAMILY,
     ) -> None:
         seq = [] if isinstance(layers, (int, str, bytes)) or not isinstance(layers, Iterable) else list(layers)
         if not seq:

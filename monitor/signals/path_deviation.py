@@ -1,4 +1,4 @@
-"""Path deviation: are hesitation words suddenly frequent and uncertain? (DESIGN.md, "Signals", item 1).
+"""Path deviation: are hesitation words suddenly frequent and uncertain? (docs/signals.md).
 
 Inspired by "Reasoning Path Deviation Monitoring". The paper does not publish its exact formula, so this
 is a configurable family: high-entropy transition tokens ("wait", "but", "hmm" said while the model is
@@ -11,7 +11,7 @@ import heapq
 import math
 import string
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from monitor.events import TokenStep
 
@@ -106,6 +106,24 @@ class PathDeviation:
         (1.0, 1.0)
     """
 
+    FAMILY: ClassVar[str] = "path_deviation"  # default `name`: the "family" in "family.key"
+    # Every key update() returns (all of them, at every token), with its meaning.
+    KEYS: ClassVar[dict[str, str]] = {
+        "entropy": "entropy H_t of the distribution this token was drawn from, nats",
+        "is_hett": "1.0 if this token is a lexicon transition word ('wait', 'but', ...) with H_t above the "
+                   "entropy threshold, else 0.0",
+        "hett_rate_window": "fraction of high-entropy transition tokens among the last W tokens",
+        "hett_rate_global": "fraction of high-entropy transition tokens over the whole trace so far",
+        "pdi": "hett_rate_window / max(hett_rate_global, rate_floor): recent hesitation vs the trace's usual rate",
+        "entropy_ratio": "mean H over the last W tokens / mean H over the whole trace",
+        "deviating": "1.0 if entropy_ratio >= ratio_threshold (default 1.5), else 0.0",
+    }
+    # What each TokenStep field is used for (the backend must provide it).
+    INPUTS: ClassVar[dict[str, str]] = {
+        "distribution": "next-token log-probabilities (entropy of each token)",
+        "text": "token text (matched against the transition-word lexicon)",
+    }
+
     def __init__(
         self,
         window: int = 16,
@@ -116,7 +134,7 @@ class PathDeviation:
         rate_floor: float | None = None,
         ratio_threshold: float = 1.5,
         eps: float = 1e-6,
-        name: str = "path_deviation",
+        name: str = FAMILY,
     ) -> None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a positive int, got {window!r}; the paper's reading is 16")

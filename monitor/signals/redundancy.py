@@ -1,4 +1,4 @@
-"""Redundancy: is the model repeating a step it already wrote? (DESIGN.md, "Signals", item 4).
+"""Redundancy: is the model repeating a step it already wrote? (docs/signals.md).
 
 After PUMA's Redundancy Detector: split the reasoning into steps at blank lines, embed each finished
 step, and compare it with the previous K steps; m redundant steps in a row is a loop. Embedders: the
@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -174,6 +174,23 @@ class Redundancy:
         1.0
     """
 
+    FAMILY: ClassVar[str] = "redundancy"  # default `name`: the "family" in "family.key"
+    # Every key update() and flush() return (only at the token that closes a step; {} elsewhere).
+    KEYS: ClassVar[dict[str, str]] = {
+        "step_index": "0-based index of the reasoning step that just closed",
+        "similarity": "max cosine similarity of the closed step to the previous K steps (not on the first "
+                      "step, nor for a step without an embedding)",
+        "redundant": "1.0 if similarity >= tau, else 0.0 (reported with similarity)",
+        "loop_count": "consecutive redundant steps ending at this step",
+        "loop_break": "1.0 if loop_count >= loop_m (a loop of redundant steps), else 0.0",
+    }
+    # What each TokenStep field is used for (the backend must provide it).
+    INPUTS: ClassVar[dict[str, str]] = {
+        "text": "token text (blank lines end reasoning steps; the step text for a text embedder)",
+        "hidden_states": "hidden states of one layer, only with the default HiddenStateEmbedder (step "
+                         "embeddings); not needed with MiniLM or a custom text embedder",
+    }
+
     def __init__(
         self,
         embedder: Callable[[list[str]], Any] | HiddenStateEmbedder | None = None,
@@ -182,7 +199,7 @@ class Redundancy:
         min_step_tokens: int = 8,
         loop_m: int = 3,
         keep_embeddings: bool = False,
-        name: str = "redundancy",
+        name: str = FAMILY,
     ) -> None:
         embedder = HiddenStateEmbedder() if embedder is None else embedder
         self.uses_hidden = bool(getattr(embedder, "uses_hidden", False))
