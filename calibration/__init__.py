@@ -1,4 +1,4 @@
-"""Conformal calibration of a probe's scores into a halting rule (DESIGN.md, "Calibration").
+"""Conformal calibration of a probe's scores into a halting rule (docs/calibration.md).
 
 Two procedures, both fit(...) -> self with the learned numbers as attributes and a `guarantee()` in words:
 

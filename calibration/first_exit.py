@@ -1,4 +1,4 @@
-"""Per-trace calibration of the first-exit rule with Learn-then-Test (DESIGN.md, "Calibration", "Ours").
+"""Per-trace calibration of the first-exit rule with Learn-then-Test (docs/calibration.md).
 
 The deployed rule halts a trace at the FIRST decision point whose probe score is >= lambda. Per-cue
 validity (LYNX, `PerCueConformal`) does not bound how often a whole trace is halted badly, because a trace

@@ -1,4 +1,4 @@
-"""LYNX's per-cue calibration: class-conditional split conformal on one probe score (DESIGN.md, "Calibration").
+"""LYNX's per-cue calibration: class-conditional split conformal on one probe score (docs/calibration.md).
 
 At a decision point (cue) the probe gives p = P(stopping here gives the right answer). Labelled calibration
 cues (label 1: the answer forced at that cue is right, label 0: it is wrong) give two sets of nonconformity

@@ -12,7 +12,7 @@ and it is 0 for a policy that never exits, which makes the strictest threshold c
 The two risks:
 
 - PREMATURE ("premature"): the policy halted the trace AND the halted answer is wrong AND the unmonitored
-  (full) trace's answer is right. This is the harm the monitor itself causes; it is what DESIGN.md asks to
+  (full) trace's answer is right. This is the harm the monitor itself causes; it is what the design asks to
   control.
 - HALTED_WRONG ("halted_wrong"): the policy halted the trace AND the halted answer is wrong, whatever the
   full trace would have given. Stricter (PREMATURE <= HALTED_WRONG per trace), reported next to it.

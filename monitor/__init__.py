@@ -1,6 +1,6 @@
 """Overthink's online side: watch a reasoning model token by token and decide when to stop it.
 
-Data flow (DESIGN.md): backend --TokenStep--> Monitor (signals, cues, policy) --Decision--> backend;
+Data flow (docs/README.md): backend --TokenStep--> Monitor (signals, cues, policy) --Decision--> backend;
 Monitor --> Trace (JSON Lines) --> reports and benchmarks.
 
 Where things live:

@@ -1,4 +1,4 @@
-"""Decision points: where the monitor asks its policy whether to stop (DESIGN.md, "Decision points").
+"""Decision points: where the monitor asks its policy whether to stop (docs/decision-points.md).
 
 Three kinds, each recorded with the index of the token that *completes* it:
 - "cue": a whole cue word ("hmm", "wait", "alternatively"; case-insensitive, configurable). LYNX matched

@@ -45,7 +45,7 @@ class Distribution:
     full: `ids is None`, `probs` covers the whole vocabulary.
     top-k: `ids` are the token ids of the support, `probs` their probabilities renormalised to sum to 1
     over that support (the mass outside the top-k is unknown, so entropy and JSD are computed on the
-    support; DESIGN.md, "Signals").
+    support; docs/signals.md).
     """
 
     probs: np.ndarray

@@ -1,6 +1,6 @@
 """The online monitor for one sequence: TokenStep in, Decision out, Trace at the end.
 
-Data flows one way (DESIGN.md, "Data flow"): a backend calls `observe(step)` for every reasoning token;
+Data flows one way (docs/README.md): a backend calls `observe(step)` for every reasoning token;
 the monitor updates each signal (fail-open: an exception inside a signal is logged, recorded in the
 trace, and that signal is switched off for the rest of the trace), feeds the token text to the
 `CueDetector`, and at every token asks the policy for a `Decision`. Tokens the backend writes after

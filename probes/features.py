@@ -1,4 +1,4 @@
-"""Probe features at a decision point (DESIGN.md, "Probe"): the same function offline and online.
+"""Probe features at a decision point (docs/calibration.md, "Probe"): the same function offline and online.
 
 Features at decision point t = hidden states of the configured layers at the cue token (LYNX: about L/4,
 L/2, 3L/4 and the last layer, concatenated) + the signal values at t + position features. Collection

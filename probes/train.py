@@ -1,4 +1,4 @@
-"""`overthink train`: fit the halting probe on collected decision points (DESIGN.md, "Probe").
+"""`overthink train`: fit the halting probe on collected decision points (docs/calibration.md, "Probe").
 
 The probe IS a scikit-learn Pipeline (StandardScaler + class-balanced LogisticRegression, or an
 MLPClassifier(256, 64) with the positive class re-weighted by sample duplication, since MLPClassifier takes
