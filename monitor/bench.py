@@ -116,7 +116,8 @@ class VLLMThroughputResult:
 
 
 def bench_vllm(lm: LoadedModel, requests: int = 16, new_tokens: int = 128, repeats: int = 2,
-               logprobs: int = 20, data_path: str | None = None) -> VLLMThroughputResult:
+               logprobs: int = 20, data_path: str | None = None, dtype: str = "auto",
+               **engine_kwargs: Any) -> VLLMThroughputResult:
     """`overthink bench vllm`: N concurrent requests through one vLLM engine, three ways, alternating:
     plain `LLM.generate` (no logprobs), monitored with the logprob signals only (path deviation, JSD), and
     monitored with all four families (hidden-state tap on three layers). Every run decodes exactly
@@ -136,8 +137,8 @@ def bench_vllm(lm: LoadedModel, requests: int = 16, new_tokens: int = 128, repea
     prompts = [lm.family.build_prompt(lm.tokenizer, q) for q in questions]
     prompt_ids = [lm.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
     layers = three_layers(len(decoder_layers(lm.model)))
-    llm = make_llm(export_for_vllm(lm), hidden=True, max_logprobs=max(20, logprobs),
-                   max_model_len=min(4096, max(len(x) for x in prompt_ids) + new_tokens + 128))
+    llm = make_llm(export_for_vllm(lm), hidden=True, max_logprobs=max(20, logprobs), dtype=dtype,
+                   max_model_len=min(4096, max(len(x) for x in prompt_ids) + new_tokens + 128), **engine_kwargs)
     cfg = RunConfig(max_new_tokens=new_tokens)
     try:
         def plain() -> float:

@@ -2,7 +2,9 @@
 
   overthink run --model M --question Q [--policy P | --halt-after N] [--trace t.jsonl] [--json]
   overthink run --model M --data FILE.jsonl --limit N [--trace t.jsonl]
+  overthink run --model M --messages chat.json --answer-kind text --device cuda --dtype bfloat16
   overthink bench overhead --model M [--json]
+  overthink signals
   overthink diagnose TRACES.jsonl [--out report.html] [--index I | --id ID] [--format html|text]
 
 Errors are one readable line on stderr and exit code 2 (bad usage or input); `--debug` shows tracebacks.
@@ -11,6 +13,7 @@ Errors are one readable line on stderr and exit code 2 (bad usage or input); `--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -44,11 +47,25 @@ def _positive_int(text: str) -> int:
     return v
 
 
-def _layers(text: str) -> list[int]:
+def layers_arg(text: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        out = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers, got {text!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError("--layers is empty; give decoder layer indices such as 5,11,17,23, "
+                                         "or leave the flag out for the default (~L/4, L/2, 3L/4, last)")
+    return out
+
+
+def nonnegative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
+    return v
 
 
 def _logprobs(text: str) -> int | str:
@@ -63,32 +80,127 @@ def _logprobs(text: str) -> int | str:
     return v
 
 
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= v < 2**32:
+        raise argparse.ArgumentTypeError(f"the seed must be in 0..{2**32 - 1} (a 32-bit unsigned integer), got {v}")
+    return v
+
+
+def _temperature(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (v > 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite temperature > 0, got {text!r} (for greedy decoding "
+                                         "drop --sample and --temperature)")
+    return v
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return v
+
+
+def _cue_text(text: str) -> str:
+    """Exit-cue text from a shell: the two-character escapes \\n and \\t mean newline and tab (other
+    backslashes, as in \\boxed, stay as they are)."""
+    if not text:
+        raise argparse.ArgumentTypeError("the exit cue is empty")
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+DEVICE_HELP = "cpu | cuda | cuda:N | auto (default: the GPUs with accelerate's device_map='auto', else the CPU)"
+DTYPE_HELP = "auto | bfloat16 | float16 | float32 (default auto: the config's bf16/fp16 on a GPU, float32 on a CPU)"
+
+
+def add_model_args(a: argparse.ArgumentParser) -> None:
+    """--model, --device, --dtype, --reasoning-format: every command that loads a model has them."""
+    from monitor.formats import FORMATS
+    from monitor.models import DTYPES
+
+    a.add_argument("--model", required=True,
+                   help="smollm2 | qwen-coder-0.5b | tiny-random | path.gguf | model directory | Hugging Face id")
+    a.add_argument("--device", default="auto", help=DEVICE_HELP)
+    a.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
+    a.add_argument("--reasoning-format", default="auto", choices=["auto", *FORMATS],
+                   help="how the model writes its reasoning (default: recognised from its chat template)")
+
+
+def add_task_args(a: argparse.ArgumentParser, answer_max_default: int | None = None) -> None:
+    """What the model is asked and how its answer is forced and graded: run and collect have them."""
+    from monitor.answers import ANSWER_KINDS
+
+    a.add_argument("--system", help="system message added to every prompt")
+    a.add_argument("--exit-cue", type=_cue_text,
+                   help="text forced when the monitor halts (\\n = newline; default: the reasoning format's cue for "
+                        "the answer kind, e.g. '\\n</think>\\n\\n**Final Answer**: \\boxed{')")
+    a.add_argument("--answer-kind", choices=list(ANSWER_KINDS), default=None,
+                   help="number | math | choice | code | text (default: from the data file's name or each row's "
+                        "answer_kind, else auto). code and text answers are free: the exit cue only closes the "
+                        "reasoning")
+    a.add_argument("--answer-max-tokens", type=_positive_int, default=answer_max_default,
+                   help="answer tokens allowed after the exit cue (default: 48 for boxed answers, 256 for code/text)")
+
+
+def add_vllm_engine_args(a: argparse.ArgumentParser) -> None:
+    """vLLM engine options, passed through to `vllm.LLM` (the names are vLLM's own)."""
+    a.add_argument("--tensor-parallel-size", type=_positive_int, default=1, help="vLLM: GPUs to shard the model over")
+    a.add_argument("--gpu-memory-utilization", type=_fraction,
+                   help="vLLM: fraction of GPU memory the engine may use (default: vLLM's, 0.9)")
+    a.add_argument("--max-model-len", type=_positive_int,
+                   help="vLLM: context length (default: the model's, capped at 32768 on a GPU, 4096 on a CPU)")
+    a.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                   help="vLLM: eager mode without CUDA graphs (default: on with the hidden-state tap, which needs "
+                        "it; off with --no-hidden)")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("overthink")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="overthink", description="Monitor a reasoning LLM and stop it when "
                                 "more thinking will not change the answer.")
+    p.add_argument("--version", action="version", version=f"overthink {_version()}")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="monitored generation for one question or a JSONL batch")
-    r.add_argument("--model", required=True, help="smollm2 | qwen-coder-0.5b | tiny-random | path.gguf | dir | HF id")
+    add_model_args(r)
     src = r.add_mutually_exclusive_group(required=True)
     src.add_argument("--question", help="one question to answer")
-    src.add_argument("--data", help="JSONL file with id, question, answer (see shared/data/README.md)")
+    src.add_argument("--messages", metavar="FILE",
+                     help="one chat to answer: a JSON file with a list of {role, content} messages")
+    src.add_argument("--data", help="JSONL file with id, question (or messages), answer, optional answer_kind")
     r.add_argument("--limit", type=_positive_int, help="first N problems of --data")
     r.add_argument("--gold", help="gold answer for --question (to grade it)")
     r.add_argument("--policy", default="observe",
                    help="observe | deer[:CONF] | threshold:FAMILY.KEY>=VALUE (default: observe)")
     r.add_argument("--halt-after", type=_positive_int, help="halt after N reasoning tokens (fixed budget)")
     r.add_argument("--max-new-tokens", type=_positive_int, default=512, help="reasoning token cap (default 512)")
-    r.add_argument("--answer-max-tokens", type=_positive_int, default=48,
-                   help="answer tokens allowed after the exit cue (default 48)")
-    r.add_argument("--layers", type=_layers, help="decoder layers to hook, e.g. 3,6,9,11 (default ~L/4,L/2,3L/4,last)")
+    add_task_args(r)
+    r.add_argument("--layers", type=layers_arg, help="decoder layers to hook, e.g. 3,6,9,11 (default ~L/4,L/2,3L/4,last)")
     r.add_argument("--block-tokens", type=_positive_int, default=64, help="latent-trajectory block size")
     r.add_argument("--embedder", choices=["hidden", "minilm"], default="hidden", help="redundancy embedder")
     r.add_argument("--batch-size", type=_positive_int, default=4)
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=_seed, default=0, help="random seed, 0..2**32-1 (default 0)")
     r.add_argument("--sample", action="store_true", help="sample (default: greedy)")
-    r.add_argument("--temperature", type=float)
+    r.add_argument("--temperature", type=_temperature, help="sampling temperature > 0 (with --sample; default 1.0)")
     r.add_argument("--backend", choices=["hf", "vllm"], default="hf",
                    help="hf: transformers generate (default); vllm: vLLM engine (install the vllm extra)")
     r.add_argument("--logprobs", type=_logprobs, default=20,
@@ -97,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vLLM: no hidden-state taps (logprob signals only; no latent trajectory or probes on hidden)")
     r.add_argument("--force", choices=["auto", "processor", "resubmit"], default="auto",
                    help="vLLM: force the exit cue with the logits processor, or abort + resubmit (default auto)")
+    add_vllm_engine_args(r)
+    r.add_argument("--no-memory-check", action="store_true",
+                   help="skip the check that the batch's KV cache fits in free memory (HF backend)")
     r.add_argument("--trace", help="write traces to this JSON Lines file (atomically)")
     r.add_argument("--append", action="store_true", help="append to --trace instead of replacing it")
     r.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -104,20 +219,24 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
     o = bsub.add_parser("overhead", help="tokens/s of plain vs monitored generation")
-    o.add_argument("--model", required=True)
+    add_model_args(o)
     o.add_argument("--data", help="JSONL questions (default: built-in questions)")
     o.add_argument("--new-tokens", type=_positive_int, default=64)
     o.add_argument("--batch-size", type=_positive_int, default=1)
     o.add_argument("--repeats", type=_positive_int, default=3)
+    o.add_argument("--no-memory-check", action="store_true",
+                   help="skip the check that the batch's KV cache fits in free memory")
     o.add_argument("--json", action="store_true")
 
     v = bsub.add_parser("vllm", help="vLLM throughput: N concurrent requests, plain vs monitored")
-    v.add_argument("--model", required=True)
+    add_model_args(v)
     v.add_argument("--data", help="JSONL questions (default: built-in questions)")
     v.add_argument("--requests", type=_positive_int, default=16, help="concurrent requests (default 16)")
     v.add_argument("--new-tokens", type=_positive_int, default=128)
     v.add_argument("--repeats", type=_positive_int, default=2)
     v.add_argument("--logprobs", type=_positive_int, default=20, help="top-k logprobs for the monitor (default 20)")
+    v.add_argument("--tensor-parallel-size", type=_positive_int, default=1, help="vLLM: GPUs to shard the model over")
+    v.add_argument("--gpu-memory-utilization", type=_fraction, help="vLLM: fraction of GPU memory for the engine")
     v.add_argument("--json", action="store_true")
 
     d = sub.add_parser("diagnose", help="HTML report (or terminal summary) of one trace or a batch of traces")
@@ -128,56 +247,154 @@ def build_parser() -> argparse.ArgumentParser:
     pick.add_argument("--id", help="report only the trace with this id")
     d.add_argument("--format", choices=["html", "text"], default="html",
                    help="html: self-contained report file (default); text: print to the terminal")
+    sg = sub.add_parser("signals", help="list the signal families, their keys and what each means")
+    sg.add_argument("--json", action="store_true")
     from probes.cli import add_commands
 
     PROBE_HANDLERS.update(add_commands(sub, _positive_int))
     return p
 
 
-def _load(spec: str) -> Any:
+def load_from_args(args: argparse.Namespace, weights: bool = True) -> Any:
+    """Load --model on --device in --dtype with --reasoning-format (what every model command shares)."""
     from monitor.models import load_model
 
-    with err_console.status(f"loading model {spec} ..."):
-        return load_model(spec)
+    with err_console.status(f"loading model {args.model} ..."):
+        return load_model(args.model, device=args.device, dtype=args.dtype, weights=weights,
+                          reasoning_format=args.reasoning_format)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from monitor.answers import kind_for_dataset, load_problems
-    from monitor.report import batch_summary
-    from monitor.run import Progress as RunProgress
-    from monitor.run import RunConfig, run_problems
-    from monitor.trace import write_traces
+    from monitor.run import RunConfig
 
     if args.limit and not args.data:
         raise UsageError("--limit only applies to --data")
+    if args.temperature is not None and not args.sample:
+        raise UsageError("--temperature applies to sampling: add --sample (greedy decoding has no temperature)")
+    if args.gold is not None and not (args.question or args.messages):
+        raise UsageError("--gold grades --question or --messages; a --data file carries its own answers")
     cfg = RunConfig(policy=args.policy, halt_after=args.halt_after, max_new_tokens=args.max_new_tokens,
                     answer_max_tokens=args.answer_max_tokens, layers=args.layers, block_tokens=args.block_tokens,
                     embedder=args.embedder, batch_size=args.batch_size, seed=args.seed, do_sample=args.sample,
                     temperature=args.temperature, backend=args.backend, vllm_hidden=not args.no_hidden,
-                    vllm_logprobs=args.logprobs, vllm_force=args.force)
+                    vllm_logprobs=args.logprobs, vllm_force=args.force, system=args.system, exit_cue=args.exit_cue,
+                    device=args.device, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
+                    gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
+                    enforce_eager=args.enforce_eager)
+    problems = problems_from_args(args, cfg)
+    cfg.validate()
+    check_bounds_from_args(args, cfg.max_new_tokens, max(cfg.answer_budget(k) for k in _kinds(cfg, problems)),
+                           min(cfg.batch_size, len(problems)), memory=args.backend != "vllm")
+    if not args.trace:
+        return _run_and_print(args, load_from_args(args, weights=args.backend != "vllm"), cfg, problems, None)
+    from monitor.io import LineSink, check_output
+    from monitor.run import is_bundle_spec
+    from monitor.trace import check_trace_file
+
+    check_output(args.trace, "--trace", inputs={"--data": args.data, "--messages": args.messages,
+                                                "--policy": args.policy if is_bundle_spec(args.policy) else None})
+    sink = LineSink(args.trace, append=args.append, flag="--trace", validate=check_trace_file)
+    sink.open()  # before the model loads: a locked, unwritable or broken --trace fails in a second, not an hour
+    try:
+        lm = load_from_args(args, weights=args.backend != "vllm")
+        return _run_and_print(args, lm, cfg, problems, sink)
+    except KeyboardInterrupt:
+        sink.close()
+        err_console.print(f"interrupted: {args.trace} holds the {sink.count} trace(s) finished before the interrupt"
+                          + (" (appended)" if args.append else ""), soft_wrap=True, markup=False, highlight=False)
+        return 130
+    finally:
+        sink.close()
+
+
+def _kinds(cfg: Any, problems: list[dict[str, Any]]) -> set[str]:
+    from monitor.answers import normalize_kind
+
+    return {normalize_kind(p.get("answer_kind") or cfg.answer_kind) for p in problems}
+
+
+def check_bounds_from_args(args: argparse.Namespace, new_tokens: int, answer_tokens: int, batch_size: int,
+                           memory: bool = True) -> None:
+    """Before the model loads: the token budget against the model's context, and the batch's KV cache against
+    the free memory (unless --no-memory-check)."""
+    from monitor.bounds import (
+        EXIT_CUE_ALLOWANCE,
+        PROMPT_ALLOWANCE,
+        check_budget,
+        check_memory,
+        dtype_bytes,
+        peek_limits,
+    )
+    from monitor.models import resolve_device
+
+    limits = peek_limits(args.model)
+    check_budget(limits, new_tokens, answer_tokens)
+    if memory and not getattr(args, "no_memory_check", False):
+        dev = resolve_device(args.device)
+        check_memory(limits, batch_size, PROMPT_ALLOWANCE + new_tokens + EXIT_CUE_ALLOWANCE + answer_tokens, dev,
+                     dtype_bytes(args.dtype, dev))
+
+
+def problems_from_args(args: argparse.Namespace, cfg: Any) -> list[dict[str, Any]]:
+    """The problems of --data, --question or --messages; sets cfg.answer_kind from --answer-kind or the data."""
+    from monitor.answers import kind_for_dataset, load_problems
+
     if args.data:
         problems = load_problems(args.data, limit=args.limit)
         if not problems:
             raise UsageError(f"{args.data} has no problems")
-        cfg.answer_kind = kind_for_dataset(args.data)
-    else:
-        if not args.question.strip():
-            raise UsageError("--question is empty")
-        problems = [{"id": "q0", "question": args.question, **({"answer": args.gold} if args.gold else {})}]
-    cfg.validate()
-    if args.trace:
-        _check_writable(args.trace)
-    lm = _load(args.model)
+        cfg.answer_kind = args.answer_kind or kind_for_dataset(args.data)
+        return problems
+    cfg.answer_kind = args.answer_kind or "auto"
+    gold = {"answer": args.gold} if args.gold is not None else {}
+    if getattr(args, "messages", None):
+        return [{"id": "q0", "messages": _read_messages(args.messages), **gold}]
+    if not args.question.strip():
+        raise UsageError("--question is empty")
+    return [{"id": "q0", "question": args.question, **gold}]
+
+
+def _read_messages(path: str) -> list[dict[str, str]]:
+    from monitor.formats import validate_messages
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"--messages {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--messages {path} cannot be read: {e}") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--messages {path} is not JSON ({e.msg} at line {e.lineno}); expected a list of "
+                         '{"role": "user", "content": "..."} objects') from None
+    if isinstance(data, dict) and "messages" in data:
+        data = data["messages"]
+    try:
+        return validate_messages(data, where=f"--messages {path}")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _run_and_print(args: argparse.Namespace, lm: Any, cfg: Any, problems: list[dict[str, Any]], sink: Any) -> int:
+    from monitor.report import batch_summary
+    from monitor.run import Progress as RunProgress
+    from monitor.run import run_problems
+    from monitor.trace import trace_line
+
+    def write(ts: list[Any]) -> None:
+        if sink is not None:
+            sink.write_lines([trace_line(t) for t in ts])
 
     if len(problems) > 1 and not args.json:
         with Progress(TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err_console) as bar:
             task = bar.add_task("run", total=len(problems))
-            traces = run_problems(lm, problems, cfg, RunProgress(on_batch=lambda n: bar.advance(task, n)))
+            traces = run_problems(lm, problems, cfg, RunProgress(on_batch=lambda n: bar.advance(task, n),
+                                                                 on_traces=write))
     else:
-        traces = run_problems(lm, problems, cfg)
-    if args.trace:
-        write_traces(args.trace, traces, append=args.append)
+        traces = run_problems(lm, problems, cfg, RunProgress(on_traces=write))
+    if sink is not None:
+        sink.close()
 
     summary = batch_summary(traces)
     if args.json:
@@ -193,14 +410,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.trace:
         console.print(f"trace written to [bold]{args.trace}[/bold]")
     return 0
-
-
-def _check_writable(path: str) -> None:
-    parent = os.path.dirname(os.path.abspath(path)) or "."
-    if os.path.isdir(path):
-        raise UsageError(f"--trace {path} is a directory; give a file name such as {path.rstrip('/')}/trace.jsonl")
-    if os.path.exists(parent) and not os.access(parent, os.W_OK):
-        raise UsageError(f"cannot write --trace {path}: directory {parent} is not writable")
 
 
 def _brief(t: Any) -> dict[str, Any]:
@@ -247,7 +456,9 @@ def _print_summary(s: dict[str, Any]) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from monitor.bench import bench_overhead
 
-    lm = _load(args.model)
+    check_bounds_from_args(args, args.new_tokens, 48, getattr(args, "batch_size", None) or args.requests,
+                           memory=args.bench == "overhead")
+    lm = load_from_args(args)
     if args.bench == "vllm":
         return _bench_vllm(args, lm)
     with err_console.status("benchmarking plain vs monitored generation ..."):
@@ -273,8 +484,11 @@ def _bench_vllm(args: argparse.Namespace, lm: Any) -> int:
 
     require_vllm()
     with err_console.status("benchmarking plain vs monitored vLLM ..."):
+        extra = {"tensor_parallel_size": args.tensor_parallel_size}
+        if args.gpu_memory_utilization is not None:
+            extra["gpu_memory_utilization"] = args.gpu_memory_utilization
         res = bench_vllm(lm, requests=args.requests, new_tokens=args.new_tokens, repeats=args.repeats,
-                         logprobs=args.logprobs, data_path=args.data)
+                         logprobs=args.logprobs, data_path=args.data, dtype=args.dtype, **extra)
     if args.json:
         print(json.dumps(asdict(res), indent=2))
         return 0
@@ -289,6 +503,18 @@ def _bench_vllm(args: argparse.Namespace, lm: Any) -> int:
     table.add_row(f"monitored, 4 families + hidden tap (layers {res.layers})",
                   f"{res.hidden_monitored_tokens_per_s:.2f}", f"{res.hidden_ratio:.4f}")
     console.print(table)
+    return 0
+
+
+def cmd_signals(args: argparse.Namespace) -> int:
+    from monitor.signals.catalog import family_inputs, format_catalog, signal_catalog
+
+    if args.json:
+        inputs = family_inputs()
+        print(json.dumps({fam: {"keys": keys, "needs": inputs.get(fam, {})} for fam, keys in signal_catalog().items()},
+                         indent=2))
+        return 0
+    print(format_catalog())
     return 0
 
 
@@ -307,16 +533,36 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: results written so far are kept and counted."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # during start-up or argument parsing: no traceback
+        err_console.print("interrupted")
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
+    import signal
+
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TQDM_DISABLE", "1")  # GGUF de-quantisation bars; rich shows our own progress
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM logs INFO, and to stdout, which --json owns:
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # its log lines go to stderr instead
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    with contextlib.suppress(ValueError):  # not in the main thread (an embedding app): leave SIGTERM alone
+        signal.signal(signal.SIGTERM, _on_sigterm)
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 with a usage line on bad flags
-    handlers = {"run": cmd_run, "bench": cmd_bench, "diagnose": cmd_diagnose, **PROBE_HANDLERS}
+    handlers = {"run": cmd_run, "bench": cmd_bench, "diagnose": cmd_diagnose, "signals": cmd_signals,
+                **PROBE_HANDLERS}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

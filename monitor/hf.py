@@ -36,7 +36,7 @@ from transformers import (
 from monitor.decision import TRIAL, DeerPolicy, TrialOutcome
 from monitor.detokenize import IncrementalDetokenizer
 from monitor.events import TokenStep
-from monitor.models import decoder_layers
+from monitor.models import decoder_layers, model_device
 from monitor.monitor import Monitor
 
 log = logging.getLogger("overthink.hf")
@@ -192,6 +192,7 @@ class HFMonitoredGenerator:
         if answer_max_tokens < 1:
             raise ValueError(f"answer_max_tokens must be >= 1, got {answer_max_tokens}")
         self.model, self.tokenizer = model, tokenizer
+        self.device = model_device(model)  # where inputs go (the first shard of a model split over devices)
         self.monitor_factory = monitor_factory
         self.taps = HFTaps(model, layers)
         self.layers = self.taps.layers
@@ -273,7 +274,7 @@ class HFMonitoredGenerator:
                 for layer in cache.layers
             ])
             past = sub.get_seq_length()
-            inp = torch.tensor([ids], device=self.model.device)
+            inp = torch.tensor([ids], device=self.device)
             probs: list[float] = []
             out_ids: list[int] = []
             depth, n_gen = _brace_delta(prompt), 0
@@ -328,7 +329,7 @@ class HFMonitoredGenerator:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         tok = prepare_tokenizer(self.tokenizer)
         enc = tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(self.model.device) for k, v in enc.items()}
+        enc = {k: v.to(self.device) for k, v in enc.items()}
         mask = enc["attention_mask"]
         rows = []
         for b in range(len(prompts)):

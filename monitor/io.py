@@ -17,7 +17,8 @@ import stat
 from collections.abc import Iterator
 from typing import IO, Any
 
-__all__ = ["atomic_writer", "atomic_write_text", "atomic_write_bytes"]
+__all__ = ["atomic_writer", "atomic_write_text", "atomic_write_bytes", "check_output", "LineSink", "OutputError",
+           "same_file"]
 
 
 @contextlib.contextmanager
@@ -95,3 +96,179 @@ def _fsync_dir(directory: str) -> None:
         pass
     finally:
         os.close(dfd)
+
+
+# --------------------------------------------------------------------------- one write discipline
+class OutputError(ValueError):
+    """An output path that cannot be used (it is an input, a directory, not writable, or locked): the user's
+    to fix, so it is a ValueError (exit code 2 in the CLI)."""
+
+
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether two paths name the same file (after symlinks; hard links too when both exist)."""
+    ra, rb = os.path.realpath(os.fspath(a)), os.path.realpath(os.fspath(b))
+    if ra == rb:
+        return True
+    try:
+        return os.path.samefile(ra, rb)
+    except OSError:
+        return False
+
+
+def check_output(path: str | os.PathLike[str], flag: str, inputs: dict[str, Any] | None = None,
+                 is_dir: bool = False) -> None:
+    """Check an output location before any expensive work: it is not one of the command's inputs (a file,
+    or a file inside an input directory, by `inputs` = {flag: path or [paths]}), not a directory (unless
+    `is_dir`), and its directory exists or can be created and is writable. Raises OutputError naming the flag."""
+    name = os.fspath(path)
+    for in_flag, value in (inputs or {}).items():
+        for p in ([value] if isinstance(value, (str, os.PathLike)) else list(value or [])):
+            if p is None:
+                continue
+            if same_file(name, p):
+                raise OutputError(f"{flag} {name} is the same file as {in_flag} {os.fspath(p)}: writing it would "
+                                  f"destroy the input; choose another {flag}")
+            if os.path.isdir(p) and os.path.realpath(os.path.dirname(os.path.realpath(name))) == os.path.realpath(p) \
+                    and not is_dir:
+                raise OutputError(f"{flag} {name} is inside the input directory {in_flag} {os.fspath(p)}: it could "
+                                  f"overwrite that data; choose a path outside it")
+    if not is_dir and os.path.isdir(name):
+        raise OutputError(f"{flag} {name} is a directory; give a file name such as "
+                          f"{os.path.join(name.rstrip('/'), 'out')}")
+    if is_dir and os.path.exists(name) and not os.path.isdir(name):
+        raise OutputError(f"{flag} {name} exists and is not a directory")
+    parent = name if is_dir and os.path.isdir(name) else (os.path.dirname(os.path.abspath(name)) or ".")
+    probe = parent
+    while not os.path.exists(probe):  # the first existing ancestor decides whether we can create the rest
+        up = os.path.dirname(probe)
+        if up == probe:
+            break
+        probe = up
+    if not os.path.isdir(probe):
+        raise OutputError(f"cannot write {flag} {name}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {flag} {name}: directory {probe} is not writable")
+
+
+class LineSink:
+    """JSON Lines results appended as they finish: whole lines, flushed, under an exclusive lock.
+
+    - A fresh file (append=False) is written to `<name>.tmp-<random>` as results come and renamed over `path` by
+      `close()` (also on Ctrl-C or SIGTERM, with what it holds): the previous file stays intact until then, and a
+      hard kill leaves the results so far in the temporary file.
+    - append=True checks the existing file first with `validate(path)` (it must be whole lines of valid records),
+      then appends to it directly, one flushed line at a time.
+    - A second process writing the same path is refused at once (a `filelock` lock, see `lock_path`).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "r.jsonl"
+        >>> with LineSink(p) as sink:
+        ...     sink.write_lines(['{"a": 1}'])
+        >>> p.read_text()
+        '{"a": 1}\\n'
+    """
+
+    def __init__(self, path: str | os.PathLike[str], append: bool = False, flag: str = "--out",
+                 validate: Any = None) -> None:
+        self.path = os.fspath(path)
+        self.append, self.flag, self.validate = append, flag, validate
+        self.count = 0
+        self._lock: Any = None
+        self._f: IO[bytes] | None = None
+        self._tmp: str | None = None
+
+    def __enter__(self) -> LineSink:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def open(self) -> None:
+        from filelock import FileLock, Timeout
+
+        check_output(self.path, self.flag)
+        target = os.path.realpath(self.path)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        self._lock = FileLock(lock_path(target), timeout=0)
+        try:
+            self._lock.acquire()
+        except Timeout:
+            self._lock = None
+            raise OutputError(f"{self.flag} {self.path} is being written by another process; wait for it to "
+                              "finish, or write to another file") from None
+        try:
+            if self.append and os.path.exists(target) and os.path.getsize(target) > 0:
+                _check_whole_lines(target, self.flag)
+                if self.validate is not None:
+                    self.validate(target)
+                self._f = open(target, "ab")
+            else:
+                parent, name = os.path.split(target)
+                self._tmp = os.path.join(parent, f"{name}.tmp-{secrets.token_hex(4)}")
+                self._f = open(self._tmp, "xb")
+                with contextlib.suppress(FileNotFoundError):
+                    os.chmod(self._tmp, stat.S_IMODE(os.stat(target).st_mode))
+        except BaseException:
+            self._release()
+            raise
+
+    def write_lines(self, lines: Iterator[str] | list[str]) -> None:
+        """Append whole lines (each a JSON record without its newline) and flush them to the disk."""
+        if self._f is None:
+            raise RuntimeError("LineSink is not open")
+        data = b"".join(line.encode("utf-8") + b"\n" for line in lines)
+        n = data.count(b"\n")
+        self._f.write(data)
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self.count += n
+
+    def close(self) -> None:
+        """Finish: a fresh file replaces `path` (even when interrupted, with the lines it holds)."""
+        f, self._f = self._f, None
+        try:
+            if f is not None:
+                f.close()
+                if self._tmp is not None:
+                    os.replace(self._tmp, os.path.realpath(self.path))
+                    self._tmp = None
+                    _fsync_dir(os.path.dirname(os.path.realpath(self.path)))
+        finally:
+            if self._tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self._tmp)
+            self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            with contextlib.suppress(Exception):
+                self._lock.release()
+            self._lock = None
+
+
+def lock_path(target: str) -> str:
+    """The lock file guarding writes to `target`: one per real path, in Overthink's cache (never deleted, so two
+    processes can never hold locks on two different lock files for the same target)."""
+    import hashlib
+
+    root = os.environ.get("OVERTHINK_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "overthink")
+    d = os.path.join(root, "locks")
+    os.makedirs(d, exist_ok=True)
+    return os.path.join(d, hashlib.sha256(os.path.realpath(target).encode()).hexdigest()[:24] + ".lock")
+
+
+def _check_whole_lines(path: str, flag: str) -> None:
+    """An existing file to append to must be UTF-8 text ending in a newline (no truncated or binary tail)."""
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - 1))
+        last = f.read(1)
+        f.seek(0)
+        head = f.read(1 << 16)
+    if b"\0" in head:
+        raise OutputError(f"cannot append to {flag} {path}: it is a binary file, not JSON Lines")
+    if last != b"\n":
+        raise OutputError(f"cannot append to {flag} {path}: its last line is truncated (an interrupted writer?); "
+                          "delete that line or write a new file")

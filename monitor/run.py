@@ -14,9 +14,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from monitor.answers import check_answer, extract_answer
+from monitor.answers import check_answer, extract_answer, normalize_kind
 from monitor.cues import DEFAULT_CUE_WORDS, CueDetector
 from monitor.decision import parse_policy
+from monitor.formats import FREE_KINDS
 from monitor.models import LoadedModel, decoder_layers, default_layers
 from monitor.monitor import Monitor
 from monitor.signals import JSDInstability, LatentTrajectory, PathDeviation, Redundancy
@@ -30,7 +31,7 @@ class RunConfig:
     policy: str = "observe"
     halt_after: int | None = None
     max_new_tokens: int = 512
-    answer_max_tokens: int = 48
+    answer_max_tokens: int | None = None  # None: 48 for boxed answers, 256 for code/text (free answers)
     layers: list[int] | None = None  # decoder layers to hook; None = LYNX default (~L/4, L/2, 3L/4, last)
     block_tokens: int = 64  # latent-trajectory block size (paper: 500; short traces need smaller)
     embedder: str = "hidden"  # redundancy embedder: "hidden" (monitored model) or "minilm"
@@ -40,22 +41,45 @@ class RunConfig:
     seed: int = 0
     do_sample: bool = False
     temperature: float | None = None
-    answer_kind: str = "auto"
+    answer_kind: str = "auto"  # number | math | choice | code | text | auto; a problem's own answer_kind wins
+    system: str | None = None  # system message added to every prompt
+    exit_cue: str | None = None  # text forced at a halt; None: the reasoning format's cue for the answer kind
+    device: str = "auto"  # where the model was loaded (load_model); recorded in the trace
+    dtype: str = "auto"  # weights' dtype (load_model; vLLM's --dtype)
     signals: bool = True  # False: no signals at all (policy and cues only)
     backend: str = "hf"  # "hf" (transformers) | "vllm"
     vllm_hidden: bool = True  # vLLM: tap hidden states (latent trajectory, hidden redundancy, probes)
     vllm_logprobs: int | str = 20  # vLLM: top-k log-probabilities per token, or "full"
     vllm_force: str = "auto"  # vLLM: how a halt forces the exit cue: auto | processor | resubmit
+    tensor_parallel_size: int = 1  # vLLM: GPUs to shard the model over
+    gpu_memory_utilization: float | None = None  # vLLM: fraction of GPU memory for the engine (vLLM's default)
+    max_model_len: int | None = None  # vLLM: context length (default: the model's, capped at 32768; 4096 on CPU)
+    enforce_eager: bool | None = None  # vLLM: None = eager only when the hidden-state tap needs it
 
     def validate(self) -> None:
-        for name in ("max_new_tokens", "answer_max_tokens", "block_tokens", "batch_size", "min_step_tokens"):
+        for name in ("max_new_tokens", "block_tokens", "batch_size", "min_step_tokens", "tensor_parallel_size"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        for name in ("answer_max_tokens", "max_model_len"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
         if self.embedder not in ("hidden", "minilm"):
             raise ValueError(f"--embedder must be 'hidden' or 'minilm', got {self.embedder!r}")
+        self.answer_kind = normalize_kind(self.answer_kind)
+        if self.exit_cue is not None and not self.exit_cue:
+            raise ValueError("--exit-cue is empty; give the text to force at a halt, e.g. '\\n</think>\\n\\n'")
+        t = self.temperature
+        if t is not None and not (isinstance(t, (int, float)) and 0 < t < float("inf")):
+            raise ValueError(f"temperature must be a finite number > 0, got {t!r} (greedy decoding: do_sample=False)")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an integer in 0..{2**32 - 1}, got {self.seed!r}")
+        u = self.gpu_memory_utilization
+        if u is not None and not (isinstance(u, (int, float)) and 0.0 < u <= 1.0):
+            raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {u!r}")
         if not is_bundle_spec(self.policy):
-            parse_policy(self.policy, self.halt_after)  # raises a readable ValueError on a bad spec
+            parse_policy(self.policy, self.halt_after, known_keys=self.signal_keys())  # readable ValueError
         if self.backend not in ("hf", "vllm"):
             raise ValueError(f"--backend must be 'hf' or 'vllm', got {self.backend!r}")
         if self.backend == "vllm":
@@ -67,6 +91,25 @@ class RunConfig:
             lp = self.vllm_logprobs
             if lp != "full" and (not isinstance(lp, int) or lp < 1):
                 raise ValueError(f"--logprobs must be a positive integer or 'full', got {lp!r}")
+            if self.vllm_hidden and self.enforce_eager is False:
+                raise ValueError("the hidden-state tap needs eager mode (forward hooks do not run inside CUDA "
+                                 "graphs): drop --no-enforce-eager, or add --no-hidden for logprob signals only")
+
+    def signal_keys(self) -> list[str] | None:
+        """The "family.key" names the run's signals emit (what a threshold policy may name)."""
+        from monitor.signals.catalog import known_signal_keys
+
+        return known_signal_keys() if self.signals else []
+
+    def answer_budget(self, kind: str) -> int:
+        """Answer tokens allowed after the exit cue for an answer of `kind`."""
+        if self.answer_max_tokens is not None:
+            return self.answer_max_tokens
+        return FREE_ANSWER_TOKENS if kind in FREE_KINDS else BOXED_ANSWER_TOKENS
+
+
+BOXED_ANSWER_TOKENS = 48
+FREE_ANSWER_TOKENS = 256
 
 
 def default_signals(layers: Sequence[int], cfg: RunConfig) -> list[Any]:
@@ -137,7 +180,7 @@ def resolve_layers(lm: LoadedModel, layers: Sequence[int] | None) -> list[int]:
 def grade(result: Any, gold: Any, kind: str = "auto") -> tuple[str | None, bool | None]:
     """The final answer of a generated sequence (after reasoning, else anywhere) and its correctness
     (None without a gold answer)."""
-    answer = extract_answer(result.answer_text) or extract_answer(result.output_text)
+    answer = extract_answer(result.answer_text, kind) or extract_answer(result.output_text, kind)
     return answer, None if gold is None else check_answer(answer, str(gold), kind)
 
 
@@ -146,25 +189,70 @@ class Progress:
     """Callbacks the CLI uses to drive a progress bar; a library user may ignore them."""
 
     on_batch: Callable[[int], None] = field(default=lambda n: None)
+    on_traces: Callable[[list[Trace]], None] = field(default=lambda ts: None)  # each batch's traces, as they finish
+
+
+@dataclass(frozen=True)
+class Task:
+    """What one problem asks for: its answer kind, the exit cue forced at a halt and the answer budget."""
+
+    kind: str
+    exit_cue: str
+    answer_max_tokens: int
+
+
+def problem_task(lm: LoadedModel, cfg: RunConfig, problem: dict[str, Any] | None = None) -> Task:
+    """A problem's answer kind (its own `answer_kind`, else the run's), exit cue and answer budget."""
+    kind = normalize_kind((problem or {}).get("answer_kind") or cfg.answer_kind)
+    cue = cfg.exit_cue if cfg.exit_cue is not None else lm.family.exit_cue_for(kind)
+    return Task(kind, cue, cfg.answer_budget(kind))
+
+
+def build_prompt(lm: LoadedModel, cfg: RunConfig, problem: dict[str, Any]) -> str:
+    """The rendered prompt of one problem: its chat `messages` if it has them, else its question (with the
+    reasoning instruction its answer kind needs), and the run's system message."""
+    kind = problem_task(lm, cfg, problem).kind
+    return lm.family.build_prompt(lm.tokenizer, problem.get("question"), messages=problem.get("messages"),
+                                  system=cfg.system, kind=kind)
 
 
 def make_generator(lm: LoadedModel, cfg: RunConfig, layers: Sequence[int],
-                   factory: Callable[[], Monitor], llm: Any = None) -> Any:
+                   factory: Callable[[], Monitor], llm: Any = None, task: Task | None = None) -> Any:
     """The backend's monitored generator: HF transformers, or vLLM (an engine is built unless `llm` is given)."""
+    task = task or problem_task(lm, cfg)
     if cfg.backend == "vllm":
-        from monitor.vllm import VLLMMonitoredGenerator, export_for_vllm, make_llm
+        from monitor.vllm import VLLMMonitoredGenerator
 
         if llm is None:
-            lp = -1 if cfg.vllm_logprobs == "full" else max(20, int(cfg.vllm_logprobs))
-            llm = make_llm(export_for_vllm(lm), hidden=cfg.vllm_hidden, seed=cfg.seed, max_logprobs=lp,
-                           max_model_len=min(_max_positions(lm), 4096))
-        return VLLMMonitoredGenerator(llm, lm.tokenizer, factory, layers=layers, exit_cue=lm.family.exit_cue,
-                                      answer_max_tokens=cfg.answer_max_tokens, hidden=cfg.vllm_hidden,
+            llm = build_vllm_engine(lm, cfg)
+        return VLLMMonitoredGenerator(llm, lm.tokenizer, factory, layers=layers, exit_cue=task.exit_cue,
+                                      answer_max_tokens=task.answer_max_tokens, hidden=cfg.vllm_hidden,
                                       force=cfg.vllm_force, logprobs=cfg.vllm_logprobs)
     from monitor.hf import HFMonitoredGenerator
 
-    return HFMonitoredGenerator(lm.model, lm.tokenizer, factory, layers=layers, exit_cue=lm.family.exit_cue,
-                                answer_max_tokens=cfg.answer_max_tokens)
+    return HFMonitoredGenerator(lm.model, lm.tokenizer, factory, layers=layers, exit_cue=task.exit_cue,
+                                answer_max_tokens=task.answer_max_tokens)
+
+
+def build_vllm_engine(lm: LoadedModel, cfg: RunConfig) -> Any:
+    """An offline vLLM engine for `lm` with the run's engine options (tensor parallelism, memory, length, dtype)."""
+    from monitor.vllm import export_for_vllm, make_llm
+
+    lp = -1 if cfg.vllm_logprobs == "full" else max(20, int(cfg.vllm_logprobs))
+    extra: dict[str, Any] = {"tensor_parallel_size": cfg.tensor_parallel_size}
+    if cfg.gpu_memory_utilization is not None:
+        extra["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    if cfg.enforce_eager is not None:
+        extra["enforce_eager"] = cfg.enforce_eager
+    return make_llm(export_for_vllm(lm), hidden=cfg.vllm_hidden, seed=cfg.seed, max_logprobs=lp,
+                    max_model_len=cfg.max_model_len or _default_model_len(lm), dtype=cfg.dtype, **extra)
+
+
+def _default_model_len(lm: LoadedModel) -> int:
+    """The model's context, capped: 32768 on a GPU, 4096 on a CPU (vLLM's CPU KV cache is 1 GiB here)."""
+    import torch
+
+    return min(_max_positions(lm), 32768 if torch.cuda.is_available() else 4096)
 
 
 def _max_positions(lm: LoadedModel) -> int:
@@ -179,49 +267,102 @@ def run_problems(
     backend: str | None = None,
     llm: Any = None,
 ) -> list[Trace]:
-    """Monitored generation for `problems` ({"id", "question", optional "answer"}); one Trace each.
+    """Monitored generation for `problems` ({"id", "question" or "messages", optional "answer", "answer_kind"});
+    one Trace each.
 
     `backend` ("hf" or "vllm") overrides `cfg.backend`; under vLLM `llm` may be an engine built with
     `monitor.vllm.make_llm` (one is built and shut down here otherwise) and `cfg.batch_size` requests run
-    concurrently."""
+    concurrently. Problems of different answer kinds in one batch are generated in sub-batches, one per exit
+    cue."""
     cfg = cfg or RunConfig()
     if backend is not None:
         cfg.backend = backend
     cfg.validate()
     policy = load_probe_policy(cfg.policy, lm, cfg) if is_bundle_spec(cfg.policy) else None
     layers = resolve_layers(lm, cfg.layers)
-    fmt = lm.family
-    factory = monitor_factory(layers, cfg, fmt.think_end, (lambda: policy) if policy is not None else None)
-    gen = make_generator(lm, cfg, layers, factory, llm)
+    factory = monitor_factory(layers, cfg, lm.family.think_end, (lambda: policy) if policy is not None else None)
+    check_prompt_lengths(lm, cfg, problems)
+    gens: dict[Task, Any] = {}
+    engine = llm
     traces: list[Trace] = []
     try:
         for start in range(0, len(problems), cfg.batch_size):
             batch = problems[start:start + cfg.batch_size]
-            prompts = [fmt.build_prompt(lm.tokenizer, p["question"]) for p in batch]
-            t0 = time.perf_counter()
-            results = gen.generate(prompts, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
-                                   temperature=cfg.temperature, seed=cfg.seed + start)
-            wall = time.perf_counter() - t0
-            for p, r in zip(batch, results):
-                gold = p.get("answer")
-                answer, correct = grade(r, gold, cfg.answer_kind)
-                meta = {"seed": cfg.seed + start, "config": asdict(cfg), "layers": layers,
-                        "batch_wall_seconds": round(wall, 3), "batch_size": len(batch),
-                        "model_fingerprint": lm.fingerprint, "stop_reason": r.stop_reason}
-                if r.extra:
-                    meta[cfg.backend] = dict(r.extra)
-                traces.append(r.monitor.to_trace(
-                    trace_id=str(p.get("id", f"q{start}")), model=lm.name, backend=cfg.backend,
-                    question=p["question"], prompt=r.prompt, prompt_tokens=r.prompt_tokens,
-                    answer_text=r.answer_text, answer=answer, gold=None if gold is None else str(gold),
-                    correct=correct, reason=None if r.monitor.decision else r.stop_reason, meta=meta,
-                ))
+            groups: dict[Task, list[int]] = {}
+            for i, p in enumerate(batch):
+                groups.setdefault(problem_task(lm, cfg, p), []).append(i)
+            out: list[Trace | None] = [None] * len(batch)
+            for task, idx in groups.items():
+                if task not in gens:
+                    gens[task] = make_generator(lm, cfg, layers, factory, engine, task)
+                    engine = getattr(gens[task], "llm", engine)  # vLLM: one engine for every task
+                sub = [batch[i] for i in idx]
+                prompts = [build_prompt(lm, cfg, p) for p in sub]
+                t0 = time.perf_counter()
+                results = gens[task].generate(prompts, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
+                                              temperature=cfg.temperature, seed=cfg.seed + start)
+                wall = time.perf_counter() - t0
+                for i, p, r in zip(idx, sub, results):
+                    out[i] = _trace(lm, cfg, layers, task, p, r, start, wall, len(sub))
+            done = [t for t in out if t is not None]
+            traces.extend(done)
             if progress is not None:
+                progress.on_traces(done)
                 progress.on_batch(len(batch))
     finally:
-        gen.close()
-        if cfg.backend == "vllm" and llm is None:
+        for g in gens.values():
+            g.close()
+        if cfg.backend == "vllm" and llm is None and engine is not None:
             from monitor.vllm import shutdown_llm
 
-            shutdown_llm(gen.llm)
+            shutdown_llm(engine)
     return traces
+
+
+def _trace(lm: LoadedModel, cfg: RunConfig, layers: list[int], task: Task, p: dict[str, Any], r: Any, start: int,
+           wall: float, batch_size: int) -> Trace:
+    gold = p.get("answer")
+    answer, correct = grade(r, gold, task.kind)
+    meta = {"seed": cfg.seed + start, "config": asdict(cfg), "layers": layers, "sampling": sampling_used(cfg),
+            "batch_wall_seconds": round(wall, 3), "batch_size": batch_size,
+            "model_fingerprint": lm.fingerprint, "stop_reason": r.stop_reason,
+            "answer_kind": task.kind, "exit_cue": task.exit_cue, "answer_max_tokens": task.answer_max_tokens,
+            "reasoning_format": lm.family.name, "model_info": _model_info(lm)}
+    if p.get("messages"):
+        meta["messages"] = p["messages"]
+    if r.extra:
+        meta[cfg.backend] = dict(r.extra)
+    return r.monitor.to_trace(
+        trace_id=str(p.get("id", f"q{start}")), model=lm.name, backend=cfg.backend,
+        question=p.get("question") or "", prompt=r.prompt, prompt_tokens=r.prompt_tokens,
+        answer_text=r.answer_text, answer=answer, gold=None if gold is None else str(gold),
+        correct=correct, reason=None if r.monitor.decision else r.stop_reason, meta=meta,
+    )
+
+
+def check_prompt_lengths(lm: LoadedModel, cfg: RunConfig, problems: Sequence[dict[str, Any]]) -> None:
+    """Every prompt + the reasoning budget + exit cue + answer budget must fit the model's context; the error
+    names the first problem that does not."""
+    from monitor.bounds import check_budget, limits_of
+
+    limits = limits_of(lm.model)
+    if not limits.context:
+        return
+    for p in problems:
+        task = problem_task(lm, cfg, p)
+        n = len(lm.tokenizer.encode(build_prompt(lm, cfg, p), add_special_tokens=False))
+        try:
+            check_budget(limits, cfg.max_new_tokens, task.answer_max_tokens, prompt_tokens=n)
+        except ValueError as e:
+            raise ValueError(f"problem {p.get('id')!r}: {e}") from None
+
+
+def sampling_used(cfg: RunConfig) -> dict[str, Any]:
+    """What the backends really decode with (recorded in every trace): greedy, or sampling at a temperature."""
+    if not cfg.do_sample:
+        return {"do_sample": False, "temperature": None, "top_p": None}
+    return {"do_sample": True, "temperature": cfg.temperature if cfg.temperature is not None else 1.0, "top_p": 1.0}
+
+
+def _model_info(lm: LoadedModel) -> dict[str, Any]:
+    return {k: lm.info[k] for k in ("device", "dtype", "device_map") if k in lm.info}

@@ -400,12 +400,20 @@ def write_traces(path: str | os.PathLike[str], traces: Iterable[Trace], append: 
     with atomic_writer(name, "wb") as out:
         out.write(old)
         for t in traces:
-            if not isinstance(t, Trace):
-                raise TypeError(f"write_traces takes Trace records, got {type(t).__name__}; "
-                                "build one with Trace.from_dict(...)")
-            d = t.to_dict()
-            _validate(d)
-            line = json.dumps(d, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-            out.write(line.encode("utf-8") + b"\n")
+            out.write(trace_line(t).encode("utf-8") + b"\n")
             count += 1
     return count
+
+
+def trace_line(t: Trace) -> str:
+    """One trace as its validated JSON Lines record (without the newline)."""
+    if not isinstance(t, Trace):
+        raise TypeError(f"write_traces takes Trace records, got {type(t).__name__}; build one with Trace.from_dict(...)")
+    d = t.to_dict()
+    _validate(d)
+    return json.dumps(d, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def check_trace_file(path: str | os.PathLike[str]) -> int:
+    """Validate a whole trace file (for --append); returns its number of traces."""
+    return sum(1 for _ in iter_traces(path))

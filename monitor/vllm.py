@@ -76,9 +76,11 @@ def require_vllm() -> Any:
 def export_for_vllm(lm: Any, cache_dir: str | Path | None = None) -> Path:
     """A Hugging Face directory vLLM can load for a `LoadedModel` (GGUF and tiny models are written once,
     de-quantised as the HF backend sees them, under ~/.cache/overthink/vllm/<name>-<fingerprint>)."""
-    src = Path(str(lm.source))
+    src = Path(str(lm.info.get("path") or lm.source))
     if src.is_dir() and (src / "config.json").is_file():
-        return src
+        return src  # a local directory or hub snapshot: vLLM loads it as it is
+    if lm.model is None or _on_meta(lm.model):
+        raise ValueError(f"{lm.name} was loaded without weights and has no model directory vLLM could load")
     root = Path(cache_dir or os.environ.get("OVERTHINK_CACHE", Path.home() / ".cache" / "overthink")) / "vllm"
     out = root / f"{lm.name.replace('/', '_')}-{lm.fingerprint}"
     if (out / "config.json").is_file():
@@ -93,6 +95,11 @@ def export_for_vllm(lm: Any, cache_dir: str | Path | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _on_meta(model: Any) -> bool:
+    p = next(iter(model.parameters()), None)
+    return p is not None and p.device.type == "meta"
 
 
 def _save_plain(model: Any, out: Path) -> None:
@@ -123,6 +130,7 @@ def _engine_kwargs(model_dir: str | Path, hidden: bool, max_model_len: int, seed
     """Engine arguments shared by `make_llm` and `make_async_llm`: our processor and worker extension,
     prefix caching (cheap resubmits), eager mode when hidden states are tapped."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    dtype = resolve_vllm_dtype(dtype)
     kwargs: dict[str, Any] = dict(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed,
                                   max_model_len=max_model_len, enable_prefix_caching=True,
                                   logits_processors=[PROCESSOR], worker_extension_cls=EXTENSION,
@@ -135,11 +143,28 @@ def _engine_kwargs(model_dir: str | Path, hidden: bool, max_model_len: int, seed
     return kwargs
 
 
+def resolve_vllm_dtype(dtype: str | None) -> str:
+    """vLLM's `dtype`: "auto" is vLLM's own rule on a GPU (the config's bf16/fp16; fp32 checkpoints run in fp16),
+    and float32 on a CPU-only machine, where it matches the HF backend's CPU default."""
+    d = str(dtype or "auto").lower()
+    if d not in ("auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32"):
+        raise ValueError(f"--dtype must be auto, bfloat16, float16 or float32; got {dtype!r}")
+    d = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(d, d)
+    if d == "auto":
+        import torch
+
+        return "auto" if torch.cuda.is_available() else "float32"
+    return d
+
+
 def make_llm(model_dir: str | Path, *, hidden: bool = True, max_model_len: int = 2048, seed: int = 0,
-             dtype: str = "float32", max_logprobs: int = 20, **llm_kwargs: Any) -> Any:
+             dtype: str = "auto", max_logprobs: int = 20, **llm_kwargs: Any) -> Any:
     """An offline `vllm.LLM` with Overthink's logits processor and worker extension registered.
 
-    `hidden=True` needs enforce_eager (forward hooks do not run inside compiled graphs); it is set here.
+    `hidden=True` needs enforce_eager (forward hooks do not run inside compiled graphs); it is set here, and
+    costs CUDA graphs on a GPU: pass hidden=False (logprob signals only) when no hidden state is needed.
+    `dtype="auto"`: see `resolve_vllm_dtype`. Other keyword arguments go to `vllm.LLM` unchanged
+    (tensor_parallel_size, gpu_memory_utilization, enforce_eager, ...).
     `max_logprobs=-1` allows full-vocabulary log-probabilities (`VLLMMonitoredGenerator(logprobs="full")`).
     """
     require_vllm()
@@ -149,7 +174,7 @@ def make_llm(model_dir: str | Path, *, hidden: bool = True, max_model_len: int =
 
 
 def make_async_llm(model_dir: str | Path, *, hidden: bool = True, max_model_len: int = 2048, seed: int = 0,
-                   dtype: str = "float32", max_logprobs: int = 20, **engine_kwargs: Any) -> Any:
+                   dtype: str = "auto", max_logprobs: int = 20, **engine_kwargs: Any) -> Any:
     """A `vllm.v1.engine.async_llm.AsyncLLM` (the engine behind vLLM's server) set up like `make_llm`."""
     require_vllm()
     from vllm.engine.arg_utils import AsyncEngineArgs

@@ -16,16 +16,20 @@ err_console = Console(stderr=True)
 
 
 def add_commands(sub: Any, positive_int: Callable[[str], int]) -> dict[str, Callable[[argparse.Namespace], int]]:
+    from monitor.cli import add_model_args, add_task_args, layers_arg, nonnegative_int
+
     c = sub.add_parser("collect", help="roll out problems and label every decision point by a forced exit")
-    c.add_argument("--model", required=True)
+    add_model_args(c)
     c.add_argument("--data", required=True, help="JSONL problems (id, question, answer)")
     c.add_argument("--limit", type=positive_int)
-    c.add_argument("--offset", type=int, default=0, help="skip the first N problems of --data")
+    c.add_argument("--offset", type=nonnegative_int, default=0, help="skip the first N problems of --data")
     c.add_argument("--out", required=True, help="output directory (resumable)")
     c.add_argument("--max-new-tokens", type=positive_int, default=384)
-    c.add_argument("--answer-max-tokens", type=positive_int, default=32)
+    add_task_args(c, answer_max_default=32)
     c.add_argument("--batch-size", type=positive_int, default=4)
-    c.add_argument("--layers", type=lambda t: [int(x) for x in t.split(",") if x.strip()])
+    c.add_argument("--layers", type=layers_arg, help="decoder layers to hook (default ~L/4, L/2, 3L/4, last)")
+    c.add_argument("--no-memory-check", action="store_true",
+                   help="skip the check that the batch's KV cache fits in free memory")
     c.add_argument("--json", action="store_true")
 
     t = sub.add_parser("train", help="train the probe (grouped CV report, then fit) into a bundle")
@@ -63,7 +67,7 @@ def add_commands(sub: Any, positive_int: Callable[[str], int]) -> dict[str, Call
 
 def cmd_collect(args: argparse.Namespace) -> int:
     from monitor.answers import kind_for_dataset, load_problems
-    from monitor.models import load_model
+    from monitor.cli import check_bounds_from_args, load_from_args
     from monitor.run import RunConfig
     from probes.collect import collect
 
@@ -73,15 +77,18 @@ def cmd_collect(args: argparse.Namespace) -> int:
         problems = problems[:args.limit]
     if not problems:
         raise ValueError(f"no problems selected from {args.data} (offset {args.offset}, limit {args.limit})")
+    kind = args.answer_kind or kind_for_dataset(args.data)
     cfg = RunConfig(max_new_tokens=args.max_new_tokens, answer_max_tokens=args.answer_max_tokens,
-                    batch_size=args.batch_size, layers=args.layers)
+                    batch_size=args.batch_size, layers=args.layers, answer_kind=kind, system=args.system,
+                    exit_cue=args.exit_cue, device=args.device, dtype=args.dtype)
     cfg.validate()
-    with err_console.status(f"loading model {args.model} ..."):
-        lm = load_model(args.model)
+    check_bounds_from_args(args, cfg.max_new_tokens, cfg.answer_budget(cfg.answer_kind), min(cfg.batch_size,
+                                                                                               len(problems)))
+    lm = load_from_args(args)
     with Progress(TextColumn("[bold]collecting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, disable=args.json) as bar:
         task = bar.add_task("collect", total=len(problems))
-        res = collect(lm, problems, args.out, cfg, kind=kind_for_dataset(args.data),
+        res = collect(lm, problems, args.out, cfg, kind=cfg.answer_kind,
                       on_batch=lambda n: bar.advance(task, n))
     out = {"out_dir": str(res.out_dir), "problems_done": res.problems_done, "problems_skipped": res.problems_skipped,
            "events": res.events, "positive_rate": res.positive_rate}

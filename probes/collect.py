@@ -1,4 +1,4 @@
-"""`overthink collect`: labelled decision points from real rollouts (the LYNX recipe, DESIGN.md "Probe").
+"""`overthink collect`: labelled decision points from real rollouts (the LYNX recipe, docs/calibration.md).
 
 Each problem is rolled out once with the monitor observing. At every decision point (cue word or step end)
 the backend forces an exit on a copy of the same KV cache: the model family's exit cue is appended and the
@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from monitor.answers import check_answer, extract_answer
+from monitor.answers import check_answer, extract_answer, normalize_kind
 from monitor.decision import CONTINUE, TRIAL, Decision, DecisionContext, TrialOutcome
 from monitor.io import atomic_write_bytes, atomic_write_text
 from monitor.models import LoadedModel
-from monitor.run import RunConfig, grade, monitor_factory, resolve_layers
+from monitor.run import RunConfig, build_prompt, grade, monitor_factory, problem_task, resolve_layers
 from probes.features import POINT_KINDS_FOR_PROBE, point_features, signal_feature_names
 
 MANIFEST = "manifest.json"
@@ -61,7 +61,7 @@ class ForcedExitLabeler:
     def decide_after_trial(self, ctx: DecisionContext, trial: TrialOutcome) -> Decision:
         hidden, signals = self._pending  # type: ignore[misc]
         self._pending = None
-        answer = extract_answer(self.trial_prompt + trial.text)
+        answer = extract_answer(self.trial_prompt + trial.text, self.kind)
         correct = None if self.gold is None else check_answer(answer, self.gold, self.kind)
         pt = ctx.point
         self.events.append({
@@ -108,8 +108,11 @@ def collect(lm: LoadedModel, problems: Sequence[dict[str, Any]], out_dir: str | 
     out.mkdir(parents=True, exist_ok=True)
     layers = resolve_layers(lm, cfg.layers)
     hidden_size = int(lm.model.config.hidden_size)
+    if kind != "auto" and cfg.answer_kind == "auto":
+        cfg.answer_kind = kind
+    task = problem_task(lm, cfg)  # one exit cue and answer budget for the whole collection
     config = {"model": lm.name, "model_fingerprint": lm.fingerprint, "layers": layers, "hidden_size": hidden_size,
-              "exit_cue": lm.family.exit_cue, "answer_max_tokens": cfg.answer_max_tokens,
+              "exit_cue": task.exit_cue, "answer_max_tokens": task.answer_max_tokens, "answer_kind": task.kind,
               "max_new_tokens": cfg.max_new_tokens, "signal_features": signal_feature_names(),
               "block_tokens": cfg.block_tokens, "min_step_tokens": cfg.min_step_tokens,
               "cue_words": list(cfg.cue_words), "embedder": cfg.embedder}
@@ -120,29 +123,32 @@ def collect(lm: LoadedModel, problems: Sequence[dict[str, Any]], out_dir: str | 
         raise ValueError(f"{out} holds data collected from another model or layer set "
                          f"({manifest['config'].get('model')}, layers {manifest['config'].get('layers')}); "
                          "use a new --out directory")
+    else:
+        _check_resume(out, manifest["config"], config)
     done = set(manifest["done"])
     todo = [p for p in problems if str(p["id"]) not in done]
     skipped = len(problems) - len(todo)
     labelers: list[ForcedExitLabeler] = []
-    golds = iter([])
+    golds: Any = iter([])
+    kinds: Any = iter([])
 
     def new_labeler() -> ForcedExitLabeler:  # one per sequence, in batch order
-        lab = ForcedExitLabeler(lm.family.exit_cue, cfg.answer_max_tokens, next(golds), kind, layers, hidden_size)
+        lab = ForcedExitLabeler(task.exit_cue, task.answer_max_tokens, next(golds), next(kinds), layers, hidden_size)
         labelers.append(lab)
         return lab
 
     gen = HFMonitoredGenerator(lm.model, lm.tokenizer, monitor_factory(layers, cfg, lm.family.think_end, new_labeler),
-                               layers=layers, exit_cue=lm.family.exit_cue,
-                               answer_max_tokens=cfg.answer_max_tokens)
+                               layers=layers, exit_cue=task.exit_cue, answer_max_tokens=task.answer_max_tokens)
     n_events = n_pos = 0
     try:
         for start in range(0, len(todo), cfg.batch_size):
             batch = todo[start:start + cfg.batch_size]
             labelers.clear()
             golds = iter([None if p.get("answer") is None else str(p["answer"]) for p in batch])
-            prompts = [lm.family.build_prompt(lm.tokenizer, p["question"]) for p in batch]
+            kinds = iter([normalize_kind(p.get("answer_kind") or task.kind) for p in batch])
+            prompts = [build_prompt(lm, cfg, p) for p in batch]
             results = gen.generate(prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-            shard = _write_shard(out, len(manifest["shards"]), batch, results, labelers, kind)
+            shard = _write_shard(out, len(manifest["shards"]), batch, results, labelers)
             manifest["shards"].append(shard["name"])
             manifest["done"].extend(str(p["id"]) for p in batch)
             atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
@@ -155,14 +161,26 @@ def collect(lm: LoadedModel, problems: Sequence[dict[str, Any]], out_dir: str | 
     return CollectResult(out, len(todo), skipped, n_events, (n_pos / n_events) if n_events else None)
 
 
+_RESUME_KEYS = ("exit_cue", "answer_max_tokens", "max_new_tokens", "block_tokens", "min_step_tokens", "cue_words",
+                "embedder", "answer_kind")
+
+
+def _check_resume(out: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Resuming must not mix settings: every setting that shapes a label or a feature has to match."""
+    diff = [f"{k} {old[k]!r} -> {new[k]!r}" for k in _RESUME_KEYS if k in old and old[k] != new[k]]
+    if diff:
+        raise ValueError(f"{out} was collected with other settings ({'; '.join(diff)}); resume with the same "
+                         "settings or use a new --out directory")
+
+
 def _write_shard(out: Path, k: int, batch: Sequence[dict[str, Any]], results: Sequence[Any],
-                 labelers: Sequence[ForcedExitLabeler], kind: str) -> dict[str, Any]:
+                 labelers: Sequence[ForcedExitLabeler]) -> dict[str, Any]:
     name = f"shard-{k:05d}"
     hidden, signals, label, trace_idx, conf = [], [], [], [], []
     lines = []
     for i, (p, r, lab) in enumerate(zip(batch, results, labelers)):
         gold = None if p.get("answer") is None else str(p["answer"])
-        full_answer, full_correct = grade(r, gold, kind)
+        full_answer, full_correct = grade(r, gold, lab.kind)
         events = []
         for e in lab.events:
             hidden.append(e["hidden"])

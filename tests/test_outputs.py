@@ -1,0 +1,147 @@
+"""One write discipline for every file a command produces: never over an input, checked before the work, results
+appended as they finish, one writer at a time, --append checked first, and Ctrl-C / SIGTERM keep what finished."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from monitor.cli import main
+from monitor.io import LineSink, OutputError, check_output
+from monitor.trace import read_traces
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _data(tmp_path: Path, n: int = 3) -> Path:
+    d = tmp_path / "d.jsonl"
+    d.write_text("".join(json.dumps({"id": f"p{i}", "question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
+                         for i in range(n)))
+    return d
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_trace_over_the_data_file_is_refused_and_the_data_kept(tmp_path, capsys):
+    data = _data(tmp_path)
+    before = data.read_bytes()
+    code, _, err = _run(capsys, "run", "--model", "tiny-random", "--data", str(data), "--trace", str(data))
+    assert code == 2 and "is the same file as --data" in err
+    assert data.read_bytes() == before
+
+
+def test_trace_over_the_data_file_through_a_symlink_is_refused(tmp_path, capsys):
+    data = _data(tmp_path)
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(data)
+    code, _, err = _run(capsys, "run", "--model", "tiny-random", "--data", str(data), "--trace", str(link))
+    assert code == 2 and "same file" in err
+
+
+def test_unwritable_trace_location_fails_before_the_model_loads(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    t0 = time.perf_counter()
+    code, _, err = _run(capsys, "run", "--model", "tiny-random", "--question", "q", "--trace",
+                        str(blocker / "sub" / "t.jsonl"))
+    assert code == 2 and "is a file, not a directory" in err
+    assert time.perf_counter() - t0 < 5
+
+
+def test_a_second_writer_of_the_same_trace_file_is_refused(tmp_path, capsys):
+    trace = tmp_path / "t.jsonl"
+    with LineSink(trace, flag="--trace"):
+        code, _, err = _run(capsys, "run", "--model", "tiny-random", "--question", "q", "--max-new-tokens", "3",
+                            "--trace", str(trace))
+    assert code == 2 and "being written by another process" in err
+
+
+@pytest.mark.parametrize("content,needle", [(b'{"schema": "overthink.trace/1", "id": "x"', "truncated"),
+                                            (b"\x00\x01\x02binary\n", "binary")])
+def test_append_onto_a_broken_file_is_refused_and_the_file_kept(tmp_path, capsys, content, needle):
+    trace = tmp_path / "t.jsonl"
+    trace.write_bytes(content)
+    code, _, err = _run(capsys, "run", "--model", "tiny-random", "--question", "q", "--max-new-tokens", "3",
+                        "--trace", str(trace), "--append")
+    assert code == 2 and needle in err
+    assert trace.read_bytes() == content
+
+
+def test_append_validates_the_existing_traces_then_adds(tmp_path, capsys):
+    trace = tmp_path / "t.jsonl"
+    argv = ["run", "--model", "tiny-random", "--question", "q", "--max-new-tokens", "3", "--answer-max-tokens", "2",
+            "--trace", str(trace)]
+    assert _run(capsys, *argv)[0] == 0
+    assert _run(capsys, *argv, "--append")[0] == 0
+    assert len(read_traces(trace)) == 2
+    trace.write_text('{"not": "a trace"}\n')
+    code, _, err = _run(capsys, *argv, "--append")
+    assert code == 2 and "line 1" in err
+
+
+def test_check_output_refuses_inputs_directories_and_accepts_new_paths(tmp_path):
+    f = tmp_path / "in.jsonl"
+    f.write_text("x\n")
+    with pytest.raises(OutputError, match="same file as --data"):
+        check_output(f, "--out", {"--data": f})
+    with pytest.raises(OutputError, match="is a directory"):
+        check_output(tmp_path, "--out")
+    with pytest.raises(OutputError, match="inside the input directory"):
+        check_output(tmp_path / "x.joblib", "--out", {"DATA_DIR": tmp_path})
+    check_output(tmp_path / "new" / "deeper" / "out.jsonl", "--out", {"--data": f})  # created on write
+
+
+def test_line_sink_keeps_the_old_file_until_close_and_counts(tmp_path):
+    p = tmp_path / "r.jsonl"
+    p.write_text("old\n")
+    sink = LineSink(p)
+    sink.open()
+    sink.write_lines(["a", "b"])
+    assert p.read_text() == "old\n"  # a reader still sees the previous complete file
+    sink.close()
+    assert p.read_text() == "a\nb\n" and sink.count == 2
+    assert not [x for x in os.listdir(tmp_path) if ".tmp-" in x]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_run_keeps_every_finished_trace(tmp_path, sig):
+    """A real `overthink run` process interrupted mid-batch: the trace file holds the finished traces (whole,
+    valid), and one line on stderr names the file and how many it holds."""
+    data = _data(tmp_path, n=200)
+    trace = tmp_path / "t.jsonl"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "monitor.cli", "run", "--model", "tiny-random", "--data", str(data),
+                             "--max-new-tokens", "6", "--answer-max-tokens", "2", "--batch-size", "1", "--trace",
+                             str(trace), "--json"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:  # wait until some traces are on disk (in the temporary file)
+            tmp = [x for x in os.listdir(tmp_path) if x.startswith("t.jsonl.tmp-")]
+            if tmp and (tmp_path / tmp[0]).read_bytes().count(b"\n") >= 3:
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended before it could be interrupted: {proc.stderr.read()}")
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    traces = read_traces(trace)
+    assert 3 <= len(traces) < 200
+    assert [t.id for t in traces] == [f"p{i}" for i in range(len(traces))]
+    assert f"{trace} holds the {len(traces)} trace(s)" in err and "Traceback" not in err
+    assert not [x for x in os.listdir(tmp_path) if ".tmp-" in x]
