@@ -1,18 +1,36 @@
 """The online monitor for one sequence: TokenStep in, Decision out, Trace at the end.
 
 Data flows one way (docs/README.md): a backend calls `observe(step)` for every reasoning token;
-the monitor updates each signal (fail-open: an exception inside a signal is logged, recorded in the
-trace, and that signal is switched off for the rest of the trace), feeds the token text to the
-`CueDetector`, and at every token asks the policy for a `Decision`. Tokens the backend writes after
-reasoning (the forced exit cue, the answer) are recorded with `record_token` and never reach signals.
-The monitor knows nothing about the backend that feeds it; backends keep one monitor per sequence.
+the monitor updates each signal, feeds the token text to the `CueDetector`, and at every token asks the
+policy for a `Decision`. Tokens the backend writes after reasoning (the forced exit cue, the answer) are
+recorded with `record_token` and never reach signals. The monitor knows nothing about the backend that
+feeds it; backends keep one monitor per sequence.
+
+Fail-open contract. A signal or the policy is a *component*; whatever a component does, generation goes on
+for every sequence and the trace stays writable (`monitor.trace.trace_line`). A component *fails* when
+- a call raises (`Signal.update`, `reset`, `flush`, `summary`; `Policy.decide`, `decide_after_trial`), or
+- it returns the wrong type: `update`/`flush` something other than a dict {str: number} (`flush` may also
+  return None or {} for "nothing"), `decide`/`decide_after_trial` something other than a `Decision` whose
+  action is continue / halt / trial, whose reason is a string and whose score/threshold are numbers or None,
+  `summary` something other than a dict that JSON can hold (after NaN/inf -> null, numpy -> Python).
+A failure is logged once (warning), recorded ONCE per component in `errors` as
+`{"signal", "position", "error", "stage", "count"}` (see `Monitor.errors`), and the component is switched
+off for the rest of the trace: it is never called again (a failed signal also loses its `values`, so no
+policy reads a stale one, and has no summary; a failed policy leaves the monitor observing only: every later
+decision is "continue", decision points are still recorded, and the trace's `decision.reason` says so).
+`reset()` starts a new trace and gives every component a fresh start.
+
+Non-finite values are not failures: a signal value that is NaN, +-inf or None means "undefined at this
+token": it is recorded as null in the series (JSON null) and the key is dropped from `values` (policies see
+it as missing, as before the signal first defined it). A non-number (a string, a list, ...) is a failure.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+import numbers
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from monitor.cues import CueDetector, DecisionPoint
@@ -33,10 +51,19 @@ from monitor.trace import Trace
 log = logging.getLogger("overthink.monitor")
 
 PHASES = ("reasoning", "forced", "answer")
+ACTIONS = (CONTINUE, HALT, TRIAL)
+STAGES = ("reset", "update", "flush", "summary", "decide", "decide_after_trial")  # the `stage` of an error
+_MAX_ERROR_CHARS = 500  # an error message longer than this is cut (an exception may print a whole array)
 
 
 class Monitor:
     """Watches one sequence. Reusable: `reset()` starts a new trace with the same configuration.
+
+    Fails open (see the module docstring): `errors` lists one record per failed component,
+    `{"signal": name ("policy:<name>" for the policy), "position": token index or None (reset/flush/summary),
+    "error": "ExceptionType: message", "stage": one of STAGES, "count": failures of this component}`;
+    a failed component is switched off for the rest of the trace, so `count` is 1 unless the same component
+    is reported again.
 
     Example:
         >>> import numpy as np
@@ -65,12 +92,12 @@ class Monitor:
 
     # ----------------------------------------------------------------- state
     def reset(self) -> None:
-        for s in self.signals:
-            s.reset()
-        self.cues.reset()
-        self._disabled: set[str] = set()
+        """Start a new trace: clear all state and errors, reset every signal (each gets a fresh start)."""
+        self._disabled: set[str] = set()  # signals switched off for this trace
+        self._policy_error: dict[str, Any] | None = None  # set once the policy failed: observe only from then on
         self.errors: list[dict[str, Any]] = []
-        self.values: dict[str, float] = {}  # latest value of each "family.key"
+        self._error_index: dict[str, int] = {}  # component -> its record in `errors`
+        self.values: dict[str, float] = {}  # latest finite value of each "family.key"
         self._series: dict[str, dict[str, list[float | None]]] = {s.name: {} for s in self.signals}
         self._tok_ids: list[int] = []
         self._tok_text: list[str] = []
@@ -83,6 +110,12 @@ class Monitor:
         self.halted_at: int | None = None
         self._prev_hidden: Any = None
         self._pending_ctx: DecisionContext | None = None
+        self.cues.reset()
+        for s in self.signals:
+            try:
+                s.reset()
+            except Exception as e:  # fail open: the signal is off for this trace, the others run
+                self._failed(s.name, "reset", None, e)
 
     @property
     def reasoning_ended(self) -> bool:
@@ -93,6 +126,11 @@ class Monitor:
     def n_tokens(self) -> int:
         return len(self._tok_ids)
 
+    @property
+    def policy_failed(self) -> bool:
+        """True once the policy failed in this trace (the monitor then only observes)."""
+        return self._policy_error is not None
+
     # ----------------------------------------------------------------- hot path
     def observe(self, step: TokenStep) -> Decision:
         """Feed one reasoning token. Returns the policy's decision (continue / halt / trial)."""
@@ -100,26 +138,31 @@ class Monitor:
         self._record(step.token_id, step.text, "reasoning", _safe_logprob(step))
         self.reasoning_tokens += 1
         t = self.reasoning_tokens - 1  # index into the per-token signal series
+        values = self.values
         for sig in self.signals:
-            if sig.name in self._disabled:
+            name = sig.name
+            if name in self._disabled:
                 continue
             try:
-                out = sig.update(step)
+                out = _checked_values(sig.update(step), "update()")
             except Exception as e:  # fail open: one broken signal must not stop generation
-                self._signal_failed(sig.name, pos, e)
+                self._failed(name, "update", pos, e)
                 continue
             if self.record_signals:
-                series = self._series[sig.name]
+                series = self._series[name]
                 for key, val in out.items():
                     lst = series.get(key)
                     if lst is None:
                         lst = series[key] = [None] * t
-                    lst.append(_clean(val))
+                    lst.append(val)
                 for lst in series.values():
                     if len(lst) < t + 1:
                         lst.append(None)
             for key, val in out.items():
-                self.values[f"{sig.name}.{key}"] = float(val)
+                if val is None:
+                    values.pop(f"{name}.{key}", None)
+                else:
+                    values[f"{name}.{key}"] = val
 
         points = self.cues.update(pos, step.text)
         hidden_now = step.hidden
@@ -139,11 +182,13 @@ class Monitor:
         return self._apply(decision)
 
     def _decide(self, ctx: DecisionContext) -> Decision:
-        try:
-            d = self.policy.decide(ctx)
-        except Exception as e:  # fail open: a broken policy means "continue"
-            self._signal_failed(f"policy:{getattr(self.policy, 'name', '?')}", ctx.position, e)
+        if self._policy_error is not None:  # switched off: behave like ObservePolicy
             return Decision(CONTINUE)
+        try:
+            d = _checked_decision(self.policy.decide(ctx), "decide()")
+        except Exception as e:  # fail open: a broken policy means "continue", from now on
+            self._failed(self._policy_key(), "decide", ctx.position, e)
+            return Decision(CONTINUE, self._policy_off_reason())
         if d.action == TRIAL:
             self._pending_ctx = ctx
         return d
@@ -159,17 +204,19 @@ class Monitor:
         self.probe_tokens += int(trial.n_tokens)
         confidence = trial.confidence
         ctx, self._pending_ctx = self._pending_ctx, None
+        if ctx is None or self._policy_error is not None:
+            return Decision(CONTINUE)
         decide_after = getattr(self.policy, "decide_after_trial", None)
-        if ctx is None or decide_after is None:
+        if decide_after is None:
             return Decision(CONTINUE)
         try:
-            d = decide_after(ctx, trial)
+            d = _checked_decision(decide_after(ctx, trial), "decide_after_trial()")
         except Exception as e:
-            self._signal_failed(f"policy:{self.policy.name}", ctx.position, e)
-            d = Decision(CONTINUE)
+            self._failed(self._policy_key(), "decide_after_trial", ctx.position, e)
+            d = Decision(CONTINUE, self._policy_off_reason())
         if self.points and self.points[-1]["index"] == (ctx.point.index if ctx.point else None):
             self.points[-1]["score"] = _clean(confidence)
-            self.points[-1]["threshold"] = d.threshold
+            self.points[-1]["threshold"] = _clean(d.threshold)
             self.points[-1]["action"] = d.action
         return self._apply(d)
 
@@ -195,14 +242,46 @@ class Monitor:
             "index": pt.index, "kind": pt.kind, "label": pt.label, "ordinal": pt.ordinal,
             "paragraph_start": pt.paragraph_start, "action": d.action,
             "score": _clean(d.score), "threshold": _clean(d.threshold),
-            "values": {k: _clean(v) for k, v in self.values.items()},
+            "values": dict(self.values),  # finite floats only (see observe)
         })
 
-    def _signal_failed(self, name: str, pos: int, e: Exception) -> None:
-        log.warning("signal %s failed at token %d and is switched off for this trace: %r", name, pos, e)
-        self.errors.append({"signal": name, "position": pos, "error": f"{type(e).__name__}: {e}"})
-        if not name.startswith("policy:"):
+    def _policy_name(self) -> str:
+        try:
+            name = getattr(self.policy, "name", None)
+        except Exception:
+            name = None
+        return name if isinstance(name, str) and name else type(self.policy).__name__
+
+    def _policy_key(self) -> str:
+        return f"policy:{self._policy_name()}"
+
+    def _policy_off_reason(self) -> str:
+        e = self._policy_error or {}
+        at = f" at token {e['position']}" if e.get("position") is not None else ""
+        return (f"policy {self._policy_name()!r} failed{at} in {e.get('stage', '?')}() ({e.get('error', '?')}) "
+                "and was switched off: the monitor only observed from then on")
+
+    def _failed(self, name: str, stage: str, pos: int | None, e: BaseException) -> None:
+        """Record a component failure (once per component, counted) and switch the component off."""
+        i = self._error_index.get(name)
+        if i is not None:
+            self.errors[i]["count"] += 1
+        else:
+            rec = {"signal": name, "position": pos, "error": _describe(e), "stage": stage, "count": 1}
+            self._error_index[name] = len(self.errors)
+            self.errors.append(rec)
+            where = f"at token {pos}" if pos is not None else "at the trace's end" if stage != "reset" else "on reset"
+            log.warning("%s %s failed %s in %s() and is switched off for this trace: %s",
+                        "policy" if name.startswith("policy:") else "signal", name, where, stage, rec["error"])
+        if name.startswith("policy:"):
+            if self._policy_error is None:
+                self._policy_error = self.errors[self._error_index[name]]
+            self._pending_ctx = None
+        else:
             self._disabled.add(name)
+            prefix = f"{name}."
+            for key in [k for k in self.values if k.startswith(prefix)]:
+                del self.values[key]  # no policy may read a value a switched-off signal left behind
 
     def finish(self) -> None:
         """Close open state at the end of generation (a cue word at the very end, an open step)."""
@@ -213,27 +292,41 @@ class Monitor:
             if flush is None or sig.name in self._disabled:
                 continue
             try:
-                out = flush()
+                raw = flush()
+                out = {} if raw is None else _checked_values(raw, "flush()")
             except Exception as e:
-                self._signal_failed(sig.name, self.n_tokens, e)
+                self._failed(sig.name, "flush", None, e)
                 continue
-            if out and self.record_signals and self.reasoning_tokens:
+            if not out:
+                continue
+            if self.record_signals and self.reasoning_tokens:
                 series = self._series[sig.name]
                 for key, val in out.items():
                     lst = series.setdefault(key, [None] * self.reasoning_tokens)
-                    lst[-1] = _clean(val)
-                    self.values[f"{sig.name}.{key}"] = float(val)
+                    lst[-1] = val
+            for key, val in out.items():
+                if val is None:
+                    self.values.pop(f"{sig.name}.{key}", None)
+                else:
+                    self.values[f"{sig.name}.{key}"] = val
 
     def summaries(self) -> dict[str, Any]:
+        """Each healthy signal's `summary()`, as plain JSON data (NaN/inf -> None, numpy -> Python).
+
+        A summary that raises or that JSON cannot hold is a failure (recorded, the signal switched off)
+        and is left out; a signal switched off earlier in the trace is not asked."""
         out: dict[str, Any] = {}
         for sig in self.signals:
             fn = getattr(sig, "summary", None)
-            if fn is None:
+            if fn is None or sig.name in self._disabled:
                 continue
             try:
-                out[sig.name] = fn()
+                s = fn()
+                if not isinstance(s, Mapping):
+                    raise TypeError(f"summary() returned {_tname(s)}, expected a dict")
+                out[sig.name] = _json_data(s, "summary()")
             except Exception as e:
-                self._signal_failed(sig.name, self.n_tokens, e)
+                self._failed(sig.name, "summary", None, e)
         return out
 
     def accounting(self, prompt_tokens: int) -> dict[str, int]:
@@ -250,10 +343,16 @@ class Monitor:
                  prompt_tokens: int = 0, answer_text: str = "", answer: str | None = None,
                  gold: str | None = None, correct: bool | None = None, reason: str | None = None,
                  meta: dict[str, Any] | None = None) -> Trace:
-        """Build the trace record. Call `finish()` first."""
+        """Build the trace record. Call `finish()` first.
+
+        When the policy failed, `decision.reason` ends with why and says that the monitor only observed from
+        then on."""
         d = self.decision
         if reason is None:
             reason = d.reason if d is not None else "model finished its reasoning"
+        if self._policy_error is not None:
+            reason = f"{reason}; {self._policy_off_reason()}" if reason else self._policy_off_reason()
+        summary = self.summaries()  # before the errors are copied: a failing summary() is one of them
         return Trace(
             id=trace_id, model=model, backend=backend, question=question, prompt=prompt,
             tokens={"ids": list(self._tok_ids), "text": list(self._tok_text),
@@ -261,11 +360,108 @@ class Monitor:
             signals={k: {kk: list(vv) for kk, vv in v.items()} for k, v in self._series.items()},
             decision_points=list(self.points),
             decision={"halted": d is not None, "at": self.halted_at, "reason": reason,
-                      "policy": getattr(self.policy, "name", type(self.policy).__name__)},
+                      "policy": self._policy_name()},
             answer=answer, answer_text=answer_text, gold=gold, correct=correct,
-            accounting=self.accounting(prompt_tokens), summary=self.summaries(), errors=list(self.errors),
+            accounting=self.accounting(prompt_tokens), summary=summary, errors=[dict(e) for e in self.errors],
             meta=dict(meta or {}),
         )
+
+
+# --------------------------------------------------------------------------- checks of what components return
+def _tname(x: Any) -> str:
+    return "None" if x is None else f"a {type(x).__name__}"
+
+
+def _number(v: Any) -> float | None:
+    """A signal value as a finite float, or None for NaN/inf/None; raises TypeError for a non-number."""
+    if type(v) is float:
+        return v if math.isfinite(v) else None
+    if v is None:
+        return None
+    if isinstance(v, numbers.Real):  # int, bool, numpy floating/integer scalars
+        f = float(v)
+        return f if math.isfinite(f) else None
+    if getattr(v, "ndim", None) == 0 and callable(getattr(v, "item", None)):  # 0-d numpy array / torch tensor
+        item = v.item()
+        if isinstance(item, numbers.Real):
+            f = float(item)
+            return f if math.isfinite(f) else None
+    raise TypeError(f"{_tname(v)}, expected a number")
+
+
+def _checked_values(out: Any, what: str) -> dict[str, float | None]:
+    """Validate a signal's `update()`/`flush()` result: {str: number}; NaN/inf/None values become None."""
+    if type(out) is not dict and not isinstance(out, Mapping):
+        raise TypeError(f"{what} returned {_tname(out)}, expected a dict {{value name: number}}")
+    clean: dict[str, float | None] = {}
+    for key, val in out.items():
+        if type(key) is not str:
+            raise TypeError(f"{what} returned the key {key!r:.40} ({type(key).__name__}); value names are strings")
+        if type(val) is float:  # the usual case, kept fast: this runs for every signal at every token
+            clean[key] = val if math.isfinite(val) else None
+            continue
+        try:
+            clean[key] = _number(val)
+        except TypeError as e:
+            raise TypeError(f"{what} returned {key!r}: {e}") from None
+    return clean
+
+
+def _checked_decision(d: Any, what: str) -> Decision:
+    """Validate a policy's `decide()`/`decide_after_trial()` result."""
+    if not isinstance(d, Decision):
+        raise TypeError(f"{what} returned {_tname(d)}, expected a Decision")
+    if d.action not in ACTIONS:
+        raise ValueError(f"{what} returned the action {d.action!r:.40}, expected one of {', '.join(ACTIONS)}")
+    if not isinstance(d.reason, str):
+        raise TypeError(f"{what} returned a Decision whose reason is {_tname(d.reason)}, expected a string")
+    for field in ("score", "threshold"):
+        v = getattr(d, field)
+        if v is not None:
+            try:
+                _number(v)
+            except TypeError as e:
+                raise TypeError(f"{what} returned a Decision whose {field} is {e} or None") from None
+    return d
+
+
+def _json_data(x: Any, where: str, depth: int = 0) -> Any:
+    """`x` as plain JSON data (dict with str keys, list, str, int, float, bool, None); NaN/inf -> None,
+    numpy values -> Python values, int dict keys -> strings (as the trace writer does). Raises TypeError
+    for anything JSON cannot hold (an object, a set, bytes, ...)."""
+    if depth > 100:
+        raise TypeError(f"{where} is nested more than 100 levels deep")
+    if x is None or isinstance(x, (str, bool)):
+        return str(x) if isinstance(x, str) else x
+    if isinstance(x, int):
+        return int(x)
+    if isinstance(x, float):
+        f = float(x)
+        return f if math.isfinite(f) else None
+    if isinstance(x, Mapping):
+        out = {}
+        for k, v in x.items():
+            if isinstance(k, numbers.Integral) and not isinstance(k, bool):
+                k = str(int(k))
+            elif not isinstance(k, str):
+                raise TypeError(f"{where} has the key {k!r:.40} ({type(k).__name__}); JSON keys are strings")
+            out[str(k)] = _json_data(v, f"{where}.{k}", depth + 1)
+        return out
+    if isinstance(x, (list, tuple)):
+        return [_json_data(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(x)]
+    if type(x).__module__ == "numpy" and callable(getattr(x, "tolist", None)):
+        return _json_data(x.tolist(), where, depth + 1)
+    raise TypeError(f"{where} holds {_tname(x)}, which JSON cannot represent")
+
+
+def _describe(e: BaseException) -> str:
+    """"ExceptionType: message" (cut to a readable length), even for an exception that cannot print itself."""
+    try:
+        msg = str(e)
+    except Exception:
+        msg = "<message not printable>"
+    text = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+    return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS - 3] + "..."
 
 
 def _clean(x: Any) -> float | None:
