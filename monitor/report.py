@@ -3,10 +3,11 @@
 `render_report(traces, out_path)` turns one trace or a batch of traces (`monitor.trace.Trace`) into an HTML
 report a person can open without a network: for one trace, the reasoning text with decision points, step
 boundaries and the halt point marked (hover shows the signal values there), one plot per signal family over
-token position with the policy's threshold where one applies, the step-by-step redundancy similarity matrix,
-the stop reason in plain words and the token accounting; for a batch, a summary table (accuracy, tokens by
-kind, halt rate, stop reasons), distributions of trace length, halt position and signal values (correct vs
-incorrect), and a linked section per trace. Charts are plotly figures; plotly.js is inlined once per file
+token position with the policy's threshold where one applies, the step-by-step redundancy similarities
+(each step's most similar earlier steps, as the trace records them), the stop reason in plain words and the
+token accounting; for a batch, a summary table (accuracy, tokens by kind, halt rate, stop reasons),
+distributions of trace length, halt position and signal values (correct vs incorrect), and a linked section
+per trace. Charts are plotly figures; plotly.js is inlined once per file
 and every figure is drawn from embedded JSON, so the file needs nothing but a browser. A panel that has no
 data (a logprob-only backend records no hidden-state signals) says why it is empty. `render_text` prints the
 same diagnosis in a terminal with rich; `diagnose(path, ...)` is what `overthink diagnose` calls. Reports are
@@ -505,45 +506,137 @@ def _redundancy_panel(t: Trace) -> Panel:
     return Panel("redundancy", title, fig, note)
 
 
+# The step-by-step panel is a heatmap up to this many steps (cells stay readable), a scatter of the recorded
+# (step, earlier step) pairs above it; a dense matrix (older traces) of more steps is cut to each step's
+# _TOP_K_SHOWN most similar earlier steps, as the sparse summary records them.
+_HEATMAP_MAX_STEPS = 60
+_TOP_K_SHOWN = 8
+
+
+def _pairs_from_topk(topk: list[Any]) -> tuple[list[tuple[int, int, float]], list[bool]]:
+    """(step, earlier step, cosine) from `step_similarity_topk`, and which steps have an embedding (a
+    non-null row). Malformed entries are skipped."""
+    pairs: list[tuple[int, int, float]] = []
+    embedded = []
+    for i, row in enumerate(topk):
+        embedded.append(isinstance(row, list))
+        for p in row if isinstance(row, list) else ():
+            if (isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], int) and not isinstance(p[0], bool)
+                    and 0 <= p[0] < i and _finite(p[1])):
+                pairs.append((i, p[0], float(p[1])))
+    return pairs, embedded
+
+
+def _pairs_from_dense(mat: list[Any], k: int) -> list[tuple[int, int, float]]:
+    """Each step's k most similar earlier steps in a dense matrix (lower triangle)."""
+    pairs: list[tuple[int, int, float]] = []
+    for i, row in enumerate(mat):
+        if not isinstance(row, list):
+            continue
+        earlier = sorted(((float(v), j) for j, v in enumerate(row[:i]) if _finite(v)), key=lambda x: (-x[0], x[1]))
+        pairs.extend((i, j, v) for v, j in earlier[:k])
+    return pairs
+
+
 def _matrix_panel(t: Trace) -> Panel:
+    """Step-by-step redundancy similarity, from the summary's sparse `step_similarity_topk` (each step's top-K
+    most similar earlier steps) or, in older traces and with Redundancy(similarity_matrix="dense"), the full
+    `step_similarity_matrix`."""
     import plotly.graph_objects as go
 
     title = "Step-by-step redundancy similarity"
+    key = "similarity_matrix"
     red = t.summary.get("redundancy")
     if "redundancy" not in t.signals and not red:
-        return Panel("similarity_matrix", title, note=_why_missing(t, "redundancy"))
+        return Panel(key, title, note=_why_missing(t, "redundancy"))
     red = red or {}
-    mat = red.get("step_similarity_matrix")
+    mat, topk = red.get("step_similarity_matrix"), red.get("step_similarity_topk")
     n_steps = red.get("n_steps", len(_steps(t)))
-    if not isinstance(mat, list) or not mat:
+    rows = mat if isinstance(mat, list) and mat else topk if isinstance(topk, list) and topk else None
+    if rows is None:
         if isinstance(n_steps, int) and n_steps < 2:
-            return Panel("similarity_matrix", title, note=f"Only {n_steps} reasoning step(s): nothing to compare.")
-        return Panel("similarity_matrix", title,
-                     note="The step-by-step matrix was not recorded in this trace: the redundancy signal keeps step "
-                          "embeddings only with Redundancy(keep_embeddings=True), which `overthink run` sets; "
-                          "re-create the trace with it to see every pair of steps.")
-    if len(mat) < 2:
-        return Panel("similarity_matrix", title, note=f"Only {len(mat)} reasoning step: nothing to compare.")
-    if not any(_finite(v) for row in mat for v in row):
-        return Panel("similarity_matrix", title,
-                     note="The steps have no embeddings (no hidden states were captured), so no similarity exists.")
+            return Panel(key, title, note=f"Only {n_steps} reasoning step(s): nothing to compare.")
+        return Panel(key, title,
+                     note="The step similarities were not recorded in this trace: the redundancy signal writes each "
+                          "step's most similar earlier steps unless it is built with "
+                          "Redundancy(similarity_matrix=\"none\") (before that option, only with "
+                          "keep_embeddings=True); re-create the trace to see them.")
+    n = len(rows)
+    if n < 2:
+        return Panel(key, title, note=f"Only {n} reasoning step: nothing to compare.")
+    tau = red.get("tau") if _finite(red.get("tau")) else None
+    if rows is mat:
+        if not any(_finite(v) for row in mat if isinstance(row, list) for v in row):
+            return Panel(key, title,
+                         note="The steps have no embeddings (no hidden states were captured), so no similarity exists.")
+        if n <= _HEATMAP_MAX_STEPS:
+            return _heatmap_panel(t, title, mat, f"Cosine similarity between every pair of the {n} reasoning steps "
+                                  "(step embeddings of the redundancy signal); bright off-diagonal cells are "
+                                  "repeated steps.")
+        pairs, k = _pairs_from_dense(mat, _TOP_K_SHOWN), _TOP_K_SHOWN
+        what = (f"This trace holds the full {n} x {n} matrix; shown are each step's {k} most similar earlier "
+                "steps.")
+    else:
+        pairs, embedded = _pairs_from_topk(topk)
+        if not any(embedded):
+            return Panel(key, title,
+                         note="The steps have no embeddings (no hidden states were captured), so no similarity exists.")
+        k = red.get("step_similarity_k")
+        k = k if isinstance(k, int) and not isinstance(k, bool) and k > 0 else max(
+            (sum(1 for p in pairs if p[0] == i) for i in range(n)), default=0)
+        if n <= _HEATMAP_MAX_STEPS:
+            z: list[list[float | None]] = [[None] * n for _ in range(n)]
+            for i in range(n):
+                if embedded[i]:
+                    z[i][i] = 1.0
+            for i, j, v in pairs:
+                z[i][j] = z[j][i] = v
+            every = n - 1 <= k
+            return _heatmap_panel(t, title, z, (
+                f"Cosine similarity between every pair of the {n} reasoning steps" if every else
+                f"Cosine similarity of each of the {n} reasoning steps with its {k} most similar earlier steps "
+                "(mirrored; the trace records only those, so blank cells are pairs not recorded)")
+                + " (step embeddings of the redundancy signal); bright off-diagonal cells are repeated steps.")
+        what = f"Each step's {k} most similar earlier steps, as the trace records them."
+    if not pairs:
+        return Panel(key, title, note="No two steps both have an embedding, so no similarity exists.")
+    vals = [v for _, _, v in pairs]
+    fig = go.Figure(go.Scatter(
+        x=[i + 1 for i, _, _ in pairs], y=[j + 1 for _, j, _ in pairs], mode="markers", name="step pair",
+        marker={"color": vals, "colorscale": "Viridis", "cmin": min(0.0, min(vals)), "cmax": 1.0, "size": 5,
+                "colorbar": {"title": {"text": "cos"}}},
+        hovertemplate="step %{x} vs earlier step %{y}: cosine %{marker.color:.3f}<extra></extra>"))
+    fig.add_shape(type="line", x0=1, y0=1, x1=n, y1=n, line={"color": "#bbb", "dash": "dot", "width": 1})
+    _base_layout(fig, title, height=560, xtitle="step")
+    fig.update_layout(hovermode="closest")
+    fig.update_xaxes(range=[0, n + 1])
+    fig.update_yaxes(range=[0, n + 1], title_text="earlier step")
+    high = sum(1 for v in vals if tau is not None and v >= tau)
+    return Panel(key, title, fig,
+                 f"{what} One point per (step, earlier step) pair, coloured by the cosine similarity of their "
+                 "embeddings: points just under the dotted diagonal compare neighbouring steps, points far below it "
+                 "are steps that resemble much earlier ones."
+                 + (f" {high} of the {len(vals)} pairs are at or above tau {tau:g}." if tau is not None else ""))
+
+
+def _heatmap_panel(t: Trace, title: str, z: list[Any], note: str) -> Panel:
+    import plotly.graph_objects as go
+
     steps = _steps(t)
-    n = len(mat)
+    n = len(z)
     labels = [f"step {i + 1}" for i in range(n)]
 
     def rng(i: int) -> str:
         return f"tokens {steps[i][0]}-{steps[i][1]}" if i < len(steps) else ""
 
     text = [[f"step {i + 1} ({rng(i)}) vs step {j + 1} ({rng(j)})" for j in range(n)] for i in range(n)]
-    fig = go.Figure(go.Heatmap(z=mat, x=labels, y=labels, text=text, colorscale="Viridis", zmin=min(
-        0.0, min(v for row in mat for v in row if _finite(v))), zmax=1.0,
+    fig = go.Figure(go.Heatmap(z=z, x=labels, y=labels, text=text, colorscale="Viridis", zmin=min(
+        0.0, min(v for row in z if isinstance(row, list) for v in row if _finite(v))), zmax=1.0,
         hovertemplate="%{text}: cosine %{z:.3f}<extra></extra>", colorbar={"title": {"text": "cos"}}))
     _base_layout(fig, title, height=max(320, min(620, 120 + 22 * n)), xtitle="step")
     fig.update_layout(hovermode="closest")
     fig.update_yaxes(autorange="reversed", title_text="step")
-    return Panel("similarity_matrix", title, fig,
-                 f"Cosine similarity between every pair of the {n} reasoning steps (step embeddings of the "
-                 "redundancy signal); bright off-diagonal cells are repeated steps.")
+    return Panel("similarity_matrix", title, fig, note)
 
 
 def _policy_panel(t: Trace) -> Panel | None:
@@ -887,6 +980,25 @@ def _text_html(t: Trace, anchor: str) -> str:
     return f'{legend}<div class="reasoning" id="{anchor}-text">{"".join(out)}</div>'
 
 
+_DETAIL_ITEMS = 40  # list items shown per list in the summaries box (long traces have thousands per step list)
+_DRAWN_KEYS = ("step_similarity_matrix", "step_similarity_topk")
+
+
+def _abridged(x: Any, key: str = "") -> Any:
+    """`x` for the summaries box: long lists cut to their first items plus a count of the rest, and the step
+    similarities (drawn in their own panel) replaced by their size."""
+    if key in _DRAWN_KEYS and isinstance(x, list):
+        return f"({len(x)} rows: drawn in the step-by-step similarity panel; all values are in the trace file)"
+    if isinstance(x, dict):
+        return {k: _abridged(v, str(k)) for k, v in x.items()}
+    if isinstance(x, list):
+        out = [_abridged(v) for v in x[:_DETAIL_ITEMS]]
+        if len(x) > _DETAIL_ITEMS:
+            out.append(f"... {len(x) - _DETAIL_ITEMS} more (all {len(x)} are in the trace file)")
+        return out
+    return x
+
+
 def _trace_section(t: Trace, k: int, figs: _Figures, batch: bool) -> str:
     anchor = f"trace-{k}-{_slug(t.id)}"
     halted = bool(t.decision.get("halted"))
@@ -908,8 +1020,8 @@ def _trace_section(t: Trace, k: int, figs: _Figures, batch: bool) -> str:
                     "<th>error</th></tr>" + "".join(
                         f'<tr><td>{_e(e.get("signal"))}</td><td class="num">{_e(e.get("position"))}</td>'
                         f'<td>{_e(e.get("error"))}</td></tr>' for e in t.errors) + "</table>")
-    details = json.dumps({"answer_text": t.answer_text, "prompt": t.prompt, "summary": t.summary, "meta": t.meta},
-                         indent=1, ensure_ascii=False, default=str)
+    details = json.dumps({"answer_text": t.answer_text, "prompt": t.prompt, "summary": _abridged(t.summary),
+                          "meta": t.meta}, indent=1, ensure_ascii=False, default=str)
     body.append(f"<details><summary>prompt, answer text, summaries and run settings</summary>"
                 f'<pre class="small">{_e(details)}</pre></details>')
     title = f"{_e(t.id)} — {oc} — {'halted' if halted else 'not halted'}"
@@ -1199,4 +1311,7 @@ def diagnose(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = 
         return None
     if out is None:
         out = default_out_path(path, chosen[0].id if len(chosen) == 1 and len(traces) > 1 else None)
+    from monitor.io import check_output
+
+    check_output(out, "--out", {"TRACES": path})  # a report must never overwrite the trace it reads
     return render_report(chosen, out)

@@ -126,8 +126,9 @@ def default_signals(layers: Sequence[int], cfg: RunConfig) -> list[Any]:
         PathDeviation(),
         JSDInstability(),
         LatentTrajectory(layers=list(layers), block_tokens=cfg.block_tokens),
-        # keep_embeddings: the diagnosis report's step-by-step similarity matrix (O(steps^2) in the summary)
-        Redundancy(embedder=embedder, min_step_tokens=cfg.min_step_tokens, keep_embeddings=True),
+        # the report's step similarity panel: each step's top-8 most similar earlier steps (O(steps), not the
+        # O(steps^2) matrix, which similarity_matrix="dense" still gives)
+        Redundancy(embedder=embedder, min_step_tokens=cfg.min_step_tokens, similarity_matrix="sparse"),
     ]
 
 

@@ -125,6 +125,70 @@ def test_panels_cover_each_family_with_thresholds_peak_and_matrix():
     assert len(panels["similarity_matrix"].figure.data[0].z) == 3
 
 
+def sparse_trace(n_steps, k=8, **kw):
+    """make_signal_trace with the redundancy summary as Redundancy writes it by default: each step's k most
+    similar earlier steps (`step_similarity_topk`) instead of the dense matrix; also returns the matrix."""
+    t = make_signal_trace(n_steps=n_steps, halt=False, **kw)
+    red = t.summary["redundancy"]
+    mat = red.pop("step_similarity_matrix")
+    red["step_similarity_k"] = k
+    red["step_similarity_topk"] = [[[j, mat[i][j]] for j in sorted(range(i), key=lambda j: (-mat[i][j], j))[:k]]
+                                   for i in range(len(mat))]
+    return t, mat
+
+
+def test_sparse_similarities_of_a_short_trace_fill_a_heatmap():
+    t, mat = sparse_trace(6, k=2)
+    p = {p.key: p for p in trace_panels(t)}["similarity_matrix"]
+    hm = p.figure.data[0]
+    assert hm.type == "heatmap" and len(hm.z) == 6
+    for i in range(6):
+        for j in range(6):
+            expected = 1.0 if i == j else mat[i][j] if abs(i - j) <= 2 else None  # the 2 nearest earlier steps
+            assert hm.z[i][j] == expected, (i, j)
+    assert "its 2 most similar earlier steps" in p.note and "blank cells are pairs not recorded" in p.note
+    t, mat = sparse_trace(6, k=8)  # k >= steps - 1: every pair is recorded
+    p = {p.key: p for p in trace_panels(t)}["similarity_matrix"]
+    assert [list(r) for r in p.figure.data[0].z] == mat
+    assert "between every pair of the 6 reasoning steps" in p.note
+
+
+def test_sparse_similarities_of_a_long_trace_are_a_scatter_of_the_recorded_pairs():
+    t, mat = sparse_trace(100)
+    p = {p.key: p for p in trace_panels(t)}["similarity_matrix"]
+    sc = p.figure.data[0]
+    assert sc.type == "scatter" and len(sc.x) == sum(min(i, 8) for i in range(100))
+    assert (sc.x[-1], sc.y[-1], sc.marker.color[-1]) == (100, 92, mat[99][91])  # 1-based steps
+    assert "Each step's 8 most similar earlier steps" in p.note and "at or above tau 0.65" in p.note
+    size = len(json.dumps(p.figure.to_plotly_json(), default=list))
+    assert size < 40_000  # O(steps * k): 19 kB here; the 100 x 100 heatmap with hover text was ~640 kB
+    # an old trace with the dense matrix draws the same pairs (each step's 8 most similar earlier steps)
+    old = make_signal_trace(n_steps=100, halt=False)
+    q = {p.key: p for p in trace_panels(old)}["similarity_matrix"]
+    assert q.figure.data[0].type == "scatter" and "holds the full 100 x 100 matrix" in q.note
+    assert list(zip(q.figure.data[0].x, q.figure.data[0].y, q.figure.data[0].marker.color)) == \
+        list(zip(sc.x, sc.y, sc.marker.color))
+
+
+def test_sparse_similarities_without_embeddings_or_not_recorded_say_why():
+    t, _ = sparse_trace(4)
+    t.summary["redundancy"]["step_similarity_topk"] = [None] * 4
+    p = {p.key: p for p in trace_panels(t)}["similarity_matrix"]
+    assert p.empty and "no embeddings" in p.note
+    del t.summary["redundancy"]["step_similarity_topk"]
+    p = {p.key: p for p in trace_panels(t)}["similarity_matrix"]
+    assert p.empty and 'similarity_matrix="none"' in p.note
+
+
+def test_summaries_box_abridges_long_lists_and_the_drawn_similarities():
+    t, _ = sparse_trace(100)
+    html = report_html([t])
+    details = re.search(r'<pre class="small">(.*?)</pre>', html, re.S).group(1)
+    assert "(100 rows: drawn in the step-by-step similarity panel" in details
+    assert "... 60 more (all 100 are in the trace file)" in details  # similarities, steps
+    assert len(details) < 20_000
+
+
 def test_logprob_only_trace_says_why_hidden_state_panels_are_empty():
     panels = {p.key: p for p in trace_panels(make_trace())}
     assert not panels["path_deviation"].empty and not panels["jsd_instability"].empty

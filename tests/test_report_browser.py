@@ -219,3 +219,18 @@ def test_batch_report_renders_summary_plots_and_opens_a_trace_section_from_its_l
     c = census.plots["fig-2-jsd_instability"]
     assert c["rendered"] and c["traces"] >= 1, c
     assert not census.plots["fig-1-jsd_instability"]["rendered"]
+
+
+def test_step_similarities_of_a_long_trace_draw_as_a_scatter(chromium, tmp_path):
+    # 100 steps, recorded as Redundancy writes them by default: each step's 8 most similar earlier steps
+    t = make_signal_trace(n_steps=100, halt=False)
+    red = t.summary["redundancy"]
+    mat = red.pop("step_similarity_matrix")
+    red["step_similarity_k"] = 8
+    red["step_similarity_topk"] = [[[j, mat[i][j]] for j in sorted(range(i), key=lambda j: -mat[i][j])[:8]]
+                                   for i in range(100)]
+    out = render_report([t], tmp_path / "long.html")
+    census, _ = open_in_chromium(chromium, out)
+    c = census.plots["fig-0-similarity_matrix"]
+    assert c["rendered"] and c["main-svg"] >= 1 and c["traces"] >= 1, c
+    assert c["paths"] >= sum(min(i, 8) for i in range(100)), c  # one marker per recorded pair

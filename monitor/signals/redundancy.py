@@ -18,6 +18,10 @@ import numpy as np
 from monitor.events import TokenStep
 
 EMBED_INSTALL = 'pip install "overthink[embed]"'
+# Redundancy(similarity_matrix=...): how the summary records step-to-step similarities. "sparse": each
+# step's top-K most similar earlier steps, O(steps * K); "dense": the whole step x step matrix, O(steps^2).
+SIMILARITY_MODES = ("sparse", "dense", "none")
+DEFAULT_TOP_K = 8
 
 
 class StepSplitter:
@@ -161,8 +165,14 @@ class Redundancy:
     hidden states captured) reports no similarity and ends a loop.
 
     Embedder: None = `HiddenStateEmbedder()` (running mean of the step's hidden states, O(d) per
-    token), `MiniLMEmbedder()`, or any callable list[str] -> array (n, d). Step embeddings are kept only
-    with `keep_embeddings=True`, for `summary()["step_similarity_matrix"]` (O(steps^2), for reports).
+    token), `MiniLMEmbedder()`, or any callable list[str] -> array (n, d).
+
+    Step-to-step similarities for reports (`similarity_matrix`): "sparse" (the default) compares each
+    closing step with every earlier step and keeps its `top_k` most similar ones in
+    `summary()["step_similarity_topk"]` (O(steps * top_k) in the trace; the step embeddings stay in
+    memory, float32, and are never written); "dense" writes the whole matrix as
+    `summary()["step_similarity_matrix"]` (O(steps^2): 21 MB for a 1,000-step trace); "none" keeps
+    nothing. `keep_embeddings=True` is the old spelling of `similarity_matrix="dense"`.
 
     Example:
         >>> import numpy as np
@@ -200,6 +210,8 @@ class Redundancy:
         loop_m: int = 3,
         keep_embeddings: bool = False,
         name: str = FAMILY,
+        similarity_matrix: str | None = None,
+        top_k: int = DEFAULT_TOP_K,
     ) -> None:
         embedder = HiddenStateEmbedder() if embedder is None else embedder
         self.uses_hidden = bool(getattr(embedder, "uses_hidden", False))
@@ -221,12 +233,26 @@ class Redundancy:
                              "steps shorter than this into the next")
         if isinstance(loop_m, bool) or not isinstance(loop_m, int) or loop_m < 1:
             raise ValueError(f"loop_m must be a positive int (consecutive redundant steps), got {loop_m!r}")
+        mode = similarity_matrix
+        if mode is None:
+            mode = "dense" if keep_embeddings else "sparse"
+        elif mode not in SIMILARITY_MODES:
+            raise ValueError(f"similarity_matrix must be one of {', '.join(map(repr, SIMILARITY_MODES))}, got "
+                             f"{mode!r}")
+        elif keep_embeddings and mode != "dense":
+            raise ValueError(f"keep_embeddings=True is the old spelling of similarity_matrix='dense' and "
+                             f"contradicts similarity_matrix={mode!r}; give only similarity_matrix=...")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be a positive int, got {top_k!r}; it is how many most similar earlier "
+                             "steps the summary keeps per step")
         self.embedder = embedder
         self.k_prev = k_prev
         self.tau = float(tau)
         self.min_step_tokens = min_step_tokens
         self.loop_m = loop_m
-        self.keep_embeddings = bool(keep_embeddings)
+        self.similarity_matrix = mode
+        self.top_k = top_k
+        self.keep_embeddings = mode == "dense"  # read-only view of the old flag
         self.name = name
         self.reset()
 
@@ -246,7 +272,11 @@ class Redundancy:
         self._redundant: list[bool | None] = []
         self._steps: list[list[int]] = []
         self._step_chars: list[list[int]] = []
-        self._embeddings: list[np.ndarray | None] = []
+        # every step embedding so far, one row per step that has one (rows of _store[:_n_emb]; grown by doubling)
+        self._store: np.ndarray | None = None
+        self._n_emb = 0
+        self._emb_step: list[int] = []  # step index of each stored row
+        self._topk: list[list[list[float]] | None] = []  # per step: [[earlier step, similarity], ...]
 
     # ----------------------------------------------------------------- hot path
     def update(self, step: TokenStep) -> dict[str, float]:
@@ -316,8 +346,8 @@ class Redundancy:
         self._step_chars.append([self._step_start_char, end_char])
         self._step_start_char = end_char
         e = self._embed("".join(self._pieces).strip())
-        if self.keep_embeddings:
-            self._embeddings.append(e)
+        if self.similarity_matrix != "none":
+            self._keep(i, e)
         sims = [float(e @ prev) for prev in self._recent if prev is not None] if e is not None else []
         self._recent.append(e)
         out: dict[str, float] = {"step_index": float(i)}
@@ -353,7 +383,10 @@ class Redundancy:
         }
         if self.uses_hidden:
             out["layer"] = self._layer
-        if self.keep_embeddings:
+        if self.similarity_matrix == "sparse":
+            out["step_similarity_k"] = self.top_k
+            out["step_similarity_topk"] = [None if p is None else [list(x) for x in p] for p in self._topk]
+        elif self.similarity_matrix == "dense":
             out["step_similarity_matrix"] = self._matrix()
         return out
 
@@ -364,15 +397,44 @@ class Redundancy:
             if run >= self.loop_m:
                 yield i
 
+    def _keep(self, i: int, e: np.ndarray | None) -> None:
+        """Store step i's embedding; in sparse mode, first record its top_k most similar earlier steps."""
+        if e is None:
+            if self.similarity_matrix == "sparse":
+                self._topk.append(None)
+            return
+        n = self._n_emb
+        if self._store is None:
+            dtype = np.float64 if self.similarity_matrix == "dense" else np.float32  # sparse: rounded to 4 decimals
+            self._store = np.empty((64, e.shape[0]), dtype=dtype)
+        elif e.shape[0] != self._store.shape[1]:
+            raise ValueError(f"step embedding changed size from {self._store.shape[1]} to {e.shape[0]}")
+        if self.similarity_matrix == "sparse":
+            pairs: list[list[float]] = []
+            if n:
+                sims = self._store[:n] @ e.astype(self._store.dtype)
+                k = min(self.top_k, n)
+                rows = np.argpartition(-sims, k - 1)[:k] if k < n else range(n)
+                top = sorted(((float(sims[r]), self._emb_step[r]) for r in rows), key=lambda x: (-x[0], x[1]))
+                pairs = [[j, round(min(max(s, -1.0), 1.0), 4)] for s, j in top]
+            self._topk.append(pairs)
+        if n == self._store.shape[0]:
+            grown = np.empty((2 * n, self._store.shape[1]), dtype=self._store.dtype)
+            grown[:n] = self._store
+            self._store = grown
+        self._store[n] = e
+        self._n_emb = n + 1
+        self._emb_step.append(i)
+
     def _matrix(self) -> list[list[float | None]]:
-        embs = self._embeddings
-        n = len(embs)
-        ok = [j for j, e in enumerate(embs) if e is not None]
+        n = len(self._steps)
         mat: list[list[float | None]] = [[None] * n for _ in range(n)]
-        if ok:
-            e = np.stack([embs[j] for j in ok])
-            sim = np.clip(e @ e.T, -1.0, 1.0)
+        if self._n_emb:
+            e = self._store[:self._n_emb]
+            sim = np.clip(e @ e.T, -1.0, 1.0).tolist()
+            ok = self._emb_step
             for a, ja in enumerate(ok):
+                row, vals = mat[ja], sim[a]
                 for b, jb in enumerate(ok):
-                    mat[ja][jb] = float(sim[a, b])
+                    row[jb] = vals[b]
         return mat

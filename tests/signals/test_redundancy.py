@@ -111,6 +111,74 @@ def test_hidden_state_embedder_uses_step_means_of_the_highest_layer():
     assert np.allclose(np.array(s["step_similarity_matrix"]), np.array(unit) @ np.array(unit).T)
 
 
+def _steps_with(hidden_vectors):
+    """One one-token step per vector (None: a step without hidden states)."""
+    texts = [f"s{i}\n\n" for i in range(len(hidden_vectors))]
+    return texts, [None if v is None else {0: v} for v in hidden_vectors]
+
+
+def test_sparse_summary_keeps_each_steps_top_k_earlier_steps_by_default():
+    rng = np.random.default_rng(1)
+    vecs = [rng.normal(size=6) for _ in range(12)]
+    vecs[5] = None  # a step without an embedding
+    texts, hidden = _steps_with(vecs)
+    sparse = Redundancy(min_step_tokens=1, tau=0.5, top_k=3)
+    dense = Redundancy(min_step_tokens=1, tau=0.5, keep_embeddings=True)
+    assert sparse.similarity_matrix == "sparse" and not sparse.keep_embeddings
+    assert dense.similarity_matrix == "dense" and dense.keep_embeddings
+    assert feed(sparse, texts, hidden) == feed(dense, texts, hidden)  # the per-token keys do not change
+    s, d = sparse.summary(), dense.summary()
+    assert "step_similarity_matrix" not in s and "step_similarity_topk" not in d
+    assert s["step_similarity_k"] == 3
+    topk, mat = s["step_similarity_topk"], d["step_similarity_matrix"]
+    assert len(topk) == len(mat) == 12 and topk[0] == [] and topk[5] is None and mat[5][5] is None
+    assert topk[1] == [[0, pytest.approx(mat[1][0], abs=1e-4)]]
+    for i in range(1, 12):
+        if i == 5:
+            continue
+        earlier = sorted(((mat[i][j], j) for j in range(i) if j != 5), reverse=True)[:3]
+        assert [j for j, _ in topk[i]] == [j for _, j in earlier]
+        assert [v for _, v in topk[i]] == pytest.approx([v for v, _ in earlier], abs=1e-4)
+        assert all(v == round(v, 4) for _, v in topk[i])  # rounded: the trace stays small
+    assert s == sparse.summary()  # summary() does not consume state
+
+
+def test_sparse_summary_grows_linearly_in_steps():
+    rng = np.random.default_rng(2)
+    texts, hidden = _steps_with([rng.normal(size=8) for _ in range(300)])
+    sig = Redundancy(min_step_tokens=1, tau=0.5)  # top_k=8
+    feed(sig, texts, hidden)
+    topk = sig.summary()["step_similarity_topk"]
+    assert [len(r) for r in topk] == [min(i, 8) for i in range(300)]
+    sig.reset()
+    assert sig.summary()["step_similarity_topk"] == [] and sig._n_emb == 0
+
+
+def test_similarity_matrix_none_and_argument_checks():
+    rng = np.random.default_rng(3)
+    texts, hidden = _steps_with([rng.normal(size=4) for _ in range(3)])
+    sig = Redundancy(min_step_tokens=1, tau=0.5, similarity_matrix="none")
+    feed(sig, texts, hidden)
+    s = sig.summary()
+    assert not {"step_similarity_matrix", "step_similarity_topk", "step_similarity_k"} & set(s)
+    assert Redundancy(similarity_matrix="dense").keep_embeddings
+    assert Redundancy(keep_embeddings=True, similarity_matrix="dense").similarity_matrix == "dense"
+    with pytest.raises(ValueError, match="old spelling of similarity_matrix='dense'"):
+        Redundancy(keep_embeddings=True, similarity_matrix="sparse")
+    with pytest.raises(ValueError, match="similarity_matrix must be one of 'sparse', 'dense', 'none'"):
+        Redundancy(similarity_matrix="full")
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="top_k must be a positive int"):
+            Redundancy(top_k=bad)
+
+
+def test_step_embeddings_of_changing_size_fail_clearly():
+    sig = Redundancy(embedder=lambda texts: np.ones((1, 3 + len(texts[0]))), tau=0.5, min_step_tokens=1)
+    feed(sig, ["a\n\n"])
+    with pytest.raises(ValueError, match="step embedding changed size from 4 to 5"):
+        feed(sig, ["ab\n\n"])
+
+
 def test_hidden_state_embedder_explicit_layer_and_missing_hidden():
     v = np.array([1.0, 0.0])
     hidden = [{0: v, 1: -v}, None, {0: v}, {0: v}]
