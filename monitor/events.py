@@ -32,10 +32,25 @@ LogprobInput = Union[ArrayLike, Mapping[int, float], None]  # noqa: UP007 (runti
 
 
 def to_numpy(x: Any, dtype: Any = np.float64) -> np.ndarray:
-    """Convert a numpy array, torch tensor or sequence to a 1-D numpy array of `dtype`."""
+    """Convert a numpy array, torch tensor or sequence to a 1-D numpy array of `dtype`.
+
+    A (1, n) or (n, 1) array is one vector; any other 2-D or higher shape is refused (it is a batch or a
+    mistake, and flattening it would silently mix rows)."""
     if torch is not None and isinstance(x, torch.Tensor):
         x = x.detach().to("cpu", dtype=torch.float64 if dtype == np.float64 else torch.float32).numpy()
-    return np.asarray(x, dtype=dtype).reshape(-1)
+    a = np.asarray(x, dtype=dtype)
+    if a.ndim > 1 and sum(d > 1 for d in a.shape) > 1:
+        raise ValueError(f"expected one vector for one token, got an array of shape {tuple(a.shape)}; pass one row "
+                         "per TokenStep (a batch is several steps)")
+    return a.reshape(-1)
+
+
+def _check_logprobs(lp: np.ndarray) -> None:
+    bad = np.isnan(lp) | np.isposinf(lp)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"logprobs contain {'NaN' if np.isnan(lp[i]) else '+inf'} at index {i} "
+                         f"({int(bad.sum())} such value(s)): a log-probability is finite or -inf (probability 0)")
 
 
 @dataclass(frozen=True)
@@ -78,12 +93,14 @@ class Distribution:
                 raise ValueError("top-k logprobs mapping is empty; pass at least one {token_id: logprob}")
             ids = np.fromiter((int(k) for k in logprobs.keys()), dtype=np.int64, count=len(logprobs))
             lp = np.fromiter((float(v) for v in logprobs.values()), dtype=np.float64, count=len(logprobs))
+            _check_logprobs(lp)
             return cls(probs=_softmax(lp), ids=ids)
         if torch is not None and isinstance(logprobs, torch.Tensor) and logprobs.dtype != torch.float64:
             return cls._from_model_logits(logprobs)
         lp = to_numpy(logprobs)
         if lp.size == 0:
             raise ValueError("full logprob vector is empty")
+        _check_logprobs(lp)
         return cls(probs=_softmax(lp))
 
     @classmethod
@@ -91,9 +108,14 @@ class Distribution:
         """Fast path for a backend's float32/16 logits: work in float32, the precision the model computed
         them in. On a 152k vocabulary this is ~11x faster than the float64 numpy path (0.26 ms vs 2.9 ms
         per token) and keeps the overhead goal; numpy or float64 input takes the exact float64 path."""
+        if logits.dim() > 1 and sum(d > 1 for d in logits.shape) > 1:
+            raise ValueError(f"expected one vector for one token, got a tensor of shape {tuple(logits.shape)}; pass "
+                             "one row per TokenStep (a batch is several steps)")
         x = logits.detach().reshape(-1).to("cpu", torch.float32)
         if x.numel() == 0:
             raise ValueError("full logprob vector is empty")
+        if bool(torch.isnan(x).any() or torch.isposinf(x).any()):
+            _check_logprobs(x.double().numpy())
         if not torch.isfinite(x).any():
             raise ValueError("logprobs contain no finite value")
         lp = torch.log_softmax(x, dim=-1)

@@ -45,9 +45,12 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "w", encoding: str =
     parent, name = os.path.split(target)
     if os.path.isdir(target):
         raise IsADirectoryError(f"cannot write {os.fspath(path)}: it is a directory; give a file name")
-    os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f"{name}.tmp-{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:  # name the file the user asked for, not our temporary one
+        raise _clean_os_error(e, os.fspath(path)) from None
     try:
         if mode == "wb":
             f: IO[Any] = os.fdopen(fd, "wb")
@@ -65,11 +68,24 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "w", encoding: str =
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise _clean_os_error(e, os.fspath(path)) from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     _fsync_dir(parent)
+
+
+def _clean_os_error(e: OSError, path: str) -> OSError:
+    """The same kind of OSError, with a message about `path` (the errno text, no temporary file names)."""
+    why = e.strerror or str(e)
+    err = type(e)(f"cannot write {path}: {why}" + (
+        f" (directory {os.path.dirname(os.path.abspath(path))})" if e.errno in (13, 30) else ""))
+    err.errno = e.errno
+    return err
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> None:

@@ -145,3 +145,13 @@ def test_interrupted_run_keeps_every_finished_trace(tmp_path, sig):
     assert [t.id for t in traces] == [f"p{i}" for i in range(len(traces))]
     assert f"{trace} holds the {len(traces)} trace(s)" in err and "Traceback" not in err
     assert not [x for x in os.listdir(tmp_path) if ".tmp-" in x]
+
+
+def test_diagnose_out_over_its_trace_is_refused_and_the_trace_kept(tmp_path, capsys):
+    trace = tmp_path / "t.jsonl"
+    assert _run(capsys, "run", "--model", "tiny-random", "--question", "q", "--max-new-tokens", "3",
+                "--answer-max-tokens", "2", "--trace", str(trace))[0] == 0
+    before = trace.read_bytes()
+    code, _, err = _run(capsys, "diagnose", str(trace), "--out", str(trace))
+    assert code == 2 and "same file as TRACES" in err
+    assert trace.read_bytes() == before
