@@ -214,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the check that the batch's KV cache fits in free memory (HF backend)")
     r.add_argument("--trace", help="write traces to this JSON Lines file (atomically)")
     r.add_argument("--append", action="store_true", help="append to --trace instead of replacing it")
+    r.add_argument("--record", choices=["default", "full"], default="default",
+                   help="trace recording level: default (the series the report draws, 4 significant digits; a 32k-"
+                        "token trace stays under 4 MB) or full (every signal key, exact values)")
     r.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
     b = sub.add_parser("bench", help="benchmarks")
@@ -280,7 +283,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     vllm_logprobs=args.logprobs, vllm_force=args.force, system=args.system, exit_cue=args.exit_cue,
                     device=args.device, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
                     gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-                    enforce_eager=args.enforce_eager)
+                    enforce_eager=args.enforce_eager, record=args.record)
     problems = problems_from_args(args, cfg)
     cfg.validate()
     check_bounds_from_args(args, cfg.max_new_tokens, max(cfg.answer_budget(k) for k in _kinds(cfg, problems)),

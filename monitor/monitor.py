@@ -80,15 +80,40 @@ class Monitor:
         policy: Policy | None = None,
         cues: CueDetector | None = None,
         record_signals: bool = True,
+        record: str = "default",
     ) -> None:
         self.signals = list(signals or [])
         names = [s.name for s in self.signals]
         if len(set(names)) != len(names):
             raise ValueError(f"two signals share a family name in {names}; give each a distinct `name`")
+        if record not in RECORD_LEVELS:
+            raise ValueError(f"record must be one of {', '.join(RECORD_LEVELS)}, got {record!r}")
         self.policy: Policy = policy if policy is not None else ObservePolicy()
         self.cues = cues if cues is not None else CueDetector()
         self.record_signals = record_signals
+        self.record = record
+        self._kept = self._recorded_keys()
         self.reset()
+
+    def _recorded_keys(self) -> dict[str, set[str] | None]:
+        """Per family, the keys whose per-token series the trace keeps (None: all of them).
+
+        "full" keeps every key. "default" keeps the keys a family lists in `RECORDED` (what the diagnosis report
+        draws; a family without `RECORDED` keeps all) plus the key a threshold policy reads; the policy and the
+        probe still see every value online."""
+        kept: dict[str, set[str] | None] = {}
+        policy_key = str(getattr(self.policy, "key", "") or "")
+        for sig in self.signals:
+            rec = getattr(sig, "RECORDED", None)
+            if self.record == "full" or rec is None:
+                kept[sig.name] = None
+                continue
+            keys = set(rec)
+            fam, _, key = policy_key.partition(".")
+            if fam == sig.name and key:
+                keys.add(key)
+            kept[sig.name] = keys
+        return kept
 
     # ----------------------------------------------------------------- state
     def reset(self) -> None:
@@ -150,11 +175,14 @@ class Monitor:
                 continue
             if self.record_signals:
                 series = self._series[name]
+                kept = self._kept.get(name)
                 for key, val in out.items():
+                    if kept is not None and key not in kept:
+                        continue
                     lst = series.get(key)
                     if lst is None:
                         lst = series[key] = [None] * t
-                    lst.append(val)
+                    lst.append(val if val is None or self.record == "full" else _compact(val))
                 for lst in series.values():
                     if len(lst) < t + 1:
                         lst.append(None)
@@ -234,15 +262,25 @@ class Monitor:
     def _record(self, token_id: int, text: str, phase: str, logprob: float | None) -> None:
         self._tok_ids.append(int(token_id))
         self._tok_text.append(text)
-        self._tok_logprob.append(logprob)
+        self._tok_logprob.append(logprob if logprob is None or self.record == "full" else _compact(logprob))
         self._tok_phase.append(phase)
+
+    def _point_values(self) -> dict[str, float | int]:
+        out: dict[str, float | int] = {}
+        for k, v in self.values.items():
+            fam, _, key = k.partition(".")
+            kept = self._kept.get(fam)
+            if kept is None or key in kept:
+                out[k] = _compact(v)
+        return out
 
     def _record_point(self, pt: DecisionPoint, d: Decision) -> None:
         self.points.append({
             "index": pt.index, "kind": pt.kind, "label": pt.label, "ordinal": pt.ordinal,
             "paragraph_start": pt.paragraph_start, "action": d.action,
             "score": _clean(d.score), "threshold": _clean(d.threshold),
-            "values": dict(self.values),  # finite floats only (see observe)
+            # finite floats only (see observe); at the default recording level the recorded keys, rounded
+            "values": dict(self.values) if self.record == "full" else self._point_values(),
         })
 
     def _policy_name(self) -> str:
@@ -301,9 +339,12 @@ class Monitor:
                 continue
             if self.record_signals and self.reasoning_tokens:
                 series = self._series[sig.name]
+                kept = self._kept.get(sig.name)
                 for key, val in out.items():
+                    if kept is not None and key not in kept:
+                        continue
                     lst = series.setdefault(key, [None] * self.reasoning_tokens)
-                    lst[-1] = val
+                    lst[-1] = val if val is None or self.record == "full" else _compact(val)
             for key, val in out.items():
                 if val is None:
                     self.values.pop(f"{sig.name}.{key}", None)
@@ -387,6 +428,17 @@ def _number(v: Any) -> float | None:
             f = float(item)
             return f if math.isfinite(f) else None
     raise TypeError(f"{_tname(v)}, expected a number")
+
+
+RECORD_LEVELS = ("default", "full")
+
+
+def _compact(v: float) -> float | int:
+    """A recorded value at the default level: 4 significant digits (a whole number as an int), which keeps a 32k-
+    token trace's JSON small; signals, policies and probes work on the exact values, online."""
+    if v == int(v) and abs(v) < 1e15:
+        return int(v)
+    return float(f"{v:.4g}")
 
 
 def _checked_values(out: Any, what: str) -> dict[str, float | None]:

@@ -47,6 +47,7 @@ class RunConfig:
     device: str = "auto"  # where the model was loaded (load_model); recorded in the trace
     dtype: str = "auto"  # weights' dtype (load_model; vLLM's --dtype)
     signals: bool = True  # False: no signals at all (policy and cues only)
+    record: str = "default"  # trace recording level: default (the report's series, rounded) | full (every key)
     backend: str = "hf"  # "hf" (transformers) | "vllm"
     vllm_hidden: bool = True  # vLLM: tap hidden states (latent trajectory, hidden redundancy, probes)
     vllm_logprobs: int | str = 20  # vLLM: top-k log-probabilities per token, or "full"
@@ -65,6 +66,8 @@ class RunConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        if self.record not in ("default", "full"):
+            raise ValueError(f"--record must be 'default' or 'full', got {self.record!r}")
         if self.embedder not in ("hidden", "minilm"):
             raise ValueError(f"--embedder must be 'hidden' or 'minilm', got {self.embedder!r}")
         self.answer_kind = normalize_kind(self.answer_kind)
@@ -162,6 +165,7 @@ def monitor_factory(layers: Sequence[int], cfg: RunConfig, think_end: str | None
             signals=default_signals(layers, cfg),
             policy=new_policy() if new_policy is not None else parse_policy(cfg.policy, cfg.halt_after),
             cues=CueDetector(cfg.cue_words, min_step_tokens=cfg.min_step_tokens, think_end=think_end),
+            record=cfg.record,
         )
     return make
 

@@ -71,3 +71,31 @@ def test_report_of_the_32k_token_trace_is_bounded(trace_file, tmp_path):
     assert out.stat().st_size <= 10 * MB, f"{out.stat().st_size / MB:.2f} MB"
     figs = json.loads(re.search(r'id="overthink-figures">(.*?)</script>', html, re.S).group(1))
     assert len(json.dumps(figs["fig-0-similarity_matrix"])) < 300_000
+
+
+def test_32k_token_trace_with_every_default_signal_is_at_most_4_mb(tmp_path):
+    """The default signal set (all four families, as `overthink run` builds them) at the default recording level:
+    the report's series, rounded to 4 significant digits, plus sparse step similarities."""
+    from monitor.run import RunConfig, default_signals
+
+    rng = np.random.default_rng(1)
+    topics = rng.normal(size=(40, 16))
+    m = Monitor(signals=default_signals([11], RunConfig()))
+    ids = np.arange(20)
+    for i in range(N_TOKENS):
+        k, j = divmod(i, STEP_TOKENS)
+        text = ".\n\n" if j == STEP_TOKENS - 1 else (" Wait" if j == 0 and k % 5 == 0 else f" w{j}")
+        lp = rng.normal(size=20) * 2.0
+        m.observe(TokenStep(i, int(ids[int(np.argmax(lp))]), text, logprobs=dict(zip(ids.tolist(), lp.tolist())),
+                            hidden={11: topics[k % 40] + 0.3 * rng.normal(size=16)}))
+    m.finish()
+    t = m.to_trace(trace_id="synthetic-32k-all", model="synthetic", backend="vllm", question="q")
+    path = tmp_path / "t.jsonl"
+    write_traces(path, [t])
+    size = path.stat().st_size
+    assert size <= 4 * MB, f"{size / MB:.2f} MB"
+    (back,) = read_traces(path)
+    assert set(back.signals) == {"path_deviation", "jsd_instability", "latent_trajectory", "redundancy"}
+    assert len(back.signals["jsd_instability"]["instability"]) == N_TOKENS
+    full = Monitor(signals=default_signals([11], RunConfig()), record="full")
+    assert full.record == "full"  # every key, exact values: opt-in

@@ -106,6 +106,9 @@ class JSDInstability:
 
     FAMILY: ClassVar[str] = "jsd_instability"  # default `name`: the "family" in "family.key"
     # Every key update() returns (all of them, at every token), with its meaning.
+    # per-token series a trace keeps at the default recording level (what the report draws); record="full"
+    # keeps every key in KEYS
+    RECORDED: ClassVar[tuple[str, ...]] = ('jsd', 'instability', 'entropy_norm')
     KEYS: ClassVar[dict[str, str]] = {
         "jsd": "JSD(p_{t-1}, p_t) between consecutive next-token distributions, bits in [0, 1] (0 on the "
                "first token)",

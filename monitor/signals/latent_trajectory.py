@@ -111,6 +111,9 @@ class LatentTrajectory:
 
     FAMILY: ClassVar[str] = "latent_trajectory"  # default `name`: the "family" in "family.key"
     # Every key update() returns (all of them, once two blocks are closed; {} before), with its meaning.
+    # per-token series a trace keeps at the default recording level (what the report draws); record="full"
+    # keeps every key in KEYS
+    RECORDED: ClassVar[tuple[str, ...]] = ('net', 'cumulative', 'aligned')
     KEYS: ClassVar[dict[str, str]] = {
         "net": "||h_N - h_1|| / N: net drift of the block-mean hidden states per block, mean over layers "
                "(higher = better)",

@@ -108,6 +108,9 @@ class PathDeviation:
 
     FAMILY: ClassVar[str] = "path_deviation"  # default `name`: the "family" in "family.key"
     # Every key update() returns (all of them, at every token), with its meaning.
+    # per-token series a trace keeps at the default recording level (what the report draws); record="full"
+    # keeps every key in KEYS
+    RECORDED: ClassVar[tuple[str, ...]] = ('entropy', 'entropy_ratio', 'pdi', 'is_hett')
     KEYS: ClassVar[dict[str, str]] = {
         "entropy": "entropy H_t of the distribution this token was drawn from, nats",
         "is_hett": "1.0 if this token is a lexicon transition word ('wait', 'but', ...) with H_t above the "

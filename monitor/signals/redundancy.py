@@ -186,6 +186,9 @@ class Redundancy:
 
     FAMILY: ClassVar[str] = "redundancy"  # default `name`: the "family" in "family.key"
     # Every key update() and flush() return (only at the token that closes a step; {} elsewhere).
+    # per-token series a trace keeps at the default recording level (what the report draws); record="full"
+    # keeps every key in KEYS
+    RECORDED: ClassVar[tuple[str, ...]] = ('similarity',)
     KEYS: ClassVar[dict[str, str]] = {
         "step_index": "0-based index of the reasoning step that just closed",
         "similarity": "max cosine similarity of the closed step to the previous K steps (not on the first "
