@@ -56,6 +56,65 @@ class Bundle:
                 f"not on {name or 'this model'} (fingerprint {fingerprint}); collect and train a bundle for this "
                 "model, or run with the model the bundle was made for")
 
+    @property
+    def n_features(self) -> int | None:
+        """The number of features the probe was fitted on (None for a pipeline that does not record it)."""
+        n = getattr(self.pipeline, "n_features_in_", None)
+        return int(n) if n is not None else None
+
+    def hidden_width(self, config: dict[str, Any] | None = None) -> int:
+        """Hidden-state columns of the features under `config` (default: the bundle's own): layers x hidden size."""
+        cfg = self.config if config is None else config
+        if not self.use_hidden:
+            return 0
+        return len(cfg.get("layers") or []) * int(cfg.get("hidden_size") or 0)
+
+    def check_features(self, config: dict[str, Any], hidden_width: int, signal_width: int, source: str,
+                       name: str = "") -> None:
+        """Refuse features that are not the ones the probe was trained on, before sklearn or numpy fail on them:
+        another width (another model's hidden size, another layer count, another signal set) or the same width
+        from other layers or signals. Raises BundleMismatch (a ValueError) naming both widths and the fix.
+
+        `config` is the collect config of the data or the online run, `hidden_width`/`signal_width` the columns
+        it gives; `source` names it in the error ("data directory D", "this run")."""
+        label = f"probe bundle {name}" if name else "the probe bundle"
+        theirs_h = hidden_width if self.use_hidden else 0
+        width = theirs_h + signal_width
+        want = self.n_features
+        ours_h = self.hidden_width()
+        layers = self.config.get("layers") or []
+        fix_model = (f"use data collected with the model and layers the bundle was made for "
+                     f"({self.config.get('model')!r}, --layers {','.join(str(x) for x in layers)}), "
+                     "or train a bundle on this data")
+        fix_version = "collect and train with the same version of overthink, or train a bundle on this data"
+
+        def layout(h: int, cfg: dict[str, Any], s: int) -> str:
+            if not self.use_hidden:
+                return f"signals only: {s} signal features"
+            return (f"{len(cfg.get('layers') or [])} layers {cfg.get('layers')} x hidden size "
+                    f"{cfg.get('hidden_size')} = {h} hidden + {s} signal features")
+
+        if want is not None and want != width:
+            ours = layout(ours_h, self.config, want - ours_h)
+            theirs = layout(theirs_h, config, signal_width)
+            if ours_h != theirs_h:
+                raise BundleMismatch(f"{label} was trained on {want} features ({ours}) but {source} gives {width} "
+                                     f"({theirs}): it comes from another model (hidden size) or layer set; "
+                                     f"{fix_model}")
+            raise BundleMismatch(f"{label} was trained on {want} features ({ours}) but {source} gives {width} "
+                                 f"({theirs}): another set of signal features; {fix_version}")
+        for key, what in (("layers", "layers"), ("hidden_size", "hidden size")):
+            a, b = self.config.get(key), config.get(key)
+            if a is not None and b is not None and a != b and (key == "layers" or self.use_hidden):
+                raise BundleMismatch(f"{label} was trained on {what} {a!r} but {source} has {what} {b!r} (the same "
+                                     f"width, {width} features, but not the same features); {fix_model}")
+        a, b = self.config.get("signal_features"), config.get("signal_features")
+        if a is not None and b is not None and list(a) != list(b):
+            i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            x, y = (a[i] if i < len(a) else "(none)"), (b[i] if i < len(b) else "(none)")
+            raise BundleMismatch(f"{label} was trained on another signal feature set than {source} has (column {i}: "
+                                 f"{x!r} vs {y!r}); {fix_version}")
+
 
 def save_bundle(bundle: Bundle, path: str | Path) -> Path:
     bundle.versions = {"sklearn": sklearn.__version__, "numpy": np.__version__, "python": platform.python_version()}

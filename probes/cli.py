@@ -69,8 +69,9 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from monitor.answers import kind_for_dataset, load_problems
     from monitor.cli import check_bounds_from_args, load_from_args
     from monitor.run import RunConfig
-    from probes.collect import collect
+    from probes.collect import check_collect_out, collect
 
+    check_collect_out(args.out, args.data)  # not the --data file, writable, a readable manifest: before the model
     problems = load_problems(args.data)
     problems = problems[args.offset:]
     if args.limit:
@@ -143,11 +144,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from monitor.io import atomic_write_text
+    from monitor.io import atomic_write_text, check_output
     from probes.evaluate import evaluate, markdown_table
 
     if not 0.0 <= args.deer <= 1.0:
         raise ValueError(f"--deer must be a confidence in [0, 1] (0 skips the baseline), got {args.deer}")
+    if args.markdown:  # before any work: not over a bundle, the data (or a shard) or the traces; writable
+        check_output(args.markdown, "--markdown", inputs={"BUNDLES": args.bundles, "--data": args.data,
+                                                          "--check-run": args.check_run})
     if args.check_run:
         from probes.evaluate import check_replay
 

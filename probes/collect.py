@@ -11,13 +11,16 @@ Output directory layout (every file written atomically; a manifest is rewritten 
   manifest.json            config (model fingerprint, layers, feature names, exit cue) + shards + done ids
   shard-00000.npz          hidden (n, L*H) float32, signals (n, F) float32, label, trace_index, confidence
   shard-00000.jsonl        one line per problem: id, gold, full answer/correctness, accounting, its events
-Re-running with the same --out skips problems already done (resumable).
+Re-running with the same --out skips problems already done (resumable), with the same settings only. A damaged
+shard is reported by name (`read_shard` checks every file against the manifest); delete its two files and
+resume, and its problems are done again.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,17 +85,196 @@ class CollectResult:
     positive_rate: float | None
 
 
+class CollectDataError(ValueError):
+    """A collect directory that cannot be read as it is (a damaged manifest or shard): the user's to fix."""
+
+
+def _redo_hint(out: Path, name: str) -> str:
+    return (f"delete {name}.npz and {name}.jsonl and re-run `overthink collect` with the same --out {out} and "
+            "settings to redo its problems, or re-run collect into a new directory")
+
+
+def _manifest_damaged(p: Path, what: str) -> CollectDataError:
+    return CollectDataError(f"{p} is damaged: {what}; re-run collect into a new directory (a manifest cannot be "
+                            "rebuilt from the shards)")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _load_manifest(out: Path) -> dict[str, Any] | None:
+    """The manifest of a collect directory (None when there is none yet), its types checked."""
     p = out / MANIFEST
     if not p.exists():
         return None
     try:
-        m = json.loads(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CollectDataError(f"{p} cannot be read ({e}); re-run collect into a new directory") from None
+    try:
+        m = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{p} is not valid JSON ({e}); delete the directory or pick another --out") from None
-    if m.get("format") != FORMAT:
-        raise ValueError(f"{p} is not an overthink collect manifest (format {m.get('format')!r}, expected {FORMAT})")
+        raise _manifest_damaged(p, f"not valid JSON ({e}; a truncated or hand-edited file?)") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        got = f"format {m.get('format')!r}" if isinstance(m, dict) else f"a JSON {type(m).__name__}, not an object"
+        raise CollectDataError(f"{p} is not an overthink collect manifest ({got}; expected format {FORMAT}); "
+                               "point at a directory written by `overthink collect`, or re-run collect into a new "
+                               "directory")
+    cfg = m.get("config")
+    if not isinstance(cfg, dict):
+        raise _manifest_damaged(p, f"'config' must be an object, got {type(cfg).__name__}")
+    for key in ("shards", "done"):
+        v = m.get(key)
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise _manifest_damaged(p, f"{key!r} must be a list of strings, got {_short(v)}")
+    bad = [x for x in m["shards"] if not _SHARD_NAME.fullmatch(x)]
+    if bad:
+        raise _manifest_damaged(p, f"shard name {bad[0]!r} is not of the form shard-NNNNN")
+    layers = cfg.get("layers")
+    if not isinstance(layers, list) or not layers or not all(_is_int(x) for x in layers):
+        raise _manifest_damaged(p, f"config 'layers' must be a non-empty list of layer indices, got {_short(layers)}")
+    if not _is_int(cfg.get("hidden_size")) or cfg["hidden_size"] <= 0:
+        raise _manifest_damaged(p, "config 'hidden_size' must be a positive integer, got "
+                                   f"{_short(cfg.get('hidden_size'))}")
+    names = cfg.get("signal_features")
+    if names is not None and (not isinstance(names, list) or not all(isinstance(x, str) for x in names)):
+        raise _manifest_damaged(p, f"config 'signal_features' must be a list of feature names, got {_short(names)}")
     return m
+
+
+def _short(v: Any) -> str:
+    if v is None:
+        return "nothing (missing or null)"
+    r = repr(v)
+    return f"{type(v).__name__} {r if len(r) <= 60 else r[:57] + '...'}"
+
+
+_SHARD_NAME = re.compile(r"shard-\d{5,}")
+_SHARD_ARRAYS = ("hidden", "signals", "label", "trace_index", "confidence")
+# what every problem line must hold (collect writes more): the key and the types it may have
+_PROBLEM_KEYS: dict[str, tuple[type, ...]] = {"id": (str, int), "events": (list,), "full_correct": (bool, type(None)),
+                                              "full_tokens": (int,)}
+_EVENT_KEYS = ("label", "reasoning_tokens", "probe_tokens")
+
+
+def signal_width(config: dict[str, Any]) -> int:
+    """Signal + position feature columns of a collection (its own list; older manifests: this version's)."""
+    return len(config.get("signal_features") or signal_feature_names())
+
+
+def read_shard(out: Path, name: str, config: dict[str, Any]) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+    """One shard's arrays and problem lines, checked against the manifest's config and each other; a damaged
+    or missing file is a CollectDataError naming the file, what is wrong, and how to redo it."""
+    npz, jsonl = out / f"{name}.npz", out / f"{name}.jsonl"
+    hint = _redo_hint(out, name)
+    for f in (npz, jsonl):
+        if not f.is_file():
+            raise CollectDataError(f"{f} is missing ({MANIFEST} lists shard {name}); {hint}")
+    try:
+        with open(npz, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise CollectDataError(f"{npz} cannot be read ({e}); {hint}") from None
+    if head[:2] != b"PK":  # every .npz is a zip archive; a text file, an .npy array, a pickle are not
+        raise CollectDataError(f"{npz} is not an .npz archive (it starts with {head!r}, a zip file with b'PK'); "
+                               f"{hint}")
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        with np.load(npz, allow_pickle=False) as z:
+            files = list(z.files)
+            for k in _SHARD_ARRAYS:
+                if k in files:
+                    arrays[k] = z[k]
+    except Exception as e:  # BadZipFile, zlib.error, EOFError, a bad array header...: not a readable shard
+        raise CollectDataError(f"{npz} is not a readable collect shard, damaged or truncated ({type(e).__name__}: "
+                               f"{e}); {hint}") from None
+    missing = [k for k in _SHARD_ARRAYS if k not in arrays]
+    if missing:
+        raise CollectDataError(f"{npz} has no array {missing[0]!r} (it has {sorted(files)}; a shard needs "
+                               f"{', '.join(_SHARD_ARRAYS)}); {hint}")
+    for k, a in arrays.items():
+        if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+            raise CollectDataError(f"{npz}: array {k!r} has dtype {a.dtype}, expected numbers; {hint}")
+    h_dim = len(config["layers"]) * int(config["hidden_size"])
+    n_sig = signal_width(config)
+    hid, sig = arrays["hidden"], arrays["signals"]
+    if hid.ndim != 2 or hid.shape[1] != h_dim:
+        raise CollectDataError(
+            f"{npz}: 'hidden' has shape {hid.shape}, but {MANIFEST} says {len(config['layers'])} layers "
+            f"{config['layers']} x hidden size {config['hidden_size']} = {h_dim} columns: the shard was probably "
+            f"collected with another model or layer set; {hint}")
+    n = hid.shape[0]
+    if sig.ndim != 2 or sig.shape != (n, n_sig):
+        raise CollectDataError(f"{npz}: 'signals' has shape {sig.shape}, expected ({n}, {n_sig}) ({n} decision "
+                               f"points x {n_sig} signal features); {hint}")
+    for k in ("label", "trace_index", "confidence"):
+        if arrays[k].shape != (n,):
+            raise CollectDataError(f"{npz}: {k!r} has shape {arrays[k].shape}, expected ({n},) like 'hidden'; {hint}")
+    try:
+        lines = [x for x in jsonl.read_text(encoding="utf-8").splitlines() if x.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise CollectDataError(f"{jsonl} cannot be read ({e}); {hint}") from None
+    meta: list[dict[str, Any]] = []
+    for ln, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CollectDataError(f"{jsonl} line {ln} is not valid JSON ({e}; a truncated file?); {hint}") from None
+        if not isinstance(rec, dict):
+            raise CollectDataError(f"{jsonl} line {ln} is {type(rec).__name__}, expected a problem object; {hint}")
+        for k, types in _PROBLEM_KEYS.items():
+            if k not in rec or not isinstance(rec[k], types) or (types == (int,) and isinstance(rec[k], bool)):
+                raise CollectDataError(f"{jsonl} line {ln}: {k!r} is {_short(rec.get(k)) if k in rec else 'missing'}"
+                                       f", expected {' or '.join(t.__name__ for t in types)}; {hint}")
+        for j, e in enumerate(rec["events"]):
+            if not isinstance(e, dict) or not all(_is_int(e.get(k)) for k in _EVENT_KEYS):
+                raise CollectDataError(f"{jsonl} line {ln}: event {j} must be an object with integer "
+                                       f"{', '.join(_EVENT_KEYS)}, got {_short(e)}; {hint}")
+        meta.append(rec)
+    ti = arrays["trace_index"]
+    if n and (not np.issubdtype(ti.dtype, np.integer) or ti.min() < 0 or ti.max() >= len(meta)):
+        raise CollectDataError(f"{npz}: 'trace_index' must index the {len(meta)} problems of {jsonl.name} "
+                               f"(0..{len(meta) - 1}), got values {ti.min()}..{ti.max()}; {hint}")
+    counts = np.bincount(ti.astype(np.int64), minlength=len(meta)) if n else np.zeros(len(meta), np.int64)
+    for i, rec in enumerate(meta):
+        if counts[i] != len(rec["events"]):
+            raise CollectDataError(f"{npz} holds {counts[i]} decision points of problem {rec['id']!r} but {jsonl.name} "
+                                   f"lists {len(rec['events'])} events for it; {hint}")
+    return arrays, meta
+
+
+def _resume_shards(out: Path, manifest: dict[str, Any]) -> list[str]:
+    """Before resuming: a shard whose files the user deleted is dropped (its problems are done again), every
+    other shard is checked, and "done" is rebuilt from the shards that are really there. Returns the dropped."""
+    kept, done, dropped = [], [], []
+    for name in manifest["shards"]:
+        if not (out / f"{name}.npz").exists() or not (out / f"{name}.jsonl").exists():
+            dropped.append(name)
+            continue
+        _, meta = read_shard(out, name, manifest["config"])
+        kept.append(name)
+        done.extend(str(p["id"]) for p in meta)
+    manifest["shards"], manifest["done"] = kept, done
+    return dropped
+
+
+def _next_shard(out: Path, names: Sequence[str]) -> int:
+    """The next shard number: past every listed shard and every shard file on disk (never overwrite one)."""
+    taken = [int(n.split("-")[1]) for n in names]
+    stems = [f.name.split(".")[0] for f in out.glob("shard-*.*")]
+    taken += [int(st.split("-")[1]) for st in stems if _SHARD_NAME.fullmatch(st)]
+    return max(taken, default=-1) + 1
+
+
+def check_collect_out(out: str | Path, data: str | Path | None = None) -> None:
+    """Cheap checks of a `collect --out` directory before the model loads: a writable directory that is not the
+    --data file, and, when it holds a manifest already, one that can be read."""
+    from monitor.io import check_output
+
+    check_output(out, "--out", inputs={"--data": data} if data is not None else None, is_dir=True)
+    if Path(out).is_dir():
+        _load_manifest(Path(out))
 
 
 def collect(lm: LoadedModel, problems: Sequence[dict[str, Any]], out_dir: str | Path, cfg: RunConfig | None = None,
@@ -103,8 +285,7 @@ def collect(lm: LoadedModel, problems: Sequence[dict[str, Any]], out_dir: str | 
     cfg = cfg or RunConfig()
     cfg.validate()
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
+    check_collect_out(out)
     out.mkdir(parents=True, exist_ok=True)
     layers = resolve_layers(lm, cfg.layers)
     hidden_size = int(lm.model.config.hidden_size)
@@ -125,7 +306,10 @@ def collect(lm: LoadedModel, problems: Sequence[dict[str, Any]], out_dir: str | 
                          "use a new --out directory")
     else:
         _check_resume(out, manifest["config"], config)
+        if _resume_shards(out, manifest):  # the user deleted a damaged shard: its problems are done again
+            atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     done = set(manifest["done"])
+    next_shard = _next_shard(out, manifest["shards"])
     todo = [p for p in problems if str(p["id"]) not in done]
     skipped = len(problems) - len(todo)
     labelers: list[ForcedExitLabeler] = []
@@ -148,7 +332,8 @@ def collect(lm: LoadedModel, problems: Sequence[dict[str, Any]], out_dir: str | 
             kinds = iter([normalize_kind(p.get("answer_kind") or task.kind) for p in batch])
             prompts = [build_prompt(lm, cfg, p) for p in batch]
             results = gen.generate(prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-            shard = _write_shard(out, len(manifest["shards"]), batch, results, labelers)
+            shard = _write_shard(out, next_shard, batch, results, labelers)
+            next_shard += 1
             manifest["shards"].append(shard["name"])
             manifest["done"].extend(str(p["id"]) for p in batch)
             atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
@@ -228,29 +413,26 @@ class CollectedData:
 
 
 def load_collected(path: str | Path) -> CollectedData:
+    """Every shard of a collect directory, checked (see `read_shard`): a damaged, missing or mis-shaped file is a
+    CollectDataError (a ValueError) naming the file, what is wrong with it and how to redo it."""
     out = Path(path)
     if not out.is_dir():
-        raise ValueError(f"{out} is not a collect directory; create one with `overthink collect --out {out}`")
+        raise CollectDataError(f"{out} is not a collect directory; create one with `overthink collect --out {out}`")
     m = _load_manifest(out)
     if m is None:
-        raise ValueError(f"{out} has no {MANIFEST}; create it with `overthink collect --out {out}`")
+        raise CollectDataError(f"{out} has no {MANIFEST}; create it with `overthink collect --out {out}`")
+    cfg = m["config"]
     hs, ss, ls, cs, gs, problems = [], [], [], [], [], []
     for name in m["shards"]:
-        try:
-            z = np.load(out / f"{name}.npz")
-            meta = [json.loads(x) for x in (out / f"{name}.jsonl").read_text().splitlines() if x.strip()]
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{out}/{name} is unreadable ({e}); re-run collect into a new directory") from None
+        arrays, meta = read_shard(out, name, cfg)
         base = len(problems)
-        hs.append(z["hidden"])
-        ss.append(z["signals"])
-        ls.append(z["label"])
-        cs.append(z["confidence"])
-        gs.append(z["trace_index"].astype(np.int64) + base)
+        hs.append(arrays["hidden"].astype(np.float32, copy=False))
+        ss.append(arrays["signals"].astype(np.float32, copy=False))
+        ls.append(arrays["label"])
+        cs.append(arrays["confidence"])
+        gs.append(arrays["trace_index"].astype(np.int64) + base)
         problems.extend(meta)
     if not problems:
-        raise ValueError(f"{out} holds no collected problems yet")
-    cfg = m["config"]
-    h_dim = len(cfg["layers"]) * cfg["hidden_size"]
-    return CollectedData(cfg, np.vstack(hs) if hs else np.zeros((0, h_dim), np.float32),
-                         np.vstack(ss), np.concatenate(ls), np.concatenate(cs), np.concatenate(gs), problems)
+        raise CollectDataError(f"{out} holds no collected problems yet; run `overthink collect --out {out}`")
+    return CollectedData(cfg, np.vstack(hs), np.vstack(ss), np.concatenate(ls), np.concatenate(cs),
+                         np.concatenate(gs), problems)

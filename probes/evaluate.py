@@ -115,6 +115,7 @@ def replay_bundle(bundle: Bundle, data: CollectedData, name: str = "") -> Replay
     if data.config.get("model_fingerprint") != bundle.config.get("model_fingerprint"):
         raise ValueError(f"the evaluation data was collected on {data.config.get('model')!r}, but bundle {name} "
                          f"was made for {bundle.config.get('model')!r}; evaluate on data from the same model")
+    bundle.check_features(data.config, data.hidden.shape[1], data.signals.shape[1], "the evaluation data", name)
     seen = set(bundle.report.get("train_ids", []))
     overlap = [str(p["id"]) for p in data.problems if str(p["id"]) in seen]
     if overlap:
@@ -140,8 +141,13 @@ def replay_deer(data: CollectedData, threshold: float = 0.95) -> ReplayRow:
 
 def evaluate(bundles: list[str | Path], data_dir: str | Path, deer: float | None = 0.95) -> dict[str, Any]:
     """Replay each calibrated bundle (and the DEER baseline) on a held-out collect directory."""
+    from probes.pipeline import check_bundle_data
+
     data = _graded(load_collected(data_dir))
-    rows = [replay_bundle(load_bundle(b), data, name=Path(b).name) for b in bundles]
+    loaded = [(load_bundle(b), Path(b).name) for b in bundles]
+    for b, name in loaded:  # every bundle checked before any replay: model, feature width, layers
+        check_bundle_data(b, data, data_dir, name)
+    rows = [replay_bundle(b, data, name=name) for b, name in loaded]
     if deer is not None:
         rows.append(replay_deer(data, deer))
     return {"data_dir": str(data_dir), "model": data.config.get("model"), "n": len(data.problems),
@@ -175,9 +181,11 @@ def check_replay(bundle_path: str | Path, data_dir: str | Path, traces_path: str
     Per problem present in both: did both halt, the same answer, the same correctness, and the monitored
     token count (reasoning + forced + answer + probe) of the run minus the replay's."""
     from monitor.trace import read_traces
+    from probes.pipeline import check_bundle_data
 
     bundle = load_bundle(bundle_path)
     data = _graded(load_collected(data_dir))
+    check_bundle_data(bundle, data, data_dir, Path(bundle_path).name)
     by_id = {str(p["id"]): i for i, p in enumerate(data.problems)}
     exits = bundle_exits(bundle, data)
     rows = []

@@ -64,7 +64,14 @@ def hidden_vector(hidden: Mapping[int, Any] | None, layers: Sequence[int], hidde
     for i, layer in enumerate(layers):
         h = hidden.get(layer)
         if h is not None:
-            out[i * hidden_size:(i + 1) * hidden_size] = to_numpy(h, np.float32)
+            v = to_numpy(h, np.float32).reshape(-1)
+            if v.size != hidden_size:
+                raise ValueError(f"layer {layer}'s hidden state has {v.size} values but the probe features expect "
+                                 f"hidden size {hidden_size} ({len(layers)} layers x {hidden_size} = "
+                                 f"{len(layers) * hidden_size} hidden features): the probe bundle was made for another "
+                                 "model; run with the model it was trained on, or collect and train a bundle for "
+                                 "this one")
+            out[i * hidden_size:(i + 1) * hidden_size] = v
     return out
 
 

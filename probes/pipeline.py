@@ -13,8 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from monitor.io import check_output
 from probes.bundle import Bundle, load_bundle, save_bundle
 from probes.collect import CollectedData, load_collected
+from probes.features import signal_feature_names
 from probes.train import train_probe
 
 
@@ -32,7 +34,13 @@ def train_bundle(data_dir: str | Path, out: str | Path, kind: str = "logreg", us
                  calib_fraction: float = 0.3, folds: int = 5, seed: int = 0) -> tuple[Bundle, dict[str, Any]]:
     if not 0.0 <= calib_fraction < 1.0:
         raise ValueError(f"--calib-fraction must be in [0, 1), got {calib_fraction}")
+    check_output(out, "--out", inputs={"DATA_DIR": data_dir})  # before any work: not over the data, writable
     data = load_collected(data_dir)
+    names = data.config.get("signal_features")
+    if names is not None and list(names) != signal_feature_names():
+        raise ValueError(f"{data_dir} was collected with another signal feature set ({len(names)} features) than "
+                         f"this version of overthink computes ({len(signal_feature_names())}); a probe trained on it "
+                         "could not run online: re-run collect into a new directory with this version")
     n = len(data.problems)
     rng = np.random.default_rng(seed)
     order = rng.permutation(n)
@@ -46,6 +54,16 @@ def train_bundle(data_dir: str | Path, out: str | Path, kind: str = "logreg", us
     bundle = Bundle(pipeline=pipe, config=dict(data.config), report=rep, use_hidden=use_hidden)
     save_bundle(bundle, out)
     return bundle, rep
+
+
+def check_bundle_data(bundle: Bundle, data: CollectedData, data_dir: str | Path, name: str = "") -> None:
+    """The data must come from the bundle's model, and give the features the bundle was trained on (same
+    width, layers, hidden size and signal set): one clear ValueError instead of sklearn's or numpy's."""
+    if data.config.get("model_fingerprint") != bundle.config.get("model_fingerprint"):
+        raise ValueError(f"{data_dir} was collected on {data.config.get('model')!r} but the bundle {name} was "
+                         f"trained on {bundle.config.get('model')!r}; use data from the same model")
+    bundle.check_features(data.config, data.hidden.shape[1], data.signals.shape[1], f"data directory {data_dir}",
+                          name)
 
 
 def calibration_traces(bundle: Bundle, data: CollectedData) -> tuple[list[tuple[np.ndarray, np.ndarray, bool]],
@@ -71,11 +89,15 @@ def calibrate_bundle(bundle_path: str | Path, data_dir: str | Path, delta: float
                      mode: str = "per-trace", risk: str = "premature", out: str | Path | None = None) -> Bundle:
     from calibration import FirstExitRiskControl, PerCueConformal
 
+    # before any work: --out must not be over the data (or a shard); without --out, BUNDLE is updated in place
+    # (atomically: save_bundle writes a temporary file and renames it), so it must be writable
+    if out is None:
+        check_output(bundle_path, "BUNDLE")
+    else:
+        check_output(out, "--out", inputs={"--data": data_dir})
     bundle = load_bundle(bundle_path)
     data = load_collected(data_dir)
-    if data.config.get("model_fingerprint") != bundle.config.get("model_fingerprint"):
-        raise ValueError(f"{data_dir} was collected on {data.config.get('model')!r} but the bundle was trained on "
-                         f"{bundle.config.get('model')!r}; calibrate on data from the same model")
+    check_bundle_data(bundle, data, data_dir, Path(bundle_path).name)
     traces, scores, labels = calibration_traces(bundle, data)
     if mode == "per-cue":
         cal: Any = PerCueConformal(delta).fit(scores, labels)

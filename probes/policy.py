@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from monitor.decision import CONTINUE, HALT, Decision, DecisionContext, _point_words
 from probes.bundle import Bundle
-from probes.features import POINT_KINDS_FOR_PROBE, point_features
+from probes.features import POINT_KINDS_FOR_PROBE, point_features, signal_feature_names
 
 
 class ProbePolicy:
@@ -33,6 +33,11 @@ class ProbePolicy:
         self.bundle, self.cal = bundle, cal
         self.layers = list(bundle.config["layers"])
         self.hidden_size = int(bundle.config["hidden_size"])
+        # the features this policy will compute online (point_features): refuse a bundle fitted on another width
+        # or signal set now, not with sklearn's feature-count error at the first decision point
+        online = {"layers": self.layers, "hidden_size": self.hidden_size, "signal_features": signal_feature_names()}
+        bundle.check_features(online, len(self.layers) * self.hidden_size, len(signal_feature_names()),
+                              "the online feature computation")
         self.name = f"probe:{self.mode}:delta={bundle.calibration_info.get('delta')}"
 
     def decide(self, ctx: DecisionContext) -> Decision:
