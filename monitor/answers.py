@@ -175,7 +175,8 @@ def _has_box(s: str) -> bool:
 
 # --------------------------------------------------------------------------- extraction
 _FINAL_RE = re.compile(r"final\s+answer(?:\s*\*\*)?\s*(?:is\b|:)[ \t]*(?:\*\*)?[ \t]*:?[ \t]*(?P<rest>[^\n]*)", re.I)
-_FINAL_HEADING_RE = re.compile(r"final\s+answer(?:\s*\*\*)?[ \t]*:?[ \t]*\n\s*(?P<rest>[^\n]+)", re.I)
+# (?::[ \t]*)? and not :?[ \t]*: two runs of [ \t]* side by side split a run of spaces in quadratically many ways
+_FINAL_HEADING_RE = re.compile(r"final\s+answer(?:\s*\*\*)?[ \t]*(?::[ \t]*)?\n\s*(?P<rest>[^\n]+)", re.I)
 _ANSWER_IS_RE = re.compile(r"\banswer\s+is\b[ \t]*:?[ \t]*(?P<rest>[^\n]*)", re.I)
 _HASH_RE = re.compile(r"####[ \t]*(?P<rest>[^\n]*)")
 _LAST_NUMBER_RE = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\w])")
@@ -247,6 +248,8 @@ def _math_verify_extract(text: str) -> str | None:
     """The last formula math-verify finds in the end of `text` (a "$...$" / "\\[...\\]" environment, an
     equation's right-hand side, else a plain expression), as written; None if it finds none."""
     window = text[-MAX_ANSWER_CHARS:]
+    if not _sympy_safe(window):
+        return None
     try:
         from math_verify import parse
     except ImportError:  # pragma: no cover - math-verify is a dependency
@@ -528,6 +531,8 @@ _CHOICE_ANSWER_RE = re.compile(r"(?i:answer)(?:\s+(?i:is)\b)?[\s:]*(?:(?i:option
 _CHOICE_PAREN_RE = re.compile(r"\(([A-E])\)")
 _CHOICE_MARK_RE = re.compile(r"(?<![A-Za-z])\(?([A-E])\)")  # an option as a list marker: "(B)", "B)"
 _TRAILING_PUNCT = ".,;:!?。"
+# An exponent that holds another exponent: "^" then, before any operator or closing brace, another "^".
+_POWER_TOWER_RE = re.compile(r"\^\s*\{?[^{}^+\-*/=,\s]*\^")
 
 
 def _choice_letter(s: str | None) -> str | None:
@@ -589,10 +594,17 @@ def _for_math_verify(s: str) -> str:
     return s if ("\\boxed" in s or "\\fbox" in s) else "\\boxed{" + s + "}"
 
 
+def _sympy_safe(s: str) -> bool:
+    """Whether math-verify may see `s`: not runaway text, and no power tower ("9^{9^{9^9}}", "2^2^2^2"),
+    which sympy tries to evaluate for seconds (up to math-verify's timeout) or, outside the main thread
+    where that timeout cannot work, for ever."""
+    return len(s) <= MAX_ANSWER_CHARS and _POWER_TOWER_RE.search(s) is None
+
+
 def _math_equal(pred: str, gold: str) -> bool:
     if _norm_str(pred) == _norm_str(gold):
         return True
-    if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
+    if not (_sympy_safe(pred) and _sympy_safe(gold)):
         return False
     try:
         from math_verify import parse, verify
