@@ -37,14 +37,36 @@ class UsageError(Exception):
     """Bad usage or input: printed as one line, exit code 2."""
 
 
-def _positive_int(text: str) -> int:
+def _number_arg(text: str, kind: Any, ok: Any, what: str) -> Any:
+    """Parse a flag value with `kind` and check it with `ok`; argparse turns the error into exit code 2."""
     try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+        v = kind(text)
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not ok(v):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return v
+
+
+def _positive_int(text: str) -> int:
+    return _number_arg(text, int, lambda v: v >= 1, "a positive integer")
+
+
+def nonnegative_int(text: str) -> int:
+    return _number_arg(text, int, lambda v: v >= 0, "a non-negative integer")
+
+
+def _seed(text: str) -> int:
+    return _number_arg(text, int, lambda v: 0 <= v < 2**32, f"an integer seed in 0..{2**32 - 1} (32-bit unsigned)")
+
+
+def _temperature(text: str) -> float:
+    return _number_arg(text, float, lambda v: 0 < v < float("inf"),
+                       "a finite temperature > 0 (for greedy decoding drop --sample and --temperature)")
+
+
+def _fraction(text: str) -> float:
+    return _number_arg(text, float, lambda v: 0.0 < v <= 1.0, "a fraction in (0, 1]")
 
 
 def layers_arg(text: str) -> list[int]:
@@ -58,16 +80,6 @@ def layers_arg(text: str) -> list[int]:
     return out
 
 
-def nonnegative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
-    return v
-
-
 def _logprobs(text: str) -> int | str:
     if text == "full":
         return text
@@ -77,37 +89,6 @@ def _logprobs(text: str) -> int | str:
         v = 0
     if v < 1:
         raise argparse.ArgumentTypeError(f"--logprobs takes a positive integer or 'full', got {text!r}")
-    return v
-
-
-def _seed(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= v < 2**32:
-        raise argparse.ArgumentTypeError(f"the seed must be in 0..{2**32 - 1} (a 32-bit unsigned integer), got {v}")
-    return v
-
-
-def _temperature(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not (v > 0 and v < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite temperature > 0, got {text!r} (for greedy decoding "
-                                         "drop --sample and --temperature)")
-    return v
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
     return v
 
 
