@@ -26,123 +26,26 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from monitor.cli_args import (
+    UsageError,
+    add_model_args,
+    add_task_args,
+    add_vllm_engine_args,
+    check_bounds_from_args,
+    fraction_arg,
+    layers_arg,
+    load_from_args,
+    logprobs_arg,
+    positive_int,
+    seed_arg,
+    temperature_arg,
+)
+
 console = Console(stderr=False)
 err_console = Console(stderr=True)
 
 
 PROBE_HANDLERS: dict[str, Any] = {}  # collect / train / calibrate, registered by probes.cli
-
-
-class UsageError(Exception):
-    """Bad usage or input: printed as one line, exit code 2."""
-
-
-def _number_arg(text: str, kind: Any, ok: Any, what: str) -> Any:
-    """Parse a flag value with `kind` and check it with `ok`; argparse turns the error into exit code 2."""
-    try:
-        v = kind(text)
-    except (ValueError, OverflowError):
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if not ok(v):
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    return _number_arg(text, int, lambda v: v >= 1, "a positive integer")
-
-
-def nonnegative_int(text: str) -> int:
-    return _number_arg(text, int, lambda v: v >= 0, "a non-negative integer")
-
-
-def _seed(text: str) -> int:
-    return _number_arg(text, int, lambda v: 0 <= v < 2**32, f"an integer seed in 0..{2**32 - 1} (32-bit unsigned)")
-
-
-def _temperature(text: str) -> float:
-    return _number_arg(text, float, lambda v: 0 < v < float("inf"),
-                       "a finite temperature > 0 (for greedy decoding drop --sample and --temperature)")
-
-
-def _fraction(text: str) -> float:
-    return _number_arg(text, float, lambda v: 0.0 < v <= 1.0, "a fraction in (0, 1]")
-
-
-def layers_arg(text: str) -> list[int]:
-    try:
-        out = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers, got {text!r}") from None
-    if not out:
-        raise argparse.ArgumentTypeError("--layers is empty; give decoder layer indices such as 5,11,17,23, "
-                                         "or leave the flag out for the default (~L/4, L/2, 3L/4, last)")
-    return out
-
-
-def _logprobs(text: str) -> int | str:
-    if text == "full":
-        return text
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"--logprobs takes a positive integer or 'full', got {text!r}")
-    return v
-
-
-def _cue_text(text: str) -> str:
-    """Exit-cue text from a shell: the two-character escapes \\n and \\t mean newline and tab (other
-    backslashes, as in \\boxed, stay as they are)."""
-    if not text:
-        raise argparse.ArgumentTypeError("the exit cue is empty")
-    return text.replace("\\n", "\n").replace("\\t", "\t")
-
-
-DEVICE_HELP = "cpu | cuda | cuda:N | auto (default: the GPUs with accelerate's device_map='auto', else the CPU)"
-DTYPE_HELP = "auto | bfloat16 | float16 | float32 (default auto: the config's bf16/fp16 on a GPU, float32 on a CPU)"
-
-
-def add_model_args(a: argparse.ArgumentParser) -> None:
-    """--model, --device, --dtype, --reasoning-format: every command that loads a model has them."""
-    from monitor.formats import FORMATS
-    from monitor.models import DTYPES
-
-    a.add_argument("--model", required=True,
-                   help="smollm2 | qwen-coder-0.5b | tiny-random | path.gguf | model directory | Hugging Face id")
-    a.add_argument("--device", default="auto", help=DEVICE_HELP)
-    a.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
-    a.add_argument("--reasoning-format", default="auto", choices=["auto", *FORMATS],
-                   help="how the model writes its reasoning (default: recognised from its chat template)")
-
-
-def add_task_args(a: argparse.ArgumentParser, answer_max_default: int | None = None) -> None:
-    """What the model is asked and how its answer is forced and graded: run and collect have them."""
-    from monitor.answers import ANSWER_KINDS
-
-    a.add_argument("--system", help="system message added to every prompt")
-    a.add_argument("--exit-cue", type=_cue_text,
-                   help="text forced when the monitor halts (\\n = newline; default: the reasoning format's cue for "
-                        "the answer kind, e.g. '\\n</think>\\n\\n**Final Answer**: \\boxed{')")
-    a.add_argument("--answer-kind", choices=list(ANSWER_KINDS), default=None,
-                   help="number | math | choice | code | text (default: from the data file's name or each row's "
-                        "answer_kind, else auto). code and text answers are free: the exit cue only closes the "
-                        "reasoning")
-    a.add_argument("--answer-max-tokens", type=_positive_int, default=answer_max_default,
-                   help="answer tokens allowed after the exit cue (default: 48 for boxed answers, 256 for code/text)")
-
-
-def add_vllm_engine_args(a: argparse.ArgumentParser) -> None:
-    """vLLM engine options, passed through to `vllm.LLM` (the names are vLLM's own)."""
-    a.add_argument("--tensor-parallel-size", type=_positive_int, default=1, help="vLLM: GPUs to shard the model over")
-    a.add_argument("--gpu-memory-utilization", type=_fraction,
-                   help="vLLM: fraction of GPU memory the engine may use (default: vLLM's, 0.9)")
-    a.add_argument("--max-model-len", type=_positive_int,
-                   help="vLLM: context length (default: the model's, capped at 32768 on a GPU, 4096 on a CPU)")
-    a.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
-                   help="vLLM: eager mode without CUDA graphs (default: on with the hidden-state tap, which needs "
-                        "it; off with --no-hidden)")
 
 
 def _version() -> str:
@@ -168,23 +71,23 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--messages", metavar="FILE",
                      help="one chat to answer: a JSON file with a list of {role, content} messages")
     src.add_argument("--data", help="JSONL file with id, question (or messages), answer, optional answer_kind")
-    r.add_argument("--limit", type=_positive_int, help="first N problems of --data")
+    r.add_argument("--limit", type=positive_int, help="first N problems of --data")
     r.add_argument("--gold", help="gold answer for --question (to grade it)")
     r.add_argument("--policy", default="observe",
                    help="observe | deer[:CONF] | threshold:FAMILY.KEY>=VALUE (default: observe)")
-    r.add_argument("--halt-after", type=_positive_int, help="halt after N reasoning tokens (fixed budget)")
-    r.add_argument("--max-new-tokens", type=_positive_int, default=512, help="reasoning token cap (default 512)")
+    r.add_argument("--halt-after", type=positive_int, help="halt after N reasoning tokens (fixed budget)")
+    r.add_argument("--max-new-tokens", type=positive_int, default=512, help="reasoning token cap (default 512)")
     add_task_args(r)
     r.add_argument("--layers", type=layers_arg, help="decoder layers to hook, e.g. 3,6,9,11 (default ~L/4,L/2,3L/4,last)")
-    r.add_argument("--block-tokens", type=_positive_int, default=64, help="latent-trajectory block size")
+    r.add_argument("--block-tokens", type=positive_int, default=64, help="latent-trajectory block size")
     r.add_argument("--embedder", choices=["hidden", "minilm"], default="hidden", help="redundancy embedder")
-    r.add_argument("--batch-size", type=_positive_int, default=4)
-    r.add_argument("--seed", type=_seed, default=0, help="random seed, 0..2**32-1 (default 0)")
+    r.add_argument("--batch-size", type=positive_int, default=4)
+    r.add_argument("--seed", type=seed_arg, default=0, help="random seed, 0..2**32-1 (default 0)")
     r.add_argument("--sample", action="store_true", help="sample (default: greedy)")
-    r.add_argument("--temperature", type=_temperature, help="sampling temperature > 0 (with --sample; default 1.0)")
+    r.add_argument("--temperature", type=temperature_arg, help="sampling temperature > 0 (with --sample; default 1.0)")
     r.add_argument("--backend", choices=["hf", "vllm"], default="hf",
                    help="hf: transformers generate (default); vllm: vLLM engine (install the vllm extra)")
-    r.add_argument("--logprobs", type=_logprobs, default=20,
+    r.add_argument("--logprobs", type=logprobs_arg, default=20,
                    help="vLLM: top-k log-probabilities per token fed to the signals, or 'full' (default 20)")
     r.add_argument("--no-hidden", action="store_true",
                    help="vLLM: no hidden-state taps (logprob signals only; no latent trajectory or probes on hidden)")
@@ -205,9 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     o = bsub.add_parser("overhead", help="tokens/s of plain vs monitored generation")
     add_model_args(o)
     o.add_argument("--data", help="JSONL questions (default: built-in questions)")
-    o.add_argument("--new-tokens", type=_positive_int, default=64)
-    o.add_argument("--batch-size", type=_positive_int, default=1)
-    o.add_argument("--repeats", type=_positive_int, default=3)
+    o.add_argument("--new-tokens", type=positive_int, default=64)
+    o.add_argument("--batch-size", type=positive_int, default=1)
+    o.add_argument("--repeats", type=positive_int, default=3)
     o.add_argument("--no-memory-check", action="store_true",
                    help="skip the check that the batch's KV cache fits in free memory")
     o.add_argument("--json", action="store_true")
@@ -215,12 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     v = bsub.add_parser("vllm", help="vLLM throughput: N concurrent requests, plain vs monitored")
     add_model_args(v)
     v.add_argument("--data", help="JSONL questions (default: built-in questions)")
-    v.add_argument("--requests", type=_positive_int, default=16, help="concurrent requests (default 16)")
-    v.add_argument("--new-tokens", type=_positive_int, default=128)
-    v.add_argument("--repeats", type=_positive_int, default=2)
-    v.add_argument("--logprobs", type=_positive_int, default=20, help="top-k logprobs for the monitor (default 20)")
-    v.add_argument("--tensor-parallel-size", type=_positive_int, default=1, help="vLLM: GPUs to shard the model over")
-    v.add_argument("--gpu-memory-utilization", type=_fraction, help="vLLM: fraction of GPU memory for the engine")
+    v.add_argument("--requests", type=positive_int, default=16, help="concurrent requests (default 16)")
+    v.add_argument("--new-tokens", type=positive_int, default=128)
+    v.add_argument("--repeats", type=positive_int, default=2)
+    v.add_argument("--logprobs", type=positive_int, default=20, help="top-k logprobs for the monitor (default 20)")
+    v.add_argument("--tensor-parallel-size", type=positive_int, default=1, help="vLLM: GPUs to shard the model over")
+    v.add_argument("--gpu-memory-utilization", type=fraction_arg, help="vLLM: fraction of GPU memory for the engine")
     v.add_argument("--json", action="store_true")
 
     d = sub.add_parser("diagnose", help="HTML report (or terminal summary) of one trace or a batch of traces")
@@ -235,17 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--json", action="store_true")
     from probes.cli import add_commands
 
-    PROBE_HANDLERS.update(add_commands(sub, _positive_int))
+    PROBE_HANDLERS.update(add_commands(sub, positive_int))
     return p
-
-
-def load_from_args(args: argparse.Namespace, weights: bool = True) -> Any:
-    """Load --model on --device in --dtype with --reasoning-format (what every model command shares)."""
-    from monitor.models import load_model
-
-    with err_console.status(f"loading model {args.model} ..."):
-        return load_model(args.model, device=args.device, dtype=args.dtype, weights=weights,
-                          reasoning_format=args.reasoning_format)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -295,28 +189,6 @@ def _kinds(cfg: Any, problems: list[dict[str, Any]]) -> set[str]:
     from monitor.answers import normalize_kind
 
     return {normalize_kind(p.get("answer_kind") or cfg.answer_kind) for p in problems}
-
-
-def check_bounds_from_args(args: argparse.Namespace, new_tokens: int, answer_tokens: int, batch_size: int,
-                           memory: bool = True) -> None:
-    """Before the model loads: the token budget against the model's context, and the batch's KV cache against
-    the free memory (unless --no-memory-check)."""
-    from monitor.bounds import (
-        EXIT_CUE_ALLOWANCE,
-        PROMPT_ALLOWANCE,
-        check_budget,
-        check_memory,
-        dtype_bytes,
-        peek_limits,
-    )
-    from monitor.models import resolve_device
-
-    limits = peek_limits(args.model)
-    check_budget(limits, new_tokens, answer_tokens)
-    if memory and not getattr(args, "no_memory_check", False):
-        dev = resolve_device(args.device)
-        check_memory(limits, batch_size, PROMPT_ALLOWANCE + new_tokens + EXIT_CUE_ALLOWANCE + answer_tokens, dev,
-                     dtype_bytes(args.dtype, dev))
 
 
 def problems_from_args(args: argparse.Namespace, cfg: Any) -> list[dict[str, Any]]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 def is_user_error(e: BaseException) -> bool:
     """ValueError covers our format errors (TraceFormatError, DataFormatError subclass it); missing files,
     missing models and permission problems are the user's to fix as well."""
-    from monitor.cli import UsageError
+    from monitor.cli_args import UsageError
 
     try:
         from monitor.models import ModelNotAvailable

@@ -16,7 +16,7 @@ err_console = Console(stderr=True)
 
 
 def add_commands(sub: Any, positive_int: Callable[[str], int]) -> dict[str, Callable[[argparse.Namespace], int]]:
-    from monitor.cli import add_model_args, add_task_args, layers_arg, nonnegative_int
+    from monitor.cli_args import add_model_args, add_task_args, layers_arg, nonnegative_int
 
     c = sub.add_parser("collect", help="roll out problems and label every decision point by a forced exit")
     add_model_args(c)
@@ -67,7 +67,7 @@ def add_commands(sub: Any, positive_int: Callable[[str], int]) -> dict[str, Call
 
 def cmd_collect(args: argparse.Namespace) -> int:
     from monitor.answers import kind_for_dataset, load_problems
-    from monitor.cli import check_bounds_from_args, load_from_args
+    from monitor.cli_args import check_bounds_from_args, load_from_args
     from monitor.run import RunConfig
     from probes.collect import check_collect_out, collect
 
