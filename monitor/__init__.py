@@ -11,14 +11,31 @@ Where things live:
 - monitor.py      Monitor: runs signals (fail-open), cues and the policy for one sequence
 - trace.py        Trace record, schema validation, atomic JSON Lines IO (docs/trace-schema.md)
 - hf.py           Hugging Face transformers backend
-- models.py       model specs (named offline models, GGUF, directories) and reasoning formats
+- models.py       model specs (named offline models, GGUF, directories, hub ids), devices and dtypes
+- formats.py      reasoning formats (R1, Qwen3, QwQ, gpt-oss, plain): end marker, exit cue, prompt
+- bounds.py       context, prompt and memory bounds checked before a model loads
+- io.py           one write discipline: atomic files, streamed JSON Lines, one-writer locks, output checks
 - answers.py      answer extraction and checking (GSM8K numbers, MATH LaTeX, multiple choice)
-- run.py / bench.py / cli.py   the `overthink` command and the library calls behind it
+- run.py / bench.py / cli.py / cli_args.py   the `overthink` command and the library calls behind it
+- report.py       diagnosis reports (HTML, terminal)
+- vllm.py / vllm_worker.py   vLLM backend (driver / engine side); detokenize.py incremental detokenizer
 """
 
-from monitor.decision import Decision
-from monitor.events import TokenStep
-from monitor.monitor import Monitor
-from monitor.trace import Trace
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["TokenStep", "Trace", "Monitor", "Decision"]
+
+_WHERE = {"Decision": "monitor.decision", "TokenStep": "monitor.events", "Monitor": "monitor.monitor",
+          "Trace": "monitor.trace"}
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy (PEP 562): `import monitor.cli` must not import torch before the command has installed its Ctrl-C
+    # handling, and `overthink --help` should not wait for it.
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'monitor' has no attribute {name!r}")

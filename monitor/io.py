@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 __all__ = ["atomic_writer", "atomic_write_text", "atomic_write_bytes", "check_output", "LineSink", "OutputError",
+           "directory_lock",
            "same_file"]
 
 
@@ -262,6 +263,24 @@ class LineSink:
             with contextlib.suppress(Exception):
                 self._lock.release()
             self._lock = None
+
+
+@contextlib.contextmanager
+def directory_lock(path: str | os.PathLike[str], flag: str = "--out") -> Iterator[None]:
+    """Hold the one-writer lock of an output directory (or file) for the `with` block; refuse at once when
+    another process holds it."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(lock_path(os.path.realpath(os.fspath(path))), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise OutputError(f"{flag} {os.fspath(path)} is being written by another process; wait for it to finish, "
+                          "or write to another place") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def lock_path(target: str) -> str:

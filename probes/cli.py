@@ -68,6 +68,7 @@ def add_commands(sub: Any, positive_int: Callable[[str], int]) -> dict[str, Call
 def cmd_collect(args: argparse.Namespace) -> int:
     from monitor.answers import kind_for_dataset, load_problems
     from monitor.cli_args import check_bounds_from_args, load_from_args
+    from monitor.io import directory_lock
     from monitor.run import RunConfig
     from probes.collect import check_collect_out, collect
 
@@ -85,12 +86,24 @@ def cmd_collect(args: argparse.Namespace) -> int:
     cfg.validate()
     check_bounds_from_args(args, cfg.max_new_tokens, cfg.answer_budget(cfg.answer_kind), min(cfg.batch_size,
                                                                                                len(problems)))
-    lm = load_from_args(args)
-    with Progress(TextColumn("[bold]collecting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err_console, disable=args.json) as bar:
-        task = bar.add_task("collect", total=len(problems))
-        res = collect(lm, problems, args.out, cfg, kind=cfg.answer_kind,
-                      on_batch=lambda n: bar.advance(task, n))
+    with directory_lock(args.out, "--out"):  # one collect per directory; taken before the model loads
+        lm = load_from_args(args)
+        done = [0]
+        try:
+            with Progress(TextColumn("[bold]collecting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                          console=err_console, disable=args.json) as bar:
+                task = bar.add_task("collect", total=len(problems))
+
+                def advance(n: int) -> None:
+                    done[0] += n
+                    bar.advance(task, n)
+
+                res = collect(lm, problems, args.out, cfg, kind=cfg.answer_kind, on_batch=advance)
+        except KeyboardInterrupt:
+            err_console.print(f"interrupted: {args.out} holds the {done[0]} problem(s) finished in this run (each "
+                              "batch is written whole); run the same command again to resume", soft_wrap=True,
+                              markup=False, highlight=False)
+            return 130
     out = {"out_dir": str(res.out_dir), "problems_done": res.problems_done, "problems_skipped": res.problems_skipped,
            "events": res.events, "positive_rate": res.positive_rate}
     if args.json:
