@@ -8,6 +8,7 @@ answer, and returns `Trace` records. The batch summary is `monitor.report.batch_
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +23,8 @@ from monitor.models import LoadedModel, decoder_layers, default_layers
 from monitor.monitor import Monitor
 from monitor.signals import JSDInstability, LatentTrajectory, PathDeviation, Redundancy
 from monitor.trace import Trace
+
+log = logging.getLogger("overthink.run")
 
 
 @dataclass
@@ -154,7 +157,28 @@ def load_probe_policy(policy: str, lm: LoadedModel, cfg: RunConfig) -> Any:
     cfg.min_step_tokens = int(bc.get("min_step_tokens", cfg.min_step_tokens))
     cfg.cue_words = tuple(bc.get("cue_words", cfg.cue_words))
     cfg.embedder = bc.get("embedder", cfg.embedder)
+    _align_exit(cfg, bc, policy)
     return ProbePolicy(bundle)
+
+
+def _align_exit(cfg: RunConfig, bc: dict[str, Any], policy: str) -> None:
+    """The bundle's labels were forced exits with its exit cue and answer budget, so its guarantee holds for a run
+    that exits the same way: take them from the bundle, refuse another exit cue, and warn on other budgets."""
+    cue, budget, reasoning = bc.get("exit_cue"), bc.get("answer_max_tokens"), bc.get("max_new_tokens")
+    if cue is not None:
+        if cfg.exit_cue is not None and cfg.exit_cue != cue:
+            raise ValueError(f"--exit-cue {cfg.exit_cue!r} differs from the exit cue {cue!r} the bundle {policy} was "
+                             "collected and calibrated with; its guarantee only holds for that cue: drop --exit-cue")
+        cfg.exit_cue = cue
+    if budget is not None:
+        if cfg.answer_max_tokens is None:
+            cfg.answer_max_tokens = int(budget)
+        elif cfg.answer_max_tokens != int(budget):
+            log.warning("--answer-max-tokens %s differs from the %s the bundle was calibrated with", cfg.answer_max_tokens,
+                        budget)
+    if reasoning is not None and cfg.max_new_tokens != int(reasoning):
+        log.warning("--max-new-tokens %s differs from the %s the bundle's calibration traces had: the guarantee was "
+                    "stated for that budget", cfg.max_new_tokens, reasoning)
 
 
 def monitor_factory(layers: Sequence[int], cfg: RunConfig, think_end: str | None,

@@ -241,3 +241,15 @@ def test_replay_matches_a_real_halting_run_token_for_token(tiny, cue_word, tmp_p
         assert chk["exact_tokens"] == 3, chk["rows"]
         halts += [r["halted"][0] for r in chk["rows"]]
     assert any(halts), "no run halted: the check covered only the no-halt path"
+
+
+def test_a_bundle_brings_its_exit_cue_and_answer_budget_and_refuses_another_cue(tiny, cue_word, tmp_path):
+    """The guarantee was calibrated on forced exits with the bundle's exit cue and answer budget: a run takes them."""
+    fake_collect_dir(tmp_path / "d", {**tiny_config(tiny, cue_word), "answer_max_tokens": 3, "max_new_tokens": 24})
+    train_bundle(tmp_path / "d", tmp_path / "b.joblib", calib_fraction=0.5, use_hidden=False)
+    calibrate_bundle(tmp_path / "b.joblib", tmp_path / "d", delta=0.3, epsilon=0.2)
+    (t,) = run_problems(tiny, PROBLEMS[:1], RunConfig(policy=str(tmp_path / "b.joblib"), max_new_tokens=24))
+    assert t.meta["exit_cue"] == tiny.family.exit_cue and t.meta["answer_max_tokens"] == 3
+    with pytest.raises(ValueError, match="differs from the exit cue"):
+        run_problems(tiny, PROBLEMS[:1], RunConfig(policy=str(tmp_path / "b.joblib"), max_new_tokens=8,
+                                                   exit_cue="\n\nANSWER: "))
