@@ -182,7 +182,7 @@ class Monitor:
                     lst = series.get(key)
                     if lst is None:
                         lst = series[key] = [None] * t
-                    lst.append(val if val is None or self.record == "full" else _compact(val))
+                    lst.append(val)
                 for lst in series.values():
                     if len(lst) < t + 1:
                         lst.append(None)
@@ -262,17 +262,13 @@ class Monitor:
     def _record(self, token_id: int, text: str, phase: str, logprob: float | None) -> None:
         self._tok_ids.append(int(token_id))
         self._tok_text.append(text)
-        self._tok_logprob.append(logprob if logprob is None or self.record == "full" else _compact(logprob))
+        self._tok_logprob.append(logprob)
         self._tok_phase.append(phase)
 
-    def _point_values(self) -> dict[str, float | int]:
-        out: dict[str, float | int] = {}
-        for k, v in self.values.items():
-            fam, _, key = k.partition(".")
-            kept = self._kept.get(fam)
-            if kept is None or key in kept:
-                out[k] = _compact(v)
-        return out
+    def _point_values(self) -> dict[str, float | int | None]:
+        keys = [k for k in self.values if self._kept.get(k.partition(".")[0]) is None
+                or k.partition(".")[2] in self._kept[k.partition(".")[0]]]  # type: ignore[operator]
+        return dict(zip(keys, compact_series([self.values[k] for k in keys]), strict=True))
 
     def _record_point(self, pt: DecisionPoint, d: Decision) -> None:
         self.points.append({
@@ -344,7 +340,7 @@ class Monitor:
                     if kept is not None and key not in kept:
                         continue
                     lst = series.setdefault(key, [None] * self.reasoning_tokens)
-                    lst[-1] = val if val is None or self.record == "full" else _compact(val)
+                    lst[-1] = val
             for key, val in out.items():
                 if val is None:
                     self.values.pop(f"{sig.name}.{key}", None)
@@ -380,6 +376,13 @@ class Monitor:
             "forced": phases.count("forced"),
         }
 
+    def _recorded(self, values: list[float | None]) -> list[float | int | None]:
+        """A series as the trace keeps it: exact with record="full", else 4 significant digits (done here, once per
+        trace and vectorised, not per token on the hot path)."""
+        if self.record == "full":
+            return list(values)
+        return compact_series(values)
+
     def to_trace(self, *, trace_id: str, model: str, backend: str, question: str, prompt: str = "",
                  prompt_tokens: int = 0, answer_text: str = "", answer: str | None = None,
                  gold: str | None = None, correct: bool | None = None, reason: str | None = None,
@@ -397,8 +400,8 @@ class Monitor:
         return Trace(
             id=trace_id, model=model, backend=backend, question=question, prompt=prompt,
             tokens={"ids": list(self._tok_ids), "text": list(self._tok_text),
-                    "logprob": [_clean(x) for x in self._tok_logprob], "phase": list(self._tok_phase)},
-            signals={k: {kk: list(vv) for kk, vv in v.items()} for k, v in self._series.items()},
+                    "logprob": self._recorded([_clean(x) for x in self._tok_logprob]), "phase": list(self._tok_phase)},
+            signals={k: {kk: self._recorded(vv) for kk, vv in v.items()} for k, v in self._series.items()},
             decision_points=list(self.points),
             decision={"halted": d is not None, "at": self.halted_at, "reason": reason,
                       "policy": self._policy_name()},
@@ -433,12 +436,21 @@ def _number(v: Any) -> float | None:
 RECORD_LEVELS = ("default", "full")
 
 
-def _compact(v: float) -> float | int:
-    """A recorded value at the default level: 4 significant digits (a whole number as an int), which keeps a 32k-
-    token trace's JSON small; signals, policies and probes work on the exact values, online."""
-    if v == int(v) and abs(v) < 1e15:
-        return int(v)
-    return float(f"{v:.4g}")
+def compact_series(values: Sequence[float | None]) -> list[float | int | None]:
+    """A recorded series at the default level: 4 significant digits, whole numbers as ints, None stays None; the
+    signals, policies and probes work on the exact values online. Vectorised (numpy), once per trace."""
+    import numpy as np
+
+    if not values:
+        return []
+    x = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+    ok = np.isfinite(x)
+    mag = np.zeros_like(x)
+    nz = ok & (x != 0)
+    mag[nz] = 10.0 ** (3 - np.floor(np.log10(np.abs(x[nz]))))
+    r = np.where(nz, np.round(x * np.where(nz, mag, 1.0)) / np.where(nz, mag, 1.0), x)
+    whole = ok & (r == np.round(r)) & (np.abs(r) < 1e15)
+    return [None if not o else (int(v) if w else float(v)) for v, o, w in zip(r.tolist(), ok.tolist(), whole.tolist())]
 
 
 def _checked_values(out: Any, what: str) -> dict[str, float | None]:
