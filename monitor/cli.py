@@ -48,6 +48,16 @@ err_console = Console(stderr=True)
 PROBE_HANDLERS: dict[str, Any] = {}  # collect / train / calibrate, registered by probes.cli
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return out
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -125,6 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--tensor-parallel-size", type=positive_int, default=1, help="vLLM: GPUs to shard the model over")
     v.add_argument("--gpu-memory-utilization", type=fraction_arg, help="vLLM: fraction of GPU memory for the engine")
     v.add_argument("--json", action="store_true")
+
+    mb = bsub.add_parser("monitor", help="host time per token and memory of the monitor alone (synthetic steps)")
+    mb.add_argument("--batch", type=_int_list, default=[1, 16, 64, 256], help="batch sizes (default 1,16,64,256)")
+    mb.add_argument("--logprobs", type=logprobs_arg, default=20, help="top-k per token, or 'full' (default 20)")
+    mb.add_argument("--vocab", type=positive_int, default=151_936, help="vocabulary size (default Qwen's 151936)")
+    mb.add_argument("--tokens", type=positive_int, default=256, help="tokens per row for the timing (default 256)")
+    mb.add_argument("--hidden-size", type=positive_int, default=896, help="hidden size of the tapped layers")
+    mb.add_argument("--layers", type=positive_int, default=4, help="number of tapped layers (default 4)")
+    mb.add_argument("--memory-tokens", type=_int_list, default=[1_000, 8_000, 32_000],
+                    help="sequence lengths for the memory peak (default 1000,8000,32000)")
+    mb.add_argument("--json", action="store_true")
 
     d = sub.add_parser("diagnose", help="HTML report (or terminal summary) of one trace or a batch of traces")
     d.add_argument("traces", help="trace file (JSON Lines) written by `overthink run --trace`")
@@ -312,6 +333,9 @@ def _print_summary(s: dict[str, Any]) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from monitor.bench import bench_overhead
 
+    if args.bench == "monitor":
+        return _bench_monitor(args)
+
     check_bounds_from_args(args, args.new_tokens, 48, getattr(args, "batch_size", None) or args.requests,
                            memory=args.bench == "overhead")
     lm = load_from_args(args)
@@ -331,6 +355,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     table.add_row(f"monitored (4 signal families, layers {res.layers})", f"{res.monitored_tokens_per_s:.2f}")
     table.add_row("throughput_ratio", f"{res.throughput_ratio:.4f}")
     console.print(table)
+    return 0
+
+
+def _bench_monitor(args: argparse.Namespace) -> int:
+    from monitor.bench_monitor import bench_monitor
+
+    with err_console.status("benchmarking the monitor on synthetic steps ..."):
+        res = bench_monitor(args.batch, args.logprobs, args.vocab, args.tokens, args.hidden_size, args.layers,
+                            args.memory_tokens)
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=2))
+        return 0
+    s = res.setup
+    table = Table(title=f"monitor host cost, logprobs {s['logprobs']} (vocab {s['vocab']}), {s['layers']} layers x "
+                        f"{s['hidden_size']}, one core")
+    for col in ("batch", "host us / token", "tokens/s / core"):
+        table.add_column(col, justify="right")
+    for r in res.throughput:
+        table.add_row(str(r["batch"]), f"{r['host_us_per_token']:.1f}", f"{r['tokens_per_s_per_core']:.0f}")
+    console.print(table)
+    mem = Table(title="memory of one sequence (tracemalloc peak)")
+    for col in ("tokens", "recording", "peak MiB"):
+        mem.add_column(col, justify="right")
+    for r in res.memory:
+        mem.add_row(str(r["tokens"]), r["recording"], f"{r['peak_bytes'] / 2**20:.1f}")
+    console.print(mem)
     return 0
 
 

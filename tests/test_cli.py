@@ -112,3 +112,16 @@ def test_error_text_with_brackets_is_printed_verbatim(capsys, monkeypatch):
     monkeypatch.setattr(cli, "cmd_run", boom)
     code, _, err = run_cli(capsys, "run", "--model", "x", "--question", "q")
     assert code == 2 and 'overthink[embed]' in err
+
+
+def test_bench_monitor_reports_host_time_and_memory_as_json(capsys):
+    code, out, err = run_cli(capsys, "bench", "monitor", "--batch", "1,3", "--tokens", "12", "--vocab", "500",
+                             "--hidden-size", "32", "--layers", "2", "--memory-tokens", "50", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert [r["batch"] for r in res["throughput"]] == [1, 3]
+    for r in res["throughput"]:
+        assert r["host_us_per_token"] > 0 and r["tokens_per_s_per_core"] == pytest.approx(1e6 / r["host_us_per_token"],
+                                                                                         rel=1e-2)
+    assert {(m["tokens"], m["recording"]) for m in res["memory"]} == {(50, "default"), (50, "full")}
+    assert all(m["peak_bytes"] > 0 for m in res["memory"])

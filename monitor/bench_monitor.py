@@ -1,0 +1,128 @@
+"""`overthink bench monitor`: what the monitor alone costs on the host, per token, on synthetic steps.
+
+No model runs. For each batch size B, B sequences each get a Monitor with the default signal set (all four
+families, as `overthink run` builds them) and are fed `tokens` synthetic steps, one step per row per batch
+step, exactly as a backend feeds them: a next-token distribution (top-k log-probabilities, or full
+float32 logits of `vocab` entries as a tensor), hidden states of `n_layers` layers of `hidden_size`, and text
+with a step end every 40 tokens and a cue word every 200. The figure is host time per token (wall time of the
+monitor calls / (B x tokens)) with torch and BLAS on one thread, so `tokens_per_s_per_core` = 1e6 / that.
+
+Memory: tracemalloc's peak while one sequence of N tokens is monitored and its trace built, at each recording
+level. A benchmark, not a test: it reports what it measured.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+import tracemalloc
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class MonitorBenchResult:
+    throughput: list[dict[str, Any]] = field(default_factory=list)
+    memory: list[dict[str, Any]] = field(default_factory=list)
+    setup: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _text(i: int) -> str:
+    return ".\n\n" if i % 40 == 39 else (" Wait" if i % 200 == 0 else " so")
+
+
+def _distributions(logprobs: int | str, vocab: int, n: int, rng: np.random.Generator) -> list[Any]:
+    """A pool of synthetic next-token distributions (reused cyclically; building them is not timed)."""
+    import torch
+
+    if logprobs == "full":
+        return [torch.randn(vocab, generator=torch.Generator().manual_seed(i)) * 3.0 for i in range(n)]
+    k = int(logprobs)
+    return [dict(zip(rng.choice(vocab, size=k, replace=False).tolist(), np.sort(rng.normal(size=k) * 2.0)[::-1]
+                     .tolist(), strict=True)) for _ in range(n)]
+
+
+def _monitors(b: int, layers: list[int], record: str) -> list[Any]:
+    from monitor.cues import CueDetector
+    from monitor.monitor import Monitor
+    from monitor.run import RunConfig, default_signals
+
+    cfg = RunConfig(record=record)
+    return [Monitor(signals=default_signals(layers, cfg), cues=CueDetector(think_end="</think>"), record=record)
+            for _ in range(b)]
+
+
+def _feed(monitors: list[Any], tokens: int, dists: list[Any], hidden: list[dict[int, Any]]) -> float:
+    from monitor.events import TokenStep
+
+    t0 = time.perf_counter()
+    for i in range(tokens):
+        text = _text(i)
+        for r, m in enumerate(monitors):
+            k = (i * 7 + r) % len(dists)
+            m.observe(TokenStep(i, 7, text, logprobs=dists[k], hidden=hidden[k % len(hidden)]))
+    return time.perf_counter() - t0
+
+
+def bench_monitor(batches: Sequence[int] = (1, 16, 64, 256), logprobs: int | str = 20, vocab: int = 151_936,
+                  tokens: int = 256, hidden_size: int = 896, n_layers: int = 4,
+                  memory_tokens: Sequence[int] = (1_000, 8_000, 32_000),
+                  recordings: Sequence[str] = ("default", "full")) -> MonitorBenchResult:
+    """Host time per token at each batch size, and peak memory per sequence length and recording level."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    if tokens < 1 or hidden_size < 1 or n_layers < 1 or vocab < 2 or any(b < 1 for b in batches):
+        raise ValueError("--batch, --tokens, --vocab and the hidden sizes must be positive")
+    if logprobs != "full" and (int(logprobs) < 1 or int(logprobs) > vocab):
+        raise ValueError(f"--logprobs must be 'full' or an integer in 1..{vocab}")
+    rng = np.random.default_rng(0)
+    layers = list(range(n_layers))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    res = MonitorBenchResult(setup={"logprobs": logprobs, "vocab": vocab, "tokens": tokens,
+                                    "hidden_size": hidden_size, "layers": n_layers, "threads": 1,
+                                    "signals": "path_deviation, jsd_instability, latent_trajectory, redundancy"})
+    try:
+        with threadpool_limits(1):
+            dists = _distributions(logprobs, vocab, 16 if logprobs == "full" else 64, rng)
+            hidden = [{layer: torch.randn(hidden_size) for layer in layers} for _ in range(8)]
+            for b in batches:
+                mons = _monitors(b, layers, "default")
+                _feed(mons[:1], 8, dists, hidden)  # warm-up: first-call costs (imports, caches) are not timed
+                mons = _monitors(b, layers, "default")
+                gc.collect()
+                secs = _feed(mons, tokens, dists, hidden)
+                us = secs / (b * tokens) * 1e6
+                res.throughput.append({"batch": b, "logprobs": logprobs, "host_us_per_token": round(us, 2),
+                                       "tokens_per_s_per_core": round(1e6 / us, 1)})
+            for n in memory_tokens:
+                for rec in recordings:
+                    res.memory.append({"tokens": n, "recording": rec,
+                                       "peak_bytes": _peak_bytes(n, rec, layers, dists, hidden)})
+    finally:
+        torch.set_num_threads(threads)
+    return res
+
+
+def _peak_bytes(n: int, record: str, layers: list[int], dists: list[Any], hidden: list[dict[int, Any]]) -> int:
+    """tracemalloc peak while one sequence of `n` tokens is monitored and its trace record is built."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        (m,) = _monitors(1, layers, record)
+        _feed([m], n, dists, hidden)
+        m.finish()
+        m.to_trace(trace_id="bench", model="synthetic", backend="hf", question="q")
+        return int(tracemalloc.get_traced_memory()[1])
+    finally:
+        tracemalloc.stop()
+
+
+__all__ = ["bench_monitor", "MonitorBenchResult"]
