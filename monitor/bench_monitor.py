@@ -73,7 +73,7 @@ def _feed(monitors: list[Any], tokens: int, dists: list[Any], hidden: list[dict[
 def bench_monitor(batches: Sequence[int] = (1, 16, 64, 256), logprobs: int | str = 20, vocab: int = 151_936,
                   tokens: int = 256, hidden_size: int = 896, n_layers: int = 4,
                   memory_tokens: Sequence[int] = (1_000, 8_000, 32_000),
-                  recordings: Sequence[str] = ("default", "full")) -> MonitorBenchResult:
+                  recordings: Sequence[str] = ("points", "default", "full")) -> MonitorBenchResult:
     """Host time per token at each batch size, and peak memory per sequence length and recording level."""
     import torch
     from threadpoolctl import threadpool_limits

@@ -108,9 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the check that the batch's KV cache fits in free memory (HF backend)")
     r.add_argument("--trace", help="write traces to this JSON Lines file (atomically)")
     r.add_argument("--append", action="store_true", help="append to --trace instead of replacing it")
-    r.add_argument("--record", choices=["default", "full"], default="default",
+    r.add_argument("--record", choices=["default", "full", "points", "none"], default="default",
                    help="trace recording level: default (the series the report draws, 4 significant digits; a 32k-"
-                        "token trace stays under 4 MB) or full (every signal key, exact values)")
+                        "token trace stays under 4 MB), full (every signal key, float32), points (signal values at "
+                        "decision points only) or none (no signal values)")
     r.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
     b = sub.add_parser("bench", help="benchmarks")

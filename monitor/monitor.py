@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+from array import array
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -92,6 +93,7 @@ class Monitor:
         self.cues = cues if cues is not None else CueDetector()
         self.record_signals = record_signals
         self.record = record
+        self._series_on = record_signals and record in ("default", "full")
         self._kept = self._recorded_keys()
         self.reset()
 
@@ -123,10 +125,11 @@ class Monitor:
         self.errors: list[dict[str, Any]] = []
         self._error_index: dict[str, int] = {}  # component -> its record in `errors`
         self.values: dict[str, float] = {}  # latest finite value of each "family.key"
-        self._series: dict[str, dict[str, list[float | None]]] = {s.name: {} for s in self.signals}
-        self._tok_ids: list[int] = []
+        # columnar float32 series (NaN = undefined at that token), one per recorded "family.key"
+        self._series: dict[str, dict[str, array]] = {s.name: {} for s in self.signals}
+        self._tok_ids: array = array("q")
         self._tok_text: list[str] = []
-        self._tok_logprob: list[float | None] = []
+        self._tok_logprob: array = array("f")  # NaN where the backend gave none
         self._tok_phase: list[str] = []
         self.points: list[dict[str, Any]] = []
         self.reasoning_tokens = 0
@@ -146,6 +149,11 @@ class Monitor:
     def reasoning_ended(self) -> bool:
         """True once the model wrote its own end-of-reasoning marker."""
         return self.cues.reasoning_ended
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The generated token ids so far (every phase), as a list."""
+        return self._tok_ids.tolist()
 
     @property
     def n_tokens(self) -> int:
@@ -173,19 +181,19 @@ class Monitor:
             except Exception as e:  # fail open: one broken signal must not stop generation
                 self._failed(name, "update", pos, e)
                 continue
-            if self.record_signals:
+            if self._series_on:
                 series = self._series[name]
                 kept = self._kept.get(name)
                 for key, val in out.items():
                     if kept is not None and key not in kept:
                         continue
-                    lst = series.get(key)
-                    if lst is None:
-                        lst = series[key] = [None] * t
-                    lst.append(val)
-                for lst in series.values():
-                    if len(lst) < t + 1:
-                        lst.append(None)
+                    col = series.get(key)
+                    if col is None:
+                        col = series[key] = array("f", _NANS[:t] if t <= len(_NANS) else [math.nan] * t)
+                    col.append(_NAN if val is None else val)
+                for col in series.values():
+                    if len(col) < t + 1:
+                        col.append(_NAN)
             for key, val in out.items():
                 if val is None:
                     values.pop(f"{name}.{key}", None)
@@ -262,7 +270,7 @@ class Monitor:
     def _record(self, token_id: int, text: str, phase: str, logprob: float | None) -> None:
         self._tok_ids.append(int(token_id))
         self._tok_text.append(text)
-        self._tok_logprob.append(logprob)
+        self._tok_logprob.append(_NAN if logprob is None else logprob)
         self._tok_phase.append(phase)
 
     def _point_values(self) -> dict[str, float | int | None]:
@@ -276,7 +284,8 @@ class Monitor:
             "paragraph_start": pt.paragraph_start, "action": d.action,
             "score": _clean(d.score), "threshold": _clean(d.threshold),
             # finite floats only (see observe); at the default recording level the recorded keys, rounded
-            "values": dict(self.values) if self.record == "full" else self._point_values(),
+            "values": {} if self.record == "none" else dict(self.values) if self.record == "full" else
+            self._point_values(),
         })
 
     def _policy_name(self) -> str:
@@ -333,14 +342,15 @@ class Monitor:
                 continue
             if not out:
                 continue
-            if self.record_signals and self.reasoning_tokens:
+            if self._series_on and self.reasoning_tokens:
                 series = self._series[sig.name]
                 kept = self._kept.get(sig.name)
+                n = self.reasoning_tokens
                 for key, val in out.items():
                     if kept is not None and key not in kept:
                         continue
-                    lst = series.setdefault(key, [None] * self.reasoning_tokens)
-                    lst[-1] = val
+                    col = series.setdefault(key, array("f", [math.nan] * n))
+                    col[-1] = _NAN if val is None else val
             for key, val in out.items():
                 if val is None:
                     self.values.pop(f"{sig.name}.{key}", None)
@@ -376,12 +386,17 @@ class Monitor:
             "forced": phases.count("forced"),
         }
 
-    def _recorded(self, values: list[float | None]) -> list[float | int | None]:
-        """A series as the trace keeps it: exact with record="full", else 4 significant digits (done here, once per
-        trace and vectorised, not per token on the hot path)."""
+    def series(self, family: str, key: str) -> list[float | None]:
+        """One recorded per-token series as Python floats (None where undefined); [] when it is not recorded."""
+        col = self._series.get(family, {}).get(key)
+        return [] if col is None else [None if v != v else v for v in col.tolist()]
+
+    def _recorded(self, col: array) -> list[float | int | None]:
+        """A float32 column as the trace keeps it (NaN -> null): the float32 values with record="full", else 4
+        significant digits (done here, once per trace and vectorised, not per token on the hot path)."""
         if self.record == "full":
-            return list(values)
-        return compact_series(values)
+            return [None if v != v else v for v in col.tolist()]
+        return compact_series(col)
 
     def to_trace(self, *, trace_id: str, model: str, backend: str, question: str, prompt: str = "",
                  prompt_tokens: int = 0, answer_text: str = "", answer: str | None = None,
@@ -399,9 +414,10 @@ class Monitor:
         summary = self.summaries()  # before the errors are copied: a failing summary() is one of them
         return Trace(
             id=trace_id, model=model, backend=backend, question=question, prompt=prompt,
-            tokens={"ids": list(self._tok_ids), "text": list(self._tok_text),
-                    "logprob": self._recorded([_clean(x) for x in self._tok_logprob]), "phase": list(self._tok_phase)},
-            signals={k: {kk: self._recorded(vv) for kk, vv in v.items()} for k, v in self._series.items()},
+            tokens={"ids": self._tok_ids.tolist(), "text": list(self._tok_text),
+                    "logprob": self._recorded(self._tok_logprob), "phase": list(self._tok_phase)},
+            signals={k: {kk: self._recorded(vv) for kk, vv in v.items()} for k, v in self._series.items()}
+            if self._series_on else {},
             decision_points=list(self.points),
             decision={"halted": d is not None, "at": self.halted_at, "reason": reason,
                       "policy": self._policy_name()},
@@ -433,7 +449,9 @@ def _number(v: Any) -> float | None:
     raise TypeError(f"{_tname(v)}, expected a number")
 
 
-RECORD_LEVELS = ("default", "full")
+RECORD_LEVELS = ("default", "full", "points", "none")
+_NAN = math.nan
+_NANS = [math.nan] * 4096
 
 
 def compact_series(values: Sequence[float | None]) -> list[float | int | None]:
@@ -443,7 +461,10 @@ def compact_series(values: Sequence[float | None]) -> list[float | int | None]:
 
     if not values:
         return []
-    x = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+    if isinstance(values, array):
+        x = np.frombuffer(values, dtype=np.float32 if values.typecode == "f" else np.float64).astype(np.float64)
+    else:
+        x = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
     ok = np.isfinite(x)
     mag = np.zeros_like(x)
     nz = ok & (x != 0)

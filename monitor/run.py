@@ -50,7 +50,8 @@ class RunConfig:
     device: str = "auto"  # where the model was loaded (load_model); recorded in the trace
     dtype: str = "auto"  # weights' dtype (load_model; vLLM's --dtype)
     signals: bool = True  # False: no signals at all (policy and cues only)
-    record: str = "default"  # trace recording level: default (the report's series, rounded) | full (every key)
+    record: str = "default"  # trace recording level: default (the report's series, rounded) | full (every key) |
+    # points (values at decision points only) | none (no signal values)
     backend: str = "hf"  # "hf" (transformers) | "vllm"
     vllm_hidden: bool = True  # vLLM: tap hidden states (latent trajectory, hidden redundancy, probes)
     vllm_logprobs: int | str = 20  # vLLM: top-k log-probabilities per token, or "full"
@@ -69,8 +70,8 @@ class RunConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
-        if self.record not in ("default", "full"):
-            raise ValueError(f"--record must be 'default' or 'full', got {self.record!r}")
+        if self.record not in ("default", "full", "points", "none"):
+            raise ValueError(f"--record must be default, full, points or none, got {self.record!r}")
         if self.embedder not in ("hidden", "minilm"):
             raise ValueError(f"--embedder must be 'hidden' or 'minilm', got {self.embedder!r}")
         self.answer_kind = normalize_kind(self.answer_kind)

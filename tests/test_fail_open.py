@@ -192,7 +192,7 @@ def traces_of(results: list[SequenceResult]) -> list[Trace]:
 def healthy(tiny: tuple[Any, Any]) -> list[list[int]]:
     """The token ids of every row under a healthy observe-only monitor."""
     res = generate(tiny, lambda: Monitor(signals=[Recorder()], policy=ObservePolicy()))
-    return [r.monitor._tok_ids for r in res]
+    return [r.monitor.token_ids for r in res]
 
 
 def check_rows_and_traces(results: list[SequenceResult], healthy: list[list[int]], tmp_path: Any) -> list[dict]:
@@ -201,10 +201,10 @@ def check_rows_and_traces(results: list[SequenceResult], healthy: list[list[int]
     assert len(results) == len(PROMPTS)
     for r, ids in zip(results, healthy):
         mon = r.monitor
-        assert mon._tok_ids == ids  # fail-open never changes what the model writes
+        assert mon.token_ids == ids  # fail-open never changes what the model writes
         assert mon.reasoning_tokens == N and mon.decision is None
         assert mon._tok_phase.count("forced") == 3 and "budget" in r.stop_reason
-        assert mon._series["recorder"]["n"] == [float(i) for i in range(1, N + 1)]  # the healthy signal ran on
+        assert mon.series("recorder", "n") == [float(i) for i in range(1, N + 1)]  # the healthy signal ran on
     traces = traces_of(results)
     records = [json.loads(trace_line(t)) for t in traces]
     path = tmp_path / "traces.jsonl"

@@ -66,7 +66,7 @@ def test_observe_only_does_not_change_the_tokens(tiny):
     res = generate_once(gen, PROMPTS, exit_at_budget=False, max_new_tokens=12, min_new_tokens=12)
     expected = plain_greedy(tiny, PROMPTS, 12)
     for r, exp in zip(res, expected):
-        assert r.monitor._tok_ids == exp
+        assert r.monitor.token_ids == exp
         assert r.monitor.decision is None
         assert set(r.monitor._tok_phase) == {"reasoning"}
 
@@ -78,7 +78,7 @@ def test_steps_carry_raw_distribution_and_hidden_states_matching_a_recompute(tin
     res = generate_once(gen, PROMPTS[:1], exit_at_budget=False, max_new_tokens=6, min_new_tokens=6)
     steps = box[0].steps
     ids = tok(PROMPTS[0], add_special_tokens=False)["input_ids"]
-    gen_ids = res[0].monitor._tok_ids
+    gen_ids = res[0].monitor.token_ids
     full = torch.tensor([ids + gen_ids])
     with torch.no_grad():
         out = model(full, output_hidden_states=True)
@@ -101,7 +101,7 @@ def test_halt_injects_exit_cue_into_the_same_cache_and_answer_matches_recompute(
     gen = make_gen(tiny, [HaltAfterPolicy(5)], answer_max_tokens=6)
     res = generate_once(gen, PROMPTS[:1], max_new_tokens=50)
     mon = res[0].monitor
-    phases, ids = mon._tok_phase, mon._tok_ids
+    phases, ids = mon._tok_phase, mon.token_ids
     exit_ids = tok.encode(EXIT, add_special_tokens=False)
     assert phases[:5] == ["reasoning"] * 5
     assert phases[5:5 + len(exit_ids)] == ["forced"] * len(exit_ids)
@@ -124,7 +124,7 @@ def test_rows_halt_individually_in_a_batch(tiny):
     res = generate_once(gen, PROMPTS, exit_at_budget=False, max_new_tokens=10, min_new_tokens=10)
     assert res[0].monitor.decision.halt and res[0].monitor.reasoning_tokens == 3
     assert res[1].monitor.decision is None
-    assert res[1].monitor._tok_ids == plain_greedy(tiny, PROMPTS, 10)[1]
+    assert res[1].monitor.token_ids == plain_greedy(tiny, PROMPTS, 10)[1]
 
 
 class TrialAt:
@@ -151,13 +151,13 @@ def test_deer_trial_runs_on_a_cache_copy_and_counts_probe_tokens(tiny):
     gen = make_gen(tiny, [pol])
     res = generate_once(gen, PROMPTS[:1], exit_at_budget=False, max_new_tokens=8, min_new_tokens=8)
     mon = res[0].monitor
-    assert mon._tok_ids == plain_greedy(tiny, PROMPTS[:1], 8)[0]  # the trial did not disturb the sequence
+    assert mon.token_ids == plain_greedy(tiny, PROMPTS[:1], 8)[0]  # the trial did not disturb the sequence
     trial_ids = tok.encode(pol.trial_prompt, add_special_tokens=False)
     assert len(trial_ids) + 1 <= mon.probe_tokens <= len(trial_ids) + 4
     assert len(pol.confidences) == 1 and 0.0 <= pol.confidences[0] <= 1.0
     # recompute the trial from scratch: prefix up to and including token 3, then the trial prompt, greedy
     prompt_ids = tok(PROMPTS[0], add_special_tokens=False)["input_ids"]
-    seq = prompt_ids + mon._tok_ids[:4] + trial_ids
+    seq = prompt_ids + mon.token_ids[:4] + trial_ids
     probs = []
     for _ in range(mon.probe_tokens - len(trial_ids)):
         with torch.no_grad():
@@ -187,7 +187,7 @@ def test_broken_signal_fails_open_during_real_generation(tiny):
     mon = res[0].monitor
     assert mon.n_tokens == 6
     assert mon.errors[0]["signal"] == "broken" and "signal bug" in mon.errors[0]["error"]
-    assert mon._series["recorder"]["n"] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert mon.series("recorder", "n") == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
 
 
 def test_budget_exhaustion_forces_the_exit_cue_so_every_trace_has_an_answer(tiny):

@@ -158,7 +158,7 @@ def test_a_signal_whose_reset_raises_does_not_stop_the_monitor():
                          "stage": "reset", "count": 1}]
     for s in steps(["a", "b"]):
         m.observe(s)
-    assert sig.n == 0 and m._series["counter"]["n"] == [None, 2.0]
+    assert sig.n == 0 and m.series("counter", "n") == [None, 2.0]
     m.finish()
     t = m.to_trace(trace_id="x", model="m", backend="hf", question="q")
     assert "bad_reset" not in t.summary and t.signals["bad_reset"] == {}

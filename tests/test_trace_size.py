@@ -99,3 +99,27 @@ def test_32k_token_trace_with_every_default_signal_is_at_most_4_mb(tmp_path):
     assert len(back.signals["jsd_instability"]["instability"]) == N_TOKENS
     full = Monitor(signals=default_signals([11], RunConfig()), record="full")
     assert full.record == "full"  # every key, exact values: opt-in
+
+
+@pytest.mark.parametrize("record", ["points", "none"])
+def test_points_and_none_recording_levels(record, tmp_path):
+    """points: signal values only at decision points (no per-token series); none: no signal values at all."""
+    from monitor.run import RunConfig, default_signals
+
+    rng = np.random.default_rng(2)
+    m = Monitor(signals=default_signals([11], RunConfig()), record=record)
+    for i in range(400):
+        text = ".\n\n" if i % 32 == 31 else " w"
+        m.observe(TokenStep(i, 3, text, logprobs=dict(enumerate((rng.normal(size=8)).tolist())),
+                            hidden={11: rng.normal(size=16)}))
+    m.finish()
+    path = tmp_path / "t.jsonl"
+    write_traces(path, [m.to_trace(trace_id="x", model="m", backend="hf", question="q")])
+    (t,) = read_traces(path)
+    assert t.signals == {} and len(t.decision_points) >= 10
+    vals = [p["values"] for p in t.decision_points]
+    if record == "points":
+        assert all("jsd_instability.instability" in v for v in vals[1:])
+    else:
+        assert all(v == {} for v in vals)
+    render_report([t], tmp_path / "r.html")  # the report says why the signal panels are empty

@@ -75,7 +75,7 @@ def test_observing_matches_hf_tokens_logprobs_and_hidden_states(tiny, llm):
     for v, h, vr, hr in zip(vres, hres, vbox, hbox):
         # the same 20 greedy reasoning tokens; then both force the exit cue at the budget (vLLM a few
         # tokens late: its engine runs ahead of the driver, and those lag tokens are kept and counted)
-        assert v.monitor._tok_ids[:20] == h.monitor._tok_ids[:20]
+        assert v.monitor.token_ids[:20] == h.monitor.token_ids[:20]
         assert v.monitor._tok_phase.count("reasoning") == 20 + v.extra["lag_tokens"]
         assert v.monitor._tok_phase.count("forced") == h.monitor._tok_phase.count("forced")
         assert len(vr.steps) == len(hr.steps) == 20
@@ -116,7 +116,7 @@ def test_halt_after_lands_through_the_logits_processor_with_lag_counted(tiny, ll
         assert r.extra["halt_mode"] == "processor" and 0 <= lag <= 16
         # reasoning = the 8 observed tokens + the tokens produced before the exit cue landed
         assert ph.count("reasoning") == 8 + lag
-        forced = [t for t, p in zip(mon._tok_ids, ph) if p == "forced"]
+        forced = [t for t, p in zip(mon.token_ids, ph) if p == "forced"]
         assert forced == gen.exit_ids
         assert 1 <= ph.count("answer") <= 6 and ph.index("forced") < ph.index("answer")
         assert tiny.family.exit_cue in r.answer_text
@@ -130,7 +130,7 @@ def test_resubmit_answer_equals_hf_forced_exit(tiny, llm):
         assert v.extra["halt_mode"] == "resubmit" and v.extra["lag_tokens"] == 0
         assert v.extra["discarded_lag_tokens"] >= 1  # at least the token sampled with the decision token's hidden
         # same reasoning, the same exit cue ids, and the same greedy answer on the resumed sequence
-        assert v.monitor._tok_ids == h.monitor._tok_ids
+        assert v.monitor.token_ids == h.monitor.token_ids
         assert v.monitor._tok_phase == h.monitor._tok_phase
         assert v.answer_text == h.answer_text
 
@@ -248,7 +248,7 @@ def test_exit_still_lands_when_the_engine_ends_the_request_first(tiny, llm):
     (r,) = gen.generate(PROMPTS[:1], max_new_tokens=40)
     assert r.extra["fallback"] and "length" in r.extra["fallback"]
     ph = r.monitor._tok_phase
-    forced = [t for t, p in zip(r.monitor._tok_ids, ph) if p == "forced"]
+    forced = [t for t, p in zip(r.monitor.token_ids, ph) if p == "forced"]
     assert forced == gen.exit_ids and ph.count("reasoning") == 8 and ph.count("answer") >= 1
 
 
@@ -282,7 +282,7 @@ def test_async_engine_monitors_and_halts_each_request(tiny, llm, tmp_path):
 
     box, observed, halted = asyncio.run(main())
     for a, s, ra, rs in zip(observed, sync, box, sync_box):
-        assert a.monitor._tok_ids[:16] == s.monitor._tok_ids[:16]
+        assert a.monitor.token_ids[:16] == s.monitor.token_ids[:16]
         for x, y in zip(ra.steps, rs.steps):
             assert x.hidden is not None
             for layer in LAYERS:
@@ -292,5 +292,5 @@ def test_async_engine_monitors_and_halts_each_request(tiny, llm, tmp_path):
             ph = r.monitor._tok_phase
             assert r.monitor.halted_at == 8 and r.extra["halt_mode"] == force
             assert ph.count("reasoning") == 8 + r.extra["lag_tokens"] and ph.count("answer") >= 1
-            assert [t for t, p in zip(r.monitor._tok_ids, ph) if p == "forced"] == list(
+            assert [t for t, p in zip(r.monitor.token_ids, ph) if p == "forced"] == list(
                 tiny.tokenizer.encode(tiny.family.exit_cue, add_special_tokens=False))
