@@ -123,5 +123,5 @@ def test_bench_monitor_reports_host_time_and_memory_as_json(capsys):
     for r in res["throughput"]:
         assert r["host_us_per_token"] > 0 and r["tokens_per_s_per_core"] == pytest.approx(1e6 / r["host_us_per_token"],
                                                                                          rel=1e-2)
-    assert {(m["tokens"], m["recording"]) for m in res["memory"]} == {(50, "default"), (50, "full")}
+    assert {(m["tokens"], m["recording"]) for m in res["memory"]} == {(50, "points"), (50, "default"), (50, "full")}
     assert all(m["peak_bytes"] > 0 for m in res["memory"])
