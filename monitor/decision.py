@@ -34,13 +34,37 @@ CONTINUE, HALT, TRIAL = "continue", "halt", "trial"
 
 
 @dataclass(frozen=True)
+class TrialRequest:
+    """A trial answer to decode on a copy of the cache: the prompt appended there, the token budget, and how the
+    confidence is scored (mean or geometric mean probability of the tokens inside the braces the prompt opens).
+
+    Example:
+        >>> TrialRequest("\\n**Final Answer**\\n\\boxed{", max_tokens=20).mean
+        'arithmetic'
+    """
+
+    prompt: str
+    max_tokens: int = 20
+    mean: str = "arithmetic"  # "arithmetic" | "geometric"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str) or not self.prompt:
+            raise ValueError("a trial needs a non-empty prompt (the text appended before the trial answer)")
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            raise ValueError(f"a trial's max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.mean not in ("arithmetic", "geometric"):
+            raise ValueError(f"a trial's mean must be 'arithmetic' or 'geometric', got {self.mean!r}")
+
+
+@dataclass(frozen=True)
 class Decision:
-    """What the backend should do next for one sequence."""
+    """What the backend should do next for one sequence. A "trial" decision carries its `TrialRequest`."""
 
     action: str = CONTINUE  # "continue" | "halt" | "trial"
     reason: str = ""
     score: float | None = None
     threshold: float | None = None
+    trial: TrialRequest | None = None
 
     @property
     def halt(self) -> bool:
@@ -187,7 +211,8 @@ class DeerPolicy:
 
     def decide(self, ctx: DecisionContext) -> Decision:
         if ctx.point is not None and ctx.point.kind in self.kinds:
-            return Decision(TRIAL, f"trial answer at {_point_words(ctx.point)}")
+            return Decision(TRIAL, f"trial answer at {_point_words(ctx.point)}",
+                            trial=TrialRequest(self.trial_prompt, self.max_trial_tokens, self.mean))
         return Decision(CONTINUE)
 
     def decide_after_trial(self, ctx: DecisionContext, trial: TrialOutcome) -> Decision:

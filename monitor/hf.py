@@ -33,7 +33,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from monitor.decision import TRIAL, DeerPolicy, TrialOutcome
+from monitor.decision import TRIAL, TrialOutcome, TrialRequest
 from monitor.detokenize import IncrementalDetokenizer
 from monitor.events import TokenStep
 from monitor.models import decoder_layers, model_device
@@ -216,9 +216,8 @@ class HFMonitoredGenerator:
                          hidden=hidden or None)
         mon = row.monitor
         d = mon.observe(step)
-        if d.action == TRIAL and cache is not None:
-            policy = mon.policy
-            d = mon.trial_result(self._trial(b, row, cache, policy))
+        if d.action == TRIAL and cache is not None and d.trial is not None:  # no cache: the sequence just ended
+            d = mon.trial_result(self._trial(b, row, cache, d.trial))
         if d.halt:
             self._start_forcing(row)
         elif mon.reasoning_ended or tok in self.eos_ids:
@@ -259,14 +258,14 @@ class HFMonitoredGenerator:
         row.monitor.record_token(tok, text, "answer")
         advance_answer(row, tok in self.eos_ids, text, self.answer_max_tokens)
 
-    def _trial(self, b: int, row: RowState, cache: Any, policy: Any) -> TrialOutcome:
+    def _trial(self, b: int, row: RowState, cache: Any, request: TrialRequest) -> TrialOutcome:
         """Decode a trial answer greedily on a copy of row b's cache (the sequence itself is untouched).
 
-        The policy names the trial prompt (DEER: "\\n**Final Answer**\\n\\boxed{"; forced-exit labelling:
-        the model's exit cue) and the token budget; decoding stops when the opened brace closes."""
-        prompt = getattr(policy, "trial_prompt", DeerPolicy.trial_prompt)
-        max_tokens = getattr(policy, "max_trial_tokens", 20)
-        geometric = getattr(policy, "mean", "arithmetic") == "geometric"
+        The decision's `TrialRequest` names the trial prompt (DEER: "\\n**Final Answer**\\n\\boxed{"; forced-exit
+        labelling: the model's exit cue), the token budget and the scoring; decoding stops when the opened brace
+        closes."""
+        prompt, max_tokens = request.prompt, request.max_tokens
+        geometric = request.mean == "geometric"
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         with self.taps.paused():
             sub = DynamicCache(ddp_cache_data=[

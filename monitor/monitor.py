@@ -44,6 +44,7 @@ from monitor.decision import (
     ObservePolicy,
     Policy,
     TrialOutcome,
+    TrialRequest,
 )
 from monitor.events import TokenStep
 from monitor.signals.base import Signal
@@ -255,6 +256,14 @@ class Monitor:
             self.points[-1]["threshold"] = _clean(d.threshold)
             self.points[-1]["action"] = d.action
         return self._apply(d)
+
+    def trial_unavailable(self, why: str) -> Decision:
+        """The backend cannot decode the trial the last decision asked for: never a silent confidence of 0. The
+        policy is recorded as failed (once) and switched off, so the monitor observes from here on."""
+        ctx, self._pending_ctx = self._pending_ctx, None
+        if self._policy_error is None:
+            self._failed(self._policy_key(), "decide", ctx.position if ctx else None, RuntimeError(why))
+        return Decision(CONTINUE, self._policy_off_reason())
 
     def force_halt(self, reason: str) -> Decision:
         """Halt for a reason outside the policy (e.g. the backend's reasoning budget ran out)."""
@@ -500,6 +509,9 @@ def _checked_decision(d: Any, what: str) -> Decision:
         raise ValueError(f"{what} returned the action {d.action!r:.40}, expected one of {', '.join(ACTIONS)}")
     if not isinstance(d.reason, str):
         raise TypeError(f"{what} returned a Decision whose reason is {_tname(d.reason)}, expected a string")
+    if d.action == TRIAL and not isinstance(d.trial, TrialRequest):
+        raise TypeError(f"{what} returned a trial decision without a TrialRequest (got {_tname(d.trial)}); say what "
+                        "to decode: Decision('trial', reason, trial=TrialRequest(prompt, max_tokens, mean))")
     for field in ("score", "threshold"):
         v = getattr(d, field)
         if v is not None:

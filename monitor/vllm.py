@@ -359,8 +359,9 @@ class VLLMMonitoredGenerator:
         mon = st.monitor
         d = mon.observe(TokenStep(position=mon.n_tokens, token_id=tok, text=text, logprobs=lp,
                                   hidden=hidden or None))
-        if d.action == TRIAL:  # trials need a cache copy; under vLLM the policy gets no trial answer
-            d = mon.trial_result(_no_trial())
+        if d.action == TRIAL:  # trials need a cache copy: under vLLM that is an error in the trace, never a silent 0
+            d = mon.trial_unavailable("this backend cannot decode trial answers yet (they need a copy of the KV cache; "
+                                      "use --backend hf for trial-based policies)")
         if d.halt:
             return "halt"
         if self._is_eos(tok):
@@ -612,12 +613,6 @@ def _find(seq: list[int], sub: list[int]) -> int | None:
 
 def _chosen_logprob(lp: dict[int, float] | None, tok: int) -> float | None:
     return None if not lp or tok not in lp else lp[tok]
-
-
-def _no_trial() -> Any:
-    from monitor.decision import TrialOutcome
-
-    return TrialOutcome(0.0, 0, "")
 
 
 def _eos_ids(engine: Any, tokenizer: Any) -> set[int]:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from monitor.answers import check_answer, extract_answer, normalize_kind
-from monitor.decision import CONTINUE, TRIAL, Decision, DecisionContext, TrialOutcome
+from monitor.decision import CONTINUE, TRIAL, Decision, DecisionContext, TrialOutcome, TrialRequest
 from monitor.io import atomic_write_bytes, atomic_write_text
 from monitor.models import LoadedModel
 from monitor.run import RunConfig, build_prompt, grade, monitor_factory, problem_task, resolve_layers
@@ -59,7 +59,8 @@ class ForcedExitLabeler:
         if ctx.point is None or ctx.point.kind not in POINT_KINDS_FOR_PROBE:
             return Decision(CONTINUE)
         self._pending = point_features(ctx, self.layers, self.hidden_size)
-        return Decision(TRIAL, f"forced exit at token {ctx.point.index}")
+        return Decision(TRIAL, f"forced exit at token {ctx.point.index}",
+                        trial=TrialRequest(self.trial_prompt, self.max_trial_tokens, self.mean))
 
     def decide_after_trial(self, ctx: DecisionContext, trial: TrialOutcome) -> Decision:
         hidden, signals = self._pending  # type: ignore[misc]

@@ -17,7 +17,16 @@ from typing import Any
 import pytest
 from factories import Recorder
 
-from monitor.decision import CONTINUE, HALT, TRIAL, Decision, DecisionContext, ObservePolicy, TrialOutcome
+from monitor.decision import (
+    CONTINUE,
+    HALT,
+    TRIAL,
+    Decision,
+    DecisionContext,
+    ObservePolicy,
+    TrialOutcome,
+    TrialRequest,
+)
 from monitor.events import TokenStep
 from monitor.hf import HFMonitoredGenerator, SequenceResult
 from monitor.models import tiny_model_and_tokenizer
@@ -114,7 +123,7 @@ class FaultyPolicy:
             self.failed = True
             return self.bad()
         if self.method == "decide_after_trial" and len(self.calls) == 2:
-            return Decision(TRIAL, "trial at token 1")
+            return Decision(TRIAL, "trial at token 1", trial=TrialRequest("\n\\boxed{", max_tokens=2))
         return Decision(CONTINUE)
 
     def decide_after_trial(self, ctx: DecisionContext, trial: TrialOutcome) -> Any:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from factories import Recorder
 
-from monitor.decision import CONTINUE, TRIAL, Decision, HaltAfterPolicy, ObservePolicy
+from monitor.decision import CONTINUE, TRIAL, Decision, HaltAfterPolicy, ObservePolicy, TrialRequest
 from monitor.hf import HFMonitoredGenerator
 from monitor.models import tiny_model_and_tokenizer
 from monitor.monitor import Monitor
@@ -134,10 +134,10 @@ class TrialAt:
 
     def __init__(self, at):
         self.at, self.confidences, self.texts = at, [], []
-        self.trial_prompt, self.max_trial_tokens, self.mean = "\n**Final Answer**\n\\boxed{", 4, "arithmetic"
+        self.request = TrialRequest("\n**Final Answer**\n\\boxed{", max_tokens=4)
 
     def decide(self, ctx):
-        return Decision(TRIAL) if ctx.position == self.at else Decision(CONTINUE)
+        return Decision(TRIAL, trial=self.request) if ctx.position == self.at else Decision(CONTINUE)
 
     def decide_after_trial(self, ctx, trial):
         self.confidences.append(trial.confidence)
@@ -152,7 +152,7 @@ def test_deer_trial_runs_on_a_cache_copy_and_counts_probe_tokens(tiny):
     res = generate_once(gen, PROMPTS[:1], exit_at_budget=False, max_new_tokens=8, min_new_tokens=8)
     mon = res[0].monitor
     assert mon.token_ids == plain_greedy(tiny, PROMPTS[:1], 8)[0]  # the trial did not disturb the sequence
-    trial_ids = tok.encode(pol.trial_prompt, add_special_tokens=False)
+    trial_ids = tok.encode(pol.request.prompt, add_special_tokens=False)
     assert len(trial_ids) + 1 <= mon.probe_tokens <= len(trial_ids) + 4
     assert len(pol.confidences) == 1 and 0.0 <= pol.confidences[0] <= 1.0
     # recompute the trial from scratch: prefix up to and including token 3, then the trial prompt, greedy
@@ -211,10 +211,10 @@ def test_hooks_are_removed_on_close(tiny):
 
 def test_trial_text_is_returned_for_forced_exit_labelling(tiny):
     pol = TrialAt(2)
-    pol.trial_prompt = "\nAnswer:"  # opens no brace: decode runs to its budget
+    pol.request = TrialRequest("\nAnswer:", max_tokens=4)  # opens no brace: decode runs to its budget
     gen = make_gen(tiny, [pol])
     res = generate_once(gen, PROMPTS[:1], exit_at_budget=False, max_new_tokens=5, min_new_tokens=5)
     model, tok = tiny
-    n_prompt = len(tok.encode(pol.trial_prompt, add_special_tokens=False))
-    assert res[0].monitor.probe_tokens == n_prompt + pol.max_trial_tokens
+    n_prompt = len(tok.encode(pol.request.prompt, add_special_tokens=False))
+    assert res[0].monitor.probe_tokens == n_prompt + pol.request.max_tokens
     assert isinstance(pol.texts[0], str) and pol.texts[0]

@@ -5,6 +5,7 @@ import logging
 import numpy as np
 
 from monitor import Monitor, TokenStep, Trace
+from monitor.cues import CueDetector
 from monitor.decision import HaltAfterPolicy, SignalThresholdPolicy
 from monitor.trace import trace_line
 
@@ -252,3 +253,20 @@ def test_reset_starts_a_fresh_trace():
         m.observe(s)
     m.reset()
     assert m.errors == [] and m.n_tokens == 0
+
+
+def test_a_trial_decision_must_say_what_to_decode():
+    """A trial is requested through Decision.trial (a TrialRequest); one without it is a policy failure, once."""
+    from monitor.decision import TRIAL, Decision
+
+    class Vague:
+        name = "vague"
+
+        def decide(self, ctx):
+            return Decision(TRIAL, "trial please")
+
+    m = Monitor(signals=[], policy=Vague(), cues=CueDetector(min_step_tokens=1))
+    for i, t in enumerate(["a", " wait", ",", " b"]):
+        m.observe(TokenStep(i, i, t))
+    (err,) = m.errors
+    assert err["stage"] == "decide" and "without a TrialRequest" in err["error"]

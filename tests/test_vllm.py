@@ -185,6 +185,34 @@ def test_a_broken_signal_fails_open_under_vllm(tiny, llm):
     assert r.monitor.errors and r.monitor.errors[0]["signal"] == "broken"
 
 
+def test_a_trial_request_under_vllm_is_an_error_in_the_trace_never_a_silent_zero(tiny, llm):
+    from monitor.decision import CONTINUE, TRIAL, Decision, TrialRequest
+
+    class TrialAt3:
+        name = "trial-at-3"
+
+        def __init__(self):
+            self.after = 0
+
+        def decide(self, ctx):
+            if ctx.position == 3:
+                return Decision(TRIAL, "trial", trial=TrialRequest("\n\\boxed{", max_tokens=4))
+            return Decision(CONTINUE)
+
+        def decide_after_trial(self, ctx, trial):
+            self.after += 1
+            return Decision(CONTINUE)
+
+    pol = TrialAt3()
+    gen = VLLMMonitoredGenerator(llm, tiny.tokenizer, lambda: Monitor(signals=[], policy=pol), layers=LAYERS,
+                                 exit_cue=tiny.family.exit_cue, answer_max_tokens=4, hidden=False)
+    (r,) = gen.generate(PROMPTS[:1], max_new_tokens=12)
+    assert pol.after == 0 and r.monitor.probe_tokens == 0  # no fake trial answer reached the policy
+    (err,) = r.monitor.errors
+    assert err["signal"] == "policy:trial-at-3" and "cannot decode trial answers" in err["error"]
+    assert r.monitor.n_tokens >= 12  # generation went on
+
+
 def test_hf_trained_bundle_scores_the_same_under_vllm(tiny, llm, tmp_path):
     from test_probes import fake_collect_dir, tiny_config
 
