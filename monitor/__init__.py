@@ -10,6 +10,7 @@ Where things live:
 - decision.py     Decision and the halting policies
 - monitor.py      Monitor: runs signals (fail-open), cues and the policy for one sequence
 - trace.py        Trace record, schema validation, atomic JSON Lines IO (docs/trace-schema.md)
+- sequence.py     what both backends share: exit plan, answer phase, EOS ids, the sequence result
 - hf.py           Hugging Face transformers backend
 - models.py       model specs (named offline models, GGUF, directories, hub ids), devices and dtypes
 - formats.py      reasoning formats (R1, Qwen3, QwQ, gpt-oss, plain): end marker, exit cue, prompt

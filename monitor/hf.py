@@ -38,6 +38,7 @@ from monitor.detokenize import IncrementalDetokenizer
 from monitor.events import TokenStep
 from monitor.models import decoder_layers, model_device
 from monitor.monitor import Monitor
+from monitor.sequence import ExitPlan, SequenceResult, advance_answer, brace_delta, eos_ids
 
 log = logging.getLogger("overthink.hf")
 
@@ -156,19 +157,6 @@ class MonitorStoppingCriteria(StoppingCriteria):
         return done
 
 
-@dataclass
-class SequenceResult:
-    """What one row produced: its monitor (holding tokens, signals, decision) and the texts."""
-
-    monitor: Monitor
-    prompt: str
-    prompt_tokens: int
-    output_text: str
-    answer_text: str
-    stop_reason: str
-    extra: dict[str, Any] = field(default_factory=dict)  # backend-specific facts for the trace's meta
-
-
 class HFMonitoredGenerator:
     """Monitored generation over any causal LM, batched, with per-sequence halting.
 
@@ -189,20 +177,15 @@ class HFMonitoredGenerator:
         answer_max_tokens: int = 48,
         exit_at_budget: bool = True,
     ) -> None:
-        if answer_max_tokens < 1:
-            raise ValueError(f"answer_max_tokens must be >= 1, got {answer_max_tokens}")
         self.model, self.tokenizer = model, tokenizer
         self.device = model_device(model)  # where inputs go (the first shard of a model split over devices)
         self.monitor_factory = monitor_factory
         self.taps = HFTaps(model, layers)
         self.layers = self.taps.layers
-        self.exit_cue = exit_cue
-        self.exit_ids = tokenizer.encode(exit_cue, add_special_tokens=False)
-        if not self.exit_ids:
-            raise ValueError(f"exit cue {exit_cue!r} encodes to no tokens")
-        self.answer_max_tokens = answer_max_tokens
+        self.exit = ExitPlan.build(tokenizer, exit_cue, answer_max_tokens)
+        self.exit_cue, self.exit_ids, self.answer_max_tokens = exit_cue, list(self.exit.ids), answer_max_tokens
         self.exit_at_budget = exit_at_budget
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_ids(getattr(model.generation_config, "eos_token_id", None), tokenizer)
         self._max_reasoning = 0
 
     def close(self) -> None:
@@ -234,7 +217,7 @@ class HFMonitoredGenerator:
     def _start_forcing(self, row: RowState) -> None:
         row.phase = "forcing"
         row.forced_queue = list(self.exit_ids)
-        row.brace_depth = exit_brace_depth(self.exit_cue)
+        row.brace_depth = self.exit.brace_depth
 
     def _ingest(self, row: RowState, tok: int) -> None:
         text = row.detok.push(tok)
@@ -276,7 +259,7 @@ class HFMonitoredGenerator:
             inp = torch.tensor([ids], device=self.device)
             probs: list[float] = []
             out_ids: list[int] = []
-            depth, n_gen = _brace_delta(prompt), 0
+            depth, n_gen = brace_delta(prompt), 0
             track_brace = depth > 0  # a prompt ending in "\\boxed{" is answered when the brace closes
             for _ in range(max_tokens):
                 pos = torch.arange(past, past + inp.shape[1], device=inp.device)[None]
@@ -287,7 +270,7 @@ class HFMonitoredGenerator:
                 n_gen += 1
                 out_ids.append(tok)
                 piece = self.tokenizer.decode([tok], skip_special_tokens=False)
-                depth += _brace_delta(piece)
+                depth += brace_delta(piece)
                 if tok in self.eos_ids:
                     break
                 if track_brace and depth <= 0:
@@ -372,14 +355,7 @@ class HFMonitoredGenerator:
         for row, prompt in zip(rows, prompts):
             if row.pending is not None:  # generation ended right after a reasoning token
                 self._observe(-1, row, None, None)
-            row.monitor.finish()
-            phases = row.monitor._tok_phase
-            texts = row.monitor._tok_text
-            answer_text = "".join(t for t, ph in zip(texts, phases) if ph != "reasoning")
-            if not row.stop_reason:
-                row.stop_reason = "generation ended"
-            results.append(SequenceResult(row.monitor, prompt, row.prompt_len, "".join(texts), answer_text,
-                                          row.stop_reason))
+            results.append(SequenceResult.finish(row.monitor, prompt, row.prompt_len, row.stop_reason))
         return results
 
 
@@ -389,38 +365,3 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def _brace_delta(text: str) -> int:
-    return text.count("{") - text.count("}")
-
-
-def exit_brace_depth(exit_cue: str) -> int | None:
-    """Brace depth to track after an exit cue that opens "\\boxed{" (None: no brace to wait for)."""
-    return _brace_delta(exit_cue) if exit_cue.rstrip().endswith("{") else None
-
-
-def advance_answer(state: Any, is_eos: bool, text: str, answer_max_tokens: int) -> None:
-    """Count one answer token on a row's state (HF `RowState`, vLLM `_Request`): its phase becomes "done"
-    once the answer is written (end of sequence, the brace the exit cue opened closes, or the budget is spent)."""
-    state.answer_tokens += 1
-    if is_eos:
-        state.phase = "done"
-    elif state.brace_depth is not None:
-        state.brace_depth += _brace_delta(text)
-        if state.brace_depth <= 0:
-            state.phase = "done"
-    if state.answer_tokens >= answer_max_tokens:
-        state.phase = "done"
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if isinstance(eos, int):
-        ids.add(eos)
-    elif eos:
-        ids.update(int(e) for e in eos)
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return ids

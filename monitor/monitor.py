@@ -151,6 +151,14 @@ class Monitor:
         """True once the model wrote its own end-of-reasoning marker."""
         return self.cues.reasoning_ended
 
+    def generated_text(self) -> str:
+        """Everything generated so far (reasoning, forced exit cue, answer) as one text."""
+        return "".join(self._tok_text)
+
+    def text_after_reasoning(self) -> str:
+        """The forced exit cue (if any) and the answer: every token that is not reasoning."""
+        return "".join(t for t, ph in zip(self._tok_text, self._tok_phase) if ph != "reasoning")
+
     @property
     def token_ids(self) -> list[int]:
         """The generated token ids so far (every phase), as a list."""

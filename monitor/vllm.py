@@ -50,8 +50,8 @@ import numpy as np
 from monitor.decision import TRIAL
 from monitor.detokenize import IncrementalDetokenizer
 from monitor.events import TokenStep
-from monitor.hf import SequenceResult, advance_answer, exit_brace_depth
 from monitor.monitor import Monitor
+from monitor.sequence import ExitPlan, SequenceResult, advance_answer, eos_ids
 
 log = logging.getLogger("overthink.vllm")
 
@@ -306,18 +306,13 @@ class VLLMMonitoredGenerator:
     def _init(self, llm: Any, engine: Any, rpc: Callable[..., list[Any]], tokenizer: Any,
               monitor_factory: Callable[[], Monitor], layers: Sequence[int], exit_cue: str, answer_max_tokens: int,
               hidden: bool, force: str, logprobs: int | str, exit_at_budget: bool) -> None:
-        if answer_max_tokens < 1:
-            raise ValueError(f"answer_max_tokens must be >= 1, got {answer_max_tokens}")
         if logprobs != "full" and (not isinstance(logprobs, int) or logprobs < 1):
             raise ValueError(f"logprobs must be a positive top-k or 'full', got {logprobs!r}")
         self.llm, self.engine = llm, engine
         self.tokenizer = tokenizer
         self.monitor_factory = monitor_factory
-        self.exit_cue = exit_cue
-        self.exit_ids = tokenizer.encode(exit_cue, add_special_tokens=False)
-        if not self.exit_ids:
-            raise ValueError(f"exit cue {exit_cue!r} encodes to no tokens")
-        self.answer_max_tokens = answer_max_tokens
+        self.exit = ExitPlan.build(tokenizer, exit_cue, answer_max_tokens)
+        self.exit_cue, self.exit_ids, self.answer_max_tokens = exit_cue, list(self.exit.ids), answer_max_tokens
         self.exit_at_budget = exit_at_budget
         self.logprobs = -1 if logprobs == "full" else int(logprobs)
         self.info = probe_engine(rpc, engine.vllm_config, force)
@@ -423,7 +418,7 @@ class VLLMMonitoredGenerator:
         """The exit cue is in: the model writes its answer next."""
         st.phase = "answer"
         st.phase_forced = True
-        st.brace_depth = exit_brace_depth(self.exit_cue)
+        st.brace_depth = self.exit.brace_depth
         if not st.stop_reason:
             st.stop_reason = "halted by policy: exit cue forced"
 
@@ -570,15 +565,11 @@ class VLLMMonitoredGenerator:
     def _result(self, st: _Request) -> SequenceResult:
         if st.pending is not None:
             self._observe(st, None)
-        st.monitor.finish()
-        phases, texts = st.monitor._tok_phase, st.monitor._tok_text
-        answer_text = "".join(t for t, ph in zip(texts, phases) if ph != "reasoning")
-        return SequenceResult(st.monitor, st.prompt, len(st.prompt_ids), "".join(texts), answer_text,
-                              st.stop_reason or "generation ended",
-                              extra={"lag_tokens": st.lag, "discarded_lag_tokens": st.discarded,
-                                     "overrun_tokens": st.overrun, "engine_finish_reason": st.engine_finish,
-                                     "fallback": st.fallback,
-                                     "halt_mode": self.info.force_mode if st.fbuf or st.phase_forced else None})
+        return SequenceResult.finish(
+            st.monitor, st.prompt, len(st.prompt_ids), st.stop_reason,
+            extra={"lag_tokens": st.lag, "discarded_lag_tokens": st.discarded, "overrun_tokens": st.overrun,
+                   "engine_finish_reason": st.engine_finish, "fallback": st.fallback,
+                   "halt_mode": self.info.force_mode if st.fbuf or st.phase_forced else None})
 
 
 def _merge_hidden(blob: bytes, buf: dict[str, dict[int, dict[int, np.ndarray]]]) -> None:
@@ -616,19 +607,8 @@ def _chosen_logprob(lp: dict[int, float] | None, tok: int) -> float | None:
 
 
 def _eos_ids(engine: Any, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    try:
-        gen_cfg = engine.vllm_config.model_config.hf_config
-        eos = getattr(gen_cfg, "eos_token_id", None)
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif eos:
-            ids.update(int(e) for e in eos)
-    except AttributeError:
-        pass
-    return ids
+    cfg = getattr(getattr(getattr(engine, "vllm_config", None), "model_config", None), "hf_config", None)
+    return eos_ids(getattr(cfg, "eos_token_id", None), tokenizer)
 
 
 class AsyncVLLMMonitoredGenerator(VLLMMonitoredGenerator):

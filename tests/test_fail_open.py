@@ -28,9 +28,10 @@ from monitor.decision import (
     TrialRequest,
 )
 from monitor.events import TokenStep
-from monitor.hf import HFMonitoredGenerator, SequenceResult
+from monitor.hf import HFMonitoredGenerator
 from monitor.models import tiny_model_and_tokenizer
 from monitor.monitor import Monitor
+from monitor.sequence import SequenceResult
 from monitor.trace import Trace, read_traces, trace_line, write_traces
 
 PROMPTS = [

@@ -1,0 +1,97 @@
+"""What every backend shares about one generated sequence: the exit plan, the answer phase and the result.
+
+A sequence goes reasoning -> forced exit cue (after a halt, or when the reasoning budget runs out) -> answer ->
+done. The answer ends at end-of-sequence, when the brace an exit cue like `\\boxed{` opened closes, or when its
+budget is spent. The HF and vLLM drivers keep their own per-row state (what differs: caches, engine requests)
+and use these pieces for the rest, so the rules are written once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from monitor.monitor import Monitor
+
+
+@dataclass(frozen=True)
+class ExitPlan:
+    """How a halted sequence exits: the exit cue, its token ids, and the answer budget after it."""
+
+    cue: str
+    ids: tuple[int, ...]
+    answer_max_tokens: int
+
+    @classmethod
+    def build(cls, tokenizer: Any, cue: str, answer_max_tokens: int) -> ExitPlan:
+        if not isinstance(answer_max_tokens, int) or answer_max_tokens < 1:
+            raise ValueError(f"answer_max_tokens must be >= 1, got {answer_max_tokens}")
+        ids = tuple(tokenizer.encode(cue, add_special_tokens=False))
+        if not ids:
+            raise ValueError(f"exit cue {cue!r} encodes to no tokens")
+        return cls(cue, ids, answer_max_tokens)
+
+    @property
+    def brace_depth(self) -> int | None:
+        """Brace depth to track after the cue when it opens "\\boxed{" (None: no brace to wait for)."""
+        return exit_brace_depth(self.cue)
+
+
+def brace_delta(text: str) -> int:
+    return text.count("{") - text.count("}")
+
+
+def exit_brace_depth(exit_cue: str) -> int | None:
+    """Brace depth to track after an exit cue that opens "\\boxed{" (None: no brace to wait for)."""
+    return brace_delta(exit_cue) if exit_cue.rstrip().endswith("{") else None
+
+
+def advance_answer(state: Any, is_eos: bool, text: str, answer_max_tokens: int) -> None:
+    """Count one answer token on a row's state (HF `RowState`, vLLM `_Request`): its phase becomes "done"
+    once the answer is written (end of sequence, the brace the exit cue opened closes, or the budget is spent)."""
+    state.answer_tokens += 1
+    if is_eos:
+        state.phase = "done"
+    elif state.brace_depth is not None:
+        state.brace_depth += brace_delta(text)
+        if state.brace_depth <= 0:
+            state.phase = "done"
+    if state.answer_tokens >= answer_max_tokens:
+        state.phase = "done"
+
+
+def eos_ids(generation_eos: int | Iterable[int] | None, tokenizer: Any) -> set[int]:
+    """The end-of-sequence ids: the generation config's (one id or several) and the tokenizer's."""
+    ids: set[int] = set()
+    if isinstance(generation_eos, int):
+        ids.add(generation_eos)
+    elif generation_eos:
+        ids.update(int(e) for e in generation_eos)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+@dataclass
+class SequenceResult:
+    """What one row produced: its monitor (holding tokens, signals, decision) and the texts."""
+
+    monitor: Monitor
+    prompt: str
+    prompt_tokens: int
+    output_text: str
+    answer_text: str
+    stop_reason: str
+    extra: dict[str, Any] = field(default_factory=dict)  # backend-specific facts for the trace's meta
+
+    @classmethod
+    def finish(cls, monitor: Monitor, prompt: str, prompt_tokens: int, stop_reason: str,
+               extra: dict[str, Any] | None = None) -> SequenceResult:
+        """Close the monitor and assemble the result (the answer text is everything after the reasoning)."""
+        monitor.finish()
+        return cls(monitor, prompt, prompt_tokens, monitor.generated_text(), monitor.text_after_reasoning(),
+                   stop_reason or "generation ended", dict(extra or {}))
+
+
+__all__ = ["ExitPlan", "SequenceResult", "advance_answer", "exit_brace_depth", "brace_delta", "eos_ids"]
