@@ -237,10 +237,11 @@ class LineSink:
             raise RuntimeError("LineSink is not open")
         data = b"".join(line.encode("utf-8") + b"\n" for line in lines)
         n = data.count(b"\n")
-        self._f.write(data)
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self.count += n
+        with _signals_deferred():  # Ctrl-C / SIGTERM land after the lines are written and counted, never between
+            self._f.write(data)
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self.count += n
 
     def close(self) -> None:
         """Finish: a fresh file replaces `path` (even when interrupted, with the lines it holds)."""
@@ -293,6 +294,22 @@ def lock_path(target: str) -> str:
     d = os.path.join(root, "locks")
     os.makedirs(d, exist_ok=True)
     return os.path.join(d, hashlib.sha256(os.path.realpath(target).encode()).hexdigest()[:24] + ".lock")
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back for the block (POSIX); they are delivered when it ends."""
+    import signal
+
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None:  # pragma: no cover - not POSIX
+        yield
+        return
+    old = mask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, old)
 
 
 def _check_whole_lines(path: str, flag: str) -> None:
