@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from monitor.run import RunConfig
+    from monitor.run import RunConfig, problem_kind
 
     if args.limit and not args.data:
         raise UsageError("--limit only applies to --data")
@@ -183,7 +183,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                     enforce_eager=args.enforce_eager, record=args.record)
     problems = problems_from_args(args, cfg)
     cfg.validate()
-    check_bounds_from_args(args, cfg.max_new_tokens, max(cfg.answer_budget(k) for k in _kinds(cfg, problems)),
+    check_bounds_from_args(args, cfg.max_new_tokens,
+                           max(cfg.answer_budget(problem_kind(cfg.answer_kind, p)) for p in problems),
                            min(cfg.batch_size, len(problems)), memory=args.backend != "vllm")
     if not args.trace:
         return _run_and_print(args, load_from_args(args, weights=args.backend != "vllm"), cfg, problems, None)
@@ -205,12 +206,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 130
     finally:
         sink.close()
-
-
-def _kinds(cfg: Any, problems: list[dict[str, Any]]) -> set[str]:
-    from monitor.answers import normalize_kind
-
-    return {normalize_kind(p.get("answer_kind") or cfg.answer_kind) for p in problems}
 
 
 def problems_from_args(args: argparse.Namespace, cfg: Any) -> list[dict[str, Any]]:

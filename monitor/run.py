@@ -20,7 +20,7 @@ from monitor.cues import DEFAULT_CUE_WORDS, CueDetector
 from monitor.decision import parse_policy
 from monitor.formats import FREE_KINDS
 from monitor.models import LoadedModel, decoder_layers, default_layers
-from monitor.monitor import Monitor
+from monitor.monitor import RECORD_LEVELS, Monitor
 from monitor.signals import JSDInstability, LatentTrajectory, PathDeviation, Redundancy
 from monitor.trace import Trace
 
@@ -70,8 +70,8 @@ class RunConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
-        if self.record not in ("default", "full", "points", "none"):
-            raise ValueError(f"--record must be default, full, points or none, got {self.record!r}")
+        if self.record not in RECORD_LEVELS:
+            raise ValueError(f"--record must be one of {', '.join(RECORD_LEVELS)}, got {self.record!r}")
         if self.embedder not in ("hidden", "minilm"):
             raise ValueError(f"--embedder must be 'hidden' or 'minilm', got {self.embedder!r}")
         self.answer_kind = normalize_kind(self.answer_kind)
@@ -231,19 +231,23 @@ class Task:
     answer_max_tokens: int
 
 
+def problem_kind(default_kind: str, problem: dict[str, Any] | None = None) -> str:
+    """A problem's answer kind: its own `answer_kind`, else the run's."""
+    return normalize_kind((problem or {}).get("answer_kind") or default_kind)
+
+
 def problem_task(lm: LoadedModel, cfg: RunConfig, problem: dict[str, Any] | None = None) -> Task:
-    """A problem's answer kind (its own `answer_kind`, else the run's), exit cue and answer budget."""
-    kind = normalize_kind((problem or {}).get("answer_kind") or cfg.answer_kind)
+    """A problem's answer kind, exit cue and answer budget."""
+    kind = problem_kind(cfg.answer_kind, problem)
     cue = cfg.exit_cue if cfg.exit_cue is not None else lm.family.exit_cue_for(kind)
     return Task(kind, cue, cfg.answer_budget(kind))
 
 
-def build_prompt(lm: LoadedModel, cfg: RunConfig, problem: dict[str, Any]) -> str:
+def build_prompt(lm: LoadedModel, cfg: RunConfig, problem: dict[str, Any], kind: str | None = None) -> str:
     """The rendered prompt of one problem: its chat `messages` if it has them, else its question (with the
     reasoning instruction its answer kind needs), and the run's system message."""
-    kind = problem_task(lm, cfg, problem).kind
     return lm.family.build_prompt(lm.tokenizer, problem.get("question"), messages=problem.get("messages"),
-                                  system=cfg.system, kind=kind)
+                                  system=cfg.system, kind=kind or problem_kind(cfg.answer_kind, problem))
 
 
 def make_generator(lm: LoadedModel, cfg: RunConfig, layers: Sequence[int],
@@ -311,7 +315,7 @@ def run_problems(
     policy = load_probe_policy(cfg.policy, lm, cfg) if is_bundle_spec(cfg.policy) else None
     layers = resolve_layers(lm, cfg.layers)
     factory = monitor_factory(layers, cfg, lm.family.think_end, (lambda: policy) if policy is not None else None)
-    check_prompt_lengths(lm, cfg, problems)
+    planned = plan_problems(lm, cfg, problems)  # each problem's task and prompt, checked against the context
     gens: dict[Task, Any] = {}
     engine = llm
     traces: list[Trace] = []
@@ -319,15 +323,15 @@ def run_problems(
         for start in range(0, len(problems), cfg.batch_size):
             batch = problems[start:start + cfg.batch_size]
             groups: dict[Task, list[int]] = {}
-            for i, p in enumerate(batch):
-                groups.setdefault(problem_task(lm, cfg, p), []).append(i)
+            for i in range(len(batch)):
+                groups.setdefault(planned[start + i][0], []).append(i)
             out: list[Trace | None] = [None] * len(batch)
             for task, idx in groups.items():
                 if task not in gens:
                     gens[task] = make_generator(lm, cfg, layers, factory, engine, task)
                     engine = getattr(gens[task], "llm", engine)  # vLLM: one engine for every task
                 sub = [batch[i] for i in idx]
-                prompts = [build_prompt(lm, cfg, p) for p in sub]
+                prompts = [planned[start + i][1] for i in idx]
                 t0 = time.perf_counter()
                 results = gens[task].generate(prompts, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
                                               temperature=cfg.temperature, seed=cfg.seed + start)
@@ -370,21 +374,24 @@ def _trace(lm: LoadedModel, cfg: RunConfig, layers: list[int], task: Task, p: di
     )
 
 
-def check_prompt_lengths(lm: LoadedModel, cfg: RunConfig, problems: Sequence[dict[str, Any]]) -> None:
-    """Every prompt + the reasoning budget + exit cue + answer budget must fit the model's context; the error
-    names the first problem that does not."""
+def plan_problems(lm: LoadedModel, cfg: RunConfig, problems: Sequence[dict[str, Any]]) -> list[tuple[Task, str]]:
+    """Each problem's task and rendered prompt, made once; every prompt + the reasoning budget + exit cue + answer
+    budget must fit the model's context, and the error names the first problem that does not."""
     from monitor.bounds import check_budget, limits_of
 
     limits = limits_of(lm.model)
-    if not limits.context:
-        return
+    planned = []
     for p in problems:
         task = problem_task(lm, cfg, p)
-        n = len(lm.tokenizer.encode(build_prompt(lm, cfg, p), add_special_tokens=False))
-        try:
-            check_budget(limits, cfg.max_new_tokens, task.answer_max_tokens, prompt_tokens=n)
-        except ValueError as e:
-            raise ValueError(f"problem {p.get('id')!r}: {e}") from None
+        prompt = build_prompt(lm, cfg, p, task.kind)
+        if limits.context:
+            n = len(lm.tokenizer.encode(prompt, add_special_tokens=False))
+            try:
+                check_budget(limits, cfg.max_new_tokens, task.answer_max_tokens, prompt_tokens=n)
+            except ValueError as e:
+                raise ValueError(f"problem {p.get('id')!r}: {e}") from None
+        planned.append((task, prompt))
+    return planned
 
 
 def sampling_used(cfg: RunConfig) -> dict[str, Any]:

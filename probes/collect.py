@@ -28,11 +28,19 @@ from typing import Any
 
 import numpy as np
 
-from monitor.answers import check_answer, extract_answer, normalize_kind
+from monitor.answers import check_answer, extract_answer
 from monitor.decision import CONTINUE, TRIAL, Decision, DecisionContext, TrialOutcome, TrialRequest
 from monitor.io import atomic_write_bytes, atomic_write_text
 from monitor.models import LoadedModel
-from monitor.run import RunConfig, build_prompt, grade, monitor_factory, problem_task, resolve_layers
+from monitor.run import (
+    RunConfig,
+    build_prompt,
+    grade,
+    monitor_factory,
+    problem_kind,
+    problem_task,
+    resolve_layers,
+)
 from probes.features import POINT_KINDS_FOR_PROBE, point_features, signal_feature_names
 
 MANIFEST = "manifest.json"
@@ -330,7 +338,7 @@ def collect(lm: LoadedModel, problems: Sequence[dict[str, Any]], out_dir: str | 
             batch = todo[start:start + cfg.batch_size]
             labelers.clear()
             golds = iter([None if p.get("answer") is None else str(p["answer"]) for p in batch])
-            kinds = iter([normalize_kind(p.get("answer_kind") or task.kind) for p in batch])
+            kinds = iter([problem_kind(task.kind, p) for p in batch])
             prompts = [build_prompt(lm, cfg, p) for p in batch]
             results = gen.generate(prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
             shard = _write_shard(out, next_shard, batch, results, labelers)
