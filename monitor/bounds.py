@@ -169,12 +169,12 @@ def check_memory(limits: ModelLimits | None, batch_size: int, tokens_per_row: in
 
 def dtype_bytes(dtype: str | Any, device: str) -> int:
     """Bytes per value of the dtype a model will run in ("auto": 2 on a GPU, 4 on a CPU)."""
-    d = str(dtype).replace("torch.", "").lower()
-    if d in ("bfloat16", "float16", "bf16", "fp16", "half"):
-        return 2
+    from monitor.models import dtype_name
+
+    d = dtype_name(dtype)
     if d == "auto":
         return 4 if device == "cpu" else 2
-    return 4
+    return 4 if d == "float32" else 2
 
 
 __all__ = ["ModelLimits", "peek_limits", "limits_of", "limits_from_config", "check_budget", "check_memory",

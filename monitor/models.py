@@ -413,6 +413,13 @@ def _as_dtype(dtype: Any) -> torch.dtype | str:
     raise ValueError(f"dtype must be a torch.dtype or one of {', '.join(DTYPES)}; got {dtype!r}")
 
 
+def dtype_name(dtype: Any) -> str:
+    """The canonical name of a dtype given as text or torch.dtype: "auto", "bfloat16", "float16" or "float32"
+    (aliases such as bf16, fp16, half, fp32 accepted); a ValueError names the choices otherwise."""
+    dt = _as_dtype(dtype)
+    return dt if isinstance(dt, str) else str(dt).replace("torch.", "")
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where and in what precision a model's weights go.
