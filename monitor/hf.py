@@ -183,7 +183,6 @@ class HFMonitoredGenerator:
         self.taps = HFTaps(model, layers)
         self.layers = self.taps.layers
         self.exit = ExitPlan.build(tokenizer, exit_cue, answer_max_tokens)
-        self.exit_cue, self.exit_ids, self.answer_max_tokens = exit_cue, list(self.exit.ids), answer_max_tokens
         self.exit_at_budget = exit_at_budget
         self.eos_ids = eos_ids(getattr(model.generation_config, "eos_token_id", None), tokenizer)
         self._max_reasoning = 0
@@ -216,7 +215,7 @@ class HFMonitoredGenerator:
 
     def _start_forcing(self, row: RowState) -> None:
         row.phase = "forcing"
-        row.forced_queue = list(self.exit_ids)
+        row.forced_queue = list(self.exit.ids)
         row.brace_depth = self.exit.brace_depth
 
     def _ingest(self, row: RowState, tok: int) -> None:
@@ -239,7 +238,7 @@ class HFMonitoredGenerator:
             return
         # answer phase
         row.monitor.record_token(tok, text, "answer")
-        advance_answer(row, tok in self.eos_ids, text, self.answer_max_tokens)
+        advance_answer(row, tok in self.eos_ids, text, self.exit.answer_max_tokens)
 
     def _trial(self, b: int, row: RowState, cache: Any, request: TrialRequest) -> TrialOutcome:
         """Decode a trial answer greedily on a copy of row b's cache (the sequence itself is untouched).
@@ -342,7 +341,7 @@ class HFMonitoredGenerator:
         self.model.generate(
             **enc,
             past_key_values=cache,
-            max_new_tokens=max_new_tokens + len(self.exit_ids) + self.answer_max_tokens,
+            max_new_tokens=max_new_tokens + len(self.exit.ids) + self.exit.answer_max_tokens,
             logits_processor=LogitsProcessorList([MonitorLogitsProcessor(self, rows, cache)]),
             stopping_criteria=StoppingCriteriaList([MonitorStoppingCriteria(self, rows)]),
             pad_token_id=tok.pad_token_id,

@@ -146,13 +146,12 @@ def _engine_kwargs(model_dir: str | Path, hidden: bool, max_model_len: int, seed
 def resolve_vllm_dtype(dtype: str | None) -> str:
     """vLLM's `dtype`: "auto" is vLLM's own rule on a GPU (the config's bf16/fp16; fp32 checkpoints run in fp16),
     and float32 on a CPU-only machine, where it matches the HF backend's CPU default."""
-    d = str(dtype or "auto").lower()
-    if d not in ("auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32"):
-        raise ValueError(f"--dtype must be auto, bfloat16, float16 or float32; got {dtype!r}")
-    d = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(d, d)
-    if d == "auto":
-        import torch
+    import torch
 
+    from monitor.models import dtype_name
+
+    d = dtype_name(dtype or "auto")
+    if d == "auto":
         return "auto" if torch.cuda.is_available() else "float32"
     return d
 
@@ -312,7 +311,6 @@ class VLLMMonitoredGenerator:
         self.tokenizer = tokenizer
         self.monitor_factory = monitor_factory
         self.exit = ExitPlan.build(tokenizer, exit_cue, answer_max_tokens)
-        self.exit_cue, self.exit_ids, self.answer_max_tokens = exit_cue, list(self.exit.ids), answer_max_tokens
         self.exit_at_budget = exit_at_budget
         self.logprobs = -1 if logprobs == "full" else int(logprobs)
         self.info = probe_engine(rpc, engine.vllm_config, force)
@@ -390,9 +388,9 @@ class VLLMMonitoredGenerator:
             return
         if st.phase == "forcing":
             st.fbuf.append(tok)
-            at = _find(st.fbuf, self.exit_ids)
+            at = _find(st.fbuf, self.exit.ids)
             if at is None:
-                if len(st.fbuf) > LAG_LIMIT + len(self.exit_ids):
+                if len(st.fbuf) > LAG_LIMIT + len(self.exit.ids):
                     actions.append(("stuck", st))
                 return
             buf, st.fbuf = st.fbuf, []
@@ -400,11 +398,11 @@ class VLLMMonitoredGenerator:
                 st.lag += 1
                 st.generated.append(t)
                 st.monitor.record_token(t, st.detok.push(t), "reasoning")
-            for t in buf[at:at + len(self.exit_ids)]:
+            for t in buf[at:at + len(self.exit.ids)]:
                 st.generated.append(t)
                 st.monitor.record_token(t, st.detok.push(t), "forced")
             self._start_answer(st)
-            for t in buf[at + len(self.exit_ids):]:
+            for t in buf[at + len(self.exit.ids):]:
                 self._ingest(st, t, None, hid, actions)
             return
         # answer phase
@@ -412,7 +410,7 @@ class VLLMMonitoredGenerator:
         st.generated.append(tok)
         st.monitor.record_token(tok, "" if self._is_eos(tok) else text, "answer",
                                 _chosen_logprob(_to_logprobs(lp), tok))
-        advance_answer(st, self._is_eos(tok), text, self.answer_max_tokens)
+        advance_answer(st, self._is_eos(tok), text, self.exit.answer_max_tokens)
 
     def _start_answer(self, st: _Request) -> None:
         """The exit cue is in: the model writes its answer next."""
@@ -437,7 +435,7 @@ class VLLMMonitoredGenerator:
     def _halt(self, st: _Request, seed: int | None, by: dict[str, _Request]) -> None:
         """Force the exit cue for `st`: the logits processor, or abort + resubmit."""
         if self.info.force_mode == "processor":
-            self.llm.collective_rpc("overthink_force", args=(st.key, self.exit_ids))
+            self.llm.collective_rpc("overthink_force", args=(st.key, self.exit.ids))
             return
         self._resubmit(st, seed, by)
 
@@ -445,7 +443,7 @@ class VLLMMonitoredGenerator:
         self.engine.abort_request([st.rid])
         by.pop(st.rid, None)
         by[self._prepare_resubmit(st)] = st
-        self._add(st, st.prompt_ids + st.generated, self.answer_max_tokens, seed)
+        self._add(st, st.prompt_ids + st.generated, self.exit.answer_max_tokens, seed)
 
     def _prepare_resubmit(self, st: _Request) -> str:
         """Bookkeeping of abort + resubmit: drop the lag, append the exit cue; returns the new request id."""
@@ -454,7 +452,7 @@ class VLLMMonitoredGenerator:
         # labels the calibration rests on). They were computed, so they are counted (discarded_lag_tokens).
         st.discarded += len(st.fbuf)
         st.fbuf = []  # (never pushed to the detokenizer)
-        for t in self.exit_ids:
+        for t in self.exit.ids:
             st.generated.append(t)
             st.monitor.record_token(t, st.detok.push(t), "forced")
         self._start_answer(st)
@@ -486,7 +484,7 @@ class VLLMMonitoredGenerator:
 
     def _first_max_tokens(self) -> int:
         """Room for the reasoning, the control lag, the exit cue and the answer."""
-        return self._max_reasoning + (LAG_LIMIT + len(self.exit_ids) + self.answer_max_tokens + 1
+        return self._max_reasoning + (LAG_LIMIT + len(self.exit.ids) + self.exit.answer_max_tokens + 1
                                       if self.exit_at_budget else 0)
 
     def _prepare(self, prompts: Sequence[str], max_new_tokens: int, do_sample: bool, temperature: float | None,
@@ -594,7 +592,8 @@ def _external_id(rid: str) -> str:
     return head if sep and len(tail) == 8 else rid
 
 
-def _find(seq: list[int], sub: list[int]) -> int | None:
+def _find(seq: list[int], sub: Sequence[int]) -> int | None:
+    sub = list(sub)
     n = len(sub)
     for i in range(len(seq) - n + 1):
         if seq[i:i + n] == sub:
@@ -699,7 +698,7 @@ class AsyncVLLMMonitoredGenerator(VLLMMonitoredGenerator):
                 stop = False
                 for what, _ in actions:
                     if what == "halt" and self.info.force_mode == "processor":
-                        await self.engine.collective_rpc("overthink_force", args=(st.key, self.exit_ids))
+                        await self.engine.collective_rpc("overthink_force", args=(st.key, self.exit.ids))
                     elif what == "halt":
                         resubmit = True
                     elif what == "stuck" and st.phase == "forcing" and not st.resubmitted:
@@ -716,4 +715,4 @@ class AsyncVLLMMonitoredGenerator(VLLMMonitoredGenerator):
                 return
             hid.pop(st.rid, None)
             self._prepare_resubmit(st)
-            ids, max_tokens = st.prompt_ids + st.generated, self.answer_max_tokens
+            ids, max_tokens = st.prompt_ids + st.generated, self.exit.answer_max_tokens

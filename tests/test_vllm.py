@@ -117,7 +117,7 @@ def test_halt_after_lands_through_the_logits_processor_with_lag_counted(tiny, ll
         # reasoning = the 8 observed tokens + the tokens produced before the exit cue landed
         assert ph.count("reasoning") == 8 + lag
         forced = [t for t, p in zip(mon.token_ids, ph) if p == "forced"]
-        assert forced == gen.exit_ids
+        assert forced == list(gen.exit.ids)
         assert 1 <= ph.count("answer") <= 6 and ph.index("forced") < ph.index("answer")
         assert tiny.family.exit_cue in r.answer_text
 
@@ -277,7 +277,7 @@ def test_exit_still_lands_when_the_engine_ends_the_request_first(tiny, llm):
     assert r.extra["fallback"] and "length" in r.extra["fallback"]
     ph = r.monitor._tok_phase
     forced = [t for t, p in zip(r.monitor.token_ids, ph) if p == "forced"]
-    assert forced == gen.exit_ids and ph.count("reasoning") == 8 and ph.count("answer") >= 1
+    assert forced == list(gen.exit.ids) and ph.count("reasoning") == 8 and ph.count("answer") >= 1
 
 
 def test_async_engine_monitors_and_halts_each_request(tiny, llm, tmp_path):
