@@ -203,18 +203,10 @@ class LineSink:
         self.close()
 
     def open(self) -> None:
-        from filelock import FileLock, Timeout
-
         check_output(self.path, self.flag)
         target = os.path.realpath(self.path)
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        self._lock = FileLock(lock_path(target), timeout=0)
-        try:
-            self._lock.acquire()
-        except Timeout:
-            self._lock = None
-            raise OutputError(f"{self.flag} {self.path} is being written by another process; wait for it to "
-                              "finish, or write to another file") from None
+        self._lock = _acquire_lock(self.path, self.flag)
         try:
             if self.append and os.path.exists(target) and os.path.getsize(target) > 0:
                 _check_whole_lines(target, self.flag)
@@ -270,6 +262,15 @@ class LineSink:
 def directory_lock(path: str | os.PathLike[str], flag: str = "--out") -> Iterator[None]:
     """Hold the one-writer lock of an output directory (or file) for the `with` block; refuse at once when
     another process holds it."""
+    lock = _acquire_lock(path, flag)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _acquire_lock(path: str | os.PathLike[str], flag: str) -> Any:
+    """Take the one-writer lock of `path` at once, or refuse with an OutputError naming the flag."""
     from filelock import FileLock, Timeout
 
     lock = FileLock(lock_path(os.path.realpath(os.fspath(path))), timeout=0)
@@ -277,11 +278,8 @@ def directory_lock(path: str | os.PathLike[str], flag: str = "--out") -> Iterato
         lock.acquire()
     except Timeout:
         raise OutputError(f"{flag} {os.fspath(path)} is being written by another process; wait for it to finish, "
-                          "or write to another place") from None
-    try:
-        yield
-    finally:
-        lock.release()
+                          "or write to another file or directory") from None
+    return lock
 
 
 def lock_path(target: str) -> str:
