@@ -198,7 +198,7 @@ class Monitor:
                         continue
                     col = series.get(key)
                     if col is None:
-                        col = series[key] = array("f", _NANS[:t] if t <= len(_NANS) else [math.nan] * t)
+                        col = series[key] = array("f", [_NAN]) * t
                     col.append(_NAN if val is None else val)
                 for col in series.values():
                     if len(col) < t + 1:
@@ -291,8 +291,12 @@ class Monitor:
         self._tok_phase.append(phase)
 
     def _point_values(self) -> dict[str, float | int | None]:
-        keys = [k for k in self.values if self._kept.get(k.partition(".")[0]) is None
-                or k.partition(".")[2] in self._kept[k.partition(".")[0]]]  # type: ignore[operator]
+        keys = []
+        for k in self.values:
+            fam, _, key = k.partition(".")
+            kept = self._kept.get(fam)
+            if kept is None or key in kept:
+                keys.append(k)
         return dict(zip(keys, compact_series([self.values[k] for k in keys]), strict=True))
 
     def _record_point(self, pt: DecisionPoint, d: Decision) -> None:
@@ -366,7 +370,7 @@ class Monitor:
                 for key, val in out.items():
                     if kept is not None and key not in kept:
                         continue
-                    col = series.setdefault(key, array("f", [math.nan] * n))
+                    col = series.setdefault(key, array("f", [_NAN]) * n)
                     col[-1] = _NAN if val is None else val
             for key, val in out.items():
                 if val is None:
@@ -468,7 +472,6 @@ def _number(v: Any) -> float | None:
 
 RECORD_LEVELS = ("default", "full", "points", "none")
 _NAN = math.nan
-_NANS = [math.nan] * 4096
 
 
 def compact_series(values: Sequence[float | None]) -> list[float | int | None]:
