@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from monitor.answers import load_problems
-from monitor.models import LoadedModel, decoder_layers
+from monitor.models import LoadedModel, decoder_layers, model_device
 from monitor.run import RunConfig, monitor_factory
 
 
@@ -65,7 +65,8 @@ def bench_overhead(lm: LoadedModel, data_path: str | None = None, new_tokens: in
     cfg = RunConfig(max_new_tokens=new_tokens)
     factory = monitor_factory(layers, cfg, lm.family.think_end)
     greedy: dict[str, Any] = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    dev = model_device(lm.model)  # the plain run's inputs go where the monitored run puts them
+    enc = {k: v.to(dev) for k, v in tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).items()}
 
     def plain() -> float:
         t0 = time.perf_counter()
