@@ -296,18 +296,36 @@ def lock_path(target: str) -> str:
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back for the block (POSIX); they are delivered when it ends."""
-    import signal
+    """Hold SIGINT and SIGTERM back for the block; their handlers run when it ends.
 
-    mask = getattr(signal, "pthread_sigmask", None)
-    if mask is None:  # pragma: no cover - not POSIX
+    A thread signal mask is not enough: the kernel hands a process-wide signal to any thread that does not block
+    it (torch keeps worker threads), and Python then runs the handler in the main thread between any two
+    bytecodes, inside the block. So the main thread swaps in a handler that only notes the signal, and replays
+    what it noted through the previous handlers afterwards. Off the main thread, handlers cannot be set (and do
+    not run there): the block runs as is.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = mask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    held: list[tuple[int, Any]] = []
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    old = {s: signal.getsignal(s) for s in sigs}
+    for s in sigs:
+        signal.signal(s, lambda signum, frame: held.append((signum, frame)))
     try:
         yield
     finally:
-        mask(signal.SIG_SETMASK, old)
+        for s, handler in old.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        for signum, frame in held:
+            handler = old[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
 
 
 def _check_whole_lines(path: str, flag: str) -> None:

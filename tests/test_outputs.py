@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -112,6 +113,47 @@ def test_line_sink_keeps_the_old_file_until_close_and_counts(tmp_path):
     sink.close()
     assert p.read_text() == "a\nb\n" and sink.count == 2
     assert not [x for x in os.listdir(tmp_path) if ".tmp-" in x]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_a_write_lands_after_the_lines_are_counted(tmp_path, sig, monkeypatch):
+    """The handler (here: raise KeyboardInterrupt, as the CLI's are) runs only after the lines are written and
+    counted, even when the signal arrives in the middle of the write (as it can from any of torch's threads)."""
+    def raise_interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    import monitor.io as io
+
+    real_fsync = os.fsync
+
+    go = threading.Event()
+
+    def sender():  # a thread started before the write, as torch's are: it blocks no signal, so may receive this one
+        go.wait(10)
+        os.kill(os.getpid(), sig)
+        time.sleep(0.3)
+
+    def fsync_then_signal(fd):  # the signal arrives in the middle of write_lines, before the count moves
+        real_fsync(fd)
+        go.set()
+        time.sleep(0.1)  # time for Python to run a handler, were one armed
+
+    t = threading.Thread(target=sender, daemon=True)
+    t.start()
+    old = signal.signal(sig, raise_interrupt)
+    try:
+        sink = LineSink(tmp_path / "r.jsonl")
+        sink.open()
+        sink.write_lines(['{"a": 1}'])
+        monkeypatch.setattr(io.os, "fsync", fsync_then_signal)
+        with pytest.raises(KeyboardInterrupt):
+            sink.write_lines(['{"a": 2}'])
+        monkeypatch.setattr(io.os, "fsync", real_fsync)
+        sink.close()
+    finally:
+        signal.signal(sig, old)
+    assert sink.count == 2
+    assert (tmp_path / "r.jsonl").read_text().count("\n") == 2
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
