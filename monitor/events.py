@@ -190,3 +190,144 @@ class TokenStep:
         if not self.hidden or layer not in self.hidden:
             return None
         return to_numpy(self.hidden[layer])
+
+
+# --------------------------------------------------------------------------- batches (the signals' one input)
+def _check_vector(x: torch.Tensor) -> None:
+    """The checks of `Distribution.from_logprobs` for a tensor of model logits (a batch of one)."""
+    if x.numel() == 0:
+        raise ValueError("full logprob vector is empty")
+    if bool(torch.isnan(x).any() or torch.isposinf(x).any()):
+        _check_logprobs(x.double().cpu().numpy())
+    if not bool(torch.isfinite(x).any()):
+        raise ValueError("logprobs contain no finite value")
+
+
+def _log_normalise(x: torch.Tensor) -> torch.Tensor:
+    """log-softmax over the last axis where a row has a finite entry; a row with none stays all -inf (its values
+    come out NaN: undefined)."""
+    return torch.log_softmax(x, dim=-1)
+
+
+@dataclass
+class StepBatch:
+    """One generated token for each of B sequences: what every signal's `update_batch` reads.
+
+    `slots` [B] (host, int64) names the row of signal state each step belongs to (a backend gives each live
+    sequence a slot; a slot is reset when its sequence starts). The next-token distribution is either full,
+    `logits` [B, V] (raw logits or log-probabilities; normalised here), or top-k, `topk_ids` [B, k] with
+    `topk_logprobs` [B, k] (padding: id -1; renormalised over the given support). It stays on its device:
+    every derived quantity is computed there, once, and shared by the signals. `token_ids` [B] are on the host
+    (the backend needs them there anyway). `hidden` maps a decoder layer to its [B, d] states at this token.
+    `texts` (one piece per row) and `transition` ([B] bool on the host: is the token a hesitation word) are
+    what text-reading signals use; a backend that knows token ids fills `transition` from a vocabulary table
+    once per step instead of decoding.
+
+    Precision: float64 input (numpy, a batch of one) is computed in float64, model logits (float32/bf16/fp16)
+    in float32: the precision the model computed them in.
+    """
+
+    slots: np.ndarray
+    token_ids: np.ndarray
+    logits: torch.Tensor | None = None
+    topk_ids: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
+    hidden: Mapping[int, torch.Tensor] | None = None
+    texts: list[str] | None = None
+    transition: np.ndarray | None = None
+    _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def size(self) -> int:
+        return int(self.slots.shape[0])
+
+    @property
+    def is_full(self) -> bool:
+        return self.logits is not None
+
+    @property
+    def has_distribution(self) -> bool:
+        return self.logits is not None or self.topk_logprobs is not None
+
+    @property
+    def device(self) -> Any:
+        x = self.logits if self.logits is not None else self.topk_logprobs
+        if x is not None:
+            return x.device
+        for h in (self.hidden or {}).values():
+            return h.device
+        return torch.device("cpu")
+
+    def _get(self, name: str, make: Any) -> Any:
+        v = self._cache.get(name)
+        if v is None:
+            v = self._cache[name] = make()
+        return v
+
+    @property
+    def logp(self) -> torch.Tensor:
+        """Normalised log-probabilities over the support [B, V or k] (-inf outside it and on padding)."""
+        def make() -> torch.Tensor:
+            if self.logits is not None:
+                x = self.logits
+            elif self.topk_logprobs is not None:
+                x = self.topk_logprobs.masked_fill(self.topk_ids < 0, -math.inf)
+            else:
+                raise ValueError("this step batch has no next-token distribution; signals that read it need logits "
+                                 "or top-k logprobs")
+            if x.dtype not in (torch.float64, torch.float32):
+                x = x.float()
+            return _log_normalise(x)
+        return self._get("logp", make)
+
+    @property
+    def probs(self) -> torch.Tensor:
+        return self._get("probs", lambda: self.logp.exp())
+
+    @property
+    def entropy(self) -> torch.Tensor:
+        """[B] Shannon entropy in nats (0 log 0 = 0)."""
+        return self._get("entropy", lambda: (-torch.special.xlogy(self.probs, self.probs).sum(-1)).clamp_min(0.0))
+
+    @property
+    def support(self) -> torch.Tensor:
+        """[B] size of each row's support: V for a full row, the number of given ids for a top-k row."""
+        def make() -> torch.Tensor:
+            if self.logits is not None:
+                return torch.full((self.size,), self.logits.shape[-1], device=self.logits.device)
+            return (self.topk_ids >= 0).sum(-1)
+        return self._get("support", make)
+
+    @classmethod
+    def of_step(cls, step: TokenStep, slot: int = 0) -> StepBatch:
+        """A batch of one from a `TokenStep` (the single-sequence API: a sequence is a batch of one)."""
+        logits = topk_ids = topk_lp = None
+        lp = step.logprobs
+        if isinstance(lp, Mapping):
+            d = step.distribution  # validates (empty, NaN, +inf, no finite value) with the errors users know
+            topk_ids = torch.as_tensor(d.ids, dtype=torch.int64)[None]
+            topk_lp = torch.as_tensor([float(v) for v in lp.values()], dtype=torch.float64)[None]
+        elif lp is not None:
+            if isinstance(lp, torch.Tensor) and lp.dtype != torch.float64:
+                logits = lp.detach().reshape(-1)
+                if logits.dim() != 1 or (lp.dim() > 1 and sum(d > 1 for d in lp.shape) > 1):
+                    raise ValueError(f"expected one vector for one token, got a tensor of shape {tuple(lp.shape)}; "
+                                     "pass one row per TokenStep (a batch is several steps)")
+                logits = logits.float()[None]
+                _check_vector(logits)
+            else:
+                v = to_numpy(lp)
+                if v.size == 0:
+                    raise ValueError("full logprob vector is empty")
+                _check_logprobs(v)
+                if not np.isfinite(v).any():
+                    raise ValueError("logprobs contain no finite value")
+                logits = torch.from_numpy(v)[None]
+        hidden = None
+        if step.hidden:
+            hidden = {}
+            for layer, h in step.hidden.items():
+                t = h.detach() if isinstance(h, torch.Tensor) else torch.as_tensor(to_numpy(h))
+                hidden[int(layer)] = t.reshape(1, -1)
+        return cls(slots=np.array([slot], dtype=np.int64), token_ids=np.array([step.token_id], dtype=np.int64),
+                   logits=logits, topk_ids=topk_ids, topk_logprobs=topk_lp, hidden=hidden, texts=[step.text])

@@ -68,12 +68,20 @@ def test_reference_file_exists_or_is_written(fresh):
     assert REF.is_file(), "run with OVERTHINK_WRITE_REFERENCE=1 once to create the reference traces"
 
 
-def _close(a, b) -> bool:
+# The reference computed JSD in float32 by the entropy form H(m) - (H(p) + H(q)) / 2, so its JSD values carry the
+# rounding of entropies near 6.2 nats (float32 ulp 4.8e-7 nats, a few of them summed over a 32k vocabulary): they
+# sit on multiples of 3.4e-7 bits. The batched core computes JSD without that cancellation (accurate to float32
+# precision of the JSD itself; tests/signals/test_jsd_instability.py checks it against float64), so JSD and
+# instability (JSD x normalised entropy) are compared within the reference's own error, 4e-6 bits.
+_JSD_ABS = {("jsd_instability", "jsd"): 4e-6, ("jsd_instability", "instability"): 4e-6}
+
+
+def _close(a, b, abs_tol: float = 1e-6) -> bool:
     if a is None or b is None:
         return a is b
     if isinstance(a, bool) or isinstance(b, bool):
         return a == b
-    return math.isclose(float(a), float(b), rel_tol=1e-5, abs_tol=1e-6)  # float32 rounding
+    return math.isclose(float(a), float(b), rel_tol=1e-5, abs_tol=abs_tol)  # float32 rounding
 
 
 def test_the_monitor_reproduces_the_reference_traces(fresh):
@@ -94,7 +102,8 @@ def test_the_monitor_reproduces_the_reference_traces(fresh):
             for key, series in keys.items():
                 got = t.signals[fam][key]
                 assert len(got) == len(series), (t.id, fam, key)
-                bad = [i for i, (a, b) in enumerate(zip(got, series)) if not _close(a, b)]
+                tol = _JSD_ABS.get((fam, key), 1e-6)
+                bad = [i for i, (a, b) in enumerate(zip(got, series)) if not _close(a, b, tol)]
                 assert not bad, (t.id, fam, key, bad[:5])
 
 

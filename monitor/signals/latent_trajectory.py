@@ -13,69 +13,75 @@ from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 
-from monitor.events import TokenStep
+from monitor.events import StepBatch, TokenStep
 from monitor.signals.redundancy import StepSplitter
+from monitor.signals.slots import SlotTable, index, one_row
+
+_VALUE_KEYS = ("net", "cumulative", "aligned", "n_blocks")
 
 
 class _Layer:
-    """Running state of one layer: the open block's sum and the closed blocks' trajectory statistics."""
+    """One layer's per-slot state: the open block's sum and the closed blocks' trajectory statistics."""
 
-    __slots__ = ("dim", "open_sum", "open_n", "first", "prev", "n_blocks", "sum_norm", "sum_unit")
-
-    def __init__(self) -> None:
+    def __init__(self, layer: int) -> None:
+        self.layer = layer
         self.dim: int | None = None
-        self.open_sum: np.ndarray | None = None
-        self.open_n = 0
-        self.first: np.ndarray | None = None  # h_1
-        self.prev: np.ndarray | None = None  # h_N (latest closed block mean)
-        self.n_blocks = 0  # N
-        self.sum_norm = 0.0  # sum_n ||v_n||
-        self.sum_unit: np.ndarray | None = None  # sum_n v_n / ||v_n||  (zero updates contribute 0)
+        self.t = SlotTable({"open_n": ((), torch.int64, 0), "n_blocks": ((), torch.int64, 0),
+                            "sum_norm": ((), torch.float64, 0.0), "seen": ((), torch.bool, False)})
 
-    def add(self, v: np.ndarray, layer: int) -> None:
-        if self.open_sum is None:
-            if self.dim is not None and v.shape[0] != self.dim:
-                raise ValueError(f"hidden state of layer {layer} changed size from {self.dim} to {v.shape[0]}")
-            self.dim = v.shape[0]
-            self.open_sum = v.copy()
-        else:
-            if v.shape[0] != self.dim:
-                raise ValueError(f"hidden state of layer {layer} changed size from {self.dim} to {v.shape[0]}")
-            self.open_sum += v
-        self.open_n += 1
+    def start(self, dim: int, dtype: torch.dtype) -> None:
+        self.dim = dim
+        for name in ("open_sum", "first", "prev", "sum_unit"):  # h_1, h_N, sum_n v_n / ||v_n||
+            self.t.add(name, (dim,), dtype, 0.0)
 
-    def close(self) -> bool:
-        """Close the open block; False if this layer had no vector in it (the block is skipped)."""
-        if self.open_n == 0:
-            return False
-        mean = self.open_sum / self.open_n
-        self.open_sum.fill(0.0)
-        self.open_n = 0
-        if self.first is None:
-            self.first = mean
-            self.sum_unit = np.zeros_like(mean)
-        else:
-            v = mean - self.prev
-            nv = float(np.linalg.norm(v))
-            if nv > 0.0:
-                self.sum_norm += nv
-                self.sum_unit += v / nv
-        self.prev = mean
-        self.n_blocks += 1
-        return True
+    def add(self, idx: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Add each row's vector to its slot's open block (a non-finite vector is skipped); returns [B] skipped."""
+        if v.shape[-1] != self.dim:
+            raise ValueError(f"hidden state of layer {self.layer} changed size from {self.dim} to {v.shape[-1]}")
+        t = self.t
+        finite = torch.isfinite(v).all(-1)
+        v = v.to(t["open_sum"].dtype)
+        t["open_sum"][idx] += torch.where(finite[:, None], v, torch.zeros((), dtype=v.dtype, device=v.device))
+        t["open_n"][idx] += finite.to(torch.int64)
+        t["seen"][idx] |= finite
+        return ~finite
 
-    def values(self) -> tuple[float, float, float]:
-        """(net, cumulative, aligned) over the closed blocks; needs n_blocks >= 2."""
-        u = self.prev - self.first
-        nu = float(np.linalg.norm(u))
-        net = nu / self.n_blocks
-        if nu > 0.0:
-            aligned = float(self.sum_unit @ u) / nu / (self.n_blocks - 1)
-            aligned = min(max(aligned, -1.0), 1.0)
-        else:  # no net drift: cos(v, 0) is taken as 0
-            aligned = 0.0
-        return net, self.sum_norm, aligned
+    def close(self, idx: torch.Tensor) -> torch.Tensor:
+        """Close the open block of each slot in `idx`; returns [R] bool: the layer had a vector in it (else the
+        block is skipped for this layer)."""
+        t = self.t
+        n_open = t["open_n"][idx]
+        ok = n_open > 0
+        mean = t["open_sum"][idx] / n_open.clamp_min(1)[:, None].to(t["open_sum"].dtype)
+        t["open_sum"][idx] = 0.0
+        t["open_n"][idx] = 0
+        blocks = t["n_blocks"][idx]
+        has_first = blocks > 0
+        v = mean - t["prev"][idx]
+        nv = torch.linalg.vector_norm(v, dim=-1)
+        grow = ok & has_first & (nv > 0)
+        t["sum_norm"][idx] += torch.where(grow, nv.to(torch.float64), torch.zeros((), dtype=torch.float64,
+                                                                                  device=nv.device))
+        t["sum_unit"][idx] += torch.where(grow[:, None], v / nv.clamp_min(1e-300)[:, None], torch.zeros_like(v))
+        t["first"][idx] = torch.where((ok & ~has_first)[:, None], mean, t["first"][idx])
+        t["prev"][idx] = torch.where(ok[:, None], mean, t["prev"][idx])
+        t["n_blocks"][idx] = blocks + ok.to(torch.int64)
+        return ok
+
+    def values(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(net, cumulative, aligned, ready) of each slot over its closed blocks; ready = at least 2 blocks."""
+        t = self.t
+        blocks = t["n_blocks"][idx]
+        u = t["prev"][idx] - t["first"][idx]
+        nu = torch.linalg.vector_norm(u, dim=-1).to(torch.float64)
+        n = blocks.to(torch.float64)
+        net = nu / n.clamp_min(1.0)
+        dot = (t["sum_unit"][idx] * u).sum(-1).to(torch.float64)
+        aligned = torch.where(nu > 0, (dot / nu.clamp_min(1e-300) / (n - 1).clamp_min(1.0)).clamp(-1.0, 1.0),
+                              torch.zeros_like(nu))  # no net drift: cos(v, 0) is taken as 0
+        return net, t["sum_norm"][idx], aligned, blocks >= 2
 
 
 class LatentTrajectory:
@@ -165,79 +171,133 @@ class LatentTrajectory:
         self.reset()
 
     def reset(self) -> None:
-        self._state = {layer: _Layer() for layer in self.layers}
-        self._splitter = StepSplitter(self.min_step_tokens) if self.block == "steps" else None
-        self._open_tokens = 0
-        self._n = 0
-        self._n_closed = 0
-        self._skipped_nonfinite = 0
-        self._values: dict[str, float] = {}
+        self._state = {layer: _Layer(layer) for layer in self.layers}
+        self._t = SlotTable({"values": ((len(_VALUE_KEYS),), torch.float64, math.nan),
+                             "skipped": ((), torch.int64, 0)})
+        self._n = np.zeros(0, dtype=np.int64)  # tokens per slot (host: only counted)
+        self._open = np.zeros(0, dtype=np.int64)  # tokens in each slot's open block
+        self._n_closed = np.zeros(0, dtype=np.int64)
+        self._splitters: dict[int, StepSplitter] = {}
+
+    def reset_slots(self, slots: Any) -> None:
+        """Fresh state for the sequences in `slots` (each starts a new trace)."""
+        self._t.reset(slots)
+        for st in self._state.values():
+            st.t.reset(slots)
+        idx = np.asarray(slots, dtype=np.int64)
+        for arr in (self._n, self._open, self._n_closed):
+            arr[idx[idx < arr.shape[0]]] = 0
+        for s in np.asarray(slots).tolist():
+            self._splitters.pop(int(s), None)
+
+    def _ensure(self, slots: np.ndarray, device: torch.device) -> None:
+        self._t.ensure(slots, device)
+        for st in self._state.values():
+            st.t.ensure(slots, device)
+        cap = self._t.capacity
+        if self._n.shape[0] < cap:
+            grow = np.zeros(cap - self._n.shape[0], np.int64)
+            self._n, self._open, self._n_closed = (np.concatenate([a, grow]) for a in (self._n, self._open,
+                                                                                       self._n_closed))
+
+    def update_batch(self, batch: StepBatch) -> dict[str, torch.Tensor]:
+        slots = batch.slots
+        self._ensure(slots, batch.device)
+        idx = index(slots, batch.device)
+        for layer, st in self._state.items():
+            h = (batch.hidden or {}).get(layer)
+            if h is None:
+                continue
+            if st.dim is None:  # CPU state in float64 (the reference precision); on an accelerator, float32
+                st.start(h.shape[-1], torch.float64 if h.device.type == "cpu" else torch.float32)
+                st.t.ensure(slots, batch.device)
+            self._t["skipped"][idx] += st.add(idx, h).to(torch.int64)
+        self._n[slots] += 1
+        self._open[slots] += 1
+        if self.block == "steps":
+            texts = batch.texts or [""] * batch.size
+            close = np.zeros(batch.size, dtype=bool)
+            for r, slot in enumerate(slots.tolist()):
+                sp = self._splitters.get(slot)
+                if sp is None:
+                    sp = self._splitters[slot] = StepSplitter(self.min_step_tokens)
+                cut = sp.feed(int(self._n[slot]) - 1, texts[r] or "")
+                if cut is not None or (self.block_tokens is not None and self._open[slot] >= self.block_tokens):
+                    sp.step_start = int(self._n[slot])  # a capped block restarts the step count too
+                    close[r] = True
+        else:
+            close = self._open[slots] >= self.block_tokens
+        if close.any():
+            self._close(slots[close])
+        vals = self._t["values"][idx]
+        return {k: vals[:, j] for j, k in enumerate(_VALUE_KEYS)}
 
     def update(self, step: TokenStep) -> dict[str, float]:
-        if step.hidden:
-            for layer, st in self._state.items():
-                v = step.hidden_vector(layer)
-                if v is None:
-                    continue
-                if not np.isfinite(v).all():
-                    self._skipped_nonfinite += 1
-                    continue
-                st.add(v, layer)
-        self._n += 1
-        self._open_tokens += 1
-        if self._splitter is not None:
-            cut = self._splitter.feed(self._n - 1, step.text or "")
-            if cut is not None or (self.block_tokens is not None and self._open_tokens >= self.block_tokens):
-                self._splitter.step_start = self._n  # a capped block restarts the step count too
-                self._close()
-        elif self._open_tokens >= self.block_tokens:
-            self._close()
-        return dict(self._values)
+        """One token of one sequence: a batch of one (slot 0); {} until two blocks are closed."""
+        return one_row(self.update_batch(StepBatch.of_step(step)))
 
-    def close_block(self) -> dict[str, float]:
+    def close_block(self, slot: int = 0) -> dict[str, float]:
         """Close the open block now (e.g. at a reasoning-step end the caller detected); returns the values."""
-        if self._open_tokens:
-            if self._splitter is not None:
-                self._splitter.step_start = self._n
-            self._close()
-        return dict(self._values)
+        if slot < self._open.shape[0] and self._open[slot]:
+            sp = self._splitters.get(slot)
+            if sp is not None:
+                sp.step_start = int(self._n[slot])
+            self._close(np.array([slot], dtype=np.int64))
+        if slot >= self._t.capacity:
+            return {}
+        return one_row({k: self._t["values"][slot:slot + 1, j] for j, k in enumerate(_VALUE_KEYS)})
 
-    def flush(self) -> dict[str, float]:
+    def flush(self, slot: int = 0) -> dict[str, float]:
         """End of generation: in step mode the open step is a block; in token mode a short tail is dropped."""
-        if self.block == "steps" and self._open_tokens:
-            return self.close_block()
+        if self.block == "steps" and slot < self._open.shape[0] and self._open[slot]:
+            return self.close_block(slot)
         return {}
 
-    def _close(self) -> None:
-        self._open_tokens = 0
-        closed = [st.close() for st in self._state.values()]
-        if not any(closed):
+    def _close(self, slots: np.ndarray) -> None:
+        self._open[slots] = 0
+        if self._t.device is None:
             return
-        self._n_closed += 1
-        ready = [st.values() for st in self._state.values() if st.n_blocks >= 2]
-        if ready:
-            k = len(ready)
-            self._values = {
-                "net": math.fsum(r[0] for r in ready) / k,
-                "cumulative": math.fsum(r[1] for r in ready) / k,
-                "aligned": math.fsum(r[2] for r in ready) / k,
-                "n_blocks": float(max(st.n_blocks for st in self._state.values())),
-            }
+        idx = index(slots, self._t.device)
+        started = [st for st in self._state.values() if st.dim is not None]
+        if not started:
+            return
+        closed = torch.stack([st.close(idx) for st in started]).any(0)
+        self._n_closed[slots] += closed.cpu().numpy()  # a rare step (a block closes): one small copy
+        per = [st.values(idx) for st in started]
+        ready = torch.stack([r for *_, r in per]).to(torch.float64)  # [L, R]
+        k = ready.sum(0)
+        mean = [(torch.stack([x[j].to(torch.float64) for x in per]) * ready).sum(0) / k.clamp_min(1.0)
+                for j in range(3)]
+        n_blocks = torch.stack([st.t["n_blocks"][idx] for st in started]).max(0).values.to(torch.float64)
+        new = torch.stack([*mean, n_blocks], dim=1)
+        update = (closed & (k > 0))[:, None]
+        self._t["values"][idx] = torch.where(update, new, self._t["values"][idx])
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, slot: int = 0) -> dict[str, Any]:
+        n = int(self._n[slot]) if slot < self._n.shape[0] else 0
         per_layer = []  # a list, not {layer: ...}: int keys would come back as strings from JSON
+        missing = []
         for layer, st in self._state.items():
-            net, cum, al = st.values() if st.n_blocks >= 2 else (None, None, None)
-            per_layer.append({"layer": layer, "n_blocks": st.n_blocks, "net": net, "cumulative": cum, "aligned": al})
+            seen = st.dim is not None and slot < st.t.capacity and bool(st.t["seen"][slot])
+            if not seen:
+                missing.append(layer)
+            blocks = int(st.t["n_blocks"][slot]) if seen else 0
+            net = cum = al = None
+            if blocks >= 2:
+                i = torch.tensor([slot], device=st.t.device)
+                a, b, c, _ = st.values(i)
+                net, cum, al = float(a[0]), float(b[0]), float(c[0])
+            per_layer.append({"layer": layer, "n_blocks": blocks, "net": net, "cumulative": cum, "aligned": al})
+        vals = self._t["values"][slot].tolist() if slot < self._t.capacity else [math.nan] * 4
         return {
-            "n_tokens": self._n,
-            "n_blocks": self._n_closed,
+            "n_tokens": n,
+            "n_blocks": int(self._n_closed[slot]) if n else 0,
             "block": self.block,
             "block_tokens": self.block_tokens,
-            "net": self._values.get("net"),
-            "cumulative": self._values.get("cumulative"),
-            "aligned": self._values.get("aligned"),
+            "net": None if vals[0] != vals[0] else vals[0],
+            "cumulative": None if vals[1] != vals[1] else vals[1],
+            "aligned": None if vals[2] != vals[2] else vals[2],
             "per_layer": per_layer,
-            "missing_layers": [layer for layer, st in self._state.items() if st.dim is None],
-            "skipped_nonfinite": self._skipped_nonfinite,
+            "missing_layers": missing,
+            "skipped_nonfinite": int(self._t["skipped"][slot]) if slot < self._t.capacity else 0,
         }

@@ -7,13 +7,16 @@ unsure) counted in a short window against the whole trace, plus a windowed/globa
 
 from __future__ import annotations
 
-import heapq
 import math
 import string
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
-from monitor.events import TokenStep
+import numpy as np
+import torch
+
+from monitor.events import StepBatch, TokenStep
+from monitor.signals.slots import SlotTable, index
 
 DEFAULT_LEXICON = (
     "wait", "but", "however", "alternatively", "hmm", "actually", "instead", "though", "yet",
@@ -29,44 +32,9 @@ def normalize_token(text: str) -> str:
     return text.strip(_STRIP).lower()
 
 
-class RunningQuantile:
-    """Exact running q-quantile (numpy's default "linear" interpolation) in O(log n) per insert.
-
-    Two heaps: `lower` (a max-heap) holds the floor((n-1)q)+1 smallest values, `upper` the rest, so the
-    two order statistics the interpolation needs are the tops of the heaps. Each insert moves at most one
-    value between them. Matches `np.quantile(history, q)` up to float rounding.
-    """
-
-    def __init__(self, q: float) -> None:
-        self.q = q
-        self.reset()
-
-    def reset(self) -> None:
-        self._lower: list[float] = []  # negated values
-        self._upper: list[float] = []
-        self.n = 0
-
-    def add(self, x: float) -> None:
-        if self._lower and x <= -self._lower[0]:
-            heapq.heappush(self._lower, -x)
-        else:
-            heapq.heappush(self._upper, x)
-        self.n += 1
-        k = int(math.floor((self.n - 1) * self.q)) + 1
-        while len(self._lower) > k:
-            heapq.heappush(self._upper, -heapq.heappop(self._lower))
-        while len(self._lower) < k:
-            heapq.heappush(self._lower, -heapq.heappop(self._upper))
-
-    def value(self) -> float | None:
-        if self.n == 0:
-            return None
-        h = (self.n - 1) * self.q
-        frac = h - math.floor(h)
-        lo = -self._lower[0]
-        if frac == 0.0 or not self._upper:
-            return lo
-        return lo + frac * (self._upper[0] - lo)
+def history_quantile(history: torch.Tensor, q: float) -> torch.Tensor:
+    """The q-quantile of a 1-D history with numpy's default ("linear") interpolation, on its device."""
+    return torch.quantile(history, q)
 
 
 class PathDeviation:
@@ -189,62 +157,116 @@ class PathDeviation:
         self.reset()
 
     def reset(self) -> None:
-        self._ring_h = [0.0] * self.window
-        self._ring_e = [0] * self.window
-        self._sum_h_win = 0.0
-        self._sum_e_win = 0
-        self._sum_h = 0.0
-        self._n_hett = 0
-        self._n = 0
-        self._n_transition = 0
-        self._quantile = RunningQuantile(self.relative_quantile) if self.relative_quantile is not None else None
+        w = self.window
+        self._state = SlotTable({
+            "ring_h": ((w,), torch.float64, 0.0), "ring_e": ((w,), torch.float64, 0.0),
+            "sum_h_win": ((), torch.float64, 0.0), "sum_e_win": ((), torch.float64, 0.0),
+            "sum_h": ((), torch.float64, 0.0), "n_hett": ((), torch.float64, 0.0),
+        })
+        self._n = np.zeros(0, dtype=np.int64)  # tokens per slot (host: it only counts)
+        self._n_transition = np.zeros(0, dtype=np.int64)
+        self._history: torch.Tensor | None = None  # [slots, cap] entropies, for the relative threshold
 
-    def _threshold(self) -> float | None:
-        if self._quantile is None:
-            return self.entropy_threshold
-        if self._quantile.n < self.min_history:
-            return None
-        return self._quantile.value()
+    def reset_slots(self, slots: Any) -> None:
+        """Fresh state for the sequences in `slots` (each starts a new trace)."""
+        self._state.reset(slots)
+        idx = np.asarray(slots, dtype=np.int64)
+        idx = idx[idx < self._n.shape[0]]
+        self._n[idx] = 0
+        self._n_transition[idx] = 0
 
-    def update(self, step: TokenStep) -> dict[str, float]:
-        h = float(step.entropy)
-        transition = normalize_token(step.text) in self.lexicon
-        thr = self._threshold() if transition else None
-        hett = 1 if (thr is not None and h > thr) else 0
-        if self._quantile is not None:
-            self._quantile.add(h)
+    def transition_table(self, token_texts: Sequence[str]) -> np.ndarray:
+        """For a vocabulary (token id -> its text), which ids are transition words: computed once per tokenizer,
+        so a backend marks transition tokens by id (`StepBatch.transition`) instead of by text at every token."""
+        lex = self.lexicon
+        return np.fromiter((normalize_token(t) in lex for t in token_texts), dtype=bool, count=len(token_texts))
 
-        i = self._n % self.window
-        self._sum_h_win += h - self._ring_h[i]
-        self._sum_e_win += hett - self._ring_e[i]
-        self._ring_h[i] = h
-        self._ring_e[i] = hett
-        self._n += 1
-        self._sum_h += h
-        self._n_hett += hett
-        self._n_transition += transition
+    def _transitions(self, batch: StepBatch) -> np.ndarray:
+        if batch.transition is not None:
+            return np.asarray(batch.transition, dtype=bool)
+        if batch.texts is None:
+            raise ValueError("path_deviation needs the token text (StepBatch.texts) or StepBatch.transition")
+        lex = self.lexicon
+        return np.fromiter((normalize_token(t or "") in lex for t in batch.texts), dtype=bool, count=batch.size)
 
-        n_win = min(self._n, self.window)
-        rate_win = self._sum_e_win / n_win
-        rate_glob = self._n_hett / self._n
-        mean_win = max(self._sum_h_win, 0.0) / n_win  # running sums may drift a hair below 0
-        mean_glob = self._sum_h / self._n
-        ratio = mean_win / max(mean_glob, self.eps)
+    def _ensure(self, slots: np.ndarray, device: torch.device) -> None:
+        self._state.ensure(slots, device)
+        cap = self._state.capacity
+        if self._n.shape[0] < cap:
+            grow = cap - self._n.shape[0]
+            self._n = np.concatenate([self._n, np.zeros(grow, np.int64)])
+            self._n_transition = np.concatenate([self._n_transition, np.zeros(grow, np.int64)])
+
+    def _remember(self, idx: torch.Tensor, n: np.ndarray, h: torch.Tensor) -> None:
+        """Append each row's entropy to its slot's history (the relative threshold's sample)."""
+        need = int(n.max()) + 1
+        hist = self._history
+        if hist is None or hist.shape[0] < self._state.capacity or hist.shape[1] < need or hist.device != h.device:
+            width = max(need, 2 * (hist.shape[1] if hist is not None else 32))
+            new = torch.zeros((self._state.capacity, width), dtype=h.dtype, device=h.device)
+            if hist is not None:
+                new[: hist.shape[0], : hist.shape[1]] = hist.to(new.device, new.dtype)
+            self._history = hist = new
+        hist[idx, torch.as_tensor(n, device=h.device)] = h.to(hist.dtype)
+
+    def update_batch(self, batch: StepBatch) -> dict[str, torch.Tensor]:
+        slots = batch.slots
+        self._ensure(slots, batch.device)
+        st, idx = self._state, index(slots, batch.device)
+        h = batch.entropy.to(torch.float64)
+        transition = self._transitions(batch)
+        n = self._n[slots]  # tokens before this one
+        if self.relative_quantile is None:
+            thr = torch.full_like(h, self.entropy_threshold)
+        else:
+            thr = torch.full_like(h, math.inf)  # no threshold yet: nothing is flagged
+            for r in np.nonzero(transition & (n >= self.min_history))[0]:  # few rows: transition tokens only
+                thr[r] = history_quantile(self._history[int(slots[r]), : int(n[r])], self.relative_quantile)
+            self._remember(idx, n, h)
+        hett = (torch.as_tensor(transition, device=h.device) & (h > thr)).to(torch.float64)
+
+        w = self.window
+        pos = torch.as_tensor(n % w, device=h.device)
+        old_h, old_e = st["ring_h"][idx, pos], st["ring_e"][idx, pos]
+        st["ring_h"][idx, pos] = h
+        st["ring_e"][idx, pos] = hett
+        sum_h_win = st["sum_h_win"][idx] + (h - old_h)
+        sum_e_win = st["sum_e_win"][idx] + (hett - old_e)
+        sum_h = st["sum_h"][idx] + h
+        n_hett = st["n_hett"][idx] + hett
+        st["sum_h_win"][idx], st["sum_e_win"][idx], st["sum_h"][idx], st["n_hett"][idx] = \
+            sum_h_win, sum_e_win, sum_h, n_hett
+        self._n[slots] = n + 1
+        self._n_transition[slots] += transition
+
+        count = torch.as_tensor(n + 1, device=h.device, dtype=torch.float64)
+        n_win = count.clamp_max(float(w))
+        rate_win = sum_e_win / n_win
+        rate_glob = n_hett / count
+        mean_win = sum_h_win.clamp_min(0.0) / n_win  # running sums may drift a hair below 0
+        ratio = mean_win / (sum_h / count).clamp_min(self.eps)
         return {
             "entropy": h,
-            "is_hett": float(hett),
-            "hett_rate_window": float(rate_win),
-            "hett_rate_global": float(rate_glob),
-            "pdi": float(rate_win / max(rate_glob, self.rate_floor)),
-            "entropy_ratio": float(ratio),
-            "deviating": 1.0 if ratio >= self.ratio_threshold else 0.0,
+            "is_hett": hett,
+            "hett_rate_window": rate_win,
+            "hett_rate_global": rate_glob,
+            "pdi": rate_win / rate_glob.clamp_min(self.rate_floor),
+            "entropy_ratio": ratio,
+            "deviating": (ratio >= self.ratio_threshold).to(torch.float64),
         }
 
-    def summary(self) -> dict[str, Any]:
+    def update(self, step: TokenStep) -> dict[str, float]:
+        """One token of one sequence: a batch of one (slot 0)."""
+        return {k: float(v[0]) for k, v in self.update_batch(StepBatch.of_step(step)).items()}
+
+    def summary(self, slot: int = 0) -> dict[str, Any]:
+        n = int(self._n[slot]) if slot < self._n.shape[0] else 0
+        n_hett = int(self._state["n_hett"][slot]) if n else 0
+        sum_h = float(self._state["sum_h"][slot]) if n else 0.0
         return {
-            "n_tokens": self._n,
-            "n_transition": self._n_transition,
-            "n_hett": self._n_hett,
-            "hett_rate": self._n_hett / self._n if self._n else None,
-            "mean_entropy": self._sum_h / self._n if self._n else None,
+            "n_tokens": n,
+            "n_transition": int(self._n_transition[slot]) if n else 0,
+            "n_hett": n_hett,
+            "hett_rate": n_hett / n if n else None,
+            "mean_entropy": sum_h / n if n else None,
         }

@@ -14,8 +14,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 
-from monitor.events import TokenStep
+from monitor.events import StepBatch, TokenStep
+from monitor.signals.slots import SlotTable, index
 
 EMBED_INSTALL = 'pip install "overthink[embed]"'
 # Redundancy(similarity_matrix=...): how the summary records step-to-step similarities. "sparse": each
@@ -260,81 +262,104 @@ class Redundancy:
         self.reset()
 
     def reset(self) -> None:
-        self._splitter = StepSplitter(self.min_step_tokens)
-        self._n = 0
-        self._chars = 0
-        self._pieces: list[str] = []
-        self._step_start_char = 0
-        self._layer: int | None = None
-        self._hsum: np.ndarray | None = None
-        self._hn = 0
-        self._recent: deque[np.ndarray | None] = deque(maxlen=self.k_prev)
-        self._loop = 0
-        self._max_loop = 0
-        self._similarities: list[float | None] = []
-        self._redundant: list[bool | None] = []
-        self._steps: list[list[int]] = []
-        self._step_chars: list[list[int]] = []
-        # every step embedding so far, one row per step that has one (rows of _store[:_n_emb]; grown by doubling)
-        self._store: np.ndarray | None = None
-        self._n_emb = 0
-        self._emb_step: list[int] = []  # step index of each stored row
-        self._topk: list[list[list[float]] | None] = []  # per step: [[earlier step, similarity], ...]
+        self._traces: dict[int, _Trace] = {}  # per slot: the step bookkeeping (host; touched at step ends)
+        self._layer: int | None = None  # the hidden layer the step means pool (resolved on the first hidden)
+        self._h = SlotTable({"hn": ((), torch.int64, 0)})  # per slot: the open step's hidden sum and count
+        self._dim: int | None = None
+
+    def reset_slots(self, slots: Any) -> None:
+        """Fresh state for the sequences in `slots` (each starts a new trace)."""
+        for s in np.asarray(slots).tolist():
+            self._traces.pop(int(s), None)
+        self._h.reset(slots)
+
+    def _trace(self, slot: int) -> _Trace:
+        tr = self._traces.get(slot)
+        if tr is None:
+            tr = self._traces[slot] = _Trace(self.min_step_tokens, self.k_prev)
+        return tr
 
     # ----------------------------------------------------------------- hot path
+    def update_batch(self, batch: StepBatch) -> dict[str, torch.Tensor]:
+        """Values only at the rows whose token closes a step (NaN elsewhere: undefined)."""
+        slots = batch.slots
+        if self.uses_hidden and batch.hidden:
+            self._accumulate(batch)
+        texts = batch.texts or [""] * batch.size
+        out: dict[str, torch.Tensor] | None = None
+        for r, slot in enumerate(slots.tolist()):
+            got = self._feed(self._trace(slot), slot, texts[r] or "")
+            if got:
+                if out is None:
+                    out = {k: torch.full((batch.size,), math.nan, dtype=torch.float64) for k in self.KEYS}
+                for k, v in got.items():
+                    out[k][r] = v
+        if out is None:
+            return {}
+        dev = batch.device
+        return {k: v.to(dev) for k, v in out.items()} if dev.type != "cpu" else out
+
     def update(self, step: TokenStep) -> dict[str, float]:
-        idx = self._n
-        self._n += 1
-        if self.uses_hidden:
-            self._accumulate(step)
-        text = step.text or ""
-        cut = self._splitter.feed(idx, text)
+        """One token of one sequence: a batch of one (slot 0); {} except at the token that closes a step."""
+        out = self.update_batch(StepBatch.of_step(step))
+        return {k: float(v[0]) for k, v in out.items() if not math.isnan(float(v[0]))}
+
+    def _feed(self, tr: _Trace, slot: int, text: str) -> dict[str, float]:
+        idx = tr.n
+        tr.n += 1
+        cut = tr.splitter.feed(idx, text)
         if cut is None:
             if text:
-                self._pieces.append(text)
-                self._chars += len(text)
+                tr.pieces.append(text)
+                tr.chars += len(text)
             return {}
-        self._pieces.append(text[:cut])
-        out = self._close(end_token=idx, end_char=self._chars + cut)
+        tr.pieces.append(text[:cut])
+        out = self._close(tr, slot, end_token=idx, end_char=tr.chars + cut)
         rest = text[cut:]
-        self._pieces = [rest] if rest else []
-        self._chars += len(text)
+        tr.pieces = [rest] if rest else []
+        tr.chars += len(text)
         return out
 
-    def flush(self) -> dict[str, float]:
+    def flush(self, slot: int = 0) -> dict[str, float]:
         """Close the open last step at the end of generation; {} if it holds no text."""
-        if not "".join(self._pieces).strip():
+        tr = self._traces.get(slot)
+        if tr is None or not "".join(tr.pieces).strip():
             return {}
-        self._splitter.step_start = self._n
-        out = self._close(end_token=self._n - 1, end_char=self._chars)
-        self._pieces = []
+        tr.splitter.step_start = tr.n
+        out = self._close(tr, slot, end_token=tr.n - 1, end_char=tr.chars)
+        tr.pieces = []
         return out
 
-    def _accumulate(self, step: TokenStep) -> None:
-        if not step.hidden:
-            return
+    def _accumulate(self, batch: StepBatch) -> None:
         if self._layer is None:
-            self._layer = self.embedder.resolve_layer(step.hidden)
-        v = step.hidden_vector(self._layer)
-        if v is None or not np.isfinite(v).all():
+            self._layer = self.embedder.resolve_layer(batch.hidden)
+        v = batch.hidden.get(self._layer) if self._layer is not None else None
+        if v is None:
             return
-        if self._hsum is None:
-            self._hsum = v.copy()
-        elif v.shape != self._hsum.shape:
-            raise ValueError(f"hidden state of layer {self._layer} changed size from {self._hsum.shape[0]} "
-                             f"to {v.shape[0]}")
-        elif self._hn == 0:
-            self._hsum[:] = v
-        else:
-            self._hsum += v
-        self._hn += 1
+        h = self._h
+        if self._dim is None:
+            self._dim = int(v.shape[-1])
+            h.add("hsum", (self._dim,), torch.float64 if v.device.type == "cpu" else torch.float32, 0.0)
+        elif v.shape[-1] != self._dim:
+            raise ValueError(f"hidden state of layer {self._layer} changed size from {self._dim} to {v.shape[-1]}")
+        h.ensure(batch.slots, v.device)
+        idx = index(batch.slots, v.device)
+        finite = torch.isfinite(v).all(-1)
+        v = v.to(h["hsum"].dtype)
+        h["hsum"][idx] += torch.where(finite[:, None], v, torch.zeros((), dtype=v.dtype, device=v.device))
+        h["hn"][idx] += finite.to(torch.int64)
 
-    def _embed(self, text: str) -> np.ndarray | None:
+    def _embed(self, slot: int, text: str) -> np.ndarray | None:
         if self.uses_hidden:
-            if self._hn == 0:
+            h = self._h
+            if self._dim is None or slot >= h.capacity:
                 return None
-            e = _unit(self._hsum / self._hn)
-            self._hn = 0
+            n = int(h["hn"][slot])  # a step end: one small copy
+            if n == 0:
+                return None
+            e = _unit(h["hsum"][slot].to("cpu", torch.float64).numpy() / n)
+            h["hsum"][slot] = 0.0
+            h["hn"][slot] = 0
             return e
         arr = np.asarray(self.embedder([text]), dtype=np.float64)
         if arr.ndim == 0 or arr.size == 0:
@@ -342,102 +367,126 @@ class Redundancy:
                              "list[str] of n texts to an array (n, d)")
         return _unit(arr.reshape(arr.shape[0] if arr.ndim > 1 else 1, -1)[0])
 
-    def _close(self, end_token: int, end_char: int) -> dict[str, float]:
-        i = len(self._steps)
-        start_token = self._steps[-1][1] + 1 if self._steps else 0
-        self._steps.append([start_token, end_token])
-        self._step_chars.append([self._step_start_char, end_char])
-        self._step_start_char = end_char
-        e = self._embed("".join(self._pieces).strip())
+    def _close(self, tr: _Trace, slot: int, end_token: int, end_char: int) -> dict[str, float]:
+        i = len(tr.steps)
+        start_token = tr.steps[-1][1] + 1 if tr.steps else 0
+        tr.steps.append([start_token, end_token])
+        tr.step_chars.append([tr.step_start_char, end_char])
+        tr.step_start_char = end_char
+        e = self._embed(slot, "".join(tr.pieces).strip())
         if self.similarity_matrix != "none":
-            self._keep(i, e)
-        sims = [float(e @ prev) for prev in self._recent if prev is not None] if e is not None else []
-        self._recent.append(e)
+            self._keep(tr, i, e)
+        sims = [float(e @ prev) for prev in tr.recent if prev is not None] if e is not None else []
+        tr.recent.append(e)
         out: dict[str, float] = {"step_index": float(i)}
         if sims:
             s = min(max(max(sims), -1.0), 1.0)
             red = s >= self.tau
-            self._loop = self._loop + 1 if red else 0
+            tr.loop = tr.loop + 1 if red else 0
             out["similarity"] = s
             out["redundant"] = 1.0 if red else 0.0
-            self._similarities.append(s)
-            self._redundant.append(red)
+            tr.similarities.append(s)
+            tr.redundant.append(red)
         else:
-            self._loop = 0
-            self._similarities.append(None)
-            self._redundant.append(None)
-        self._max_loop = max(self._max_loop, self._loop)
-        out["loop_count"] = float(self._loop)
-        out["loop_break"] = 1.0 if self._loop >= self.loop_m else 0.0
+            tr.loop = 0
+            tr.similarities.append(None)
+            tr.redundant.append(None)
+        tr.max_loop = max(tr.max_loop, tr.loop)
+        out["loop_count"] = float(tr.loop)
+        out["loop_break"] = 1.0 if tr.loop >= self.loop_m else 0.0
         return out
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, slot: int = 0) -> dict[str, Any]:
         """Per-step record for reports. steps: [first_token, last_token] inclusive (reasoning-token
         indices); step_chars: [start, end) character offsets in the concatenated reasoning text."""
+        tr = self._traces.get(slot) or _Trace(self.min_step_tokens, self.k_prev)
         out: dict[str, Any] = {
-            "n_steps": len(self._steps),
+            "n_steps": len(tr.steps),
             "tau": self.tau,
-            "similarities": list(self._similarities),
-            "redundant": list(self._redundant),
-            "max_loop_count": self._max_loop,
-            "n_loop_breaks": sum(1 for _ in self._loop_breaks()),
-            "steps": [list(s) for s in self._steps],
-            "step_chars": [list(s) for s in self._step_chars],
+            "similarities": list(tr.similarities),
+            "redundant": list(tr.redundant),
+            "max_loop_count": tr.max_loop,
+            "n_loop_breaks": sum(1 for _ in self._loop_breaks(tr)),
+            "steps": [list(s) for s in tr.steps],
+            "step_chars": [list(s) for s in tr.step_chars],
         }
         if self.uses_hidden:
             out["layer"] = self._layer
         if self.similarity_matrix == "sparse":
             out["step_similarity_k"] = self.top_k
-            out["step_similarity_topk"] = [None if p is None else [list(x) for x in p] for p in self._topk]
+            out["step_similarity_topk"] = [None if p is None else [list(x) for x in p] for p in tr.topk]
         elif self.similarity_matrix == "dense":
-            out["step_similarity_matrix"] = self._matrix()
+            out["step_similarity_matrix"] = self._matrix(tr)
         return out
 
-    def _loop_breaks(self) -> Iterable[int]:
+    def _loop_breaks(self, tr: _Trace) -> Iterable[int]:
         run = 0
-        for i, r in enumerate(self._redundant):
+        for i, r in enumerate(tr.redundant):
             run = run + 1 if r else 0
             if run >= self.loop_m:
                 yield i
 
-    def _keep(self, i: int, e: np.ndarray | None) -> None:
+    def _keep(self, tr: _Trace, i: int, e: np.ndarray | None) -> None:
         """Store step i's embedding; in sparse mode, first record its top_k most similar earlier steps."""
         if e is None:
             if self.similarity_matrix == "sparse":
-                self._topk.append(None)
+                tr.topk.append(None)
             return
-        n = self._n_emb
-        if self._store is None:
+        n = tr.n_emb
+        if tr.store is None:
             dtype = np.float64 if self.similarity_matrix == "dense" else np.float32  # sparse: rounded to 4 decimals
-            self._store = np.empty((64, e.shape[0]), dtype=dtype)
-        elif e.shape[0] != self._store.shape[1]:
-            raise ValueError(f"step embedding changed size from {self._store.shape[1]} to {e.shape[0]}")
+            tr.store = np.empty((64, e.shape[0]), dtype=dtype)
+        elif e.shape[0] != tr.store.shape[1]:
+            raise ValueError(f"step embedding changed size from {tr.store.shape[1]} to {e.shape[0]}")
         if self.similarity_matrix == "sparse":
             pairs: list[list[float]] = []
             if n:
-                sims = self._store[:n] @ e.astype(self._store.dtype)
+                sims = tr.store[:n] @ e.astype(tr.store.dtype)
                 k = min(self.top_k, n)
                 rows = np.argpartition(-sims, k - 1)[:k] if k < n else range(n)
-                top = sorted(((float(sims[r]), self._emb_step[r]) for r in rows), key=lambda x: (-x[0], x[1]))
+                top = sorted(((float(sims[r]), tr.emb_step[r]) for r in rows), key=lambda x: (-x[0], x[1]))
                 pairs = [[j, round(min(max(s, -1.0), 1.0), 4)] for s, j in top]
-            self._topk.append(pairs)
-        if n == self._store.shape[0]:
-            grown = np.empty((2 * n, self._store.shape[1]), dtype=self._store.dtype)
-            grown[:n] = self._store
-            self._store = grown
-        self._store[n] = e
-        self._n_emb = n + 1
-        self._emb_step.append(i)
+            tr.topk.append(pairs)
+        if n == tr.store.shape[0]:
+            grown = np.empty((2 * n, tr.store.shape[1]), dtype=tr.store.dtype)
+            grown[:n] = tr.store
+            tr.store = grown
+        tr.store[n] = e
+        tr.n_emb = n + 1
+        tr.emb_step.append(i)
 
-    def _matrix(self) -> list[list[float | None]]:
-        n = len(self._steps)
+    def _matrix(self, tr: _Trace) -> list[list[float | None]]:
+        n = len(tr.steps)
         mat: list[list[float | None]] = [[None] * n for _ in range(n)]
-        if self._n_emb:
-            e = self._store[:self._n_emb]
+        if tr.n_emb:
+            e = tr.store[:tr.n_emb]
             sim = np.clip(e @ e.T, -1.0, 1.0).tolist()
-            ok = self._emb_step
+            ok = tr.emb_step
             for a, ja in enumerate(ok):
                 row, vals = mat[ja], sim[a]
                 for b, jb in enumerate(ok):
                     row[jb] = vals[b]
         return mat
+
+
+class _Trace:
+    """One sequence's step bookkeeping (host side; it changes only when a step closes)."""
+
+    def __init__(self, min_step_tokens: int, k_prev: int) -> None:
+        self.splitter = StepSplitter(min_step_tokens)
+        self.n = 0
+        self.chars = 0
+        self.pieces: list[str] = []
+        self.step_start_char = 0
+        self.recent: deque[np.ndarray | None] = deque(maxlen=k_prev)
+        self.loop = 0
+        self.max_loop = 0
+        self.similarities: list[float | None] = []
+        self.redundant: list[bool | None] = []
+        self.steps: list[list[int]] = []
+        self.step_chars: list[list[int]] = []
+        # every step embedding so far, one row per step that has one (rows of store[:n_emb]; grown by doubling)
+        self.store: np.ndarray | None = None
+        self.n_emb = 0
+        self.emb_step: list[int] = []  # step index of each stored row
+        self.topk: list[list[list[float]] | None] = []  # per step: [[earlier step, similarity], ...]

@@ -151,7 +151,7 @@ def test_sparse_summary_grows_linearly_in_steps():
     topk = sig.summary()["step_similarity_topk"]
     assert [len(r) for r in topk] == [min(i, 8) for i in range(300)]
     sig.reset()
-    assert sig.summary()["step_similarity_topk"] == [] and sig._n_emb == 0
+    assert sig.summary()["step_similarity_topk"] == [] and not sig._traces
 
 
 def test_similarity_matrix_none_and_argument_checks():
