@@ -1,8 +1,8 @@
 """`overthink bench monitor`: what the monitor alone costs on the host, per token, on synthetic steps.
 
-No model runs. For each batch size B, B sequences each get a Monitor with the default signal set (all four
-families, as `overthink run` builds them) and are fed `tokens` synthetic steps, one step per row per batch
-step, exactly as a backend feeds them: a next-token distribution (top-k log-probabilities, or full
+No model runs. For each batch size B, a MonitorBatch of B sequences with the default signal set (all four
+families, as `overthink run` builds them) is fed `tokens` synthetic steps, one StepBatch of B rows per step,
+exactly as a backend feeds it: a next-token distribution (top-k log-probabilities, or full
 float32 logits of `vocab` entries as a tensor), hidden states of `n_layers` layers of `hidden_size`, and text
 with a step end every 40 tokens and a cue word every 200. The figure is host time per token (wall time of the
 monitor calls / (B x tokens)) with torch and BLAS on one thread, so `tokens_per_s_per_core` = 1e6 / that.
@@ -14,6 +14,7 @@ level. A benchmark, not a test: it reports what it measured.
 from __future__ import annotations
 
 import gc
+import math
 import time
 import tracemalloc
 from collections.abc import Sequence
@@ -48,25 +49,51 @@ def _distributions(logprobs: int | str, vocab: int, n: int, rng: np.random.Gener
                      .tolist(), strict=True)) for _ in range(n)]
 
 
-def _monitors(b: int, layers: list[int], record: str) -> list[Any]:
+def _monitors(b: int, layers: list[int], record: str) -> Any:
+    """A MonitorBatch of `b` sequences with the default signal set, as `overthink run` builds it."""
+    from monitor.batch import MonitorBatch
     from monitor.cues import CueDetector
     from monitor.monitor import Monitor
     from monitor.run import RunConfig, default_signals
 
     cfg = RunConfig(record=record)
-    return [Monitor(signals=default_signals(layers, cfg), cues=CueDetector(think_end="</think>"), record=record)
-            for _ in range(b)]
+    return MonitorBatch.create(lambda: Monitor(signals=default_signals(layers, cfg),
+                                               cues=CueDetector(think_end="</think>"), record=record), b)
 
 
-def _feed(monitors: list[Any], tokens: int, dists: list[Any], hidden: list[dict[int, Any]]) -> float:
-    from monitor.events import TokenStep
+def _batches(b: int, dists: list[Any], hidden: list[dict[int, Any]], n: int = 8) -> list[Any]:
+    """A pool of `n` step batches of `b` rows (built before timing; reused cyclically)."""
+    import torch
+
+    from monitor.events import StepBatch
+
+    out = []
+    for j in range(n):
+        rows = [(j * 7 + r) % len(dists) for r in range(b)]
+        hid = {layer: torch.stack([hidden[(k + r) % len(hidden)][layer] for r, k in enumerate(rows)])
+               for layer in hidden[0]}
+        if isinstance(dists[0], dict):
+            k = max(len(dists[i]) for i in rows)
+            ids = torch.full((b, k), -1, dtype=torch.int64)
+            lp = torch.full((b, k), -math.inf, dtype=torch.float32)
+            for r, i in enumerate(rows):
+                ids[r, : len(dists[i])] = torch.tensor(list(dists[i].keys()))
+                lp[r, : len(dists[i])] = torch.tensor(list(dists[i].values()))
+            kw: dict[str, Any] = {"topk_ids": ids, "topk_logprobs": lp}
+        else:
+            kw = {"logits": torch.stack([dists[i] for i in rows])}
+        out.append(StepBatch(slots=np.arange(b), token_ids=np.full(b, 7), hidden=hid, **kw))
+    return out
+
+
+def _feed(mb: Any, tokens: int, pool: list[Any]) -> float:
+    import dataclasses
 
     t0 = time.perf_counter()
     for i in range(tokens):
-        text = _text(i)
-        for r, m in enumerate(monitors):
-            k = (i * 7 + r) % len(dists)
-            m.observe(TokenStep(i, 7, text, logprobs=dists[k], hidden=hidden[k % len(hidden)]))
+        proto = pool[i % len(pool)]
+        batch = dataclasses.replace(proto, texts=[_text(i)] * proto.size)  # a fresh batch: its caches start empty
+        mb.observe(batch)
     return time.perf_counter() - t0
 
 
@@ -94,35 +121,57 @@ def bench_monitor(batches: Sequence[int] = (1, 16, 64, 256), logprobs: int | str
             dists = _distributions(logprobs, vocab, 16 if logprobs == "full" else 64, rng)
             hidden = [{layer: torch.randn(hidden_size) for layer in layers} for _ in range(8)]
             for b in batches:
-                mons = _monitors(b, layers, "default")
-                _feed(mons[:1], 8, dists, hidden)  # warm-up: first-call costs (imports, caches) are not timed
-                mons = _monitors(b, layers, "default")
+                pool = _batches(b, dists, hidden)
+                _feed(_monitors(b, layers, "default"), 8, pool)  # warm-up: first-call costs are not timed
+                mb = _monitors(b, layers, "default")
                 gc.collect()
-                secs = _feed(mons, tokens, dists, hidden)
+                secs = _feed(mb, tokens, pool)
                 us = secs / (b * tokens) * 1e6
                 res.throughput.append({"batch": b, "logprobs": logprobs, "host_us_per_token": round(us, 2),
                                        "tokens_per_s_per_core": round(1e6 / us, 1)})
+            pool = _batches(1, dists, hidden)
             for n in memory_tokens:
                 for rec in recordings:
-                    res.memory.append({"tokens": n, "recording": rec,
-                                       "peak_bytes": _peak_bytes(n, rec, layers, dists, hidden)})
+                    peak, state = _peak_bytes(n, rec, layers, pool)
+                    res.memory.append({"tokens": n, "recording": rec, "peak_bytes": peak, "tensor_state_bytes": state})
     finally:
         torch.set_num_threads(threads)
     return res
 
 
-def _peak_bytes(n: int, record: str, layers: list[int], dists: list[Any], hidden: list[dict[int, Any]]) -> int:
-    """tracemalloc peak while one sequence of `n` tokens is monitored and its trace record is built."""
+def _peak_bytes(n: int, record: str, layers: list[int], pool: list[Any]) -> tuple[int, int]:
+    """tracemalloc's peak while one sequence of `n` tokens is monitored and its trace record is built, and the bytes
+    of the signals' state tensors (torch allocates those outside tracemalloc's view)."""
     gc.collect()
     tracemalloc.start()
     try:
-        (m,) = _monitors(1, layers, record)
-        _feed([m], n, dists, hidden)
+        mb = _monitors(1, layers, record)
+        _feed(mb, n, pool)
+        (m,) = mb.monitors
         m.finish()
         m.to_trace(trace_id="bench", model="synthetic", backend="hf", question="q")
-        return int(tracemalloc.get_traced_memory()[1])
+        return int(tracemalloc.get_traced_memory()[1]), _tensor_bytes(mb.shared)
     finally:
         tracemalloc.stop()
+
+
+def _tensor_bytes(objs: Any, seen: set[int] | None = None) -> int:
+    """Bytes of the torch tensors reachable from `objs` through attributes, dicts and lists."""
+    import torch
+
+    seen = set() if seen is None else seen
+    if id(objs) in seen:
+        return 0
+    seen.add(id(objs))
+    if isinstance(objs, torch.Tensor):
+        return objs.numel() * objs.element_size()
+    if isinstance(objs, dict):
+        return sum(_tensor_bytes(v, seen) for v in objs.values())
+    if isinstance(objs, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in objs)
+    if hasattr(objs, "__dict__") and type(objs).__module__.startswith("monitor"):
+        return _tensor_bytes(vars(objs), seen)
+    return 0
 
 
 __all__ = ["bench_monitor", "MonitorBenchResult"]

@@ -94,6 +94,9 @@ class DecisionContext:
 
 @runtime_checkable
 class Policy(Protocol):
+    """`decide` is asked at every reasoning token (ctx.point set at decision points); a policy that acts only at
+    decision points says so with `at_points_only = True` and is then not asked in between (cheaper)."""
+
     name: str
 
     def decide(self, ctx: DecisionContext) -> Decision: ...
@@ -116,6 +119,11 @@ class ObservePolicy:
     """Never halts. Signals and decision points are still recorded."""
 
     name = "observe"
+
+    @property
+    def at_points_only(self) -> bool:
+        """Never acts, so it need not be asked between decision points, unless a subclass decides otherwise."""
+        return type(self).decide is ObservePolicy.decide
 
     def decide(self, ctx: DecisionContext) -> Decision:
         return Decision(CONTINUE)
@@ -176,6 +184,7 @@ class SignalThresholdPolicy:
             raise ValueError(f"at must be 'decision_points' or 'any', got {at!r}")
         self.key, self.threshold, self.op, self.min_tokens, self.at = key, float(threshold), op, min_tokens, at
         self.name = f"threshold:{key}{op}{threshold:g}"
+        self.at_points_only = at == "decision_points"  # with at="tokens" it is asked at every token
 
     def decide(self, ctx: DecisionContext) -> Decision:
         if self.at == "decision_points" and ctx.point is None:
@@ -208,6 +217,7 @@ class DeerPolicy:
             raise ValueError(f"mean must be 'arithmetic' or 'geometric', got {mean!r}")
         self.threshold, self.max_trial_tokens, self.mean, self.kinds = threshold, max_trial_tokens, mean, kinds
         self.name = f"deer:{threshold:g}"
+        self.at_points_only = True  # trials start only at decision points
 
     def decide(self, ctx: DecisionContext) -> Decision:
         if ctx.point is not None and ctx.point.kind in self.kinds:

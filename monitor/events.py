@@ -258,6 +258,21 @@ class StepBatch:
             return h.device
         return torch.device("cpu")
 
+    def at(self, device: Any) -> slice | torch.Tensor:
+        """Where the batch's rows sit in slot-indexed state: a slice when the slots are one ascending run (the
+        usual case: no gather or scatter then), else an int64 index tensor on `device` (cached)."""
+        key = f"at:{device}"
+        v = self._cache.get(key)
+        if v is None:
+            s = self.slots
+            n = s.shape[0]
+            if n and int(s[-1]) - int(s[0]) == n - 1 and (n < 2 or bool((np.diff(s) == 1).all())):
+                v = slice(int(s[0]), int(s[0]) + n)
+            else:
+                v = torch.from_numpy(np.ascontiguousarray(s, dtype=np.int64)).to(device)
+            self._cache[key] = v
+        return v
+
     def _get(self, name: str, make: Any) -> Any:
         v = self._cache.get(name)
         if v is None:

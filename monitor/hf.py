@@ -4,8 +4,9 @@ This is a thin adapter. It adds three things to an ordinary `model.generate` cal
 - taps: a forward hook on the model keeps the *raw* last-position logits (exact whatever logits
   processors run later), and forward hooks on the configured decoder layers keep the last position's
   hidden state only (never `output_hidden_states=True`, which keeps every layer for every step);
-- `MonitorLogitsProcessor`: after each forward it turns the token chosen at the previous step into a
-  `TokenStep` (its distribution + its hidden states, now known), feeds it to that row's `Monitor`, and
+- `MonitorLogitsProcessor`: after each forward it gathers the tokens chosen at the previous step (their
+  distributions + their hidden states, now known) into one `StepBatch` for the `MonitorBatch` (the signals run
+  once over all rows, on the model's device; each row's `Monitor` then decides), and
   when the monitor halts it forces the exit cue token by token (all other logits set to -inf) into the
   SAME sequence and KV cache; DEER trials decode on a per-row copy of the cache;
 - `MonitorStoppingCriteria`: ingests each newly chosen token (detokenize, phase bookkeeping) and stops a
@@ -23,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from threadpoolctl import ThreadpoolController
 from transformers import (
@@ -33,9 +35,10 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from monitor.batch import MonitorBatch
 from monitor.decision import TRIAL, TrialOutcome, TrialRequest
 from monitor.detokenize import IncrementalDetokenizer
-from monitor.events import TokenStep
+from monitor.events import StepBatch
 from monitor.models import decoder_layers, model_device
 from monitor.monitor import Monitor
 from monitor.sequence import ExitPlan, SequenceResult, advance_answer, brace_delta, eos_ids
@@ -109,7 +112,7 @@ class RowState:
     prompt_len: int
     phase: str = "reasoning"  # reasoning | forcing | answer | done
     pending: tuple[int, str] | None = None  # reasoning token waiting for its hidden state
-    prev_logits: torch.Tensor | None = None  # raw logits that produced the pending token
+    index: int = 0  # the row in the batch (and the monitor's slot)
     forced_queue: list[int] = field(default_factory=list)
     generated: int = 0
     answer_tokens: int = 0
@@ -125,16 +128,14 @@ class MonitorLogitsProcessor(LogitsProcessor):
         self.gen, self.rows, self.cache = gen, rows, cache
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        taps = self.gen.taps
+        gen = self.gen
+        taps = gen.taps
         raw = taps.logits if taps.logits is not None else scores
-        hidden = dict(taps.hidden)
+        pending = [b for b, row in enumerate(self.rows) if row.pending is not None and row.phase != "done"]
+        if pending:  # the tokens chosen at the previous step, now with their hidden states: one batch
+            gen._observe_rows(self.rows, pending, dict(taps.hidden), self.cache)
+        gen._prev_raw = raw  # the distributions the tokens chosen at this step are drawn from
         for b, row in enumerate(self.rows):
-            if row.phase == "done":
-                continue
-            if row.pending is not None:
-                self.gen._observe(b, row, {i: h[b] for i, h in hidden.items()}, self.cache)
-            if row.phase == "reasoning":
-                row.prev_logits = raw[b]
             if row.phase == "forcing" and row.forced_queue:
                 forced = row.forced_queue[0]
                 scores[b, :] = -math.inf
@@ -191,13 +192,30 @@ class HFMonitoredGenerator:
         self.taps.remove()
 
     # ------------------------------------------------------------------ per-token work
-    def _observe(self, b: int, row: RowState, hidden: dict[int, torch.Tensor] | None, cache: Any) -> None:
-        tok, text = row.pending  # type: ignore[misc]
-        row.pending = None
-        step = TokenStep(position=row.monitor.n_tokens, token_id=tok, text=text, logprobs=row.prev_logits,
-                         hidden=hidden or None)
+    def _observe_rows(self, rows: list[RowState], which: list[int], hidden: dict[int, torch.Tensor] | None,
+                      cache: Any) -> None:
+        """Observe the pending reasoning token of rows `which` in one batch: the signals run once over them on the
+        model's device (`MonitorBatch`); then each row acts on its decision."""
+        logits = self._prev_raw
+        n = logits.shape[0]
+        sel = None if len(which) == n else torch.tensor(which, device=logits.device)
+        toks, texts = [], []
+        for b in which:
+            tok, text = rows[b].pending  # type: ignore[misc]
+            rows[b].pending = None
+            toks.append(tok)
+            texts.append(text)
+        if hidden:
+            hidden = {i: (h if sel is None else h.index_select(0, sel.to(h.device))) for i, h in hidden.items()}
+        batch = StepBatch(slots=np.asarray(which, dtype=np.int64), token_ids=np.asarray(toks, dtype=np.int64),
+                          logits=logits if sel is None else logits.index_select(0, sel), hidden=hidden or None,
+                          texts=texts)
+        for b, tok, d in zip(which, toks, self._batch.observe(batch), strict=True):
+            self._act(b, rows[b], tok, d, cache)
+
+    def _act(self, b: int, row: RowState, tok: int, d: Any, cache: Any) -> None:
+        """A row's decision on its reasoning token: a trial, a halt (force the exit cue), or go on."""
         mon = row.monitor
-        d = mon.observe(step)
         if d.action == TRIAL and cache is not None and d.trial is not None:  # no cache: the sequence just ended
             d = mon.trial_result(self._trial(b, row, cache, d.trial))
         if d.halt:
@@ -226,7 +244,7 @@ class HFMonitoredGenerator:
         if row.phase == "reasoning":
             row.pending = (tok, text)
             if tok in self.eos_ids:  # no forward will follow for this row: observe now, without hidden
-                self._observe(-1, row, None, None)
+                self._observe_rows(self._rows, [row.index], None, None)
                 row.phase, row.stop_reason = "done", "end of sequence"
             return
         if row.phase == "forcing":
@@ -313,14 +331,14 @@ class HFMonitoredGenerator:
         enc = {k: v.to(self.device) for k, v in enc.items()}
         mask = enc["attention_mask"]
         rows = []
+        self._batch = MonitorBatch.create(self.monitor_factory, len(prompts))  # one signal set, a slot per row
         for b in range(len(prompts)):
             n_real = int(mask[b].sum())
             pad = int(mask.shape[1] - n_real)
             prompt_ids = enc["input_ids"][b, pad:].tolist()
-            mon = self.monitor_factory()
-            mon.reset()
-            rows.append(RowState(monitor=mon, detok=IncrementalDetokenizer(tok, prompt_ids), pad_len=pad,
-                                 prompt_len=n_real))
+            rows.append(RowState(monitor=self._batch.monitors[b], detok=IncrementalDetokenizer(tok, prompt_ids),
+                                 pad_len=pad, prompt_len=n_real, index=b))
+        self._rows = rows
         self._max_reasoning = max_new_tokens
         cache = DynamicCache(config=self.model.config)
         if seed is not None:
@@ -351,9 +369,9 @@ class HFMonitoredGenerator:
 
     def _results(self, rows: list[RowState], prompts: Sequence[str]) -> list[SequenceResult]:
         results = []
-        for row, prompt in zip(rows, prompts):
+        for b, (row, prompt) in enumerate(zip(rows, prompts)):
             if row.pending is not None:  # generation ended right after a reasoning token
-                self._observe(-1, row, None, None)
+                self._observe_rows(rows, [b], None, None)
             results.append(SequenceResult.finish(row.monitor, prompt, row.prompt_len, row.stop_reason))
         return results
 

@@ -34,6 +34,8 @@ from array import array
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from monitor.cues import CueDetector, DecisionPoint
 from monitor.decision import (
     CONTINUE,
@@ -46,8 +48,8 @@ from monitor.decision import (
     TrialOutcome,
     TrialRequest,
 )
-from monitor.events import TokenStep
-from monitor.signals.base import Signal
+from monitor.events import StepBatch, TokenStep
+from monitor.signals.base import Signal, is_batch_first
 from monitor.trace import Trace
 
 log = logging.getLogger("overthink.monitor")
@@ -83,8 +85,12 @@ class Monitor:
         cues: CueDetector | None = None,
         record_signals: bool = True,
         record: str = "default",
+        slot: int = 0,
     ) -> None:
         self.signals = list(signals or [])
+        self.slot = slot  # this sequence's row in the state of batch-first signals (shared in a MonitorBatch)
+        self._local = any(not is_batch_first(s) for s in self.signals)  # per-sequence signals (the slow path)
+        self._batch_cols: tuple[tuple[str, ...], Any] | None = None  # MonitorBatch's column cache
         names = [s.name for s in self.signals]
         if len(set(names)) != len(names):
             raise ValueError(f"two signals share a family name in {names}; give each a distinct `name`")
@@ -94,6 +100,8 @@ class Monitor:
         self.cues = cues if cues is not None else CueDetector()
         self.record_signals = record_signals
         self.record = record
+        # a policy that acts only at decision points is not asked at the other tokens
+        self._every_token = not bool(getattr(self.policy, "at_points_only", False))
         self._series_on = record_signals and record in ("default", "full")
         self._kept = self._recorded_keys()
         self.reset()
@@ -122,12 +130,19 @@ class Monitor:
     def reset(self) -> None:
         """Start a new trace: clear all state and errors, reset every signal (each gets a fresh start)."""
         self._disabled: set[str] = set()  # signals switched off for this trace
+        self._stopped: dict[str, int] = {}  # signal -> reasoning tokens it had seen when switched off
         self._policy_error: dict[str, Any] | None = None  # set once the policy failed: observe only from then on
         self.errors: list[dict[str, Any]] = []
         self._error_index: dict[str, int] = {}  # component -> its record in `errors`
-        self.values: dict[str, float] = {}  # latest finite value of each "family.key"
-        # columnar float32 series (NaN = undefined at that token), one per recorded "family.key"
-        self._series: dict[str, dict[str, array]] = {s.name: {} for s in self.signals}
+        # Columnar signal values: column j holds "family.key" self._keys[j]. `_last[j]` is its latest defined value
+        # (NaN: none; what `values` shows), `_buf[t, j]` its value at reasoning token t (float32, NaN = undefined;
+        # only when series are recorded). Columns are added the first time a key is seen.
+        self._keys: list[str] = []
+        self._col: dict[str, int] = {}
+        self._last = np.full(0, np.nan)
+        self._buf: np.ndarray | None = None
+        self._explicit: set[int] = set()  # columns a per-sequence signal returned (kept in the trace even if all null)
+        self._batch_cols = None
         self._tok_ids: array = array("q")
         self._tok_text: list[str] = []
         self._tok_logprob: array = array("f")  # NaN where the backend gave none
@@ -142,7 +157,10 @@ class Monitor:
         self.cues.reset()
         for s in self.signals:
             try:
-                s.reset()
+                if is_batch_first(s):
+                    s.reset_slots([self.slot])
+                else:
+                    s.reset()
             except Exception as e:  # fail open: the signal is off for this trace, the others run
                 self._failed(s.name, "reset", None, e)
 
@@ -175,42 +193,78 @@ class Monitor:
 
     # ----------------------------------------------------------------- hot path
     def observe(self, step: TokenStep) -> Decision:
-        """Feed one reasoning token. Returns the policy's decision (continue / halt / trial)."""
+        """Feed one reasoning token. Returns the policy's decision (continue / halt / trial).
+
+        A single sequence is a batch of one: batch-first signals get `StepBatch.of_step(step)` at this monitor's
+        slot (`MonitorBatch.observe` does the same for many sequences at once)."""
         pos = self.n_tokens
-        self._record(step.token_id, step.text, "reasoning", _safe_logprob(step))
-        self.reasoning_tokens += 1
-        t = self.reasoning_tokens - 1  # index into the per-token signal series
-        values = self.values
+        names: list[str] = []
+        vals: list[float] = []
+        explicit: list[tuple[str, float | None]] = []
+        batch: StepBatch | None = None
         for sig in self.signals:
             name = sig.name
             if name in self._disabled:
                 continue
             try:
-                out = _checked_values(sig.update(step), "update()")
+                if is_batch_first(sig):
+                    if batch is None:
+                        batch = StepBatch.of_step(step, self.slot)
+                    for k, v in sig.update_batch(batch).items():
+                        names.append(f"{name}.{k}")
+                        vals.append(float(v[0]))
+                else:
+                    explicit += [(f"{name}.{k}", v) for k, v in _checked_values(sig.update(step), "update()").items()]
             except Exception as e:  # fail open: one broken signal must not stop generation
                 self._failed(name, "update", pos, e)
-                continue
-            if self._series_on:
-                series = self._series[name]
-                kept = self._kept.get(name)
-                for key, val in out.items():
-                    if kept is not None and key not in kept:
-                        continue
-                    col = series.get(key)
-                    if col is None:
-                        col = series[key] = array("f", [_NAN]) * t
-                    col.append(_NAN if val is None else val)
-                for col in series.values():
-                    if len(col) < t + 1:
-                        col.append(_NAN)
-            for key, val in out.items():
-                if val is None:
-                    values.pop(f"{name}.{key}", None)
-                else:
-                    values[f"{name}.{key}"] = val
+        return self._ingest(step.token_id, step.text, _safe_logprob(step), self.columns(names),
+                            np.asarray(vals, dtype=np.float64), step.hidden, explicit)
 
-        points = self.cues.update(pos, step.text)
-        hidden_now = step.hidden
+    def columns(self, names: Sequence[str]) -> np.ndarray:
+        """The column of each "family.key" (new keys get new columns, filled with NaN so far)."""
+        col = self._col
+        missing = [n for n in names if n not in col]
+        if missing:
+            for n in missing:
+                if n not in col:
+                    col[n] = len(self._keys)
+                    self._keys.append(n)
+            grow = len(self._keys) - self._last.shape[0]
+            self._last = np.concatenate([self._last, np.full(grow, np.nan)])
+            if self._buf is not None:
+                self._buf = np.concatenate([self._buf, np.full((self._buf.shape[0], grow), np.nan, np.float32)], 1)
+        return np.fromiter((col[n] for n in names), dtype=np.int64, count=len(names))
+
+    def _ingest(self, token_id: int, text: str, logprob: float | None, cols: np.ndarray | slice, vals: np.ndarray,
+                hidden_now: Any, explicit: Sequence[tuple[str, float | None]] = ()) -> Decision:
+        """Record a reasoning token and its signal values, find the decision points it completes, ask the policy.
+
+        `vals` go to columns `cols`; NaN there means "no value at this token" (the latest value stays in `values`).
+        `explicit` are values a per-sequence signal returned: None/NaN/inf there means "undefined now" (null in
+        the series, and the key leaves `values`)."""
+        pos = self.n_tokens
+        self._record(token_id, text, "reasoning", logprob)
+        self.reasoning_tokens += 1
+        t = self.reasoning_tokens - 1  # row of the per-token signal series
+        last = self._last
+        seg = last[cols]
+        np.copyto(seg, vals, where=vals == vals)
+        last[cols] = seg
+        if explicit:
+            ecols = self.columns([k for k, _ in explicit])
+            last = self._last
+            evals = np.array([_NAN if v is None else v for _, v in explicit], dtype=np.float64)
+            last[ecols] = evals
+            self._explicit.update(ecols.tolist())
+        if self._series_on:
+            buf = self._buf
+            if buf is None or buf.shape[0] <= t or buf.shape[1] < last.shape[0]:
+                buf = self._grow_buf(t + 1)
+            buf[t, cols] = vals
+            if explicit:
+                buf[t, ecols] = evals
+
+        points = self.cues.update(pos, text)
         decision = Decision(CONTINUE)
         if points:
             for pt in points:
@@ -221,7 +275,7 @@ class Monitor:
                 if d.action != CONTINUE:
                     decision = d
                     break
-        else:
+        elif self._every_token:
             decision = self._decide(DecisionContext(pos, self.reasoning_tokens, self.values, None, hidden_now))
         self._prev_hidden = hidden_now
         return self._apply(decision)
@@ -290,6 +344,22 @@ class Monitor:
         self._tok_logprob.append(_NAN if logprob is None else logprob)
         self._tok_phase.append(phase)
 
+    @property
+    def values(self) -> dict[str, float]:
+        """The latest defined value of each "family.key" (what the policy reads), as a dict."""
+        return {k: v for k, v in zip(self._keys, self._last.tolist()) if v == v}
+
+    def _grow_buf(self, rows: int) -> np.ndarray:
+        """The per-token series buffer with room for `rows` tokens and every column (new cells NaN)."""
+        old = self._buf
+        n_cols = self._last.shape[0]
+        cap = max(rows, 256) if old is None else max(rows, 2 * old.shape[0])
+        buf = np.full((cap, n_cols), np.nan, dtype=np.float32)
+        if old is not None:
+            buf[: old.shape[0], : old.shape[1]] = old
+        self._buf = buf
+        return buf
+
     def _point_values(self) -> dict[str, float | int | None]:
         keys = []
         for k in self.values:
@@ -343,9 +413,11 @@ class Monitor:
             self._pending_ctx = None
         else:
             self._disabled.add(name)
+            self._stopped.setdefault(name, self.reasoning_tokens)  # its series end where it failed
             prefix = f"{name}."
-            for key in [k for k in self.values if k.startswith(prefix)]:
-                del self.values[key]  # no policy may read a value a switched-off signal left behind
+            for key, j in self._col.items():
+                if key.startswith(prefix):
+                    self._last[j] = _NAN  # no policy may read a value a switched-off signal left behind
 
     def finish(self) -> None:
         """Close open state at the end of generation (a cue word at the very end, an open step)."""
@@ -356,27 +428,21 @@ class Monitor:
             if flush is None or sig.name in self._disabled:
                 continue
             try:
-                raw = flush()
+                raw = flush(self.slot) if is_batch_first(sig) else flush()
                 out = {} if raw is None else _checked_values(raw, "flush()")
             except Exception as e:
                 self._failed(sig.name, "flush", None, e)
                 continue
             if not out:
                 continue
+            cols = self.columns([f"{sig.name}.{k}" for k in out])
+            vals = np.array([_NAN if v is None else v for v in out.values()], dtype=np.float64)
+            self._last[cols] = vals  # None: undefined now, the key leaves `values`
             if self._series_on and self.reasoning_tokens:
-                series = self._series[sig.name]
-                kept = self._kept.get(sig.name)
-                n = self.reasoning_tokens
-                for key, val in out.items():
-                    if kept is not None and key not in kept:
-                        continue
-                    col = series.setdefault(key, array("f", [_NAN]) * n)
-                    col[-1] = _NAN if val is None else val
-            for key, val in out.items():
-                if val is None:
-                    self.values.pop(f"{sig.name}.{key}", None)
-                else:
-                    self.values[f"{sig.name}.{key}"] = val
+                buf = self._buf
+                if buf is None or buf.shape[1] < self._last.shape[0]:
+                    buf = self._grow_buf(self.reasoning_tokens)
+                buf[self.reasoning_tokens - 1, cols] = vals
 
     def summaries(self) -> dict[str, Any]:
         """Each healthy signal's `summary()`, as plain JSON data (NaN/inf -> None, numpy -> Python).
@@ -389,7 +455,7 @@ class Monitor:
             if fn is None or sig.name in self._disabled:
                 continue
             try:
-                s = fn()
+                s = fn(self.slot) if is_batch_first(sig) else fn()
                 if not isinstance(s, Mapping):
                     raise TypeError(f"summary() returned {_tname(s)}, expected a dict")
                 out[sig.name] = _json_data(s, "summary()")
@@ -409,10 +475,30 @@ class Monitor:
 
     def series(self, family: str, key: str) -> list[float | None]:
         """One recorded per-token series as Python floats (None where undefined); [] when it is not recorded."""
-        col = self._series.get(family, {}).get(key)
-        return [] if col is None else [None if v != v else v for v in col.tolist()]
+        j = self._col.get(f"{family}.{key}")
+        if j is None or self._buf is None or not self._series_on:
+            return []
+        return [None if v != v else v for v in self._buf[: self.reasoning_tokens, j].tolist()]
 
-    def _recorded(self, col: array) -> list[float | int | None]:
+    def _signal_series(self) -> dict[str, dict[str, list[float | int | None]]]:
+        """The trace's per-token series: per family, each recorded key that was ever defined (or that a
+        per-sequence signal returned), over the reasoning tokens."""
+        out: dict[str, dict[str, list[float | int | None]]] = {s.name: {} for s in self.signals}
+        n = self.reasoning_tokens
+        buf = self._buf
+        if buf is None:
+            return out
+        defined = ~np.isnan(buf[:n]).all(0) if n else np.zeros(buf.shape[1], dtype=bool)
+        for name, j in self._col.items():
+            fam, _, key = name.partition(".")
+            kept = self._kept.get(fam)
+            if fam not in out or (kept is not None and key not in kept):
+                continue
+            if j < buf.shape[1] and (defined[j] or j in self._explicit):
+                out[fam][key] = self._recorded(buf[: self._stopped.get(fam, n), j])
+        return out
+
+    def _recorded(self, col: Any) -> list[float | int | None]:
         """A float32 column as the trace keeps it (NaN -> null): the float32 values with record="full", else 4
         significant digits (done here, once per trace and vectorised, not per token on the hot path)."""
         if self.record == "full":
@@ -437,8 +523,7 @@ class Monitor:
             id=trace_id, model=model, backend=backend, question=question, prompt=prompt,
             tokens={"ids": self._tok_ids.tolist(), "text": list(self._tok_text),
                     "logprob": self._recorded(self._tok_logprob), "phase": list(self._tok_phase)},
-            signals={k: {kk: self._recorded(vv) for kk, vv in v.items()} for k, v in self._series.items()}
-            if self._series_on else {},
+            signals=self._signal_series() if self._series_on else {},
             decision_points=list(self.points),
             decision={"halted": d is not None, "at": self.halted_at, "reason": reason,
                       "policy": self._policy_name()},
@@ -479,10 +564,12 @@ def compact_series(values: Sequence[float | None]) -> list[float | int | None]:
     signals, policies and probes work on the exact values online. Vectorised (numpy), once per trace."""
     import numpy as np
 
-    if not values:
+    if len(values) == 0:
         return []
     if isinstance(values, array):
         x = np.frombuffer(values, dtype=np.float32 if values.typecode == "f" else np.float64).astype(np.float64)
+    elif isinstance(values, np.ndarray):
+        x = values.astype(np.float64)
     else:
         x = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
     ok = np.isfinite(x)

@@ -39,6 +39,7 @@ class ProbePolicy:
         bundle.check_features(online, len(self.layers) * self.hidden_size, len(signal_feature_names()),
                               "the online feature computation")
         self.name = f"probe:{self.mode}:delta={bundle.calibration_info.get('delta')}"
+        self.at_points_only = True  # the probe scores decision points only
 
     def decide(self, ctx: DecisionContext) -> Decision:
         pt = ctx.point

@@ -25,3 +25,10 @@ class Signal(Protocol):
     def reset(self) -> None: ...
 
     def summary(self) -> dict[str, Any]: ...
+
+
+def is_batch_first(sig: Any) -> bool:
+    """True for a signal written batch-first (`update_batch(StepBatch)` over slots, `reset_slots`): the built-in
+    families. One instance then serves many sequences at once (`monitor.batch.MonitorBatch`); a signal with only
+    `update(TokenStep)` gets one instance per sequence."""
+    return callable(getattr(sig, "update_batch", None)) and callable(getattr(sig, "reset_slots", None))

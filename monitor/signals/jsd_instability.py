@@ -202,7 +202,8 @@ class JSDInstability:
         self._state.ensure(slots, batch.device)
         if self._kind.shape[0] < self._state.capacity:
             self._kind = np.concatenate([self._kind, np.zeros(self._state.capacity - self._kind.shape[0], np.int8)])
-        st, idx = self._state, index(slots, batch.device)
+        st, idx = self._state, batch.at(batch.device)
+        rows_idx = index(slots, batch.device) if isinstance(idx, slice) else idx
         p, h = batch.probs, batch.entropy
         kind = _FULL if batch.is_full else _TOPK
         prev_kind = self._kind[slots]
@@ -214,14 +215,14 @@ class JSDInstability:
                 jsd = jsd_dense(store[idx], p)
             elif same.any():
                 rows = torch.as_tensor(np.nonzero(same)[0], device=p.device)
-                jsd[rows] = jsd_dense(store[idx[rows]], p[rows])
+                jsd[rows] = jsd_dense(store[rows_idx[rows]], p[rows])
         else:
             ids = batch.topk_ids
             store_ids = self._grow("_prev_ids", ids.shape[1], ids, -1)
             store_p = self._grow("_prev_p", p.shape[1], p, 0.0)
             if same.any():
                 rows = torch.as_tensor(np.nonzero(same)[0], device=p.device) if not same.all() else None
-                sel = idx if rows is None else idx[rows]
+                sel = idx if rows is None else rows_idx[rows]
                 got = jsd_sparse(store_ids[sel], store_p[sel].to(p.dtype), ids if rows is None else ids[rows],
                                  p if rows is None else p[rows], self.eps)
                 if rows is None:
@@ -254,14 +255,16 @@ class JSDInstability:
         hn = torch.where(k > 1, (h / torch.log(k.clamp_min(2.0))).clamp(0.0, 1.0), torch.zeros_like(h))
         inst = jsd * hn if self.mix is None else self.mix * jsd + (1.0 - self.mix) * hn
         t = st["n"][idx]
+        n1 = t + 1  # before the state is written (with a slice, t is a view of it)
         peak = st["peak"][idx]
-        new_peak = inst.to(torch.float64) > peak
-        st["peak"][idx] = torch.where(new_peak, inst.to(torch.float64), peak)
+        inst64 = inst.to(torch.float64)
+        new_peak = inst64 > peak
         pos = torch.where(new_peak, t, st["peak_pos"][idx])
+        st["peak"][idx] = torch.where(new_peak, inst64, peak)
         st["peak_pos"][idx] = pos
-        st["n"][idx] = t + 1
+        st["n"][idx] = n1
         return {"jsd": jsd, "entropy": h, "entropy_norm": hn, "instability": inst,
-                "peak_relative": pos.to(h.dtype) / (t + 1).to(h.dtype)}
+                "peak_relative": pos.to(h.dtype) / n1.to(h.dtype)}
 
     def update(self, step: TokenStep) -> dict[str, float]:
         """One token of one sequence: a batch of one (slot 0)."""

@@ -17,7 +17,7 @@ import torch
 
 from monitor.events import StepBatch, TokenStep
 from monitor.signals.redundancy import StepSplitter
-from monitor.signals.slots import SlotTable, index, one_row
+from monitor.signals.slots import SlotTable, add_rows, index, one_row
 
 _VALUE_KEYS = ("net", "cumulative", "aligned", "n_blocks")
 
@@ -41,9 +41,7 @@ class _Layer:
         if v.shape[-1] != self.dim:
             raise ValueError(f"hidden state of layer {self.layer} changed size from {self.dim} to {v.shape[-1]}")
         t = self.t
-        finite = torch.isfinite(v).all(-1)
-        v = v.to(t["open_sum"].dtype)
-        t["open_sum"][idx] += torch.where(finite[:, None], v, torch.zeros((), dtype=v.dtype, device=v.device))
+        finite = add_rows(t["open_sum"], idx, v)
         t["open_n"][idx] += finite.to(torch.int64)
         t["seen"][idx] |= finite
         return ~finite
@@ -203,7 +201,7 @@ class LatentTrajectory:
     def update_batch(self, batch: StepBatch) -> dict[str, torch.Tensor]:
         slots = batch.slots
         self._ensure(slots, batch.device)
-        idx = index(slots, batch.device)
+        idx = batch.at(batch.device)
         for layer, st in self._state.items():
             h = (batch.hidden or {}).get(layer)
             if h is None:
@@ -229,7 +227,7 @@ class LatentTrajectory:
             close = self._open[slots] >= self.block_tokens
         if close.any():
             self._close(slots[close])
-        vals = self._t["values"][idx]
+        vals = self._t["values"][idx].clone()
         return {k: vals[:, j] for j, k in enumerate(_VALUE_KEYS)}
 
     def update(self, step: TokenStep) -> dict[str, float]:

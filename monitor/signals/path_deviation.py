@@ -212,7 +212,8 @@ class PathDeviation:
     def update_batch(self, batch: StepBatch) -> dict[str, torch.Tensor]:
         slots = batch.slots
         self._ensure(slots, batch.device)
-        st, idx = self._state, index(slots, batch.device)
+        st, idx = self._state, batch.at(batch.device)
+        ridx = index(slots, batch.device) if isinstance(idx, slice) else idx  # pairs with `pos` below
         h = batch.entropy.to(torch.float64)
         transition = self._transitions(batch)
         n = self._n[slots]  # tokens before this one
@@ -222,14 +223,14 @@ class PathDeviation:
             thr = torch.full_like(h, math.inf)  # no threshold yet: nothing is flagged
             for r in np.nonzero(transition & (n >= self.min_history))[0]:  # few rows: transition tokens only
                 thr[r] = history_quantile(self._history[int(slots[r]), : int(n[r])], self.relative_quantile)
-            self._remember(idx, n, h)
+            self._remember(ridx, n, h)
         hett = (torch.as_tensor(transition, device=h.device) & (h > thr)).to(torch.float64)
 
         w = self.window
         pos = torch.as_tensor(n % w, device=h.device)
-        old_h, old_e = st["ring_h"][idx, pos], st["ring_e"][idx, pos]
-        st["ring_h"][idx, pos] = h
-        st["ring_e"][idx, pos] = hett
+        old_h, old_e = st["ring_h"][ridx, pos], st["ring_e"][ridx, pos]
+        st["ring_h"][ridx, pos] = h
+        st["ring_e"][ridx, pos] = hett
         sum_h_win = st["sum_h_win"][idx] + (h - old_h)
         sum_e_win = st["sum_e_win"][idx] + (hett - old_e)
         sum_h = st["sum_h"][idx] + h

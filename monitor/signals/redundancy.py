@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from monitor.events import StepBatch, TokenStep
-from monitor.signals.slots import SlotTable, index
+from monitor.signals.slots import SlotTable, add_rows
 
 EMBED_INSTALL = 'pip install "overthink[embed]"'
 # Redundancy(similarity_matrix=...): how the summary records step-to-step similarities. "sparse": each
@@ -343,10 +343,8 @@ class Redundancy:
         elif v.shape[-1] != self._dim:
             raise ValueError(f"hidden state of layer {self._layer} changed size from {self._dim} to {v.shape[-1]}")
         h.ensure(batch.slots, v.device)
-        idx = index(batch.slots, v.device)
-        finite = torch.isfinite(v).all(-1)
-        v = v.to(h["hsum"].dtype)
-        h["hsum"][idx] += torch.where(finite[:, None], v, torch.zeros((), dtype=v.dtype, device=v.device))
+        idx = batch.at(v.device)
+        finite = add_rows(h["hsum"], idx, v)
         h["hn"][idx] += finite.to(torch.int64)
 
     def _embed(self, slot: int, text: str) -> np.ndarray | None:

@@ -89,3 +89,17 @@ def one_row(out: dict[str, torch.Tensor], row: int = 0) -> dict[str, float]:
         if x == x:
             got[k] = x
     return got
+
+
+def add_rows(state: torch.Tensor, at: slice | torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """state[at] += v for rows whose vector is finite; returns [B] bool, which rows were added. On the CPU an
+    all-finite batch (the usual case) is added in place with no mask; on an accelerator the mask is applied on
+    the device (no sync)."""
+    finite = torch.isfinite(v.sum(-1))  # a NaN or inf anywhere in a row makes its sum non-finite
+    if v.device.type != "cpu" or not bool(finite.all()):
+        v = torch.where(finite[:, None], v, torch.zeros((), dtype=v.dtype, device=v.device))
+    if isinstance(at, slice):
+        state[at].add_(v)
+    else:
+        state.index_add_(0, at, v.to(state.dtype))
+    return finite
