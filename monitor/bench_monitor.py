@@ -61,7 +61,7 @@ def _monitors(b: int, layers: list[int], record: str) -> Any:
                                                cues=CueDetector(think_end="</think>"), record=record), b)
 
 
-def _batches(b: int, dists: list[Any], hidden: list[dict[int, Any]], n: int = 8) -> list[Any]:
+def _batches(b: int, dists: list[Any], hidden: list[dict[int, Any]], device: Any = "cpu", n: int = 8) -> list[Any]:
     """A pool of `n` step batches of `b` rows (built before timing; reused cyclically)."""
     import torch
 
@@ -82,7 +82,8 @@ def _batches(b: int, dists: list[Any], hidden: list[dict[int, Any]], n: int = 8)
             kw: dict[str, Any] = {"topk_ids": ids, "topk_logprobs": lp}
         else:
             kw = {"logits": torch.stack([dists[i] for i in rows])}
-        out.append(StepBatch(slots=np.arange(b), token_ids=np.full(b, 7), hidden=hid, **kw))
+        out.append(StepBatch(slots=np.arange(b), token_ids=np.full(b, 7), hidden={k: v.to(device) for k, v in hid.items()},
+                             **{k: v.to(device) for k, v in kw.items()}))
     return out
 
 
@@ -94,14 +95,21 @@ def _feed(mb: Any, tokens: int, pool: list[Any]) -> float:
         proto = pool[i % len(pool)]
         batch = dataclasses.replace(proto, texts=[_text(i)] * proto.size)  # a fresh batch: its caches start empty
         mb.observe(batch)
+    if proto.device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(proto.device)
     return time.perf_counter() - t0
 
 
 def bench_monitor(batches: Sequence[int] = (1, 16, 64, 256), logprobs: int | str = 20, vocab: int = 151_936,
                   tokens: int = 256, hidden_size: int = 896, n_layers: int = 4,
                   memory_tokens: Sequence[int] = (1_000, 8_000, 32_000),
-                  recordings: Sequence[str] = ("points", "default", "full")) -> MonitorBenchResult:
-    """Host time per token at each batch size, and peak memory per sequence length and recording level."""
+                  recordings: Sequence[str] = ("points", "default", "full"), device: str = "cpu") -> MonitorBenchResult:
+    """Host time per token at each batch size, and peak memory per sequence length and recording level.
+
+    `device`: where the synthetic distributions and hidden states live (as a model's outputs would), so the
+    signals' tensor ops run there; the time is the host's wall time, with the device synchronised at the end."""
     import torch
     from threadpoolctl import threadpool_limits
 
@@ -113,7 +121,10 @@ def bench_monitor(batches: Sequence[int] = (1, 16, 64, 256), logprobs: int | str
     layers = list(range(n_layers))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    res = MonitorBenchResult(setup={"logprobs": logprobs, "vocab": vocab, "tokens": tokens,
+    from monitor.models import resolve_device
+
+    dev = torch.device(resolve_device(device))
+    res = MonitorBenchResult(setup={"logprobs": logprobs, "vocab": vocab, "tokens": tokens, "device": str(dev),
                                     "hidden_size": hidden_size, "layers": n_layers, "threads": 1,
                                     "signals": "path_deviation, jsd_instability, latent_trajectory, redundancy"})
     try:
@@ -121,7 +132,7 @@ def bench_monitor(batches: Sequence[int] = (1, 16, 64, 256), logprobs: int | str
             dists = _distributions(logprobs, vocab, 16 if logprobs == "full" else 64, rng)
             hidden = [{layer: torch.randn(hidden_size) for layer in layers} for _ in range(8)]
             for b in batches:
-                pool = _batches(b, dists, hidden)
+                pool = _batches(b, dists, hidden, dev)
                 _feed(_monitors(b, layers, "default"), 8, pool)  # warm-up: first-call costs are not timed
                 mb = _monitors(b, layers, "default")
                 gc.collect()
@@ -129,7 +140,7 @@ def bench_monitor(batches: Sequence[int] = (1, 16, 64, 256), logprobs: int | str
                 us = secs / (b * tokens) * 1e6
                 res.throughput.append({"batch": b, "logprobs": logprobs, "host_us_per_token": round(us, 2),
                                        "tokens_per_s_per_core": round(1e6 / us, 1)})
-            pool = _batches(1, dists, hidden)
+            pool = _batches(1, dists, hidden, dev)
             for n in memory_tokens:
                 for rec in recordings:
                     peak, state = _peak_bytes(n, rec, layers, pool)

@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     mb.add_argument("--layers", type=positive_int, default=4, help="number of tapped layers (default 4)")
     mb.add_argument("--memory-tokens", type=_int_list, default=[1_000, 8_000, 32_000],
                     help="sequence lengths for the memory peak (default 1000,8000,32000)")
+    mb.add_argument("--device", default="cpu", help="where the synthetic distributions and hidden states live, as a "
+                    "model's would (cpu, cuda, cuda:N; default cpu); the monitor's ops run there")
     mb.add_argument("--json", action="store_true")
 
     d = sub.add_parser("diagnose", help="HTML report (or terminal summary) of one trace or a batch of traces")
@@ -359,13 +361,13 @@ def _bench_monitor(args: argparse.Namespace) -> int:
 
     with err_console.status("benchmarking the monitor on synthetic steps ..."):
         res = bench_monitor(args.batch, args.logprobs, args.vocab, args.tokens, args.hidden_size, args.layers,
-                            args.memory_tokens)
+                            args.memory_tokens, device=args.device)
     if args.json:
         print(json.dumps(res.to_dict(), indent=2))
         return 0
     s = res.setup
     table = Table(title=f"monitor host cost, logprobs {s['logprobs']} (vocab {s['vocab']}), {s['layers']} layers x "
-                        f"{s['hidden_size']}, one core")
+                        f"{s['hidden_size']}, one core, tensors on {s['device']}")
     for col in ("batch", "host us / token", "tokens/s / core"):
         table.add_column(col, justify="right")
     for r in res.throughput:

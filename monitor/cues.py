@@ -97,6 +97,23 @@ class CueDetector:
         out: list[DecisionPoint] = []
         if self._ended or not text:
             return out
+        if text[0] == " " and len(text) > 1 and text.isascii() and text[1:].isalnum():
+            # fast path, the commonest token: " word" ends the open word (at the space) and starts a new one
+            self._close_word(out)
+            self._word_at_para_start = self._line_start_is_para
+            self._word = [text[1:]]
+            self._word_end_index = index
+            self._line_start_is_para = False
+            self._prev_char = text[-1]
+            return self._end_marker(index, text, out) if self.think_end else out
+        if text.isalnum() and text.isascii():  # fast path: letters/digits only, so the open word grows
+            if not self._word:
+                self._word_at_para_start = self._line_start_is_para
+            self._word.append(text)
+            self._word_end_index = index
+            self._line_start_is_para = False
+            self._prev_char = text[-1]
+            return self._end_marker(index, text, out) if self.think_end else out
         for c in text:
             if _is_word_char(c):
                 if not self._word:
@@ -117,12 +134,15 @@ class CueDetector:
                     # markdown emphasis or a heading marker before "Wait" still counts as paragraph start
                     self._line_start_is_para = False
             self._prev_char = c
-        if self.think_end:
-            self._tail = (self._tail + text)[-(len(self.think_end) + len(text)) :]
-            if self.think_end in self._tail:
-                self._word = []
-                out.append(self._point(index, "reasoning_end", self.think_end))
-                self._ended = True
+        return self._end_marker(index, text, out) if self.think_end else out
+
+    def _end_marker(self, index: int, text: str, out: list[DecisionPoint]) -> list[DecisionPoint]:
+        """Has the end-of-reasoning marker just been completed (possibly over several tokens)?"""
+        self._tail = (self._tail + text)[-(len(self.think_end) + len(text)) :]
+        if self.think_end in self._tail:
+            self._word = []
+            out.append(self._point(index, "reasoning_end", self.think_end))
+            self._ended = True
         return out
 
     def finish(self) -> list[DecisionPoint]:

@@ -150,12 +150,11 @@ class MonitorStoppingCriteria(StoppingCriteria):
         self.gen, self.rows = gen, rows
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        last = input_ids[:, -1].tolist()  # one device-to-host copy for the whole batch
         for b, row in enumerate(self.rows):
             if row.phase != "done":
-                self.gen._ingest(row, int(input_ids[b, -1]))
-            done[b] = row.phase == "done"
-        return done
+                self.gen._ingest(row, last[b])
+        return torch.tensor([row.phase == "done" for row in self.rows], dtype=torch.bool, device=input_ids.device)
 
 
 class HFMonitoredGenerator:

@@ -247,9 +247,12 @@ class Monitor:
         self.reasoning_tokens += 1
         t = self.reasoning_tokens - 1  # row of the per-token signal series
         last = self._last
-        seg = last[cols]
-        np.copyto(seg, vals, where=vals == vals)
-        last[cols] = seg
+        if isinstance(cols, slice):  # a view: written in place
+            np.copyto(last[cols], vals, where=vals == vals)
+        else:
+            seg = last[cols]
+            np.copyto(seg, vals, where=vals == vals)
+            last[cols] = seg
         if explicit:
             ecols = self.columns([k for k, _ in explicit])
             last = self._last

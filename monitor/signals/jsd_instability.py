@@ -25,6 +25,16 @@ def _h(p: torch.Tensor) -> torch.Tensor:
     return -torch.special.xlogy(p, p).sum(-1)
 
 
+def jsd_fast(a: torch.Tensor, b: torch.Tensor, ha: torch.Tensor, hb: torch.Tensor) -> torch.Tensor:
+    """[B] JSD in bits by the entropy form H(m) - (H(a) + H(b)) / 2, with the rows' entropies known: three passes
+    over [B, V]. In float32 its absolute error is a few float32 ulps of the entropies (about 1e-6 bits for
+    entropies near 6 nats), which `jsd_dense` avoids at six times the work; used for float32 model logits over a
+    whole vocabulary, where the work matters on a CPU."""
+    s = a + b  # m = s / 2, so H(m) = ln 2 - sum(s log s) / 2 (the rows sum to 1)
+    hm = _LN2 - 0.5 * torch.special.xlogy(s, s).sum(-1)
+    return ((hm - 0.5 * (ha + hb)) / _LN2).clamp(0.0, 1.0)
+
+
 def jsd_dense(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """[B] JSD in bits between aligned probability rows (zero-padded to one width), clipped to [0, 1].
 
@@ -152,7 +162,7 @@ class JSDInstability:
 
     def reset(self) -> None:
         self._state = SlotTable({"n": ((), torch.int64, 0), "peak": ((), torch.float64, -math.inf),
-                                 "peak_pos": ((), torch.int64, 0)})
+                                 "peak_pos": ((), torch.int64, 0), "prev_h": ((), torch.float64, 0.0)})
         self._kind = np.zeros(0, dtype=np.int8)  # per slot, on the host: _NONE / _FULL / _TOPK
         self._prev_full: torch.Tensor | None = None  # [slots, V]
         self._prev_ids: torch.Tensor | None = None  # [slots, k] (-1 = padding)
@@ -211,11 +221,14 @@ class JSDInstability:
         same = prev_kind == kind
         if batch.is_full:
             store = self._grow("_prev_full", p.shape[1], p, 0.0)
+            fast = p.dtype == torch.float32 and store.shape[1] == p.shape[1]  # see jsd_fast
             if same.all():
-                jsd = jsd_dense(store[idx], p)
+                jsd = jsd_fast(store[idx], p, st["prev_h"][idx].to(p.dtype), h) if fast else jsd_dense(store[idx], p)
             elif same.any():
                 rows = torch.as_tensor(np.nonzero(same)[0], device=p.device)
-                jsd[rows] = jsd_dense(store[rows_idx[rows]], p[rows])
+                sel = rows_idx[rows]
+                jsd[rows] = jsd_fast(store[sel], p[rows], st["prev_h"][sel].to(p.dtype), h[rows]) if fast \
+                    else jsd_dense(store[sel], p[rows])
         else:
             ids = batch.topk_ids
             store_ids = self._grow("_prev_ids", ids.shape[1], ids, -1)
@@ -250,6 +263,7 @@ class JSDInstability:
             self._prev_p[idx] = 0.0
             self._prev_p[idx, : p.shape[1]] = p.to(self._prev_p.dtype)
         self._kind[slots] = kind
+        st["prev_h"][idx] = h.to(torch.float64)
 
         k = batch.support.to(h.dtype)
         hn = torch.where(k > 1, (h / torch.log(k.clamp_min(2.0))).clamp(0.0, 1.0), torch.zeros_like(h))
