@@ -221,7 +221,8 @@ class StepBatch:
     (the backend needs them there anyway). `hidden` maps a decoder layer to its [B, d] states at this token.
     `texts` (one piece per row) and `transition` ([B] bool on the host: is the token a hesitation word) are
     what text-reading signals use; a backend that knows token ids fills `transition` from a vocabulary table
-    once per step instead of decoding.
+    once per step instead of decoding. A row without hidden states has NaN rows in `hidden` and False in
+    `hidden_present`.
 
     Precision: float64 input (numpy, a batch of one) is computed in float64, model logits (float32/bf16/fp16)
     in float32: the precision the model computed them in.
@@ -235,6 +236,7 @@ class StepBatch:
     hidden: Mapping[int, torch.Tensor] | None = None
     texts: list[str] | None = None
     transition: np.ndarray | None = None
+    hidden_present: np.ndarray | None = None  # [B] bool on the host: rows that have hidden states (None: all)
     _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property

@@ -3,7 +3,9 @@
 What runs where:
 - Here (the driver process): one `_Request` state machine per request, the same `Monitor` the HF backend
   uses, the detokenizer, and the halting decisions. Each engine step's new tokens (with their top-k or
-  full log-probabilities from vLLM's sampler, before any logits processor) become `TokenStep`s.
+  full log-probabilities from vLLM's sampler, before any logits processor) become ONE `StepBatch` for the
+  `MonitorBatch` (the signals run once over all requests of the step; the async driver, one task per
+  request, feeds batches of one).
 - In vLLM's worker process (`monitor.vllm_worker`, loaded by name): the logits processor that forces the
   exit cue for one request, and, opt-in, forward hooks that record the hooked layers' hidden states.
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 import io
 import itertools
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -47,9 +50,10 @@ from typing import Any
 
 import numpy as np
 
+from monitor.batch import MonitorBatch
 from monitor.decision import TRIAL
 from monitor.detokenize import IncrementalDetokenizer
-from monitor.events import TokenStep
+from monitor.events import StepBatch
 from monitor.monitor import Monitor
 from monitor.sequence import ExitPlan, SequenceResult, advance_answer, eos_ids
 
@@ -244,6 +248,7 @@ class _Request:
 
     key: str
     monitor: Monitor
+    slot: int  # its row in the MonitorBatch
     detok: IncrementalDetokenizer
     prompt_ids: list[int]
     prompt: str
@@ -346,12 +351,25 @@ class VLLMMonitoredGenerator:
 
     # ------------------------------------------------------------------ per-token work
     def _observe(self, st: _Request, hidden: dict[int, np.ndarray] | None) -> str | None:
-        """Feed the pending reasoning token to the monitor; returns "halt" when the policy halts."""
-        tok, text, lp = st.pending  # type: ignore[misc]
-        st.pending = None
+        """Feed one request's pending reasoning token to the monitor; returns "halt" when the policy halts."""
+        return self._observe_many([(st, hidden)])[0]
+
+    def _observe_many(self, obs: list[tuple[_Request, dict[int, np.ndarray] | None]]) -> list[str | None]:
+        """Feed the pending reasoning tokens of several requests to their monitors in ONE batch (the signals run
+        once over all of them); returns "halt" or None per request."""
+        if not obs:
+            return []
+        rows = []
+        for st, hidden in obs:
+            tok, text, lp = st.pending  # type: ignore[misc]
+            st.pending = None
+            rows.append((st, tok, text, lp, hidden))
+        return [self._decided(st, tok, d) for (st, tok, *_), d in zip(rows, self._batch.observe(_step_batch(rows)),
+                                                                      strict=True)]
+
+    def _decided(self, st: _Request, tok: int, d: Any) -> str | None:
+        """What a request does after its monitor decided on its reasoning token `tok`."""
         mon = st.monitor
-        d = mon.observe(TokenStep(position=mon.n_tokens, token_id=tok, text=text, logprobs=lp,
-                                  hidden=hidden or None))
         if d.action == TRIAL:  # trials need a cache copy: under vLLM that is an error in the trace, never a silent 0
             d = mon.trial_unavailable("this backend cannot decode trial answers yet (they need a copy of the KV cache; "
                                       "use --backend hf for trial-based policies)")
@@ -368,20 +386,34 @@ class VLLMMonitoredGenerator:
             st.phase, st.stop_reason = "done", f"max_new_tokens={self._max_reasoning} reached"
         return None
 
-    def _ingest(self, st: _Request, tok: int, lp: Any, hid: dict[int, dict[int, np.ndarray]],
-                actions: list[tuple[str, _Request]]) -> None:
-        """One new token of request `st` from the engine."""
-        if st.phase == "reasoning" and st.pending is not None:  # its hidden state came with this step
-            if self._observe(st, hid.pop(len(st.prompt_ids) + len(st.generated) - 1, None)) == "halt":
+    def _ingest_step(self, items: list[tuple[_Request, int, Any, dict[int, dict[int, np.ndarray]]]],
+                     actions: list[tuple[str, _Request]]) -> None:
+        """One token for each of several requests (the same engine step): the reasoning tokens whose hidden states
+        came with it are observed together, then each token is taken in."""
+        ready = [(st, hid.pop(len(st.prompt_ids) + len(st.generated) - 1, None)) for st, _, _, hid in items
+                 if st.phase == "reasoning" and st.pending is not None]
+        self._apply(ready, self._observe_many(ready), actions)
+        for st, tok, lp, hid in items:
+            self._ingest(st, tok, lp, hid, actions)
+        if not self.hidden:  # no hidden state to wait for: observe the new reasoning tokens now, together
+            now = [(st, None) for st, _, _, _ in items if st.phase == "reasoning" and st.pending is not None]
+            self._apply(now, self._observe_many(now), actions)
+
+    @staticmethod
+    def _apply(obs: list[tuple[_Request, Any]], outcome: list[str | None], actions: list[tuple[str, _Request]]) -> None:
+        for (st, _), what in zip(obs, outcome, strict=True):
+            if what == "halt":
                 actions.append(("halt", st))
                 st.phase = "forcing"
+
+    def _ingest(self, st: _Request, tok: int, lp: Any, hid: dict[int, dict[int, np.ndarray]],
+                actions: list[tuple[str, _Request]]) -> None:
+        """One new token of request `st` from the engine (its previous reasoning token is already observed; see
+        `_ingest_step`)."""
         if st.phase == "reasoning":
             text = st.detok.push(tok)
             st.generated.append(tok)
             st.pending = (tok, "" if self._is_eos(tok) else text, _to_logprobs(lp))
-            if not self.hidden and self._observe(st, None) == "halt":
-                actions.append(("halt", st))
-                st.phase = "forcing"
             return
         if st.phase == "done":
             st.overrun += 1
@@ -402,7 +434,7 @@ class VLLMMonitoredGenerator:
                 st.generated.append(t)
                 st.monitor.record_token(t, st.detok.push(t), "forced")
             self._start_answer(st)
-            for t in buf[at + len(self.exit.ids):]:
+            for t in buf[at + len(self.exit.ids):]:  # answer tokens: nothing to observe
                 self._ingest(st, t, None, hid, actions)
             return
         # answer phase
@@ -496,14 +528,14 @@ class VLLMMonitoredGenerator:
         self._sp_base = {"temperature": (temperature or 1.0) if do_sample else 0.0,
                          "top_p": (top_p or 1.0) if do_sample else 1.0, "ignore_eos": ignore_eos}
         batch = next(_BATCHES)
+        self._batch = MonitorBatch.create(self.monitor_factory, len(prompts))  # one signal set, a slot per request
         reqs: list[_Request] = []
         for i, prompt in enumerate(prompts):
             ids = self.tokenizer.encode(prompt, add_special_tokens=False)
             key = f"ot{os.getpid()}-{batch}-{i}"
-            mon = self.monitor_factory()
-            mon.reset()
-            reqs.append(_Request(key=key, monitor=mon, detok=IncrementalDetokenizer(self.tokenizer, ids),
-                                 prompt_ids=ids, prompt=prompt, rid=key))
+            reqs.append(_Request(key=key, monitor=self._batch.monitors[i],
+                                 detok=IncrementalDetokenizer(self.tokenizer, ids), prompt_ids=ids, prompt=prompt,
+                                 rid=key, slot=i))
         return reqs
 
     def _loop(self, by: dict[str, _Request], seed: int | None) -> None:
@@ -513,14 +545,14 @@ class VLLMMonitoredGenerator:
             if self.hidden and outs:
                 self._drain(hid)
             actions: list[tuple[str, _Request]] = []
-            for out in outs:
-                st = by.get(out.request_id)
-                if st is None:
-                    continue
+            live = [(by[out.request_id], out) for out in outs if out.request_id in by]
+            streams = [list(zip(out.outputs[0].token_ids, out.outputs[0].logprobs
+                                or [None] * len(out.outputs[0].token_ids))) for _, out in live]
+            for r in range(max((len(x) for x in streams), default=0)):  # round r: each request's r-th new token
+                self._ingest_step([(st, int(x[r][0]), x[r][1], hid.setdefault(st.rid, {}))
+                                   for (st, _), x in zip(live, streams) if r < len(x)], actions)
+            for st, out in live:
                 o = out.outputs[0]
-                lps = o.logprobs or [None] * len(o.token_ids)
-                for tok, lp in zip(o.token_ids, lps):
-                    self._ingest(st, int(tok), lp, hid.setdefault(st.rid, {}), actions)
                 if out.finished:
                     hid.pop(st.rid, None)
                     self._finished(st, o.finish_reason, actions)
@@ -568,6 +600,36 @@ class VLLMMonitoredGenerator:
             extra={"lag_tokens": st.lag, "discarded_lag_tokens": st.discarded, "overrun_tokens": st.overrun,
                    "engine_finish_reason": st.engine_finish, "fallback": st.fallback,
                    "halt_mode": self.info.force_mode if st.fbuf or st.phase_forced else None})
+
+
+def _step_batch(rows: list[tuple[_Request, int, str, dict[int, float] | None, dict[int, np.ndarray] | None]]
+                ) -> StepBatch:
+    """The pending tokens of several requests as one StepBatch: top-k logprobs padded to one width (id -1), hidden
+    states stacked per layer (a request without one gets a NaN row, which the signals skip)."""
+    import torch
+
+    lps = [lp for _, _, _, lp, _ in rows]
+    kw: dict[str, Any] = {}
+    if any(lp for lp in lps):
+        k = max(len(lp) for lp in lps if lp)
+        ids = [list(lp.keys()) + [-1] * (k - len(lp)) if lp else [-1] * k for lp in lps]
+        vals = [list(lp.values()) + [-math.inf] * (k - len(lp)) if lp else [-math.inf] * k for lp in lps]
+        kw = {"topk_ids": torch.tensor(ids, dtype=torch.int64), "topk_logprobs": torch.tensor(vals, dtype=torch.float64)}
+    hidden = None
+    present = None
+    layers = sorted({layer for *_, h in rows if h for layer in h})
+    if layers:
+        present = np.array([bool(h) for *_, h in rows])
+        hidden = {}
+        for layer in layers:
+            vecs = [h.get(layer) if h else None for *_, h in rows]
+            d = next(v.shape[-1] for v in vecs if v is not None)
+            hidden[layer] = torch.from_numpy(np.stack([np.asarray(v, dtype=np.float32).reshape(-1) if v is not None
+                                                       else np.full(d, np.nan, np.float32) for v in vecs]))
+    return StepBatch(slots=np.array([st.slot for st, *_ in rows], dtype=np.int64),
+                     token_ids=np.array([tok for _, tok, *_ in rows], dtype=np.int64),
+                     texts=[text for _, _, text, _, _ in rows], hidden=hidden,
+                     hidden_present=None if present is None or present.all() else present, **kw)
 
 
 def _merge_hidden(blob: bytes, buf: dict[str, dict[int, dict[int, np.ndarray]]]) -> None:
@@ -688,8 +750,8 @@ class AsyncVLLMMonitoredGenerator(VLLMMonitoredGenerator):
                     await self._drain_async(hid)
                 actions: list[tuple[str, _Request]] = []
                 lps = o.logprobs or [None] * len(o.token_ids)
-                for tok, lp in zip(o.token_ids, lps):
-                    self._ingest(st, int(tok), lp, hid.setdefault(st.rid, {}), actions)
+                for tok, lp in zip(o.token_ids, lps):  # one request per task: batches of one
+                    self._ingest_step([(st, int(tok), lp, hid.setdefault(st.rid, {}))], actions)
                 if out.finished:
                     hid.pop(st.rid, None)
                     self._finished(st, o.finish_reason, actions)

@@ -209,7 +209,10 @@ class LatentTrajectory:
             if st.dim is None:  # CPU state in float64 (the reference precision); on an accelerator, float32
                 st.start(h.shape[-1], torch.float64 if h.device.type == "cpu" else torch.float32)
                 st.t.ensure(slots, batch.device)
-            self._t["skipped"][idx] += st.add(idx, h).to(torch.int64)
+            skipped = st.add(idx, h)
+            if batch.hidden_present is not None:  # a row without hidden states is absent, not non-finite
+                skipped &= torch.as_tensor(batch.hidden_present, device=skipped.device)
+            self._t["skipped"][idx] += skipped.to(torch.int64)
         self._n[slots] += 1
         self._open[slots] += 1
         if self.block == "steps":
