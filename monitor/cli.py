@@ -110,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--append", action="store_true", help="append to --trace instead of replacing it")
     r.add_argument("--record", choices=["default", "full", "points", "none"], default="default",
                    help="trace recording level: default (the series the report draws, 4 significant digits; a 32k-"
-                        "token trace stays under 4 MB), full (every signal key, float32), points (signal values at "
-                        "decision points only) or none (no signal values)")
+                        "token trace stays under 4 MB), full (every signal key, float32, and the step-by-step "
+                        "similarities the report's redundancy panel draws), points (signal values at decision "
+                        "points only) or none (no signal values)")
     r.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
     b = sub.add_parser("bench", help="benchmarks")

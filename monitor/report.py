@@ -557,10 +557,9 @@ def _matrix_panel(t: Trace) -> Panel:
         if isinstance(n_steps, int) and n_steps < 2:
             return Panel(key, title, note=f"Only {n_steps} reasoning step(s): nothing to compare.")
         return Panel(key, title,
-                     note="The step similarities were not recorded in this trace: the redundancy signal writes each "
-                          "step's most similar earlier steps unless it is built with "
-                          "Redundancy(similarity_matrix=\"none\") (before that option, only with "
-                          "keep_embeddings=True); re-create the trace to see them.")
+                     note="The step similarities were not recorded in this trace: they need every step's embedding "
+                          "kept while the trace runs, which `overthink run` does only with --record full (or "
+                          "Redundancy(similarity_matrix=\"sparse\")); re-create the trace that way to see them.")
     n = len(rows)
     if n < 2:
         return Panel(key, title, note=f"Only {n} reasoning step: nothing to compare.")

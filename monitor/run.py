@@ -133,9 +133,10 @@ def default_signals(layers: Sequence[int], cfg: RunConfig) -> list[Any]:
         PathDeviation(),
         JSDInstability(),
         LatentTrajectory(layers=list(layers), block_tokens=cfg.block_tokens),
-        # the report's step similarity panel: each step's top-8 most similar earlier steps (O(steps), not the
-        # O(steps^2) matrix, which similarity_matrix="dense" still gives)
-        Redundancy(embedder=embedder, min_step_tokens=cfg.min_step_tokens, similarity_matrix="sparse"),
+        # the report's step similarity panel (each step's top-8 most similar earlier steps) needs every step
+        # embedding kept for the whole trace (800 x d float32 for 32k tokens): only at --record full
+        Redundancy(embedder=embedder, min_step_tokens=cfg.min_step_tokens,
+                   similarity_matrix="sparse" if cfg.record == "full" else "none"),
     ]
 
 

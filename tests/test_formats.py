@@ -155,7 +155,7 @@ def test_forced_exit_writes_the_format_cue_and_the_answer_follows(name, extra, k
         gen.close()
     phases = r.monitor._tok_phase  # noqa: SLF001
     assert phases.count("reasoning") == 5
-    forced = "".join(t for t, ph in zip(r.monitor._tok_text, phases) if ph == "forced")  # noqa: SLF001
+    forced = "".join(t for t, ph in zip(r.monitor.token_texts(), phases) if ph == "forced")
     assert forced == cue
     assert r.answer_text.startswith(cue) and 1 <= phases.count("answer") <= 6
     with torch.no_grad():

@@ -177,7 +177,7 @@ def test_sparse_similarities_without_embeddings_or_not_recorded_say_why():
     assert p.empty and "no embeddings" in p.note
     del t.summary["redundancy"]["step_similarity_topk"]
     p = {p.key: p for p in trace_panels(t)}["similarity_matrix"]
-    assert p.empty and 'similarity_matrix="none"' in p.note
+    assert p.empty and "--record full" in p.note
 
 
 def test_summaries_box_abridges_long_lists_and_the_drawn_similarities():
