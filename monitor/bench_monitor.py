@@ -7,8 +7,9 @@ float32 logits of `vocab` entries as a tensor), hidden states of `n_layers` laye
 with a step end every 40 tokens and a cue word every 200. The figure is host time per token (wall time of the
 monitor calls / (B x tokens)) with torch and BLAS on one thread, so `tokens_per_s_per_core` = 1e6 / that.
 
-Memory: tracemalloc's peak while one sequence of N tokens is monitored and its trace built, at each recording
-level. A benchmark, not a test: it reports what it measured.
+Memory: for one sequence of N tokens at each recording level, what the monitor holds at its end (tracemalloc's
+current size, plus the signals' state tensors, which torch allocates outside tracemalloc), and tracemalloc's
+peak including building the trace record. A benchmark, not a test: it reports what it measured.
 """
 
 from __future__ import annotations
@@ -143,16 +144,19 @@ def bench_monitor(batches: Sequence[int] = (1, 16, 64, 256), logprobs: int | str
             pool = _batches(1, dists, hidden, dev)
             for n in memory_tokens:
                 for rec in recordings:
-                    peak, state = _peak_bytes(n, rec, layers, pool)
-                    res.memory.append({"tokens": n, "recording": rec, "peak_bytes": peak, "tensor_state_bytes": state})
+                    peak, held, state = _peak_bytes(n, rec, layers, pool)
+                    res.memory.append({"tokens": n, "recording": rec, "peak_bytes": peak, "held_bytes": held,
+                                       "tensor_state_bytes": state})
     finally:
         torch.set_num_threads(threads)
     return res
 
 
-def _peak_bytes(n: int, record: str, layers: list[int], pool: list[Any]) -> tuple[int, int]:
-    """tracemalloc's peak while one sequence of `n` tokens is monitored and its trace record is built, and the bytes
-    of the signals' state tensors (torch allocates those outside tracemalloc's view)."""
+def _peak_bytes(n: int, record: str, layers: list[int], pool: list[Any]) -> tuple[int, int, int]:
+    """tracemalloc's peak while one sequence of `n` tokens is monitored and its trace record is built; what the
+    monitor holds at the end of the sequence (before the record is built: the record's lists of Python numbers
+    are the trace, not the monitor); and the bytes of the signals' state tensors (torch allocates those outside
+    tracemalloc's view)."""
     gc.collect()
     tracemalloc.start()
     try:
@@ -160,8 +164,9 @@ def _peak_bytes(n: int, record: str, layers: list[int], pool: list[Any]) -> tupl
         _feed(mb, n, pool)
         (m,) = mb.monitors
         m.finish()
+        held = int(tracemalloc.get_traced_memory()[0])
         m.to_trace(trace_id="bench", model="synthetic", backend="hf", question="q")
-        return int(tracemalloc.get_traced_memory()[1]), _tensor_bytes(mb.shared)
+        return int(tracemalloc.get_traced_memory()[1]), held, _tensor_bytes(mb.shared)
     finally:
         tracemalloc.stop()
 

@@ -374,11 +374,12 @@ def _bench_monitor(args: argparse.Namespace) -> int:
     for r in res.throughput:
         table.add_row(str(r["batch"]), f"{r['host_us_per_token']:.1f}", f"{r['tokens_per_s_per_core']:.0f}")
     console.print(table)
-    mem = Table(title="memory of one sequence (tracemalloc peak)")
-    for col in ("tokens", "recording", "peak MiB"):
+    mem = Table(title="memory of one sequence (tracemalloc)")
+    for col in ("tokens", "recording", "held MiB", "+ state tensors MiB", "peak with the trace record MiB"):
         mem.add_column(col, justify="right")
     for r in res.memory:
-        mem.add_row(str(r["tokens"]), r["recording"], f"{r['peak_bytes'] / 2**20:.1f}")
+        mem.add_row(str(r["tokens"]), r["recording"], f"{r['held_bytes'] / 2**20:.1f}",
+                    f"{r['tensor_state_bytes'] / 2**20:.2f}", f"{r['peak_bytes'] / 2**20:.1f}")
     console.print(mem)
     return 0
 

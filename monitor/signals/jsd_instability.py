@@ -161,8 +161,8 @@ class JSDInstability:
         self.reset()
 
     def reset(self) -> None:
-        self._state = SlotTable({"n": ((), torch.int64, 0), "peak": ((), torch.float64, -math.inf),
-                                 "peak_pos": ((), torch.int64, 0), "prev_h": ((), torch.float64, 0.0)})
+        # per slot: (tokens seen, running peak of I, its position, entropy of the previous distribution)
+        self._state = SlotTable({"acc": ((4,), torch.float64, 0.0)})
         self._kind = np.zeros(0, dtype=np.int8)  # per slot, on the host: _NONE / _FULL / _TOPK
         self._prev_full: torch.Tensor | None = None  # [slots, V]
         self._prev_ids: torch.Tensor | None = None  # [slots, k] (-1 = padding)
@@ -213,6 +213,7 @@ class JSDInstability:
         if self._kind.shape[0] < self._state.capacity:
             self._kind = np.concatenate([self._kind, np.zeros(self._state.capacity - self._kind.shape[0], np.int8)])
         st, idx = self._state, batch.at(batch.device)
+        acc = st["acc"][idx].clone()  # [B, 4]: n, peak, peak position, previous entropy
         rows_idx = index(slots, batch.device) if isinstance(idx, slice) else idx
         p, h = batch.probs, batch.entropy
         kind = _FULL if batch.is_full else _TOPK
@@ -223,11 +224,11 @@ class JSDInstability:
             store = self._grow("_prev_full", p.shape[1], p, 0.0)
             fast = p.dtype == torch.float32 and store.shape[1] == p.shape[1]  # see jsd_fast
             if same.all():
-                jsd = jsd_fast(store[idx], p, st["prev_h"][idx].to(p.dtype), h) if fast else jsd_dense(store[idx], p)
+                jsd = jsd_fast(store[idx], p, acc[:, 3].to(p.dtype), h) if fast else jsd_dense(store[idx], p)
             elif same.any():
                 rows = torch.as_tensor(np.nonzero(same)[0], device=p.device)
                 sel = rows_idx[rows]
-                jsd[rows] = jsd_fast(store[sel], p[rows], st["prev_h"][sel].to(p.dtype), h[rows]) if fast \
+                jsd[rows] = jsd_fast(store[sel], p[rows], st["acc"][sel, 3].to(p.dtype), h[rows]) if fast \
                     else jsd_dense(store[sel], p[rows])
         else:
             ids = batch.topk_ids
@@ -263,22 +264,18 @@ class JSDInstability:
             self._prev_p[idx] = 0.0
             self._prev_p[idx, : p.shape[1]] = p.to(self._prev_p.dtype)
         self._kind[slots] = kind
-        st["prev_h"][idx] = h.to(torch.float64)
 
         k = batch.support.to(h.dtype)
         hn = torch.where(k > 1, (h / torch.log(k.clamp_min(2.0))).clamp(0.0, 1.0), torch.zeros_like(h))
         inst = jsd * hn if self.mix is None else self.mix * jsd + (1.0 - self.mix) * hn
-        t = st["n"][idx]
-        n1 = t + 1  # before the state is written (with a slice, t is a view of it)
-        peak = st["peak"][idx]
+        t, peak = acc[:, 0], acc[:, 1]
+        n1 = t + 1
         inst64 = inst.to(torch.float64)
-        new_peak = inst64 > peak
-        pos = torch.where(new_peak, t, st["peak_pos"][idx])
-        st["peak"][idx] = torch.where(new_peak, inst64, peak)
-        st["peak_pos"][idx] = pos
-        st["n"][idx] = n1
+        new_peak = (inst64 > peak) | (t == 0)  # the first token sets the peak
+        pos = torch.where(new_peak, t, acc[:, 2])
+        st["acc"][idx] = torch.stack([n1, torch.where(new_peak, inst64, peak), pos, h.to(torch.float64)], 1)
         return {"jsd": jsd, "entropy": h, "entropy_norm": hn, "instability": inst,
-                "peak_relative": pos.to(h.dtype) / n1.to(h.dtype)}
+                "peak_relative": (pos / n1).to(h.dtype)}
 
     def update(self, step: TokenStep) -> dict[str, float]:
         """One token of one sequence: a batch of one (slot 0)."""
@@ -286,13 +283,13 @@ class JSDInstability:
 
     def summary(self, slot: int = 0) -> dict[str, Any]:
         st = self._state
-        n = int(st["n"][slot]) if slot < st.capacity else 0
+        n = int(st["acc"][slot, 0]) if slot < st.capacity else 0
         if n == 0:
             return {"peak": None, "peak_position": None, "peak_relative": None, "late": None, "n_tokens": 0}
-        pos = int(st["peak_pos"][slot])
+        pos = int(st["acc"][slot, 2])
         rel = pos / n
         return {
-            "peak": float(st["peak"][slot]),
+            "peak": float(st["acc"][slot, 1]),
             "peak_position": pos,
             "peak_relative": float(rel),
             "late": bool(rel > self.rho0),

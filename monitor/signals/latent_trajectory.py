@@ -22,37 +22,38 @@ from monitor.signals.slots import SlotTable, add_rows, index, one_row
 _VALUE_KEYS = ("net", "cumulative", "aligned", "n_blocks")
 
 
-class _Layer:
-    """One layer's per-slot state: the open block's sum and the closed blocks' trajectory statistics."""
+class _Layers:
+    """The per-slot state of all tracked layers at once, [slots, L, ...]: the open block's sum and count, and the
+    closed blocks' trajectory statistics (h_1, h_N, sum_n ||v_n||, sum_n v_n / ||v_n||)."""
 
-    def __init__(self, layer: int) -> None:
-        self.layer = layer
+    def __init__(self, n_layers: int) -> None:
         self.dim: int | None = None
-        self.t = SlotTable({"open_n": ((), torch.int64, 0), "n_blocks": ((), torch.int64, 0),
-                            "sum_norm": ((), torch.float64, 0.0), "seen": ((), torch.bool, False)})
+        self.t = SlotTable({"open_n": ((n_layers,), torch.int64, 0), "n_blocks": ((n_layers,), torch.int64, 0),
+                            "sum_norm": ((n_layers,), torch.float64, 0.0), "seen": ((n_layers,), torch.bool, False)})
+        self.n_layers = n_layers
 
     def start(self, dim: int, dtype: torch.dtype) -> None:
         self.dim = dim
-        for name in ("open_sum", "first", "prev", "sum_unit"):  # h_1, h_N, sum_n v_n / ||v_n||
-            self.t.add(name, (dim,), dtype, 0.0)
+        for name in ("open_sum", "first", "prev", "sum_unit"):
+            self.t.add(name, (self.n_layers, dim), dtype, 0.0)
 
-    def add(self, idx: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Add each row's vector to its slot's open block (a non-finite vector is skipped); returns [B] skipped."""
-        if v.shape[-1] != self.dim:
-            raise ValueError(f"hidden state of layer {self.layer} changed size from {self.dim} to {v.shape[-1]}")
+    def add(self, idx: slice | torch.Tensor, v: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
+        """Add each row's [L, d] vectors to its slot's open block (a non-finite vector is skipped for its layer;
+        `present` [L] marks the layers this step has); returns [B, L] skipped (non-finite and present)."""
         t = self.t
-        finite = add_rows(t["open_sum"], idx, v)
+        finite = add_rows(t["open_sum"], idx, v)  # [B, L]
         t["open_n"][idx] += finite.to(torch.int64)
         t["seen"][idx] |= finite
-        return ~finite
+        skipped = ~finite
+        return skipped if present is None else skipped & present
 
     def close(self, idx: torch.Tensor) -> torch.Tensor:
-        """Close the open block of each slot in `idx`; returns [R] bool: the layer had a vector in it (else the
-        block is skipped for this layer)."""
+        """Close the open block of each slot in `idx`; returns [R, L] bool: the layer had a vector in it (else the
+        block is skipped for that layer)."""
         t = self.t
         n_open = t["open_n"][idx]
         ok = n_open > 0
-        mean = t["open_sum"][idx] / n_open.clamp_min(1)[:, None].to(t["open_sum"].dtype)
+        mean = t["open_sum"][idx] / n_open.clamp_min(1)[..., None].to(t["open_sum"].dtype)
         t["open_sum"][idx] = 0.0
         t["open_n"][idx] = 0
         blocks = t["n_blocks"][idx]
@@ -62,14 +63,14 @@ class _Layer:
         grow = ok & has_first & (nv > 0)
         t["sum_norm"][idx] += torch.where(grow, nv.to(torch.float64), torch.zeros((), dtype=torch.float64,
                                                                                   device=nv.device))
-        t["sum_unit"][idx] += torch.where(grow[:, None], v / nv.clamp_min(1e-300)[:, None], torch.zeros_like(v))
-        t["first"][idx] = torch.where((ok & ~has_first)[:, None], mean, t["first"][idx])
-        t["prev"][idx] = torch.where(ok[:, None], mean, t["prev"][idx])
+        t["sum_unit"][idx] += torch.where(grow[..., None], v / nv.clamp_min(1e-300)[..., None], torch.zeros_like(v))
+        t["first"][idx] = torch.where((ok & ~has_first)[..., None], mean, t["first"][idx])
+        t["prev"][idx] = torch.where(ok[..., None], mean, t["prev"][idx])
         t["n_blocks"][idx] = blocks + ok.to(torch.int64)
         return ok
 
     def values(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(net, cumulative, aligned, ready) of each slot over its closed blocks; ready = at least 2 blocks."""
+        """[R, L] (net, cumulative, aligned, ready) of each slot and layer; ready = at least 2 closed blocks."""
         t = self.t
         blocks = t["n_blocks"][idx]
         u = t["prev"][idx] - t["first"][idx]
@@ -169,7 +170,7 @@ class LatentTrajectory:
         self.reset()
 
     def reset(self) -> None:
-        self._state = {layer: _Layer(layer) for layer in self.layers}
+        self._state = _Layers(len(self.layers))
         self._t = SlotTable({"values": ((len(_VALUE_KEYS),), torch.float64, math.nan),
                              "skipped": ((), torch.int64, 0)})
         self._n = np.zeros(0, dtype=np.int64)  # tokens per slot (host: only counted)
@@ -180,8 +181,7 @@ class LatentTrajectory:
     def reset_slots(self, slots: Any) -> None:
         """Fresh state for the sequences in `slots` (each starts a new trace)."""
         self._t.reset(slots)
-        for st in self._state.values():
-            st.t.reset(slots)
+        self._state.t.reset(slots)
         idx = np.asarray(slots, dtype=np.int64)
         for arr in (self._n, self._open, self._n_closed):
             arr[idx[idx < arr.shape[0]]] = 0
@@ -190,8 +190,7 @@ class LatentTrajectory:
 
     def _ensure(self, slots: np.ndarray, device: torch.device) -> None:
         self._t.ensure(slots, device)
-        for st in self._state.values():
-            st.t.ensure(slots, device)
+        self._state.t.ensure(slots, device)
         cap = self._t.capacity
         if self._n.shape[0] < cap:
             grow = np.zeros(cap - self._n.shape[0], np.int64)
@@ -202,17 +201,28 @@ class LatentTrajectory:
         slots = batch.slots
         self._ensure(slots, batch.device)
         idx = batch.at(batch.device)
-        for layer, st in self._state.items():
-            h = (batch.hidden or {}).get(layer)
-            if h is None:
-                continue
+        hidden = batch.hidden or {}
+        got = [hidden.get(layer) for layer in self.layers]
+        if any(h is not None for h in got):
+            st = self._state
+            first = next(h for h in got if h is not None)
+            d = first.shape[-1]
             if st.dim is None:  # CPU state in float64 (the reference precision); on an accelerator, float32
-                st.start(h.shape[-1], torch.float64 if h.device.type == "cpu" else torch.float32)
+                st.start(d, torch.float64 if first.device.type == "cpu" else torch.float32)
                 st.t.ensure(slots, batch.device)
-            skipped = st.add(idx, h)
+            bad = [layer for layer, h in zip(self.layers, got, strict=True) if h is not None and h.shape[-1] != st.dim]
+            if bad:
+                raise ValueError(f"hidden state of layer {bad[0]} changed size from {st.dim} to "
+                                 f"{hidden[bad[0]].shape[-1]}")
+            present = None
+            if any(h is None for h in got):  # a layer this step lacks: a NaN row, skipped and not counted
+                present = torch.tensor([h is not None for h in got], device=first.device)
+                nan = torch.full((batch.size, d), math.nan, dtype=first.dtype, device=first.device)
+                got = [nan if h is None else h for h in got]
+            skipped = st.add(idx, torch.stack(got, 1), present)
             if batch.hidden_present is not None:  # a row without hidden states is absent, not non-finite
-                skipped &= torch.as_tensor(batch.hidden_present, device=skipped.device)
-            self._t["skipped"][idx] += skipped.to(torch.int64)
+                skipped &= torch.as_tensor(batch.hidden_present, device=skipped.device)[:, None]
+            self._t["skipped"][idx] += skipped.to(torch.int64).sum(1)
         self._n[slots] += 1
         self._open[slots] += 1
         if self.block == "steps":
@@ -259,17 +269,17 @@ class LatentTrajectory:
         if self._t.device is None:
             return
         idx = index(slots, self._t.device)
-        started = [st for st in self._state.values() if st.dim is not None]
-        if not started:
+        st = self._state
+        if st.dim is None:
             return
-        closed = torch.stack([st.close(idx) for st in started]).any(0)
+        ok = st.close(idx)  # [R, L]
+        closed = ok.any(1)
         self._n_closed[slots] += closed.cpu().numpy()  # a rare step (a block closes): one small copy
-        per = [st.values(idx) for st in started]
-        ready = torch.stack([r for *_, r in per]).to(torch.float64)  # [L, R]
-        k = ready.sum(0)
-        mean = [(torch.stack([x[j].to(torch.float64) for x in per]) * ready).sum(0) / k.clamp_min(1.0)
-                for j in range(3)]
-        n_blocks = torch.stack([st.t["n_blocks"][idx] for st in started]).max(0).values.to(torch.float64)
+        net, cum, aligned, ready = st.values(idx)
+        r = ready.to(torch.float64)
+        k = r.sum(1)
+        mean = [(x.to(torch.float64) * r).sum(1) / k.clamp_min(1.0) for x in (net, cum, aligned)]
+        n_blocks = st.t["n_blocks"][idx].max(1).values.to(torch.float64)
         new = torch.stack([*mean, n_blocks], dim=1)
         update = (closed & (k > 0))[:, None]
         self._t["values"][idx] = torch.where(update, new, self._t["values"][idx])
@@ -278,17 +288,20 @@ class LatentTrajectory:
         n = int(self._n[slot]) if slot < self._n.shape[0] else 0
         per_layer = []  # a list, not {layer: ...}: int keys would come back as strings from JSON
         missing = []
-        for layer, st in self._state.items():
-            seen = st.dim is not None and slot < st.t.capacity and bool(st.t["seen"][slot])
-            if not seen:
+        st = self._state
+        have = st.dim is not None and slot < st.t.capacity
+        if have:
+            i = torch.tensor([slot], device=st.t.device)
+            net, cum, al, ready = (x[0].tolist() for x in st.values(i))
+            seen, blocks = st.t["seen"][slot].tolist(), st.t["n_blocks"][slot].tolist()
+        for j, layer in enumerate(self.layers):
+            if not have or not seen[j]:
                 missing.append(layer)
-            blocks = int(st.t["n_blocks"][slot]) if seen else 0
-            net = cum = al = None
-            if blocks >= 2:
-                i = torch.tensor([slot], device=st.t.device)
-                a, b, c, _ = st.values(i)
-                net, cum, al = float(a[0]), float(b[0]), float(c[0])
-            per_layer.append({"layer": layer, "n_blocks": blocks, "net": net, "cumulative": cum, "aligned": al})
+                per_layer.append({"layer": layer, "n_blocks": 0, "net": None, "cumulative": None, "aligned": None})
+                continue
+            ok = blocks[j] >= 2
+            per_layer.append({"layer": layer, "n_blocks": int(blocks[j]), "net": net[j] if ok else None,
+                              "cumulative": cum[j] if ok else None, "aligned": al[j] if ok else None})
         vals = self._t["values"][slot].tolist() if slot < self._t.capacity else [math.nan] * 4
         return {
             "n_tokens": n,

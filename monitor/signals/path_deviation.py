@@ -158,11 +158,8 @@ class PathDeviation:
 
     def reset(self) -> None:
         w = self.window
-        self._state = SlotTable({
-            "ring_h": ((w,), torch.float64, 0.0), "ring_e": ((w,), torch.float64, 0.0),
-            "sum_h_win": ((), torch.float64, 0.0), "sum_e_win": ((), torch.float64, 0.0),
-            "sum_h": ((), torch.float64, 0.0), "n_hett": ((), torch.float64, 0.0),
-        })
+        # ring: the last W (entropy, is_hett) per slot; sums: (window entropy, window hett, entropy, hett) per slot
+        self._state = SlotTable({"ring": ((w, 2), torch.float64, 0.0), "sums": ((4,), torch.float64, 0.0)})
         self._n = np.zeros(0, dtype=np.int64)  # tokens per slot (host: it only counts)
         self._n_transition = np.zeros(0, dtype=np.int64)
         self._history: torch.Tensor | None = None  # [slots, cap] entropies, for the relative threshold
@@ -224,23 +221,19 @@ class PathDeviation:
             for r in np.nonzero(transition & (n >= self.min_history))[0]:  # few rows: transition tokens only
                 thr[r] = history_quantile(self._history[int(slots[r]), : int(n[r])], self.relative_quantile)
             self._remember(ridx, n, h)
-        hett = (torch.as_tensor(transition, device=h.device) & (h > thr)).to(torch.float64)
-
         w = self.window
-        pos = torch.as_tensor(n % w, device=h.device)
-        old_h, old_e = st["ring_h"][ridx, pos], st["ring_e"][ridx, pos]
-        st["ring_h"][ridx, pos] = h
-        st["ring_e"][ridx, pos] = hett
-        sum_h_win = st["sum_h_win"][idx] + (h - old_h)
-        sum_e_win = st["sum_e_win"][idx] + (hett - old_e)
-        sum_h = st["sum_h"][idx] + h
-        n_hett = st["n_hett"][idx] + hett
-        st["sum_h_win"][idx], st["sum_e_win"][idx], st["sum_h"][idx], st["n_hett"][idx] = \
-            sum_h_win, sum_e_win, sum_h, n_hett
+        aux = torch.from_numpy(np.stack([transition, n % w, n + 1], 1).astype(np.float64)).to(h.device)  # one copy
+        hett = ((aux[:, 0] > 0) & (h > thr)).to(torch.float64)
+        pos, count = aux[:, 1].to(torch.int64), aux[:, 2]
+        ring = st["ring"]
+        old = ring[ridx, pos]  # [B, 2]: what leaves the window
+        ring[ridx, pos] = torch.stack([h, hett], 1)
+        sums = st["sums"][idx] + torch.stack([h - old[:, 0], hett - old[:, 1], h, hett], 1)
+        st["sums"][idx] = sums
+        sum_h_win, sum_e_win, sum_h, n_hett = sums.unbind(1)
         self._n[slots] = n + 1
         self._n_transition[slots] += transition
 
-        count = torch.as_tensor(n + 1, device=h.device, dtype=torch.float64)
         n_win = count.clamp_max(float(w))
         rate_win = sum_e_win / n_win
         rate_glob = n_hett / count
@@ -262,8 +255,8 @@ class PathDeviation:
 
     def summary(self, slot: int = 0) -> dict[str, Any]:
         n = int(self._n[slot]) if slot < self._n.shape[0] else 0
-        n_hett = int(self._state["n_hett"][slot]) if n else 0
-        sum_h = float(self._state["sum_h"][slot]) if n else 0.0
+        n_hett = int(self._state["sums"][slot, 3]) if n else 0
+        sum_h = float(self._state["sums"][slot, 2]) if n else 0.0
         return {
             "n_tokens": n,
             "n_transition": int(self._n_transition[slot]) if n else 0,

@@ -97,7 +97,7 @@ def add_rows(state: torch.Tensor, at: slice | torch.Tensor, v: torch.Tensor) -> 
     the device (no sync)."""
     finite = torch.isfinite(v.sum(-1))  # a NaN or inf anywhere in a row makes its sum non-finite
     if v.device.type != "cpu" or not bool(finite.all()):
-        v = torch.where(finite[:, None], v, torch.zeros((), dtype=v.dtype, device=v.device))
+        v = torch.where(finite[..., None], v, torch.zeros((), dtype=v.dtype, device=v.device))
     if isinstance(at, slice):
         state[at].add_(v)
     else:
