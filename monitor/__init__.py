@@ -1,14 +1,18 @@
 """Overthink's online side: watch a reasoning model token by token and decide when to stop it.
 
-Data flow (docs/README.md): backend --TokenStep--> Monitor (signals, cues, policy) --Decision--> backend;
-Monitor --> Trace (JSON Lines) --> reports and benchmarks.
+Data flow (docs/README.md): backend --StepBatch (one token of each live sequence)--> MonitorBatch (each signal
+once over the batch, on the model's device) --> each sequence's Monitor (cues, policy) --Decision--> backend;
+Monitor --> Trace (JSON Lines) --> reports and benchmarks. A single sequence is a batch of one
+(`Monitor.observe(TokenStep)`).
 
 Where things live:
-- events.py       TokenStep (the one event type) and Distribution
-- signals/        one file per signal family (path deviation, JSD instability, latent trajectory, redundancy)
+- events.py       StepBatch (what signals read), TokenStep (one sequence's token), Distribution
+- signals/        one file per signal family (path deviation, JSD instability, latent trajectory, redundancy),
+                  batch-first over per-sequence state tensors (signals/slots.py)
+- batch.py        MonitorBatch: the batched hot path both backends drive
 - cues.py         decision points: cue words, step ends, end of reasoning
 - decision.py     Decision and the halting policies
-- monitor.py      Monitor: runs signals (fail-open), cues and the policy for one sequence
+- monitor.py      Monitor: one sequence's record (columnar values), cues and policy; signals fail open
 - trace.py        Trace record, schema validation, atomic JSON Lines IO (docs/trace-schema.md)
 - sequence.py     what both backends share: exit plan, answer phase, EOS ids, the sequence result
 - hf.py           Hugging Face transformers backend

@@ -1,4 +1,5 @@
-"""Signal extractors: one class per family, each `update(TokenStep) -> dict[str, float]`.
+"""Signal extractors: one class per family, batch-first: `update_batch(StepBatch) -> {key: [B] tensor}` over
+per-sequence state tensors (slots, `slots.py`); `update(TokenStep) -> dict[str, float]` is a batch of one.
 
 - `PathDeviation`      path_deviation.py     entropy of transition tokens, windowed vs global
 - `JSDInstability`     jsd_instability.py    JSD between consecutive distributions x normalised entropy

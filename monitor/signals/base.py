@@ -1,17 +1,26 @@
 """The contract every signal follows (docs/signals.md).
 
-A signal is one small stateful class: a constructor that validates its few parameters, `update(step)`
-called once per generated token with a `TokenStep`, `reset()` to start a new trace, and optionally
-`summary()` for trace-level values (e.g. the JSD peak). `update` returns only the values that are
-defined at this token (a redundancy value exists only when a step closes), as plain floats. Signals
-never import a backend; they read `TokenStep` and nothing else.
+A signal is one small stateful class: a constructor that validates its few parameters, and either
+
+- batch-first (the built-in families, `BatchSignal`): `update_batch(batch)` called once per decoding step with a
+  `StepBatch` of B sequences, returning `{key: [B] tensor}` (NaN where a value is not defined at that token, e.g.
+  redundancy between step ends), with each sequence's state in its slot (`batch.slots`) of the class's state
+  tensors on the batch's device; `reset_slots(slots)` when sequences start; `summary(slot)` and `flush(slot)`
+  per sequence. `update(step)` is the same for a single `TokenStep` (a batch of one, slot 0); or
+- per sequence (`Signal`, e.g. your own): `update(step)` once per token with a `TokenStep`, returning the values
+  defined at this token as plain floats; `reset()` to start a new trace; one instance per sequence.
+
+Optionally `summary()` gives trace-level values (e.g. the JSD peak). Signals never import a backend; they read
+`StepBatch` / `TokenStep` and nothing else.
 """
 
 from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-from monitor.events import TokenStep
+import torch
+
+from monitor.events import StepBatch, TokenStep
 
 
 @runtime_checkable
@@ -25,6 +34,19 @@ class Signal(Protocol):
     def reset(self) -> None: ...
 
     def summary(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class BatchSignal(Protocol):
+    """Structural type of a batch-first signal (see the module docstring)."""
+
+    name: str
+
+    def update_batch(self, batch: StepBatch) -> dict[str, torch.Tensor]: ...
+
+    def reset_slots(self, slots: Any) -> None: ...
+
+    def summary(self, slot: int = 0) -> dict[str, Any]: ...
 
 
 def is_batch_first(sig: Any) -> bool:
