@@ -41,7 +41,14 @@ from monitor.detokenize import IncrementalDetokenizer
 from monitor.events import StepBatch
 from monitor.models import decoder_layers, model_device
 from monitor.monitor import Monitor
-from monitor.sequence import ExitPlan, SequenceResult, advance_answer, brace_delta, eos_ids
+from monitor.sequence import (
+    ExitPlan,
+    SequenceResult,
+    advance_answer,
+    after_reasoning_token,
+    brace_delta,
+    eos_ids,
+)
 
 log = logging.getLogger("overthink.hf")
 
@@ -217,18 +224,8 @@ class HFMonitoredGenerator:
         mon = row.monitor
         if d.action == TRIAL and cache is not None and d.trial is not None:  # no cache: the sequence just ended
             d = mon.trial_result(self._trial(b, row, cache, d.trial))
-        if d.halt:
+        if after_reasoning_token(row, mon, d.halt, tok in self.eos_ids, self._max_reasoning, self.exit_at_budget):
             self._start_forcing(row)
-        elif mon.reasoning_ended or tok in self.eos_ids:
-            row.phase = "answer" if tok not in self.eos_ids else "done"
-            row.stop_reason = "model ended its reasoning" if tok not in self.eos_ids else "end of sequence"
-        elif row.generated >= self._max_reasoning:
-            if self.exit_at_budget:
-                row.budget_forced = True
-                row.stop_reason = f"reasoning budget of {self._max_reasoning} tokens exhausted: exit cue forced"
-                self._start_forcing(row)
-            else:
-                row.phase, row.stop_reason = "done", f"max_new_tokens={self._max_reasoning} reached"
 
     def _start_forcing(self, row: RowState) -> None:
         row.phase = "forcing"

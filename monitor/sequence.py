@@ -61,6 +61,27 @@ def advance_answer(state: Any, is_eos: bool, text: str, answer_max_tokens: int) 
         state.phase = "done"
 
 
+def after_reasoning_token(state: Any, monitor: Monitor, halt: bool, is_eos: bool, max_reasoning: int,
+                          exit_at_budget: bool) -> bool:
+    """What a sequence does after its monitor decided on a reasoning token; both backends' one rule. Returns True
+    when the exit cue must be forced (the policy halted, or the reasoning budget ran out with `exit_at_budget`);
+    otherwise sets `state.phase` / `state.stop_reason` when the reasoning ended (end of sequence, the model's own
+    end-of-reasoning marker, the budget without an exit cue) and leaves them when it goes on."""
+    if halt:
+        return True
+    if is_eos:
+        state.phase, state.stop_reason = "done", "end of sequence"
+    elif monitor.reasoning_ended:
+        state.phase, state.stop_reason = "answer", "model ended its reasoning"
+    elif monitor.reasoning_tokens >= max_reasoning:
+        if exit_at_budget:  # a stop reason, not a policy decision
+            state.budget_forced = True
+            state.stop_reason = f"reasoning budget of {max_reasoning} tokens exhausted: exit cue forced"
+            return True
+        state.phase, state.stop_reason = "done", f"max_new_tokens={max_reasoning} reached"
+    return False
+
+
 def eos_ids(generation_eos: int | Iterable[int] | None, tokenizer: Any) -> set[int]:
     """The end-of-sequence ids: the generation config's (one id or several) and the tokenizer's."""
     ids: set[int] = set()

@@ -55,7 +55,7 @@ from monitor.decision import TRIAL
 from monitor.detokenize import IncrementalDetokenizer
 from monitor.events import StepBatch
 from monitor.monitor import Monitor
-from monitor.sequence import ExitPlan, SequenceResult, advance_answer, eos_ids
+from monitor.sequence import ExitPlan, SequenceResult, advance_answer, after_reasoning_token, eos_ids
 
 log = logging.getLogger("overthink.vllm")
 
@@ -267,6 +267,7 @@ class _Request:
     phase_forced: bool = False  # the exit cue was forced (policy halt or budget)
     engine_finish: str | None = None  # vLLM's finish reason of the last request (stop, length, abort)
     fallback: str | None = None  # why a processor halt fell back to abort + resubmit
+    budget_forced: bool = False  # the exit cue was forced because the reasoning budget ran out
 
 
 def _to_logprobs(entry: Any) -> dict[int, float] | None:
@@ -373,18 +374,8 @@ class VLLMMonitoredGenerator:
         if d.action == TRIAL:  # trials need a cache copy: under vLLM that is an error in the trace, never a silent 0
             d = mon.trial_unavailable("this backend cannot decode trial answers yet (they need a copy of the KV cache; "
                                       "use --backend hf for trial-based policies)")
-        if d.halt:
-            return "halt"
-        if self._is_eos(tok):
-            st.phase, st.stop_reason = "done", "end of sequence"
-        elif mon.reasoning_ended:
-            st.phase, st.stop_reason = "answer", "model ended its reasoning"
-        elif mon.reasoning_tokens >= self._max_reasoning:
-            if self.exit_at_budget:  # as in the HF backend: a stop reason, not a policy decision
-                st.stop_reason = f"reasoning budget of {self._max_reasoning} tokens exhausted: exit cue forced"
-                return "halt"
-            st.phase, st.stop_reason = "done", f"max_new_tokens={self._max_reasoning} reached"
-        return None
+        halt = after_reasoning_token(st, mon, d.halt, self._is_eos(tok), self._max_reasoning, self.exit_at_budget)
+        return "halt" if halt else None
 
     def _ingest_step(self, items: list[tuple[_Request, int, Any, dict[int, dict[int, np.ndarray]]]],
                      actions: list[tuple[str, _Request]]) -> None:
