@@ -499,7 +499,8 @@ class Monitor:
         j = self._col.get(f"{family}.{key}")
         if j is None or self._buf is None or not self._series_on:
             return []
-        return [None if v != v else v for v in self._buf[: self.reasoning_tokens, j].tolist()]
+        n = self._stopped.get(family, self.reasoning_tokens)  # a switched-off family's series ends where it failed
+        return [None if v != v else v for v in self._buf[:n, j].tolist()]
 
     def _signal_series(self) -> dict[str, dict[str, list[float | int | None]]]:
         """The trace's per-token series: per family, each recorded key that was ever defined (or that a
