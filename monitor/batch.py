@@ -87,9 +87,9 @@ class MonitorBatch:
             cols += [c for _, c in got]
         has_lp = batch.has_distribution
         if has_lp:
-            cols.append(_chosen_logprobs(batch).to(torch.float64))
+            cols.append(batch.chosen_logprob.to(torch.float64))
         block = torch.stack(cols, 1).cpu().numpy() if cols else np.zeros((batch.size, 0))  # the one copy
-        names = [f"{f}.{k}" for f, k in keys]
+        names = tuple(f"{f}.{k}" for f, k in keys)
         n_keys = len(names)
         texts = batch.texts or [""] * batch.size
         hidden = batch.hidden
@@ -112,17 +112,16 @@ class MonitorBatch:
                                        vals, _RowView(hidden, i) if hidden else None, explicit))
         return decisions
 
-    def _columns(self, m: Monitor, names: list[str]) -> np.ndarray | slice:
+    def _columns(self, m: Monitor, names: tuple[str, ...]) -> np.ndarray | slice:
         """Where the batch's value columns go in monitor m's columns (cached while the key list is unchanged)."""
-        key = tuple(names)
         cached = m._batch_cols
-        if cached is not None and cached[0] == key:
+        if cached is not None and cached[0] == names:
             return cached[1]
         cols = m.columns(names)
         where: np.ndarray | slice = cols
         if cols.size and np.array_equal(cols, np.arange(cols.size)):
             where = slice(0, int(cols.size))
-        m._batch_cols = (key, where)
+        m._batch_cols = (names, where)
         return where
 
 
@@ -151,18 +150,6 @@ def _local_outs(m: Monitor, local: list[Any], batch: StepBatch, i: int) -> list[
         except Exception as e:
             m._failed(sig.name, "update", m.n_tokens, e)
     return outs
-
-
-def _chosen_logprobs(batch: StepBatch) -> torch.Tensor:
-    """[B] log-probability of each row's chosen token under its distribution (-inf outside a top-k support)."""
-    logp = batch.logp
-    tok = torch.as_tensor(np.asarray(batch.token_ids, dtype=np.int64), device=logp.device)
-    if batch.logits is not None:
-        inside = tok < logp.shape[1]
-        got = logp.gather(1, tok.clamp_max(logp.shape[1] - 1)[:, None])[:, 0]
-        return torch.where(inside, got, torch.full_like(got, -math.inf))
-    hit = batch.topk_ids == tok[:, None]
-    return torch.where(hit, logp, torch.full_like(logp, -math.inf)).max(1).values
 
 
 class _RowView(Mapping):

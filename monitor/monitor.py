@@ -232,7 +232,8 @@ class Monitor:
                     explicit += [(f"{name}.{k}", v) for k, v in _checked_values(sig.update(step), "update()").items()]
             except Exception as e:  # fail open: one broken signal must not stop generation
                 self._failed(name, "update", pos, e)
-        return self._ingest(step.token_id, step.text, _safe_logprob(step), self.columns(names),
+        logprob = _batch_logprob(batch) if batch is not None else _safe_logprob(step)
+        return self._ingest(step.token_id, step.text, logprob, self.columns(names),
                             np.asarray(vals, dtype=np.float64), step.hidden, explicit)
 
     def columns(self, names: Sequence[str]) -> np.ndarray:
@@ -686,6 +687,17 @@ def _clean(x: Any) -> float | None:
         return None
     x = float(x)
     return x if math.isfinite(x) else None
+
+
+def _batch_logprob(batch: StepBatch) -> float | None:
+    """The chosen token's logprob from the log-softmax the signals already computed (not a second one); None when
+    there is no distribution or it is not finite."""
+    if not batch.has_distribution:
+        return None
+    try:
+        return _clean(batch.chosen_logprob[0])
+    except Exception:
+        return None
 
 
 def _safe_logprob(step: TokenStep) -> float | None:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from monitor.events import Distribution, StepBatch, TokenStep
-from monitor.signals.slots import SlotTable, index
+from monitor.signals.slots import SlotTable
 
 _LN2 = math.log(2.0)
 _NONE, _FULL, _TOPK = 0, 1, 2  # what a slot's previous distribution was
@@ -215,7 +215,6 @@ class JSDInstability:
             self._kind = np.concatenate([self._kind, np.zeros(self._state.capacity - self._kind.shape[0], np.int8)])
         st, idx = self._state, batch.at(batch.device)
         acc = st["acc"][idx].clone()  # [B, 4]: n, peak, peak position, previous entropy
-        rows_idx = index(slots, batch.device) if isinstance(idx, slice) else idx
         p, h = batch.probs, batch.entropy
         kind = _FULL if batch.is_full else _TOPK
         prev_kind = self._kind[slots]
@@ -228,7 +227,7 @@ class JSDInstability:
                 jsd = jsd_fast(store[idx], p, acc[:, 3].to(p.dtype), h) if fast else jsd_dense(store[idx], p)
             elif same.any():
                 rows = torch.as_tensor(np.nonzero(same)[0], device=p.device)
-                sel = rows_idx[rows]
+                sel = batch.rows(batch.device)[rows]
                 jsd[rows] = jsd_fast(store[sel], p[rows], st["acc"][sel, 3].to(p.dtype), h[rows]) if fast \
                     else jsd_dense(store[sel], p[rows])
         else:
@@ -237,7 +236,7 @@ class JSDInstability:
             store_p = self._grow("_prev_p", p.shape[1], p, 0.0)
             if same.any():
                 rows = torch.as_tensor(np.nonzero(same)[0], device=p.device) if not same.all() else None
-                sel = idx if rows is None else rows_idx[rows]
+                sel = idx if rows is None else batch.rows(batch.device)[rows]
                 got = jsd_sparse(store_ids[sel], store_p[sel].to(p.dtype), ids if rows is None else ids[rows],
                                  p if rows is None else p[rows], self.eps)
                 if rows is None:

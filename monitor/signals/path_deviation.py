@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from monitor.events import StepBatch, TokenStep
-from monitor.signals.slots import SlotTable, index
+from monitor.signals.slots import SlotTable
 
 DEFAULT_LEXICON = (
     "wait", "but", "however", "alternatively", "hmm", "actually", "instead", "though", "yet",
@@ -210,7 +210,7 @@ class PathDeviation:
         slots = batch.slots
         self._ensure(slots, batch.device)
         st, idx = self._state, batch.at(batch.device)
-        ridx = index(slots, batch.device) if isinstance(idx, slice) else idx  # pairs with `pos` below
+        ridx = batch.rows(batch.device)  # an index tensor: it pairs with `pos` below
         h = batch.entropy.to(torch.float64)
         transition = self._transitions(batch)
         n = self._n[slots]  # tokens before this one

@@ -33,9 +33,6 @@ class SlotTable:
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.t[name]
 
-    def __setitem__(self, name: str, value: torch.Tensor) -> None:
-        self.t[name] = value
-
     def add(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, fill: float) -> None:
         """Declare (or re-declare, e.g. when a vocabulary size becomes known) a state tensor; existing slots are
         filled with `fill`."""
