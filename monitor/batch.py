@@ -9,7 +9,20 @@ device), hidden states, texts. Then:
    row i of the batch is slot `monitors[i].slot`); a signal that raises is switched off for every row (fail open);
 2. all values, plus the chosen tokens' log-probabilities, are stacked into one [B, n_keys] block and copied to
    the host in ONE transfer;
-3. each row's monitor records its row of values and runs its decision points and policy (`Monitor._ingest`).
+3. only the rows whose token can start or complete a decision point (see below), or whose policy acts at every
+   token, are touched one by one: their monitor records the token and runs its cue detector and policy
+   (`Monitor._record_reasoning`, `Monitor._at_token`). The other rows' tokens (ids, logprobs, value rows,
+   texts) are written for the whole batch at once into per-slot held arrays (`_hold`: a few numpy scatters per
+   step) and handed to each monitor in one segment (`Monitor._record_segment`) every 32 tokens, or as soon as
+   anything reads or adds to that monitor (`Monitor._sync`). What a trace holds does not change.
+
+Decision points from token ids: with a `TokenTable` (the tokenizer's vocabulary as text, built once), the batch
+looks up which of its token ids are cue candidates (`CueDetector.candidates`: a newline, the start of a cue word
+or of the end-of-reasoning marker; about 1-3% of a vocabulary) in one numpy gather. A row reaches the detector
+only at such a token, at the token after one while its detector is `armed` (a cue word is confirmed by the next
+character), or when its policy acts at every token; the tokens in between are summed up per slot (vectorised)
+and handed to the detector as one `gap` (tested: the same points as feeding every token). The table also gives
+path deviation its transition words by id.
 
 Signals written per sequence (only `update(TokenStep)`, e.g. a user's own) still work: each monitor keeps its own
 instance and gets a `TokenStep` built for its row (the slow path; the built-in families never take it).
@@ -24,10 +37,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from monitor.decision import Decision
+from monitor.cues import CueDetector
+from monitor.decision import CONTINUE, Decision
 from monitor.events import StepBatch, TokenStep
 from monitor.monitor import Monitor, _checked_values
 from monitor.signals.base import is_batch_first
+from monitor.vocab import TokenTable
+
+_CONTINUE = Decision(CONTINUE)
+_HELD = 32  # tokens a slot's held arrays take before they are handed to its monitor
 
 
 class MonitorBatch:
@@ -45,31 +63,133 @@ class MonitorBatch:
         1.0
     """
 
-    def __init__(self, monitors: Sequence[Monitor]) -> None:
+    def __init__(self, monitors: Sequence[Monitor], table: TokenTable | None = None) -> None:
         self.monitors = list(monitors)
+        self.table = table
         self.shared: list[Any] = []
+        n = len(self.monitors)
+        # per slot: the detector must see the next token; tokens skipped since it last did (and what they did)
+        self._armed = np.zeros(n, dtype=bool)
+        self._gap = np.zeros(n, dtype=bool)
+        self._gap_word = np.zeros(n, dtype=bool)
+        self._gap_para = np.zeros(n, dtype=bool)
+        # per slot: the tokens held for its monitor (ids, logprobs, value rows, texts; `_flush` hands them over)
+        self._pn = np.zeros(n, dtype=np.int64)
+        self._pid = np.zeros((n, _HELD), dtype=np.int64)
+        self._plp = np.zeros((n, _HELD), dtype=np.float64)
+        self._pval = np.zeros((n, _HELD, 0), dtype=np.float64)
+        self._pkeys: tuple[str, ...] = ()
+        self._ptxt: list[list[str]] = [[] for _ in range(n)]
         names: dict[str, Any] = {}
         for slot, mon in enumerate(self.monitors):
             mon.slot = slot
+            mon._deferred = self
             for i, sig in enumerate(mon.signals):
                 if not is_batch_first(sig):
                     continue
                 first = names.setdefault(sig.name, sig)
                 if first is not sig:
                     mon.signals[i] = first  # one instance per family; each monitor is a slot of it
+            mon._on_reset = self._slot_reset(slot)
             mon.reset()
         self.shared = list(names.values())
         self._off: set[str] = set()  # shared signals switched off (they raised in update_batch)
+        self._gate = self._cue_gate()
+        self._transition_key: Any = None
+        for sig in self.shared:
+            if table is not None and callable(getattr(sig, "transition_table", None)):
+                self._transition_key = (sig.name, "transition", tuple(sorted(getattr(sig, "lexicon", ()) or ())))
+                self._transition_sig = sig
 
     @classmethod
-    def create(cls, factory: Callable[[], Monitor], n: int) -> MonitorBatch:
-        """`n` monitors from `factory` (each with its own policy and cue detector), sharing batch-first signals."""
-        return cls([factory() for _ in range(n)])
+    def create(cls, factory: Callable[[], Monitor], n: int, table: TokenTable | None = None) -> MonitorBatch:
+        """`n` monitors from `factory` (each with its own policy and cue detector), sharing batch-first signals;
+        `table` (the tokenizer's `TokenTable`) lets the batch find decision points from token ids."""
+        return cls([factory() for _ in range(n)], table)
+
+    def _slot_reset(self, slot: int) -> Callable[[], None]:
+        def reset() -> None:
+            self._armed[slot] = self._gap[slot] = self._gap_word[slot] = self._gap_para[slot] = False
+            self._pn[slot] = 0
+            self._ptxt[slot] = []
+        return reset
+
+    def _flush(self, slot: int) -> None:
+        """Hand the tokens held for `slot` to its monitor (before it reads or records anything)."""
+        n = int(self._pn[slot])
+        if not n:
+            return
+        self._pn[slot] = 0
+        texts, self._ptxt[slot] = self._ptxt[slot], []
+        m = self.monitors[slot]
+        m._record_segment(self._pid[slot, :n], texts, self._plp[slot, :n], self._columns(m, self._pkeys),
+                          self._pval[slot, :n])
+
+    def _hold(self, rows: np.ndarray, slots: np.ndarray, batch: StepBatch, texts: list[str], lp: np.ndarray,
+              block: np.ndarray, names: tuple[str, ...]) -> None:
+        """Record the tokens of `rows` (no decision point can start or end there) for the whole batch at once:
+        into their slots' held arrays; a slot whose array is full is handed over."""
+        if names != self._pkeys:  # the value columns changed (a family switched off): hand over what is held
+            for s in np.nonzero(self._pn)[0].tolist():
+                self._flush(s)
+            self._pkeys = names
+            self._pval = np.zeros((len(self.monitors), _HELD, len(names)), dtype=np.float64)
+        s = slots[rows]
+        k = self._pn[s]
+        self._pid[s, k] = np.asarray(batch.token_ids)[rows]
+        self._plp[s, k] = lp[rows]
+        self._pval[s, k] = block[rows, : len(names)]
+        self._pn[s] = k + 1
+        held = self._ptxt
+        for i, slot in zip(rows.tolist(), s.tolist()):
+            held[slot].append(texts[i])
+        for slot in s[k + 1 >= _HELD].tolist():
+            self._flush(slot)
+
+    def _cue_gate(self) -> tuple[np.ndarray, ...] | None:
+        """Per token id: (candidate, empty, ends a word, breaks a paragraph), when every monitor's detector uses
+        the same cue words and marker (else None: every row reaches its detector at every token)."""
+        if self.table is None or not self.monitors:
+            return None
+        confs = {(m.cues.cue_words, m.cues.think_end) for m in self.monitors}
+        if len(confs) != 1:
+            return None
+        det = self.monitors[0].cues
+        table = self.table
+        key = ("cues", *next(iter(confs)))
+        cand = table.derived(key, det.candidates)
+        empty, ends, breaks = (table.derived(("gap", i), lambda t, i=i: CueDetector.gap_flags(t)[i], beyond=i == 0)
+                               for i in range(3))
+        return cand, empty, ends, breaks
+
+    def _gated(self, batch: StepBatch, mons: list[Monitor]) -> np.ndarray:
+        """Which rows reach their detector and policy at this token (see the module docstring); the skipped rows'
+        effect is added to their slots' gap."""
+        cand, empty, ends, breaks = self._gate  # type: ignore[misc]
+        ids = np.minimum(np.asarray(batch.token_ids, dtype=np.int64), len(cand) - 1)
+        slots = np.asarray(batch.slots, dtype=np.int64)
+        need = cand[ids] | self._armed[slots]
+        for i, m in enumerate(mons):
+            # a policy that acts at every token, a per-sequence signal, a family off for this sequence only (its
+            # values are masked row by row): the row goes the per-row way
+            if m._every_token or m._local or m._disabled:
+                need[i] = True
+        skip = ~need & ~empty[ids]
+        if skip.any():
+            s, t = slots[skip], ids[skip]
+            self._gap[s] = True
+            self._gap_word[s] = ends[t]
+            self._gap_para[s] |= breaks[t]
+        return need
 
     def observe(self, batch: StepBatch) -> list[Decision]:
         """Feed one reasoning token for each row of `batch` (`batch.slots` name the monitors); returns each row's
         decision, in batch order."""
         mons = [self.monitors[int(s)] for s in batch.slots]
+        if self._transition_key is not None and batch.transition is None:
+            batch.transition = self.table.lookup(self._transition_key, self._transition_sig.transition_table,
+                                                 batch.token_ids, beyond=False)
+        need = self._gated(batch, mons) if self._gate is not None else None
         keys: list[tuple[str, str]] = []
         cols: list[torch.Tensor] = []
         for sig in self.shared:
@@ -91,10 +211,24 @@ class MonitorBatch:
         block = torch.stack(cols, 1).cpu().numpy() if cols else np.zeros((batch.size, 0))  # the one copy
         names = tuple(f"{f}.{k}" for f, k in keys)
         n_keys = len(names)
-        texts = batch.texts or [""] * batch.size
+        table_texts = self.table.texts if self.table is not None else None
+        if batch.texts is not None:
+            texts = batch.texts
+        elif table_texts is not None:
+            n_tab = len(table_texts)
+            texts = [table_texts[t] if t < n_tab else "" for t in batch.token_ids.tolist()]
+        else:
+            texts = [""] * batch.size
         hidden = batch.hidden
-        decisions = []
-        for i, m in enumerate(mons):
+        decisions: list[Decision] = [_CONTINUE] * batch.size
+        armed, gap = self._armed, self._gap
+        per_row: Any = range(batch.size)
+        if need is not None and not need.all():
+            lp = block[:, -1] if has_lp else np.full(batch.size, np.nan)
+            self._hold(np.nonzero(~need)[0], np.asarray(batch.slots, dtype=np.int64), batch, texts, lp, block, names)
+            per_row = np.nonzero(need)[0].tolist()
+        for i in per_row:
+            m = mons[i]
             row = block[i]
             where = self._columns(m, names)
             vals = row[:n_keys]
@@ -108,8 +242,17 @@ class MonitorBatch:
                 local = [s for s in m.signals if not is_batch_first(s) and s.name not in m._disabled]
                 explicit = _local_outs(m, local, batch, i)
             lp = float(row[-1]) if has_lp else math.nan
-            decisions.append(m._ingest(int(batch.token_ids[i]), texts[i], lp if math.isfinite(lp) else None, where,
-                                       vals, _RowView(hidden, i) if hidden else None, explicit))
+            pos = m.n_tokens
+            m._record_reasoning(int(batch.token_ids[i]), texts[i], lp if math.isfinite(lp) else None, where, vals,
+                                explicit)
+            if need is not None:
+                s = m.slot
+                if gap[s]:
+                    m.cues.gap(bool(self._gap_word[s]), bool(self._gap_para[s]))
+                    gap[s] = self._gap_word[s] = self._gap_para[s] = False
+            decisions[i] = m._at_token(pos, texts[i], _RowView(hidden, i) if hidden else None)
+            if need is not None:
+                armed[m.slot] = m.cues.armed
         return decisions
 
     def _columns(self, m: Monitor, names: tuple[str, ...]) -> np.ndarray | slice:

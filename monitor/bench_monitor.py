@@ -2,7 +2,7 @@
 
 No model runs. For each batch size B, a MonitorBatch of B sequences with the default signal set (all four
 families, as `overthink run` builds them) is fed `tokens` synthetic steps, one StepBatch of B rows per step,
-exactly as a backend feeds it: a next-token distribution (top-k log-probabilities, or full
+exactly as a backend feeds it (token ids with their texts, and the vocabulary's `TokenTable`): a next-token distribution (top-k log-probabilities, or full
 float32 logits of `vocab` entries as a tensor), hidden states of `n_layers` layers of `hidden_size`, and text
 with a step end every 40 tokens and a cue word every 200. The figure is host time per token (wall time of the
 monitor calls / (B x tokens)) with torch and BLAS on one thread, so `tokens_per_s_per_core` = 1e6 / that.
@@ -35,8 +35,12 @@ class MonitorBenchResult:
         return asdict(self)
 
 
-def _text(i: int) -> str:
-    return ".\n\n" if i % 40 == 39 else (" Wait" if i % 200 == 0 else " so")
+VOCAB = (" so", ".\n\n", " Wait")  # the synthetic tokens' texts (ids 0, 1, 2), as a backend's TokenTable has them
+
+
+def _token(i: int) -> int:
+    """The synthetic token at step i: a step end every 40 tokens, a cue word every 200, else ordinary text."""
+    return 1 if i % 40 == 39 else (2 if i % 200 == 0 else 0)
 
 
 def _distributions(logprobs: int | str, vocab: int, n: int, rng: np.random.Generator) -> list[Any]:
@@ -56,10 +60,12 @@ def _monitors(b: int, layers: list[int], record: str) -> Any:
     from monitor.cues import CueDetector
     from monitor.monitor import Monitor
     from monitor.run import RunConfig, default_signals
+    from monitor.vocab import TokenTable
 
     cfg = RunConfig(record=record)
     return MonitorBatch.create(lambda: Monitor(signals=default_signals(layers, cfg),
-                                               cues=CueDetector(think_end="</think>"), record=record), b)
+                                               cues=CueDetector(think_end="</think>"), record=record), b,
+                               table=TokenTable(VOCAB))
 
 
 def _batches(b: int, dists: list[Any], hidden: list[dict[int, Any]], device: Any = "cpu", n: int = 8) -> list[Any]:
@@ -94,7 +100,9 @@ def _feed(mb: Any, tokens: int, pool: list[Any]) -> float:
     t0 = time.perf_counter()
     for i in range(tokens):
         proto = pool[i % len(pool)]
-        batch = dataclasses.replace(proto, texts=[_text(i)] * proto.size)  # a fresh batch: its caches start empty
+        tok = _token(i)
+        # a fresh batch (its caches start empty) with this step's token and its text, as a backend sends them
+        batch = dataclasses.replace(proto, token_ids=np.full(proto.size, tok), texts=[VOCAB[tok]] * proto.size)
         mb.observe(batch)
     if proto.device.type == "cuda":
         import torch

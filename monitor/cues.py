@@ -14,8 +14,10 @@ Three kinds, each recorded with the index of the token that *completes* it:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 DEFAULT_CUE_WORDS = ("hmm", "wait", "alternatively")
 
@@ -33,6 +35,20 @@ class DecisionPoint:
 
 def _is_word_char(c: str) -> bool:
     return c.isalnum() or c == "_"
+
+
+def _word_runs(text: str) -> list[str]:
+    """The maximal runs of word characters in `text`."""
+    runs, cur = [], []
+    for c in text:
+        if _is_word_char(c):
+            cur.append(c)
+        elif cur:
+            runs.append("".join(cur))
+            cur = []
+    if cur:
+        runs.append("".join(cur))
+    return runs
 
 
 class CueDetector:
@@ -144,6 +160,60 @@ class CueDetector:
             out.append(self._point(index, "reasoning_end", self.think_end))
             self._ended = True
         return out
+
+    # ----------------------------------------------------------------- token-id gating (docs/decision-points.md)
+    def candidates(self, texts: Sequence[str]) -> np.ndarray:
+        """For a vocabulary (token id -> its text piece), which tokens can start or complete a decision point:
+        computed once per tokenizer, so a batch asks this detector only at those tokens (and at the token after
+        one, while `armed`). A token is a candidate when its text holds a newline (step ends, paragraph starts),
+        a word whose lower case begins some cue word, the end-of-reasoning marker or a suffix that begins it,
+        or an incomplete character ("\ufffd"; its real text is known only in context). Every other token only
+        moves the detector along in a way `gap` reproduces exactly."""
+        cues = tuple(self.cue_words)
+        end = self.think_end or ""
+        starts = tuple(end[:j] for j in range(1, len(end)))
+
+        def cand(t: str) -> bool:
+            if "\n" in t or "\ufffd" in t or (end and (end in t or t.endswith(starts))):
+                return True
+            return any(w.startswith(run) for run in _word_runs(t.lower()) for w in cues)
+
+        return np.fromiter((cand(t) for t in texts), dtype=bool, count=len(texts))
+
+    @staticmethod
+    def gap_flags(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per token text: (empty, ends_word, breaks_paragraph): what a skipped token does to the detector."""
+        empty = np.fromiter((not t for t in texts), dtype=bool, count=len(texts))
+        ends = np.fromiter((bool(t) and _is_word_char(t[-1]) for t in texts), dtype=bool, count=len(texts))
+        breaks = np.fromiter((any(not c.isspace() and c not in "*#>-" for c in t) for t in texts), dtype=bool,
+                             count=len(texts))
+        return empty, ends, breaks
+
+    def gap(self, ends_word: bool, breaks_paragraph: bool) -> None:
+        """Account for non-candidate tokens that were not fed (see `candidates`): none of them can hold part of a
+        cue word, a newline or the marker, so their whole effect is that the open word is no cue (a placeholder
+        when the last one ends inside a word), the previous character is no newline, the marker's tail is gone,
+        and a paragraph start is over if any of them held text other than spaces and markdown markers."""
+        if self._ended:
+            return
+        self._word = ["\x00"] if ends_word else []
+        self._prev_char = "\x00"
+        self._tail = ""
+        if breaks_paragraph:
+            self._line_start_is_para = False
+
+    @property
+    def armed(self) -> bool:
+        """True when the next token must be fed even if it is no candidate: the open word begins a cue word (the
+        next token confirms or extends it), or the text ends in the start of the end-of-reasoning marker."""
+        if self._ended:
+            return False
+        if self._word:
+            word = "".join(self._word).lower()
+            if any(w.startswith(word) for w in self.cue_words):
+                return True
+        end = self.think_end
+        return bool(end) and any(self._tail.endswith(end[:j]) for j in range(1, len(end)))
 
     def finish(self) -> list[DecisionPoint]:
         """Close the stream: a cue word at the very end of the text is whole."""

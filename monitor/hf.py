@@ -49,6 +49,7 @@ from monitor.sequence import (
     brace_delta,
     eos_ids,
 )
+from monitor.vocab import TokenTable
 
 log = logging.getLogger("overthink.hf")
 
@@ -327,7 +328,8 @@ class HFMonitoredGenerator:
         enc = {k: v.to(self.device) for k, v in enc.items()}
         mask = enc["attention_mask"]
         rows = []
-        self._batch = MonitorBatch.create(self.monitor_factory, len(prompts))  # one signal set, a slot per row
+        # one signal set, a slot per row; decision points found from token ids
+        self._batch = MonitorBatch.create(self.monitor_factory, len(prompts), table=TokenTable.of(tok))
         for b in range(len(prompts)):
             n_real = int(mask[b].sum())
             pad = int(mask.shape[1] - n_real)

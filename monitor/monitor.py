@@ -91,6 +91,10 @@ class Monitor:
         self.slot = slot  # this sequence's row in the state of batch-first signals (shared in a MonitorBatch)
         self._local = any(not is_batch_first(s) for s in self.signals)  # per-sequence signals (the slow path)
         self._batch_cols: tuple[tuple[str, ...], Any] | None = None  # MonitorBatch's column cache
+        self._on_reset: Callable[[], None] | None = None  # set by a MonitorBatch: its per-slot state starts over
+        # set by a MonitorBatch: it holds this sequence's latest tokens (no decision point possible there) in its
+        # per-slot arrays, written for the whole batch at once, and hands them over on `_sync()`
+        self._deferred: Any = None
         names = [s.name for s in self.signals]
         if len(set(names)) != len(names):
             raise ValueError(f"two signals share a family name in {names}; give each a distinct `name`")
@@ -152,13 +156,15 @@ class Monitor:
         self._tok_logprob: array = array("f")  # NaN where the backend gave none
         self._tok_phase: list[str] = []
         self.points: list[dict[str, Any]] = []
-        self.reasoning_tokens = 0
+        self._reasoning = 0  # reasoning tokens recorded here (`reasoning_tokens` adds those the batch holds)
         self.probe_tokens = 0
         self.decision: Decision | None = None  # the halting decision, once made
         self.halted_at: int | None = None
         self._prev_hidden: Any = None
         self._pending_ctx: DecisionContext | None = None
         self.cues.reset()
+        if self._on_reset is not None:
+            self._on_reset()
         for s in self.signals:
             try:
                 if is_batch_first(s):
@@ -169,12 +175,28 @@ class Monitor:
                 self._failed(s.name, "reset", None, e)
 
     @property
+    def reasoning_tokens(self) -> int:
+        """Reasoning tokens observed so far."""
+        return self._reasoning + self._pending()
+
+    def _pending(self) -> int:
+        b = self._deferred
+        return int(b._pn[self.slot]) if b is not None else 0
+
+    def _sync(self) -> None:
+        """Take over the tokens a MonitorBatch holds for this sequence (before anything reads or adds a token)."""
+        b = self._deferred
+        if b is not None and b._pn[self.slot]:
+            b._flush(self.slot)
+
+    @property
     def reasoning_ended(self) -> bool:
         """True once the model wrote its own end-of-reasoning marker."""
         return self.cues.reasoning_ended
 
     def generated_text(self) -> str:
         """Everything generated so far (reasoning, forced exit cue, answer) as one text."""
+        self._sync()
         return self._joined()
 
     def text_after_reasoning(self) -> str:
@@ -189,17 +211,19 @@ class Monitor:
 
     def token_texts(self) -> list[str]:
         """Each generated token's text piece (every phase), in order."""
+        self._sync()
         text, ends = self._joined(), self._text_end
         return [text[a:b] for a, b in zip([0, *ends[:-1]], ends)] if ends else []
 
     @property
     def token_ids(self) -> list[int]:
         """The generated token ids so far (every phase), as a list."""
+        self._sync()
         return self._tok_ids.tolist()
 
     @property
     def n_tokens(self) -> int:
-        return len(self._tok_ids)
+        return len(self._tok_ids) + self._pending()
 
     @property
     def policy_failed(self) -> bool:
@@ -259,9 +283,16 @@ class Monitor:
         `explicit` are values a per-sequence signal returned: None/NaN/inf there means "undefined now" (null in
         the series, and the key leaves `values`)."""
         pos = self.n_tokens
+        self._record_reasoning(token_id, text, logprob, cols, vals, explicit)
+        return self._at_token(pos, text, hidden_now)
+
+    def _record_reasoning(self, token_id: int, text: str, logprob: float | None, cols: np.ndarray | slice,
+                          vals: np.ndarray, explicit: Sequence[tuple[str, float | None]] = ()) -> None:
+        """Record a reasoning token and its signal values (no decision: see `_at_token`)."""
+        self._sync()
         self._record(token_id, text, "reasoning", logprob)
-        self.reasoning_tokens += 1
-        t = self.reasoning_tokens - 1  # row of the per-token signal series
+        self._reasoning += 1
+        t = self._reasoning - 1  # row of the per-token signal series
         last = self._last
         if isinstance(cols, slice):  # a view: written in place
             np.copyto(last[cols], vals, where=vals == vals)
@@ -283,6 +314,41 @@ class Monitor:
             if explicit:
                 buf[t, ecols] = evals
 
+    def _record_segment(self, ids: np.ndarray, texts: list[str], logprobs: np.ndarray, cols: np.ndarray | slice,
+                        vals: np.ndarray) -> None:
+        """Record n reasoning tokens at once, in order: what n calls of `_record_reasoning` record (their ids,
+        texts, logprobs (NaN: none) and value rows [n, len(cols)], NaN meaning "no value at this token")."""
+        n = len(texts)
+        self._tok_ids.extend(ids.tolist())
+        self._pieces.extend(texts)
+        end = self._text_end[-1] if self._text_end else 0
+        self._text_end.extend((end + np.cumsum([len(t) for t in texts])).tolist())
+        if len(self._pieces) >= 4096:
+            self._joined()
+        lp = np.where(np.isfinite(logprobs), logprobs, np.nan).astype(np.float32)
+        self._tok_logprob.frombytes(lp.tobytes())
+        self._tok_phase.extend(["reasoning"] * n)
+        t0 = self._reasoning
+        self._reasoning += n
+        defined = vals == vals
+        has = defined.any(0)
+        if has.any():  # each column's last defined value in the segment becomes its latest value
+            at = n - 1 - np.argmax(defined[::-1], axis=0)
+            j = np.nonzero(has)[0]
+            target = np.arange(cols.start, cols.stop) if isinstance(cols, slice) else np.asarray(cols)
+            self._last[target[j]] = vals[at[j], j]
+        if self._series_on:
+            buf = self._buf
+            if buf is None or buf.shape[0] < t0 + n or buf.shape[1] < self._last.shape[0]:
+                buf = self._grow_buf(t0 + n)
+            if isinstance(cols, slice):
+                buf[t0:t0 + n, cols] = vals
+            else:
+                buf[t0:t0 + n][:, cols] = vals
+
+    def _at_token(self, pos: int, text: str, hidden_now: Any) -> Decision:
+        """The decision at reasoning token `pos` (already recorded): the decision points its text completes, each
+        put to the policy, or the policy at this token when it acts at every token."""
         points = self.cues.update(pos, text)
         decision = Decision(CONTINUE)
         if points:
@@ -319,6 +385,7 @@ class Monitor:
 
     def trial_result(self, trial: TrialOutcome) -> Decision:
         """Report a trial answer requested by the last decision; returns the follow-up decision."""
+        self._sync()
         self.probe_tokens += int(trial.n_tokens)
         confidence = trial.confidence
         ctx, self._pending_ctx = self._pending_ctx, None
@@ -341,6 +408,7 @@ class Monitor:
     def trial_unavailable(self, why: str) -> Decision:
         """The backend cannot decode the trial the last decision asked for: never a silent confidence of 0. The
         policy is recorded as failed (once) and switched off, so the monitor observes from here on."""
+        self._sync()
         ctx, self._pending_ctx = self._pending_ctx, None
         if self._policy_error is None:
             self._failed(self._policy_key(), "decide", ctx.position if ctx else None, RuntimeError(why))
@@ -348,12 +416,14 @@ class Monitor:
 
     def force_halt(self, reason: str) -> Decision:
         """Halt for a reason outside the policy (e.g. the backend's reasoning budget ran out)."""
+        self._sync()
         return self._apply(Decision(HALT, reason))
 
     def record_token(self, token_id: int, text: str, phase: str, logprob: float | None = None) -> None:
         """Record a token that does not go through the signals (forced exit cue, answer)."""
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        self._sync()
         self._record(token_id, text, phase, logprob)
 
     # ----------------------------------------------------------------- bookkeeping
@@ -369,6 +439,7 @@ class Monitor:
     @property
     def values(self) -> dict[str, float]:
         """The latest defined value of each "family.key" (what the policy reads), as a dict."""
+        self._sync()
         return {k: v for k, v in zip(self._keys, self._last.tolist()) if v == v}
 
     def _grow_buf(self, rows: int) -> np.ndarray:
@@ -419,6 +490,7 @@ class Monitor:
 
     def _failed(self, name: str, stage: str, pos: int | None, e: BaseException) -> None:
         """Record a component failure (once per component, counted) and switch the component off."""
+        self._sync()
         i = self._error_index.get(name)
         if i is not None:
             self.errors[i]["count"] += 1
@@ -443,6 +515,7 @@ class Monitor:
 
     def finish(self) -> None:
         """Close open state at the end of generation (a cue word at the very end, an open step)."""
+        self._sync()
         for pt in self.cues.finish():
             self._record_point(pt, Decision(CONTINUE))
         for sig in self.signals:
@@ -486,6 +559,7 @@ class Monitor:
         return out
 
     def accounting(self, prompt_tokens: int) -> dict[str, int]:
+        self._sync()
         phases = self._tok_phase
         return {
             "prompt": int(prompt_tokens),
@@ -497,6 +571,7 @@ class Monitor:
 
     def series(self, family: str, key: str) -> list[float | None]:
         """One recorded per-token series as Python floats (None where undefined); [] when it is not recorded."""
+        self._sync()
         j = self._col.get(f"{family}.{key}")
         if j is None or self._buf is None or not self._series_on:
             return []
@@ -536,6 +611,7 @@ class Monitor:
 
         When the policy failed, `decision.reason` ends with why and says that the monitor only observed from
         then on."""
+        self._sync()
         d = self.decision
         if reason is None:
             reason = d.reason if d is not None else "model finished its reasoning"

@@ -56,6 +56,7 @@ from monitor.detokenize import IncrementalDetokenizer
 from monitor.events import StepBatch
 from monitor.monitor import Monitor
 from monitor.sequence import ExitPlan, SequenceResult, advance_answer, after_reasoning_token, eos_ids
+from monitor.vocab import TokenTable
 
 log = logging.getLogger("overthink.vllm")
 
@@ -519,7 +520,8 @@ class VLLMMonitoredGenerator:
         self._sp_base = {"temperature": (temperature or 1.0) if do_sample else 0.0,
                          "top_p": (top_p or 1.0) if do_sample else 1.0, "ignore_eos": ignore_eos}
         batch = next(_BATCHES)
-        self._batch = MonitorBatch.create(self.monitor_factory, len(prompts))  # one signal set, a slot per request
+        # one signal set, a slot per request; decision points found from token ids
+        self._batch = MonitorBatch.create(self.monitor_factory, len(prompts), table=TokenTable.of(self.tokenizer))
         reqs: list[_Request] = []
         for i, prompt in enumerate(prompts):
             ids = self.tokenizer.encode(prompt, add_special_tokens=False)

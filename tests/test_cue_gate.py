@@ -1,0 +1,116 @@
+"""Decision points from token ids: a detector fed only the candidate tokens (and the token after one, while it
+is armed), with `gap` standing for the skipped ones, finds exactly the points of a detector fed every token."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from monitor.cues import CueDetector
+
+VOCAB = [" so", "so", " Wait", "Wait", "wait", " wait", "W", "ait", " await", " a", "a", "lternatively",
+         " Altern", "atively", " hmm", "Hmm", "hm", "m", "mm", "\n", "\n\n", ".\n\n", "\n\n\n", " ", "  ", "**",
+         "## ", "> ", "-", ",", ".", "!", " x", "_", "_wait", "3", "é", "\ufffd", "", "<", "</", "think", ">",
+         "</think>", " </", "ink>", "th", "</th", "wait,", " Wait!\n\n", "hmm\n", "x Wait", " *Wait*", "\twait"]
+
+
+def _gated(texts: list[str], ids: list[int], det: CueDetector):
+    cand = det.candidates(texts)
+    empty, ends, breaks = CueDetector.gap_flags(texts)
+    points, fed = [], 0
+    gap = para = word = False
+    for i, t in enumerate(ids):
+        if cand[t] or det.armed:
+            if gap:
+                det.gap(word, para)
+                gap = para = False
+            points += det.update(i, texts[t])
+            fed += 1
+        elif not empty[t]:
+            gap, word, para = True, bool(ends[t]), para or bool(breaks[t])
+    if gap:
+        det.gap(word, para)
+    return points + det.finish(), fed
+
+
+@settings(max_examples=1500, deadline=None)
+@given(ids=st.lists(st.integers(0, len(VOCAB) - 1), max_size=120), min_step=st.integers(1, 6),
+       end=st.sampled_from(["</think>", None]))
+def test_gated_detector_finds_the_same_points(ids, min_step, end):
+    ref = CueDetector(min_step_tokens=min_step, think_end=end)
+    want = [p for i, t in enumerate(ids) for p in ref.update(i, VOCAB[t])] + ref.finish()
+    got, _ = _gated(VOCAB, ids, CueDetector(min_step_tokens=min_step, think_end=end))
+    assert got == want
+
+
+def test_whole_word_rules_hold_through_the_gate():
+    texts = ["We", " await", ".", " Wait", ",", " no", "so", "Wait", " "]
+    got, _ = _gated(texts, list(range(len(texts))), CueDetector(min_step_tokens=1))
+    assert [(p.index, p.label) for p in got] == [(3, "wait")]  # "await" and "soWait" are no cue
+
+
+def test_most_tokens_of_ordinary_text_are_skipped():
+    texts = [" the", " number", " is", " 4", ".", " Wait", ",", "\n\n", " so"]
+    rng = np.random.default_rng(0)
+    ids = rng.choice(len(texts), size=2000, p=[0.3, 0.2, 0.2, 0.1, 0.1, 0.02, 0.05, 0.01, 0.02]).tolist()
+    points, fed = _gated(texts, ids, CueDetector())
+    assert points and fed < 0.15 * len(ids)
+
+
+def test_a_skipped_token_between_two_newlines_is_no_blank_line():
+    texts = ["Some", " text", " here", "\n", " x", "\n", " more", "\n", "\n", " end"]
+    ref = CueDetector(min_step_tokens=1)
+    want = [p for i, t in enumerate(texts) for p in ref.update(i, t)]
+    got, _ = _gated(texts, list(range(len(texts))), CueDetector(min_step_tokens=1))
+    assert got == want and [p.index for p in got] == [8]
+
+
+
+def _run_batch(table, ids: np.ndarray, policy: Callable[[], object], seed: int = 0):
+    import torch
+
+    from monitor.batch import MonitorBatch
+    from monitor.events import StepBatch
+    from monitor.monitor import Monitor
+    from monitor.run import RunConfig, default_signals
+
+    cfg = RunConfig()
+    mb = MonitorBatch.create(lambda: Monitor(signals=default_signals([0, 1], cfg), policy=policy(),
+                                             cues=CueDetector(min_step_tokens=3)), ids.shape[0], table=table)
+    g = torch.Generator().manual_seed(seed)
+    decisions = []
+    for t in range(ids.shape[1]):
+        live = [r for r in range(ids.shape[0]) if mb.monitors[r].decision is None]
+        if not live:
+            break
+        tok = ids[live, t]
+        batch = StepBatch(slots=np.array(live), token_ids=tok, logits=torch.randn(len(live), len(VOCAB), generator=g),
+                          hidden={k: torch.randn(len(live), 8, generator=g) for k in (0, 1)},
+                          texts=[VOCAB[i] for i in tok])
+        decisions.append([(d.action, d.reason) for d in mb.observe(batch)])
+    traces = []
+    for m in mb.monitors:
+        m.finish()
+        traces.append(m.to_trace(trace_id="t", model="m", backend="hf", question="q").to_dict())
+    return decisions, traces
+
+
+@pytest.mark.parametrize("spec,halt_after", [(None, None), ("threshold:jsd_instability.jsd>=0.45", None),
+                                             (None, 90)])
+def test_a_batch_with_a_token_table_makes_the_same_traces(spec, halt_after):
+    """Points, decisions, values and series are those of a batch that feeds every token to every detector."""
+    from monitor.decision import parse_policy
+    from monitor.vocab import TokenTable
+
+    rng = np.random.default_rng(1)
+    weights = np.ones(len(VOCAB))
+    weights[[0, 1, 9, 32]] = 30.0  # mostly ordinary text, as a model writes
+    ids = rng.choice(len(VOCAB), size=(5, 160), p=weights / weights.sum())
+    with_table = _run_batch(TokenTable(VOCAB), ids, lambda: parse_policy(spec, halt_after))
+    without = _run_batch(None, ids, lambda: parse_policy(spec, halt_after))
+    assert with_table == without
+    assert all(tr["decision_points"] for tr in with_table[1])
