@@ -162,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     sg = sub.add_parser("signals", help="list the signal families, their keys and what each means")
     sg.add_argument("--json", action="store_true")
     from probes.cli import add_commands
+    from serve.cli import add_serve_command
 
+    add_serve_command(sub)
     PROBE_HANDLERS.update(add_commands(sub, positive_int))
     return p
 
@@ -467,8 +469,10 @@ def _main(argv: list[str] | None) -> int:
         signal.signal(signal.SIGTERM, _on_sigterm)
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 with a usage line on bad flags
+    from serve.cli import cmd_serve
+
     handlers = {"run": cmd_run, "bench": cmd_bench, "diagnose": cmd_diagnose, "signals": cmd_signals,
-                **PROBE_HANDLERS}
+                "serve": cmd_serve, **PROBE_HANDLERS}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

@@ -127,6 +127,7 @@ class RowState:
     brace_depth: int | None = None  # tracked after an exit cue that opens "\boxed{"
     stop_reason: str = ""
     budget_forced: bool = False
+    max_reasoning: int = 0  # this row's reasoning budget
 
 
 class MonitorLogitsProcessor(LogitsProcessor):
@@ -159,9 +160,13 @@ class MonitorStoppingCriteria(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
         last = input_ids[:, -1].tolist()  # one device-to-host copy for the whole batch
+        cancelled = self.gen.cancelled
         for b, row in enumerate(self.rows):
             if row.phase != "done":
                 self.gen._ingest(row, last[b])
+                if b in cancelled and row.phase != "done":  # the caller gave up on this row: stop it here
+                    row.pending = None
+                    row.phase, row.stop_reason = "done", "cancelled by the caller"
         return torch.tensor([row.phase == "done" for row in self.rows], dtype=torch.bool, device=input_ids.device)
 
 
@@ -193,7 +198,11 @@ class HFMonitoredGenerator:
         self.exit = ExitPlan.build(tokenizer, exit_cue, answer_max_tokens)
         self.exit_at_budget = exit_at_budget
         self.eos_ids = eos_ids(getattr(model.generation_config, "eos_token_id", None), tokenizer)
-        self._max_reasoning = 0
+        # streaming and cancellation (a server's needs; None / empty for a plain call): `on_text(row, text, phase)`
+        # gets each generated token's text as it is chosen (phase reasoning / forced / answer); a row index put
+        # in `cancelled` (from any thread) stops that row at its next token
+        self.on_text: Callable[[int, str, str], None] | None = None
+        self.cancelled: set[int] = set()
 
     def close(self) -> None:
         self.taps.remove()
@@ -225,7 +234,7 @@ class HFMonitoredGenerator:
         mon = row.monitor
         if d.action == TRIAL and cache is not None and d.trial is not None:  # no cache: the sequence just ended
             d = mon.trial_result(self._trial(b, row, cache, d.trial))
-        if after_reasoning_token(row, mon, d.halt, tok in self.eos_ids, self._max_reasoning, self.exit_at_budget):
+        if after_reasoning_token(row, mon, d.halt, tok in self.eos_ids, row.max_reasoning, self.exit_at_budget):
             self._start_forcing(row)
 
     def _start_forcing(self, row: RowState) -> None:
@@ -238,6 +247,8 @@ class HFMonitoredGenerator:
         if tok in self.eos_ids:  # the end-of-sequence marker is not text the model wrote
             text = ""
         row.generated += 1
+        if self.on_text is not None and text:
+            self.on_text(row.index, text, "forced" if row.phase == "forcing" else row.phase)
         if row.phase == "reasoning":
             row.pending = (tok, text)
             if tok in self.eos_ids:  # no forward will follow for this row: observe now, without hidden
@@ -307,7 +318,7 @@ class HFMonitoredGenerator:
     def generate(
         self,
         prompts: Sequence[str],
-        max_new_tokens: int = 512,
+        max_new_tokens: int | Sequence[int] = 512,
         do_sample: bool = False,
         temperature: float | None = None,
         top_p: float | None = None,
@@ -316,13 +327,15 @@ class HFMonitoredGenerator:
     ) -> list[SequenceResult]:
         """Generate for a batch of rendered prompts; every row gets its own monitor.
 
-        `max_new_tokens` caps the reasoning; the exit cue and `answer_max_tokens` come on top of it.
-        Extra keyword arguments go to `model.generate` unchanged (e.g. `min_new_tokens`).
+        `max_new_tokens` caps the reasoning (one cap for all rows, or one per row); the exit cue and
+        `answer_max_tokens` come on top of it. Extra keyword arguments go to `model.generate` unchanged (e.g.
+        `min_new_tokens`).
         """
         if not prompts:
             return []
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        caps = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(caps) != len(prompts) or any(not isinstance(c, int) or c < 1 for c in caps):
+            raise ValueError(f"max_new_tokens must be an int >= 1 or one such int per prompt, got {max_new_tokens!r}")
         tok = prepare_tokenizer(self.tokenizer)
         enc = tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(self.device) for k, v in enc.items()}
@@ -335,9 +348,8 @@ class HFMonitoredGenerator:
             pad = int(mask.shape[1] - n_real)
             prompt_ids = enc["input_ids"][b, pad:].tolist()
             rows.append(RowState(monitor=self._batch.monitors[b], detok=IncrementalDetokenizer(tok, prompt_ids),
-                                 pad_len=pad, prompt_len=n_real, index=b))
+                                 pad_len=pad, prompt_len=n_real, index=b, max_reasoning=caps[b]))
         self._rows = rows
-        self._max_reasoning = max_new_tokens
         cache = DynamicCache(config=self.model.config)
         if seed is not None:
             torch.manual_seed(seed)
@@ -348,7 +360,7 @@ class HFMonitoredGenerator:
             sampling.update(temperature=None, top_p=None, top_k=None)
         self.taps.logits, self.taps.hidden = None, {}
         with _quiet_blas():
-            self._generate(enc, cache, rows, max_new_tokens, sampling, generate_kwargs)
+            self._generate(enc, cache, rows, max(caps), sampling, generate_kwargs)
         return self._results(rows, prompts)
 
     def _generate(self, enc: dict[str, Any], cache: Any, rows: list[RowState], max_new_tokens: int,

@@ -187,9 +187,10 @@ class LineSink:
     """
 
     def __init__(self, path: str | os.PathLike[str], append: bool = False, flag: str = "--out",
-                 validate: Any = None) -> None:
+                 validate: Any = None, live: bool = False) -> None:
         self.path = os.fspath(path)
         self.append, self.flag, self.validate = append, flag, validate
+        self.live = live  # with append: a new file is written in place too (a server's log: readers see each line)
         self.count = 0
         self._lock: Any = None
         self._f: IO[bytes] | None = None
@@ -208,10 +209,12 @@ class LineSink:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         self._lock = _acquire_lock(self.path, self.flag)
         try:
-            if self.append and os.path.exists(target) and os.path.getsize(target) > 0:
-                _check_whole_lines(target, self.flag)
-                if self.validate is not None:
-                    self.validate(target)
+            has_lines = os.path.exists(target) and os.path.getsize(target) > 0
+            if self.append and (has_lines or self.live):
+                if has_lines:
+                    _check_whole_lines(target, self.flag)
+                    if self.validate is not None:
+                        self.validate(target)
                 self._f = open(target, "ab")
             else:
                 parent, name = os.path.split(target)

@@ -202,6 +202,14 @@ def test_cli_does_not_force_hub_offline(monkeypatch, capsys):
     assert "HF_HUB_OFFLINE" not in os.environ
 
 
+def test_version_names_the_installed_package(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"overthink {version('overthink')}"
+
+
 # ----------------------------------------------------------------------------------------------- CUDA
 @cuda
 def test_cuda_one_gpu_in_the_config_dtype_with_hooks_signals_and_exit(qwen2_dir):

@@ -1,0 +1,330 @@
+"""The FastAPI app of `overthink serve`: OpenAI's chat and text completions, monitored and halted per request.
+
+The response is honest about what happened:
+- the reasoning comes as `reasoning_content` (the model's end-of-reasoning marker removed), the answer as
+  `content`, as vLLM's reasoning parsers return them; a model without a reasoning format writes `content` only;
+- `finish_reason`: `"stop"` (the model ended on its own, or a `stop` string), `"length"` (the reasoning budget,
+  `max_tokens`, ran out; with an exit cue forced when the server exits at the budget), or `"halted"` (the
+  monitor's policy stopped the reasoning, forced the exit cue, and the model answered);
+- `usage` counts prompt and completion tokens (reasoning + forced exit cue + answer), with
+  `completion_tokens_details.reasoning_tokens` and `.probe_tokens` (trial answers a policy decoded);
+- a top-level `overthink` object: `halted`, `stop_reason` (words), `decision_point` (where it halted),
+  `accounting` (`reasoning`, `forced`, `answer`, `probe`), `policy` and `trace_id` (the id of the request's line in
+  the trace log). A stream sends it in its final chunk.
+
+Errors are OpenAI-shaped JSON: `{"error": {"message", "type", "param", "code"}}`, status 400 for a bad request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from monitor.answers import normalize_kind
+from monitor.decision import parse_policy
+from monitor.run import RunConfig, Task
+from serve.engine import HFServeEngine, Job, JobResult
+from serve.protocol import ChatRequest, CompletionRequest
+
+FINISH_HALTED = "halted"
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.message, self.param, self.status, self.kind = message, param, status, kind
+
+
+def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error",
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class TextSplit:
+    """Turns a stream of (text, phase) pieces into reasoning and content deltas.
+
+    With a reasoning marker (e.g. "</think>"): reasoning-phase text is reasoning, the forced exit cue and the
+    answer are content; the marker itself is removed from both (text that may be its start is held back until
+    it is known), and content starts at its first non-blank character. Without one, everything is content."""
+
+    def __init__(self, marker: str | None) -> None:
+        self.marker = marker or None
+        self._held = {"reasoning": "", "content": ""}
+        self._content_started = False
+
+    def feed(self, text: str, phase: str) -> tuple[str, str]:
+        if self.marker is None:
+            return "", text
+        kind = "reasoning" if phase == "reasoning" else "content"
+        buf = (self._held[kind] + text).replace(self.marker, "")
+        keep = 0
+        for j in range(min(len(self.marker) - 1, len(buf)), 0, -1):
+            if buf.endswith(self.marker[:j]):
+                keep = j
+                break
+        out, self._held[kind] = (buf[:-keep], buf[-keep:]) if keep else (buf, "")
+        return (out, "") if kind == "reasoning" else ("", self._content(out))
+
+    def _content(self, out: str) -> str:
+        if not self._content_started:
+            out = out.lstrip()
+            self._content_started = bool(out)
+        return out
+
+    def flush(self) -> tuple[str, str]:
+        r, c = self._held["reasoning"], self._held["content"]
+        self._held = {"reasoning": "", "content": ""}
+        return r, self._content(c) if c else ""
+
+
+def create_app(engine: HFServeEngine, model_name: str, cfg: RunConfig, default_policy: str = "observe",
+               default_halt_after: int | None = None) -> FastAPI:
+    """The app serving `engine`'s model as `model_name`; requests without an `overthink.policy` use the
+    server's `default_policy` / `default_halt_after`."""
+    lm = engine.lm
+    known = cfg.signal_keys()
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, engine.close)
+
+    app = FastAPI(title="overthink serve", lifespan=lifespan)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0] if exc.errors() else {}
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        msg = str(err.get("msg", "invalid request"))
+        if err.get("type") == "json_invalid":
+            msg, param = "the request body is not valid JSON", None
+        elif err.get("type") == "extra_forbidden":
+            msg = f"unknown field {param!r}"
+        elif param:
+            msg = f"{param}: {msg}"
+        return JSONResponse(error_body(msg, param), status_code=400)
+
+    @app.exception_handler(BadRequest)
+    async def _bad(request: Request, exc: BadRequest) -> JSONResponse:
+        return JSONResponse(error_body(exc.message, exc.param, exc.kind), status_code=exc.status)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": model_name, **engine.counts()}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "overthink"}]}
+
+    def make_job(req: ChatRequest | CompletionRequest, prompt: str, question: str) -> Job:
+        if req.model != model_name:
+            raise BadRequest(f"the model {req.model!r} does not exist here; this server serves {model_name!r} "
+                             "(GET /v1/models)", "model", 404, "NotFoundError")
+        ov = req.overthink
+        if ov is not None and (ov.policy is not None or ov.halt_after is not None):  # the request's own policy
+            spec, halt_after = ov.policy or "observe", ov.halt_after
+        else:
+            spec, halt_after = default_policy, default_halt_after
+        try:
+            parse_policy(spec, halt_after, known_keys=known)
+        except ValueError as e:
+            raise BadRequest(str(e).replace("--halt-after", "halt_after").replace("--policy", "policy"),
+                             "overthink.policy") from None
+        try:
+            kind = normalize_kind(ov.answer_kind if ov is not None and ov.answer_kind else "text")
+        except ValueError as e:
+            raise BadRequest(str(e), "overthink.answer_kind") from None
+        cue = ov.exit_cue if ov is not None and ov.exit_cue else lm.family.exit_cue_for(kind)
+        budget = ov.answer_max_tokens if ov is not None and ov.answer_max_tokens else cfg.answer_budget(kind)
+        n_prompt = len(lm.tokenizer.encode(prompt, add_special_tokens=False))
+        max_tokens = req.token_limit or cfg.max_new_tokens
+        context = int(getattr(lm.model.config, "max_position_embeddings", 0) or 0)
+        n_exit = len(lm.tokenizer.encode(cue, add_special_tokens=False))
+        if context and n_prompt + max_tokens + n_exit + budget > context:
+            raise BadRequest(f"the prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) + the exit cue ({n_exit}) "
+                             f"+ the answer budget ({budget}) exceed the model's context of {context} tokens; "
+                             "lower max_tokens", "max_tokens")
+        temperature = req.temperature
+        do_sample = temperature is not None and temperature > 0
+        return Job(prompt=prompt, prompt_tokens=n_prompt, task=Task(kind, cue, budget),
+                   policy=lambda: parse_policy(spec, halt_after), policy_name=spec if halt_after is None
+                   else f"halt-after:{halt_after}", max_tokens=max_tokens, do_sample=do_sample,
+                   temperature=temperature if do_sample else None, top_p=req.top_p if do_sample else None,
+                   seed=req.seed, stops=req.stop, question=question)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request) -> Any:
+        msgs = req.chat()
+        try:
+            prompt = lm.family.build_prompt(lm.tokenizer, messages=msgs, kind="text")
+        except ValueError as e:
+            raise BadRequest(str(e), "messages") from None
+        question = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), "")
+        return await respond(req, request, make_job(req, prompt, question), chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request) -> Any:
+        text = req.text()
+        return await respond(req, request, make_job(req, text, text), chat=False)
+
+    async def respond(req: ChatRequest | CompletionRequest, request: Request, job: Job, chat: bool) -> Any:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        job.on_piece = lambda text, phase: loop.call_soon_threadsafe(queue.put_nowait, (text, phase))
+        split = TextSplit(lm.family.think_end)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        try:
+            fut = asyncio.wrap_future(engine.submit(job))
+        except RuntimeError as e:
+            raise BadRequest(str(e), None, 503, "service_unavailable") from None
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(stream(job, fut, queue, split, rid, chat, include_usage),
+                                     media_type="text/event-stream")
+        watcher = asyncio.create_task(_watch_disconnect(request, job))
+        try:
+            res = await fut
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+        finally:
+            watcher.cancel()
+        reasoning, content = [], []
+        while not queue.empty():
+            r, c = split.feed(*queue.get_nowait())
+            reasoning.append(r)
+            content.append(c)
+        r, c = split.flush()
+        reasoning.append(r)
+        content.append(c)
+        return JSONResponse(final_body(res, rid, chat, "".join(reasoning), "".join(content), split))
+
+    async def stream(job: Job, fut: asyncio.Future, queue: asyncio.Queue, split: TextSplit, rid: str, chat: bool,
+                     include_usage: bool) -> AsyncIterator[bytes]:
+        done = False
+        try:
+            if chat:
+                yield _sse(_chunk(rid, model_name, created, {"role": "assistant", "content": ""}, None, chat))
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({getter, fut}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    while not queue.empty():
+                        for b in _deltas(split.feed(*queue.get_nowait()), rid, chat):
+                            yield b
+                    break
+                for b in _deltas(split.feed(*getter.result()), rid, chat):
+                    yield b
+            for b in _deltas(split.flush(), rid, chat):
+                yield b
+            res = fut.result()
+            body = final_body(res, rid, chat, "", "", split)
+            choice = body["choices"][0]
+            last = _chunk(rid, model_name, created, {} if chat else "", choice["finish_reason"], chat)
+            last["overthink"] = body["overthink"]
+            if include_usage:
+                last["usage"] = body["usage"]
+            yield _sse(last)
+            yield b"data: [DONE]\n\n"
+            done = True
+        finally:
+            if not done:  # the client went away (or the request failed): stop generating for it
+                job.cancel()
+
+    def _deltas(pair: tuple[str, str], rid: str, chat: bool) -> list[bytes]:
+        out = []
+        reasoning, content = pair
+        if chat:
+            if reasoning:
+                out.append(_sse(_chunk(rid, model_name, created, {"reasoning_content": reasoning}, None, chat)))
+            if content:
+                out.append(_sse(_chunk(rid, model_name, created, {"content": content}, None, chat)))
+        elif reasoning or content:
+            out.append(_sse(_chunk(rid, model_name, created, reasoning + content, None, chat)))
+        return out
+
+    def final_body(res: JobResult, rid: str, chat: bool, reasoning: str, content: str, split: TextSplit) -> dict:
+        tr = res.trace
+        acc = dict(tr.accounting)
+        finish = finish_reason(res)
+        halted_at = next((p for p in tr.decision_points if p.get("action") == "halt"), None)
+        ov = {"halted": bool(tr.decision["halted"]), "stop_reason": _stop_words(res), "policy": tr.decision["policy"],
+              "decision_point": None if halted_at is None else
+              {k: halted_at.get(k) for k in ("index", "kind", "label", "ordinal", "score", "threshold")},
+              "accounting": {k: int(acc.get(k, 0)) for k in ("reasoning", "forced", "answer", "probe")},
+              "trace_id": tr.id}
+        completion = ov["accounting"]["reasoning"] + ov["accounting"]["forced"] + ov["accounting"]["answer"]
+        usage = {"prompt_tokens": int(acc.get("prompt", 0)), "completion_tokens": completion,
+                 "total_tokens": int(acc.get("prompt", 0)) + completion,
+                 "completion_tokens_details": {"reasoning_tokens": ov["accounting"]["reasoning"],
+                                               "probe_tokens": ov["accounting"]["probe"]}}
+        if chat:
+            has_reasoning = split.marker is not None
+            message = {"role": "assistant", "content": content,
+                       "reasoning_content": reasoning if has_reasoning else None}
+            choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": reasoning + content, "finish_reason": finish, "logprobs": None}
+            obj = "text_completion"
+        return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice],
+                "usage": usage, "overthink": ov}
+
+    return app
+
+
+def finish_reason(res: JobResult) -> str:
+    """stop | length | halted (see the module docstring)."""
+    if res.stopped_by is not None:
+        return "stop"
+    if res.trace.decision["halted"] and not res.result.stop_reason.startswith("reasoning budget"):
+        return FINISH_HALTED
+    reason = res.result.stop_reason
+    if reason.startswith("reasoning budget") or reason.startswith("max_new_tokens"):
+        return "length"
+    return "stop"
+
+
+def _stop_words(res: JobResult) -> str:
+    if res.stopped_by is not None:
+        return f"stop string {res.stopped_by!r} reached"
+    d = res.trace.decision
+    return str(d.get("reason") or res.result.stop_reason)
+
+
+async def _watch_disconnect(request: Request, job: Job) -> None:
+    while True:
+        await asyncio.sleep(0.2)
+        if await request.is_disconnected():
+            job.cancel()
+            return
+
+
+def _chunk(rid: str, model: str, created: int, delta: dict[str, Any] | str, finish: str | None,
+           chat: bool) -> dict[str, Any]:
+    if chat:
+        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": delta, "finish_reason": finish, "logprobs": None}]}
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+__all__ = ["create_app", "TextSplit", "finish_reason", "FINISH_HALTED"]

@@ -1,0 +1,100 @@
+"""`overthink serve`: flags, model loading, the trace log, uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from monitor.cli_args import UsageError, add_model_args, err_console, load_from_args, positive_int
+
+log = logging.getLogger("overthink.serve")
+
+
+def add_serve_command(sub: Any) -> None:
+    s = sub.add_parser("serve", help="an OpenAI-compatible server whose completions are monitored and halted")
+    add_model_args(s)
+    s.add_argument("--backend", choices=["hf", "vllm"], default="hf",
+                   help="hf: transformers, batching the waiting requests (default; small models)")
+    s.add_argument("--upstream", help="proxy mode: an OpenAI-compatible server to monitor (not built yet)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=positive_int, default=8000, help="port (default 8000)")
+    s.add_argument("--served-model-name", help="the model name clients send (default: --model)")
+    s.add_argument("--policy", default="observe",
+                   help="default policy for requests that name none: observe | deer[:CONF] | "
+                        "threshold:FAMILY.KEY>=VALUE (a request's overthink.policy overrides it)")
+    s.add_argument("--halt-after", type=positive_int, help="default policy: halt after N reasoning tokens")
+    s.add_argument("--max-new-tokens", type=positive_int, default=512,
+                   help="reasoning token cap of a request that sets no max_tokens (default 512)")
+    s.add_argument("--answer-max-tokens", type=positive_int,
+                   help="answer tokens after a forced exit (default: 256 for free answers, 48 for boxed ones)")
+    s.add_argument("--max-batch", type=positive_int, default=8,
+                   help="most requests generated together by the HF backend (default 8)")
+    s.add_argument("--trace-log", help="append every request's trace to this JSON Lines file (whole lines)")
+    s.add_argument("--record", choices=["default", "full", "points", "none"], default="default",
+                   help="trace recording level (as overthink run)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from monitor.run import RunConfig
+
+    if args.upstream:
+        raise UsageError("--upstream (proxy mode) is not built yet; run overthink serve --model M in-process")
+    if args.backend == "vllm":
+        raise UsageError("overthink serve runs on the HF backend for now (--backend hf); the vLLM AsyncLLM backend "
+                         "for serve is not built yet")
+    cfg = RunConfig(policy=args.policy, halt_after=args.halt_after, max_new_tokens=args.max_new_tokens,
+                    answer_max_tokens=args.answer_max_tokens, device=args.device, dtype=args.dtype,
+                    record=args.record, answer_kind="text")
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    from monitor.run import is_bundle_spec
+
+    if is_bundle_spec(args.policy):
+        raise UsageError("a probe bundle as the server's policy is not supported yet; use observe, deer or "
+                         "threshold policies")
+    sink = None
+    if args.trace_log:
+        from monitor.io import LineSink, check_output
+        from monitor.trace import check_trace_file
+
+        check_output(args.trace_log, "--trace-log", inputs={})
+        sink = LineSink(args.trace_log, append=True, flag="--trace-log", validate=check_trace_file, live=True)
+        sink.open()  # before the model loads: a locked or broken log fails at once
+    try:
+        return _serve(args, cfg, sink)
+    finally:
+        if sink is not None:
+            sink.close()
+
+
+def _serve(args: argparse.Namespace, cfg: Any, sink: Any) -> int:
+    import uvicorn
+
+    from serve.app import create_app
+    from serve.engine import HFServeEngine
+
+    lm = load_from_args(args)
+    engine = HFServeEngine(lm, cfg, max_batch=args.max_batch, trace_sink=sink)
+    name = args.served_model_name or args.model
+    app = create_app(engine, name, cfg, default_policy=args.policy, default_halt_after=args.halt_after)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=60))
+    err_console.print(f"overthink serve: {name} on http://{args.host}:{args.port}/v1 (policy {cfg.policy}"
+                      + (f", halt-after {args.halt_after}" if args.halt_after else "")
+                      + (f"; traces appended to {args.trace_log}" if args.trace_log else "") + ")",
+                      markup=False, highlight=False, soft_wrap=True)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT/SIGTERM it handled, after its graceful shutdown
+        pass
+    finally:
+        engine.close()
+    err_console.print("overthink serve: shut down" + (f"; {args.trace_log} holds whole lines" if args.trace_log
+                                                      else ""), markup=False, highlight=False)
+    return 0
+
+
+__all__ = ["add_serve_command", "cmd_serve"]
