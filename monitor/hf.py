@@ -161,9 +161,10 @@ class MonitorStoppingCriteria(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
         last = input_ids[:, -1].tolist()  # one device-to-host copy for the whole batch
         cancelled = self.gen.cancelled
+        infos = self.gen._token_logprobs(input_ids[:, -1]) if self.gen.logprobs is not None else None
         for b, row in enumerate(self.rows):
             if row.phase != "done":
-                self.gen._ingest(row, last[b])
+                self.gen._ingest(row, last[b], None if infos is None else infos[b])
                 if b in cancelled and row.phase != "done":  # the caller gave up on this row: stop it here
                     row.pending = None
                     row.phase, row.stop_reason = "done", "cancelled by the caller"
@@ -198,10 +199,14 @@ class HFMonitoredGenerator:
         self.exit = ExitPlan.build(tokenizer, exit_cue, answer_max_tokens)
         self.exit_at_budget = exit_at_budget
         self.eos_ids = eos_ids(getattr(model.generation_config, "eos_token_id", None), tokenizer)
-        # streaming and cancellation (a server's needs; None / empty for a plain call): `on_text(row, text, phase)`
-        # gets each generated token's text as it is chosen (phase reasoning / forced / answer); a row index put
-        # in `cancelled` (from any thread) stops that row at its next token
-        self.on_text: Callable[[int, str, str], None] | None = None
+        # streaming and cancellation (a server's needs; None / empty for a plain call): `on_text(row, text, phase,
+        # info)` gets each generated token's text as it is chosen (phase reasoning / forced / answer; text may be
+        # "" while a character is incomplete); with `logprobs = k` (an int >= 0), `info` is (the token's id, its
+        # log-probability, the k most likely (id, log-probability) pairs) under the model's raw distribution,
+        # computed once per step for the whole batch; a row index put in `cancelled` (from any thread) stops that
+        # row at its next token
+        self.on_text: Callable[[int, str, str, Any], None] | None = None
+        self.logprobs: int | None = None
         self.cancelled: set[int] = set()
 
     def close(self) -> None:
@@ -242,13 +247,27 @@ class HFMonitoredGenerator:
         row.forced_queue = list(self.exit.ids)
         row.brace_depth = self.exit.brace_depth
 
-    def _ingest(self, row: RowState, tok: int) -> None:
+    def _token_logprobs(self, chosen: torch.Tensor) -> list[tuple[int, float, list[tuple[int, float]]]]:
+        """For each row: its chosen token, that token's log-probability and the top `self.logprobs` pairs, under
+        the raw distribution it was drawn from (one log-softmax and one top-k per step, one copy to the host)."""
+        lp = torch.log_softmax(self._prev_raw.float(), dim=-1)
+        ids = chosen.to(lp.device)
+        mine = lp.gather(1, ids[:, None])[:, 0].tolist()
+        k = int(self.logprobs or 0)
+        if k:
+            top = lp.topk(k, dim=-1)
+            tv, ti = top.values.tolist(), top.indices.tolist()
+        else:
+            tv = ti = [[] for _ in mine]
+        return [(t, m, list(zip(i, v))) for t, m, i, v in zip(ids.tolist(), mine, ti, tv)]
+
+    def _ingest(self, row: RowState, tok: int, info: Any = None) -> None:
         text = row.detok.push(tok)
         if tok in self.eos_ids:  # the end-of-sequence marker is not text the model wrote
-            text = ""
+            text, info = "", None
         row.generated += 1
-        if self.on_text is not None and text:
-            self.on_text(row.index, text, "forced" if row.phase == "forcing" else row.phase)
+        if self.on_text is not None and (text or info is not None):
+            self.on_text(row.index, text, "forced" if row.phase == "forcing" else row.phase, info)
         if row.phase == "reasoning":
             row.pending = (tok, text)
             if tok in self.eos_ids:  # no forward will follow for this row: observe now, without hidden

@@ -157,13 +157,17 @@ def create_app(engine: HFServeEngine, model_name: str, cfg: RunConfig, default_p
             raise BadRequest(f"the prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) + the exit cue ({n_exit}) "
                              f"+ the answer budget ({budget}) exceed the model's context of {context} tokens; "
                              "lower max_tokens", "max_tokens")
+        try:
+            logprobs = req.logprob_count
+        except ValueError as e:
+            raise BadRequest(str(e), "top_logprobs") from None
         temperature = req.temperature
         do_sample = temperature is not None and temperature > 0
         return Job(prompt=prompt, prompt_tokens=n_prompt, task=Task(kind, cue, budget),
                    policy=lambda: parse_policy(spec, halt_after), policy_name=spec if halt_after is None
                    else f"halt-after:{halt_after}", max_tokens=max_tokens, do_sample=do_sample,
                    temperature=temperature if do_sample else None, top_p=req.top_p if do_sample else None,
-                   seed=req.seed, stops=req.stop, question=question)
+                   seed=req.seed, stops=req.stop, question=question, logprobs=logprobs)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request) -> Any:
@@ -182,8 +186,8 @@ def create_app(engine: HFServeEngine, model_name: str, cfg: RunConfig, default_p
 
     async def respond(req: ChatRequest | CompletionRequest, request: Request, job: Job, chat: bool) -> Any:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
-        job.on_piece = lambda text, phase: loop.call_soon_threadsafe(queue.put_nowait, (text, phase))
+        queue: asyncio.Queue[tuple[str, str, Any]] = asyncio.Queue()
+        job.on_piece = lambda text, phase, entry: loop.call_soon_threadsafe(queue.put_nowait, (text, phase, entry))
         split = TextSplit(lm.family.think_end)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         try:
@@ -202,15 +206,21 @@ def create_app(engine: HFServeEngine, model_name: str, cfg: RunConfig, default_p
             raise
         finally:
             watcher.cancel()
-        reasoning, content = [], []
+        reasoning, content, entries = [], [], []
         while not queue.empty():
-            r, c = split.feed(*queue.get_nowait())
+            text, phase, entry = queue.get_nowait()
+            r, c = split.feed(text, phase)
             reasoning.append(r)
             content.append(c)
+            if entry is not None:
+                entries.append(entry)
         r, c = split.flush()
         reasoning.append(r)
         content.append(c)
-        return JSONResponse(final_body(res, rid, chat, "".join(reasoning), "".join(content), split))
+        body = final_body(res, rid, chat, "".join(reasoning), "".join(content), split)
+        if job.logprobs is not None:
+            body["choices"][0]["logprobs"] = _logprobs(entries, chat)
+        return JSONResponse(body)
 
     async def stream(job: Job, fut: asyncio.Future, queue: asyncio.Queue, split: TextSplit, rid: str, chat: bool,
                      include_usage: bool) -> AsyncIterator[bytes]:
@@ -224,12 +234,12 @@ def create_app(engine: HFServeEngine, model_name: str, cfg: RunConfig, default_p
                 if not getter.done():
                     getter.cancel()
                     while not queue.empty():
-                        for b in _deltas(split.feed(*queue.get_nowait()), rid, chat):
+                        for b in _deltas(split, queue.get_nowait(), rid, chat):
                             yield b
                     break
-                for b in _deltas(split.feed(*getter.result()), rid, chat):
+                for b in _deltas(split, getter.result(), rid, chat):
                     yield b
-            for b in _deltas(split.flush(), rid, chat):
+            for b in _deltas(split, None, rid, chat):
                 yield b
             res = fut.result()
             body = final_body(res, rid, chat, "", "", split)
@@ -245,16 +255,29 @@ def create_app(engine: HFServeEngine, model_name: str, cfg: RunConfig, default_p
             if not done:  # the client went away (or the request failed): stop generating for it
                 job.cancel()
 
-    def _deltas(pair: tuple[str, str], rid: str, chat: bool) -> list[bytes]:
+    def _deltas(split: TextSplit, item: tuple[str, str, Any] | None, rid: str, chat: bool) -> list[bytes]:
+        """The chunks for one generated piece (None: the held-back end); a token's log-probabilities ride on the
+        chunk of its text (a chunk with no text when the text is held back)."""
+        if item is None:
+            (reasoning, content), entry = split.flush(), None
+        else:
+            (reasoning, content), entry = split.feed(item[0], item[1]), item[2]
+        lp = None if entry is None else _logprobs([entry], chat)
         out = []
-        reasoning, content = pair
         if chat:
-            if reasoning:
-                out.append(_sse(_chunk(rid, model_name, created, {"reasoning_content": reasoning}, None, chat)))
-            if content:
-                out.append(_sse(_chunk(rid, model_name, created, {"content": content}, None, chat)))
-        elif reasoning or content:
-            out.append(_sse(_chunk(rid, model_name, created, reasoning + content, None, chat)))
+            deltas = [d for d in ({"reasoning_content": reasoning} if reasoning else None,
+                                  {"content": content} if content else None) if d]
+            if not deltas and lp is not None:
+                deltas = [{}]
+            for i, d in enumerate(deltas):
+                c = _chunk(rid, model_name, created, d, None, chat)
+                if lp is not None and i == len(deltas) - 1:
+                    c["choices"][0]["logprobs"] = lp
+                out.append(_sse(c))
+        elif reasoning or content or lp is not None:
+            c = _chunk(rid, model_name, created, reasoning + content, None, chat)
+            c["choices"][0]["logprobs"] = lp
+            out.append(_sse(c))
         return out
 
     def final_body(res: JobResult, rid: str, chat: bool, reasoning: str, content: str, split: TextSplit) -> dict:
@@ -304,6 +327,21 @@ def _stop_words(res: JobResult) -> str:
         return f"stop string {res.stopped_by!r} reached"
     d = res.trace.decision
     return str(d.get("reason") or res.result.stop_reason)
+
+
+def _logprobs(entries: list[dict[str, Any]], chat: bool) -> dict[str, Any]:
+    """Log-probability entries in OpenAI's shape: chat `{"content": [{token, logprob, bytes, top_logprobs}]}`,
+    text completions `{tokens, token_logprobs, top_logprobs, text_offset}`."""
+    if chat:
+        return {"content": [{"token": e["token"], "logprob": e["logprob"], "bytes": list(e["token"].encode()),
+                             "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())}
+                                              for t, v in e["top"]]} for e in entries]}
+    offsets, at = [], 0
+    for e in entries:
+        offsets.append(at)
+        at += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [dict(e["top"]) for e in entries], "text_offset": offsets}
 
 
 async def _watch_disconnect(request: Request, job: Job) -> None:

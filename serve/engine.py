@@ -44,7 +44,9 @@ class Job:
     top_p: float | None = None
     seed: int | None = None
     stops: list[str] | None = None
-    on_piece: Callable[[str, str], None] | None = None  # (text, phase), on the worker thread
+    logprobs: int | None = None  # None: no log-probabilities; k >= 0: each token's, with the top k
+    # (text, phase, entry), on the worker thread; entry: None, or {"token", "logprob", "top": [(token, logprob)]}
+    on_piece: Callable[[str, str, Any], None] | None = None
     question: str = ""
     id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex[:16]}")
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
@@ -65,7 +67,7 @@ class Job:
         if gen is not None and self._row >= 0:
             gen.cancelled.add(self._row)
 
-    def piece(self, text: str, phase: str) -> None:
+    def piece(self, text: str, phase: str, entry: Any = None) -> None:
         if self.stopped_by is not None or self.cancelled:
             return
         if self.stops:
@@ -81,9 +83,13 @@ class Job:
                     if self._gen is not None:
                         self._gen.cancelled.add(self._row)
                     break
-        if text and self.on_piece is not None:
+        if self.logprobs is None:
+            entry = None
+        elif entry is not None and len(entry["top"]) > self.logprobs:
+            entry = {**entry, "top": entry["top"][: self.logprobs]}
+        if (text or entry is not None) and self.on_piece is not None:
             try:
-                self.on_piece(text, phase)
+                self.on_piece(text, phase, entry)
             except Exception:  # a consumer that went away must not stop the batch
                 log.debug("streaming consumer failed", exc_info=True)
 
@@ -109,6 +115,9 @@ class HFServeEngine:
         self._running: list[Job] = []
         self._closing = False
         self._gens: dict[Task, Any] = {}
+        from monitor.vocab import TokenTable
+
+        self._texts = TokenTable.of(lm.tokenizer).texts
         self._thread = threading.Thread(target=self._loop, name="overthink-hf-engine", daemon=True)
         self._thread.start()
 
@@ -205,16 +214,28 @@ class HFServeEngine:
             j._gen, j._row = gen, i
             if j.cancelled:
                 gen.cancelled.add(i)
-        gen.on_text = lambda row, text, phase: batch[row].piece(text, phase)
+        wanted = [j.logprobs for j in batch if j.logprobs is not None]
+        gen.logprobs = max(wanted) if wanted else None
+        gen.on_text = lambda row, text, phase, info: batch[row].piece(text, phase, self._entry(info))
         try:
             results = gen.generate([j.prompt for j in batch], max_new_tokens=[j.max_tokens for j in batch],
                                    do_sample=first.do_sample, temperature=first.temperature, top_p=first.top_p,
                                    seed=first.seed)
         finally:
-            gen.on_text = None
+            gen.on_text, gen.logprobs = None, None
             for j in batch:
                 j._gen = None
         return [JobResult(r, self._trace(j, r), j.stopped_by, j.cancelled) for j, r in zip(batch, results, strict=True)]
+
+    def _entry(self, info: Any) -> dict[str, Any] | None:
+        """A token's log-probability entry with token texts (each id decoded on its own, as vLLM reports them)."""
+        if info is None:
+            return None
+        texts = self._texts
+        n = len(texts)
+        tok, lp, top = info
+        return {"token": texts[tok] if tok < n else "", "logprob": lp,
+                "top": [(texts[i] if i < n else "", v) for i, v in top]}
 
     def _trace(self, j: Job, r: SequenceResult) -> Trace:
         answer, _ = grade(r, None, j.task.kind) if j.task.kind != "text" else (None, None)

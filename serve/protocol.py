@@ -2,8 +2,9 @@
 
 Fields OpenAI clients send and we honour: `model`, `messages` / `prompt`, `max_tokens` (or
 `max_completion_tokens`), `temperature` (0 = greedy), `top_p`, `seed`, `stop`, `n` (1 only), `stream` (with
-`stream_options.include_usage`). Fields that would change the output and that we do not implement
-(penalties, `logit_bias`, tools, `response_format`, `logprobs`) are refused with a 400 that names them, never
+`stream_options.include_usage`), and `logprobs` / `top_logprobs` (chat; an int for text completions), answered
+in OpenAI's shapes under the model's raw distribution. Fields that would change the output and that we do not
+implement (penalties, `logit_bias`, tools, `response_format`) are refused with a 400 that names them, never
 ignored. Informational fields (`user`, `metadata`, ...) are ignored.
 
 The `overthink` object (`extra_body={"overthink": {...}}` in OpenAI clients) mirrors `overthink run`'s flags:
@@ -20,8 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 ROLES = ("system", "developer", "user", "assistant", "tool")
 _REFUSED = {  # field -> why it is refused (a value other than its neutral one)
     "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None, "tools": None, "tool_choice": None,
-    "response_format": None, "functions": None, "logprobs": None, "top_logprobs": None, "best_of": None,
-    "suffix": None,
+    "response_format": None, "functions": None, "best_of": None, "suffix": None,
 }
 
 
@@ -117,6 +117,15 @@ class _Common(BaseModel):
 
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool = Field(default=False, strict=True)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @property
+    def logprob_count(self) -> int | None:
+        """None: no log-probabilities; k: each token's with the top k."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @model_validator(mode="after")
     def _texts(self) -> ChatRequest:
@@ -136,6 +145,11 @@ class ChatRequest(_Common):
 class CompletionRequest(_Common):
     prompt: str | list[str]
     echo: Literal[False] = False
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @property
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod

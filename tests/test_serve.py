@@ -236,9 +236,42 @@ def test_not_json_and_unknown_model(server):
                                                 extra_body={"overthink": {"policy": "thresh"}})
 
 
+def test_logprobs_in_the_openai_shapes(server):
+    client = _client(server)
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, logprobs=True, top_logprobs=3,
+                                       extra_body={"overthink": {"halt_after": 6, "answer_max_tokens": 4}})
+    content = r.choices[0].logprobs.content
+    acc = r.model_extra["overthink"]["accounting"]
+    assert acc["reasoning"] + acc["forced"] <= len(content) <= r.usage.completion_tokens
+    for e in content[: acc["reasoning"]]:  # greedy reasoning tokens are the most likely ones
+        assert len(e.top_logprobs) == 3 and e.logprob <= 0
+        assert e.logprob == pytest.approx(e.top_logprobs[0].logprob)
+        assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True)
+    parts = list(client.completions.create(model=MODEL, prompt="Question: 1+1?\nAnswer:", max_tokens=6, logprobs=2,
+                                           stream=True))
+    got = [p.choices[0].logprobs for p in parts if p.choices[0].logprobs is not None]
+    assert sum(len(g.tokens) for g in got) >= 6 and all(len(t) <= 2 for g in got for t in g.top_logprobs)
+    bad = httpx.post(server["base"] + "/v1/chat/completions", timeout=30,
+                     json={"model": MODEL, "messages": MESSAGES, "top_logprobs": 2})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_logprobs"
+
+
+def test_a_stop_string_ends_the_completion_before_it(server):
+    client = _client(server)
+    first = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=24)
+    reasoning = first.choices[0].message.model_extra["reasoning_content"]
+    stop = reasoning[12:15]
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=24, stop=[stop])
+    ov = r.model_extra["overthink"]
+    got = r.choices[0].message.model_extra["reasoning_content"]
+    assert r.choices[0].finish_reason == "stop" and "stop string" in ov["stop_reason"]
+    assert stop not in got and reasoning.startswith(got) and len(got) < len(reasoning)
+
+
+
 def test_sigterm_finishes_and_the_log_holds_whole_lines(server):
     proc = server["proc"]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
     n = check_trace_file(server["log"])
-    assert n == len(Path(server["log"]).read_text().splitlines()) >= 35
+    assert n == len(Path(server["log"]).read_text().splitlines()) >= 38
