@@ -87,12 +87,13 @@ class TextSplit:
         return r, self._content(c) if c else ""
 
 
-def create_app(engine: HFServeEngine, model_name: str, cfg: RunConfig, default_policy: str = "observe",
-               default_halt_after: int | None = None) -> FastAPI:
-    """The app serving `engine`'s model as `model_name`; requests without an `overthink.policy` use the
-    server's `default_policy` / `default_halt_after`."""
+def create_app(engine: HFServeEngine | Any, model_name: str, cfg: RunConfig, default_policy: str = "observe",
+               default_halt_after: int | None = None, known_keys: list[str] | None = None) -> FastAPI:
+    """The app serving `engine`'s model (`HFServeEngine`, or `serve.proxy.ProxyEngine` in front of an upstream)
+    as `model_name`; requests without an `overthink.policy` use the server's `default_policy` /
+    `default_halt_after`; a threshold policy may name the signal keys `known_keys` (default: every family's)."""
     lm = engine.lm
-    known = cfg.signal_keys()
+    known = known_keys if known_keys is not None else cfg.signal_keys()
     created = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -167,7 +168,8 @@ def create_app(engine: HFServeEngine, model_name: str, cfg: RunConfig, default_p
                    policy=lambda: parse_policy(spec, halt_after), policy_name=spec if halt_after is None
                    else f"halt-after:{halt_after}", max_tokens=max_tokens, do_sample=do_sample,
                    temperature=temperature if do_sample else None, top_p=req.top_p if do_sample else None,
-                   seed=req.seed, stops=req.stop, question=question, logprobs=logprobs)
+                   seed=req.seed, stops=req.stop, question=question, logprobs=logprobs,
+                   ids_as_tokens=req.return_tokens_as_token_ids)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request) -> Any:
@@ -188,7 +190,7 @@ def create_app(engine: HFServeEngine, model_name: str, cfg: RunConfig, default_p
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, str, Any]] = asyncio.Queue()
         job.on_piece = lambda text, phase, entry: loop.call_soon_threadsafe(queue.put_nowait, (text, phase, entry))
-        split = TextSplit(lm.family.think_end)
+        split = TextSplit(lm.family.think_end if chat else None)  # text completions: the raw text
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         try:
             fut = asyncio.wrap_future(engine.submit(job))
@@ -204,6 +206,8 @@ def create_app(engine: HFServeEngine, model_name: str, cfg: RunConfig, default_p
         except asyncio.CancelledError:
             job.cancel()
             raise
+        except Exception as e:  # the generation failed (the model, or the upstream in proxy mode)
+            raise BadRequest(f"generation failed: {e}", None, 502, "server_error") from None
         finally:
             watcher.cancel()
         reasoning, content, entries = [], [], []
@@ -241,7 +245,13 @@ def create_app(engine: HFServeEngine, model_name: str, cfg: RunConfig, default_p
                     yield b
             for b in _deltas(split, None, rid, chat):
                 yield b
-            res = fut.result()
+            try:
+                res = fut.result()
+            except Exception as e:  # the generation failed mid-stream: say so in the stream, then end it
+                yield _sse(error_body(f"generation failed: {e}", None, "server_error"))
+                yield b"data: [DONE]\n\n"
+                done = True
+                return
             body = final_body(res, rid, chat, "", "", split)
             choice = body["choices"][0]
             last = _chunk(rid, model_name, created, {} if chat else "", choice["finish_reason"], chat)

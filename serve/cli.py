@@ -16,7 +16,12 @@ def add_serve_command(sub: Any) -> None:
     add_model_args(s)
     s.add_argument("--backend", choices=["hf", "vllm"], default="hf",
                    help="hf: transformers, batching the waiting requests (default; small models)")
-    s.add_argument("--upstream", help="proxy mode: an OpenAI-compatible server to monitor (not built yet)")
+    s.add_argument("--upstream", help="proxy mode: the URL of an OpenAI-compatible server that returns top "
+                                      "logprobs (vllm serve, SGLang, overthink serve); --model then only gives "
+                                      "the tokenizer and chat template")
+    s.add_argument("--upstream-model", help="proxy mode: the model name the upstream serves (default: its first)")
+    s.add_argument("--upstream-logprobs", type=positive_int, default=20,
+                   help="proxy mode: top-k logprobs asked of the upstream per token (default 20)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=positive_int, default=8000, help="port (default 8000)")
     s.add_argument("--served-model-name", help="the model name clients send (default: --model)")
@@ -38,9 +43,7 @@ def add_serve_command(sub: Any) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from monitor.run import RunConfig
 
-    if args.upstream:
-        raise UsageError("--upstream (proxy mode) is not built yet; run overthink serve --model M in-process")
-    if args.backend == "vllm":
+    if args.backend == "vllm" and not args.upstream:
         raise UsageError("overthink serve runs on the HF backend for now (--backend hf); the vLLM AsyncLLM backend "
                          "for serve is not built yet")
     cfg = RunConfig(policy=args.policy, halt_after=args.halt_after, max_new_tokens=args.max_new_tokens,
@@ -48,8 +51,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     record=args.record, answer_kind="text")
     try:
         cfg.validate()
+        if args.upstream:
+            from monitor.decision import parse_policy
+
+            parse_policy(args.policy, args.halt_after, known_keys=proxy_keys())
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        raise UsageError(str(e) + (" (proxy mode has the logprob families only: path_deviation, jsd_instability; "
+                                   "hidden-state signals and probes need the in-process mode, without --upstream)"
+                                   if args.upstream else "")) from None
     from monitor.run import is_bundle_spec
 
     if is_bundle_spec(args.policy):
@@ -70,19 +79,52 @@ def cmd_serve(args: argparse.Namespace) -> int:
             sink.close()
 
 
+def proxy_keys() -> list[str]:
+    """The signal keys a proxy has (the logprob families)."""
+    from monitor.signals.catalog import signal_catalog
+    from serve.proxy import PROXY_FAMILIES
+
+    return [f"{fam}.{k}" for fam, keys in signal_catalog().items() if fam in PROXY_FAMILIES for k in keys]
+
+
+def _upstream_model(url: str) -> str:
+    import httpx
+
+    base = url.rstrip("/") + ("" if url.rstrip("/").endswith("/v1") else "/v1")
+    try:
+        r = httpx.get(f"{base}/models", timeout=30)
+        r.raise_for_status()
+        return str(r.json()["data"][0]["id"])
+    except Exception as e:
+        raise UsageError(f"cannot list the upstream's models at {base}/models ({type(e).__name__}: {e}); check "
+                         "--upstream, or name the model with --upstream-model") from None
+
+
 def _serve(args: argparse.Namespace, cfg: Any, sink: Any) -> int:
     import uvicorn
 
     from serve.app import create_app
     from serve.engine import HFServeEngine
 
-    lm = load_from_args(args)
-    engine = HFServeEngine(lm, cfg, max_batch=args.max_batch, trace_sink=sink)
+    known = None
+    if args.upstream:
+        from serve.proxy import ProxyEngine
+
+        upstream_model = args.upstream_model or _upstream_model(args.upstream)
+        lm = load_from_args(args, weights=False)  # the tokenizer and the chat template; no weights
+        engine: Any = ProxyEngine(lm, cfg, args.upstream, upstream_model, top_k=args.upstream_logprobs,
+                                  trace_sink=sink)
+        known = proxy_keys()
+    else:
+        lm = load_from_args(args)
+        engine = HFServeEngine(lm, cfg, max_batch=args.max_batch, trace_sink=sink)
     name = args.served_model_name or args.model
-    app = create_app(engine, name, cfg, default_policy=args.policy, default_halt_after=args.halt_after)
+    app = create_app(engine, name, cfg, default_policy=args.policy, default_halt_after=args.halt_after,
+                     known_keys=known)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            timeout_graceful_shutdown=60))
-    err_console.print(f"overthink serve: {name} on http://{args.host}:{args.port}/v1 (policy {cfg.policy}"
+    mode = f" in front of {args.upstream}" if args.upstream else ""
+    err_console.print(f"overthink serve: {name}{mode} on http://{args.host}:{args.port}/v1 (policy {cfg.policy}"
                       + (f", halt-after {args.halt_after}" if args.halt_after else "")
                       + (f"; traces appended to {args.trace_log}" if args.trace_log else "") + ")",
                       markup=False, highlight=False, soft_wrap=True)

@@ -45,6 +45,7 @@ class Job:
     seed: int | None = None
     stops: list[str] | None = None
     logprobs: int | None = None  # None: no log-probabilities; k >= 0: each token's, with the top k
+    ids_as_tokens: bool = False  # log-probability tokens as "token_id:N" (vLLM's return_tokens_as_token_ids)
     # (text, phase, entry), on the worker thread; entry: None, or {"token", "logprob", "top": [(token, logprob)]}
     on_piece: Callable[[str, str, Any], None] | None = None
     question: str = ""
@@ -216,7 +217,8 @@ class HFServeEngine:
                 gen.cancelled.add(i)
         wanted = [j.logprobs for j in batch if j.logprobs is not None]
         gen.logprobs = max(wanted) if wanted else None
-        gen.on_text = lambda row, text, phase, info: batch[row].piece(text, phase, self._entry(info))
+        gen.on_text = lambda row, text, phase, info: batch[row].piece(text, phase,
+                                                                      self._entry(info, batch[row].ids_as_tokens))
         try:
             results = gen.generate([j.prompt for j in batch], max_new_tokens=[j.max_tokens for j in batch],
                                    do_sample=first.do_sample, temperature=first.temperature, top_p=first.top_p,
@@ -225,31 +227,21 @@ class HFServeEngine:
             gen.on_text, gen.logprobs = None, None
             for j in batch:
                 j._gen = None
-        return [JobResult(r, self._trace(j, r), j.stopped_by, j.cancelled) for j, r in zip(batch, results, strict=True)]
+        return [JobResult(r, build_trace(self.lm, j, r, self.layers), j.stopped_by, j.cancelled) for j, r in zip(batch, results, strict=True)]
 
-    def _entry(self, info: Any) -> dict[str, Any] | None:
-        """A token's log-probability entry with token texts (each id decoded on its own, as vLLM reports them)."""
+    def _entry(self, info: Any, ids_as_tokens: bool = False) -> dict[str, Any] | None:
+        """A token's log-probability entry with token texts (each id decoded on its own, as vLLM reports them),
+        or "token_id:N" strings when the request asked for ids."""
         if info is None:
             return None
         texts = self._texts
         n = len(texts)
-        tok, lp, top = info
-        return {"token": texts[tok] if tok < n else "", "logprob": lp,
-                "top": [(texts[i] if i < n else "", v) for i, v in top]}
 
-    def _trace(self, j: Job, r: SequenceResult) -> Trace:
-        answer, _ = grade(r, None, j.task.kind) if j.task.kind != "text" else (None, None)
-        cfg = RunConfig(policy=j.policy_name, do_sample=j.do_sample, temperature=j.temperature, seed=j.seed or 0)
-        meta = {"request_id": j.id, "server": "overthink serve", "sampling": {**sampling_used(cfg), "top_p": j.top_p,
-                                                                              "seed": j.seed},
-                "max_tokens": j.max_tokens, "layers": self.layers, "model_fingerprint": self.lm.fingerprint,
-                "stop_reason": r.stop_reason, "answer_kind": j.task.kind, "exit_cue": j.task.exit_cue,
-                "answer_max_tokens": j.task.answer_max_tokens, "reasoning_format": self.lm.family.name,
-                "stop_string": j.stopped_by, "cancelled": j.cancelled}
-        return r.monitor.to_trace(
-            trace_id=j.id, model=self.lm.name, backend="hf", question=j.question, prompt=r.prompt,
-            prompt_tokens=r.prompt_tokens, answer_text=r.answer_text, answer=answer,
-            reason=None if r.monitor.decision else r.stop_reason, meta=meta)
+        def name(i: int) -> str:
+            return f"token_id:{i}" if ids_as_tokens else texts[i] if i < n else ""
+
+        tok, lp, top = info
+        return {"token": name(tok), "logprob": lp, "top": [(name(i), v) for i, v in top]}
 
     def _write(self, results: list[JobResult]) -> None:
         if self.trace_sink is None:
@@ -260,4 +252,22 @@ class HFServeEngine:
             log.exception("could not append %d trace(s) to the trace log", len(results))
 
 
-__all__ = ["HFServeEngine", "Job", "JobResult"]
+def build_trace(lm: LoadedModel, j: Job, r: SequenceResult, layers: list[int], backend: str = "hf",
+                extra: dict[str, Any] | None = None) -> Trace:
+    """A served request's trace: the monitor's record plus what the request asked for (sampling, budgets, the
+    policy, a stop string, whether the client went away)."""
+    answer, _ = grade(r, None, j.task.kind) if j.task.kind != "text" else (None, None)
+    cfg = RunConfig(policy=j.policy_name, do_sample=j.do_sample, temperature=j.temperature, seed=j.seed or 0)
+    meta = {"request_id": j.id, "server": "overthink serve", "sampling": {**sampling_used(cfg), "top_p": j.top_p,
+                                                                          "seed": j.seed},
+            "max_tokens": j.max_tokens, "layers": layers, "model_fingerprint": lm.fingerprint,
+            "stop_reason": r.stop_reason, "answer_kind": j.task.kind, "exit_cue": j.task.exit_cue,
+            "answer_max_tokens": j.task.answer_max_tokens, "reasoning_format": lm.family.name,
+            "stop_string": j.stopped_by, "cancelled": j.cancelled, **(extra or {})}
+    return r.monitor.to_trace(
+        trace_id=j.id, model=lm.name, backend=backend, question=j.question, prompt=r.prompt,
+        prompt_tokens=r.prompt_tokens, answer_text=r.answer_text, answer=answer,
+        reason=None if r.monitor.decision else r.stop_reason, meta=meta)
+
+
+__all__ = ["HFServeEngine", "Job", "JobResult", "build_trace"]

@@ -83,6 +83,7 @@ class _Common(BaseModel):
     n: int = 1
     stream: bool = Field(default=False, strict=True)
     stream_options: StreamOptions | None = None
+    return_tokens_as_token_ids: bool = False  # vLLM's flag: log-probability tokens as "token_id:N"
     overthink: OverthinkOptions | None = None
 
     @field_validator("n")

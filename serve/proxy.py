@@ -1,0 +1,260 @@
+"""ProxyEngine: `overthink serve --upstream URL`, the same API in front of a server the user already runs.
+
+Each request is streamed from the upstream's `/v1/completions` (the chat prompt rendered here with the model's
+own template, from the local tokenizer) with top-k `logprobs`, asking for token ids
+(`return_tokens_as_token_ids`, which vLLM and `overthink serve` honour; other servers' token strings are mapped
+to ids with the local tokenizer). Every reasoning token goes to a `Monitor` with the logprob signal families
+(path deviation, JSD instability) and the cue detector; hidden-state families and probes need the model's
+hidden states, which only the in-process mode has.
+
+To halt, the proxy closes the upstream stream (the upstream aborts that request) and continues with ONE
+completion request whose prompt is the prompt + the reasoning so far + the exit cue; the upstream's prefix cache
+makes that cheap. A trial a policy asks for (DEER) is a side request made the same way. The exit cue's tokens
+are recorded as forced, the continuation's as the answer; the trace and the response are those of the
+in-process server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from monitor.cues import CueDetector
+from monitor.decision import TRIAL, TrialOutcome, TrialRequest
+from monitor.events import TokenStep
+from monitor.models import LoadedModel
+from monitor.monitor import Monitor
+from monitor.run import RunConfig
+from monitor.sequence import SequenceResult, advance_answer, brace_delta, exit_brace_depth
+from monitor.signals import JSDInstability, PathDeviation
+from monitor.vocab import TokenTable
+from serve.engine import Job, JobResult, build_trace
+
+log = logging.getLogger("overthink.serve")
+
+PROXY_FAMILIES = ("path_deviation", "jsd_instability")  # what a token stream with top-k logprobs carries
+
+
+class UpstreamError(RuntimeError):
+    """The upstream server failed or answered something we cannot use."""
+
+
+@dataclass
+class _Answer:
+    phase: str = "answer"
+    answer_tokens: int = 0
+    brace_depth: int | None = None
+
+
+class ProxyEngine:
+    """Runs each request as a monitored stream from an OpenAI-compatible upstream (see the module docstring)."""
+
+    def __init__(self, lm: LoadedModel, cfg: RunConfig, upstream: str, upstream_model: str, top_k: int = 20,
+                 trace_sink: Any = None, timeout: float = 600.0) -> None:
+        self.lm, self.cfg = lm, cfg
+        self.url = upstream.rstrip("/")
+        if not self.url.endswith("/v1"):
+            self.url += "/v1"
+        self.upstream_model, self.top_k = upstream_model, top_k
+        self.trace_sink = trace_sink
+        self.layers: list[int] = []
+        self.texts = TokenTable.of(lm.tokenizer).texts
+        self._timeout = timeout
+        self._http: httpx.AsyncClient | None = None
+        self._running = 0
+
+    # ------------------------------------------------------------------ the server's side (as HFServeEngine)
+    def submit(self, job: Job) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        task = asyncio.get_running_loop().create_task(self._run(job, fut))
+        job._gen = task  # kept alive while it runs
+        return fut
+
+    def counts(self) -> dict[str, int]:
+        return {"waiting": 0, "running": self._running}
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Drop the upstream connections (requests in flight were finished by the server's graceful shutdown)."""
+        self._http = None
+
+    # ------------------------------------------------------------------ one request
+    async def _run(self, job: Job, fut: concurrent.futures.Future) -> None:
+        self._running += 1
+        try:
+            res = await self._proxy(job)
+        except Exception as e:
+            log.warning("proxied request %s failed: %s", job.id, e)
+            fut.set_exception(e)
+        else:
+            if self.trace_sink is not None:
+                from monitor.trace import trace_line
+
+                try:
+                    self.trace_sink.write_lines([trace_line(res.trace)])
+                except Exception:
+                    log.exception("could not append the trace of %s to the trace log", job.id)
+            fut.set_result(res)
+        finally:
+            self._running -= 1
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=self._timeout)
+        return self._http
+
+    def _body(self, job: Job, prompt: str, max_tokens: int, stream: bool = True) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.upstream_model, "prompt": prompt, "max_tokens": max_tokens,
+                                "stream": stream, "logprobs": self.top_k, "return_tokens_as_token_ids": True,
+                                "temperature": job.temperature if job.do_sample else 0.0}
+        if job.do_sample and job.top_p is not None:
+            body["top_p"] = job.top_p
+        if job.seed is not None:
+            body["seed"] = job.seed
+        return body
+
+    def _id(self, token: str) -> int:
+        if token.startswith("token_id:"):
+            try:
+                return int(token[9:])
+            except ValueError:
+                pass
+        ids = self.lm.tokenizer.encode(token, add_special_tokens=False)
+        return ids[0] if ids else 0
+
+    def _text(self, token: str, tid: int) -> str:
+        if token.startswith("token_id:"):
+            return self.texts[tid] if 0 <= tid < len(self.texts) else ""
+        return token
+
+    async def _tokens(self, body: dict[str, Any]):
+        """The upstream's streamed tokens: (id, text, chosen logprob, {id: logprob} top-k, finish_reason)."""
+        async with self._client().stream("POST", f"{self.url}/completions", json=body) as resp:
+            if resp.status_code != 200:
+                detail = (await resp.aread()).decode(errors="replace")[:300]
+                raise UpstreamError(f"the upstream {self.url} answered {resp.status_code}: {detail}")
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    return
+                obj = json.loads(data)
+                if "error" in obj:
+                    raise UpstreamError(f"the upstream {self.url} failed: {obj['error']}")
+                choice = (obj.get("choices") or [{}])[0]
+                lp = choice.get("logprobs") or {}
+                toks = lp.get("tokens") or []
+                if not toks and choice.get("text"):
+                    raise UpstreamError(f"the upstream {self.url} returned text without logprobs; the proxy needs "
+                                        "a server that returns top logprobs (vLLM, SGLang, overthink serve)")
+                tops = lp.get("top_logprobs") or [{}] * len(toks)
+                chosen = lp.get("token_logprobs") or [None] * len(toks)
+                for i, tok in enumerate(toks):
+                    tid = self._id(tok)
+                    top = {self._id(k): float(v) for k, v in (tops[i] or {}).items()}
+                    last = i == len(toks) - 1
+                    yield tid, self._text(tok, tid), chosen[i], top, choice.get("finish_reason") if last else None
+
+    def _entry(self, tid: int, text: str, lp: float | None, top: dict[int, float], k: int | None) -> Any:
+        if k is None or lp is None:
+            return None
+        pairs = sorted(top.items(), key=lambda x: -x[1])[:k]
+        return {"token": text, "logprob": lp, "top": [(self.texts[i] if 0 <= i < len(self.texts) else "", v)
+                                                      for i, v in pairs]}
+
+    async def _proxy(self, job: Job) -> JobResult:
+        cfg = self.cfg
+        mon = Monitor(signals=[PathDeviation(), JSDInstability()], policy=job.policy(),
+                      cues=CueDetector(cfg.cue_words, min_step_tokens=cfg.min_step_tokens,
+                                       think_end=self.lm.family.think_end), record=cfg.record)
+        prefix: list[str] = []
+        stop_reason, forced, answering = "", False, False
+        async for tid, text, lp, top, finish in self._tokens(self._body(job, job.prompt, job.max_tokens)):
+            entry = self._entry(tid, text, lp, top, job.logprobs)
+            if answering:  # the model closed its reasoning itself: its answer follows in the same stream
+                mon.record_token(tid, text, "answer", lp)
+                job.piece(text, "answer", entry)
+            else:
+                d = mon.observe(TokenStep(mon.n_tokens, tid, text, logprobs=top or None))
+                prefix.append(text)
+                job.piece(text, "reasoning", entry)
+                if d.action == TRIAL and d.trial is not None:
+                    d = mon.trial_result(await self._trial(job, "".join(prefix), d.trial))
+                if d.halt:
+                    forced = True
+                    break
+                if mon.reasoning_ended:
+                    answering, stop_reason = True, "model ended its reasoning"
+                elif mon.reasoning_tokens >= job.max_tokens:
+                    forced = True
+                    stop_reason = f"reasoning budget of {job.max_tokens} tokens exhausted: exit cue forced"
+                    break
+            if job.cancelled or job.stopped_by is not None:
+                stop_reason = stop_reason or ("cancelled by the caller" if job.cancelled else "stop string")
+                break
+            if finish is not None and not answering:
+                stop_reason = "end of sequence" if finish == "stop" else f"upstream finished: {finish}"
+        if forced and not (job.cancelled or job.stopped_by is not None):
+            await self._exit(job, mon, "".join(prefix))
+        mon.finish()
+        if mon.decision is not None:
+            stop_reason = ""
+        result = SequenceResult.finish(mon, job.prompt, job.prompt_tokens, stop_reason)
+        return JobResult(result, build_trace(self.lm, job, result, self.layers, backend="proxy",
+                                             extra={"upstream": self.url, "upstream_model": self.upstream_model}),
+                         job.stopped_by, job.cancelled)
+
+    async def _exit(self, job: Job, mon: Monitor, reasoning: str) -> None:
+        """Force the exit cue and stream the answer from one continuation request."""
+        cue = job.task.exit_cue
+        for tid in self.lm.tokenizer.encode(cue, add_special_tokens=False):
+            text = self.texts[tid] if tid < len(self.texts) else ""
+            mon.record_token(tid, text, "forced")
+            job.piece(text, "forced", None)
+        ans = _Answer(brace_depth=exit_brace_depth(cue))
+        body = self._body(job, job.prompt + reasoning + cue, job.task.answer_max_tokens)
+        async for tid, text, lp, top, _finish in self._tokens(body):
+            mon.record_token(tid, text, "answer", lp)
+            job.piece(text, "answer", self._entry(tid, text, lp, top, job.logprobs))
+            advance_answer(ans, False, text, job.task.answer_max_tokens)
+            if ans.phase == "done" or job.cancelled or job.stopped_by is not None:
+                break
+
+    async def _trial(self, job: Job, reasoning: str, req: TrialRequest) -> TrialOutcome:
+        """A trial answer as a side request: greedy, until the brace its prompt opened closes."""
+        body = self._body(job, job.prompt + reasoning + req.prompt, req.max_tokens, stream=False)
+        body["temperature"], body["logprobs"] = 0.0, 1
+        r = await self._client().post(f"{self.url}/completions", json=body)
+        if r.status_code != 200:
+            raise UpstreamError(f"the upstream {self.url} answered {r.status_code} to a trial: {r.text[:300]}")
+        choice = r.json()["choices"][0]
+        lp = choice.get("logprobs") or {}
+        depth, probs, n = brace_delta(req.prompt), [], 0
+        for t, v in zip(lp.get("tokens") or [], lp.get("token_logprobs") or []):
+            n += 1
+            text = self._text(t, self._id(t))
+            depth += brace_delta(text)
+            if depth <= 0 and brace_delta(req.prompt) > 0:
+                if text.split("}")[0].strip() and v is not None:
+                    probs.append(math.exp(v))
+                break
+            if v is not None:
+                probs.append(math.exp(v))
+        if not probs:
+            conf = 0.0
+        elif req.mean == "geometric":
+            conf = math.exp(sum(math.log(max(p, 1e-30)) for p in probs) / len(probs))
+        else:
+            conf = sum(probs) / len(probs)
+        n_prompt = len(self.lm.tokenizer.encode(req.prompt, add_special_tokens=False))
+        return TrialOutcome(conf, n_prompt + n, choice.get("text") or "")
+
+
+__all__ = ["ProxyEngine", "PROXY_FAMILIES", "UpstreamError"]
