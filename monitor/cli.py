@@ -150,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     mb.add_argument("--device", default="cpu", help="where the synthetic distributions and hidden states live, as a "
                     "model's would (cpu, cuda, cuda:N; default cpu); the monitor's ops run there")
     mb.add_argument("--json", action="store_true")
+    sv = bsub.add_parser("serve", help="concurrent streaming clients against OpenAI-compatible servers you started "
+                                       "(plain vllm serve, overthink serve --upstream, overthink serve)")
+    sv.add_argument("--target", action="append", required=True, type=_target_arg,
+                    help="NAME=URL@MODEL, repeatable, e.g. plain=http://127.0.0.1:8000/v1@Qwen/Qwen3-8B (a target "
+                         "named 'plain' gets no overthink fields)")
+    sv.add_argument("--clients", type=positive_int, default=8, help="concurrent streaming clients (default 8)")
+    sv.add_argument("--requests", type=positive_int, default=32, help="requests per target (default 32)")
+    sv.add_argument("--max-tokens", type=positive_int, default=64, help="max_tokens per request (default 64)")
+    sv.add_argument("--json", action="store_true")
 
     d = sub.add_parser("diagnose", help="HTML report (or terminal summary) of one trace or a batch of traces")
     d.add_argument("traces", help="trace file (JSON Lines) written by `overthink run --trace`")
@@ -331,11 +340,22 @@ def _print_summary(s: dict[str, Any]) -> None:
     console.print(table)
 
 
+def _target_arg(text: str) -> tuple[str, str, str]:
+    name, eq, rest = text.partition("=")
+    url, at, model = rest.rpartition("@")
+    if not (name and eq and url and at and model) or not url.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"expected NAME=URL@MODEL (e.g. plain=http://127.0.0.1:8000/v1@my-model), "
+                                         f"got {text!r}")
+    return name, url, model
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from monitor.bench import bench_overhead
 
     if args.bench == "monitor":
         return _bench_monitor(args)
+    if args.bench == "serve":
+        return _bench_serve(args)
 
     check_bounds_from_args(args, args.new_tokens, 48, getattr(args, "batch_size", None) or args.requests,
                            memory=args.bench == "overhead")
@@ -410,6 +430,24 @@ def _bench_vllm(args: argparse.Namespace, lm: Any) -> int:
                   f"{res.logprob_ratio:.4f}")
     table.add_row(f"monitored, 4 families + hidden tap (layers {res.layers})",
                   f"{res.hidden_monitored_tokens_per_s:.2f}", f"{res.hidden_ratio:.4f}")
+    console.print(table)
+    return 0
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from serve.bench import bench_serve
+
+    with err_console.status("benchmarking the servers, one after the other ..."):
+        res = bench_serve(args.target, clients=args.clients, requests=args.requests, max_tokens=args.max_tokens)
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=2))
+        return 0
+    table = Table(title=f"{args.clients} streaming clients x {args.requests} requests, max_tokens {args.max_tokens}")
+    for col in ("target", "requests/s", "tokens/s", "TTFT median s", "TTFT p90 s", "errors"):
+        table.add_column(col, justify="left" if col == "target" else "right")
+    for r in res.rows:
+        table.add_row(f"{r.name} ({r.url})", f"{r.requests_per_s:.3f}", f"{r.tokens_per_s:.1f}",
+                      f"{r.ttft_median_s:.3f}", f"{r.ttft_p90_s:.3f}", str(r.errors))
     console.print(table)
     return 0
 
