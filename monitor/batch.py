@@ -63,43 +63,87 @@ class MonitorBatch:
         1.0
     """
 
-    def __init__(self, monitors: Sequence[Monitor], table: TokenTable | None = None) -> None:
-        self.monitors = list(monitors)
+    def __init__(self, monitors: Sequence[Monitor] = (), table: TokenTable | None = None) -> None:
+        self.monitors: list[Monitor] = []
         self.table = table
         self.shared: list[Any] = []
-        n = len(self.monitors)
+        self._by_name: dict[str, Any] = {}
+        self._free: list[int] = []  # slots detached monitors left (reused by `attach`)
         # per slot: the detector must see the next token; tokens skipped since it last did (and what they did)
-        self._armed = np.zeros(n, dtype=bool)
-        self._gap = np.zeros(n, dtype=bool)
-        self._gap_word = np.zeros(n, dtype=bool)
-        self._gap_para = np.zeros(n, dtype=bool)
+        self._armed = np.zeros(0, dtype=bool)
+        self._gap = np.zeros(0, dtype=bool)
+        self._gap_word = np.zeros(0, dtype=bool)
+        self._gap_para = np.zeros(0, dtype=bool)
         # per slot: the tokens held for its monitor (ids, logprobs, value rows, texts; `_flush` hands them over)
-        self._pn = np.zeros(n, dtype=np.int64)
-        self._pid = np.zeros((n, _HELD), dtype=np.int64)
-        self._plp = np.zeros((n, _HELD), dtype=np.float64)
-        self._pval = np.zeros((n, _HELD, 0), dtype=np.float64)
+        self._pn = np.zeros(0, dtype=np.int64)
+        self._pid = np.zeros((0, _HELD), dtype=np.int64)
+        self._plp = np.zeros((0, _HELD), dtype=np.float64)
+        self._pval = np.zeros((0, _HELD, 0), dtype=np.float64)
         self._pkeys: tuple[str, ...] = ()
-        self._ptxt: list[list[str]] = [[] for _ in range(n)]
-        names: dict[str, Any] = {}
-        for slot, mon in enumerate(self.monitors):
-            mon.slot = slot
-            mon._deferred = self
-            for i, sig in enumerate(mon.signals):
-                if not is_batch_first(sig):
-                    continue
-                first = names.setdefault(sig.name, sig)
-                if first is not sig:
-                    mon.signals[i] = first  # one instance per family; each monitor is a slot of it
-            mon._on_reset = self._slot_reset(slot)
-            mon.reset()
-        self.shared = list(names.values())
+        self._ptxt: list[list[str]] = []
         self._off: set[str] = set()  # shared signals switched off (they raised in update_batch)
-        self._gate = self._cue_gate()
+        self._gate: tuple[np.ndarray, ...] | None = None
+        self._gate_conf: Any = None
         self._transition_key: Any = None
-        for sig in self.shared:
-            if table is not None and callable(getattr(sig, "transition_table", None)):
-                self._transition_key = (sig.name, "transition", tuple(sorted(getattr(sig, "lexicon", ()) or ())))
-                self._transition_sig = sig
+        self._transition_sig: Any = None
+        for mon in monitors:
+            self.attach(mon)
+
+    def attach(self, monitor: Monitor) -> int:
+        """Add a sequence's monitor (a server adds each request as it arrives); returns its slot: one a detached
+        monitor left, else a new one. Its batch-first signals are replaced by the batch's instance of each family,
+        and it starts a fresh trace (`reset`)."""
+        slot = self._free.pop() if self._free else len(self.monitors)
+        if slot == len(self.monitors):
+            self.monitors.append(monitor)
+            self._grow(slot + 1)
+        else:
+            self.monitors[slot] = monitor
+        monitor.slot = slot
+        monitor._deferred = self
+        for i, sig in enumerate(monitor.signals):
+            if not is_batch_first(sig):
+                continue
+            first = self._by_name.setdefault(sig.name, sig)
+            if first is sig:
+                self.shared.append(sig)
+                if self.table is not None and callable(getattr(sig, "transition_table", None)):
+                    self._transition_key = (sig.name, "transition", tuple(sorted(getattr(sig, "lexicon", ()) or ())))
+                    self._transition_sig = sig
+            else:
+                monitor.signals[i] = first  # one instance per family; each monitor is a slot of it
+        monitor._on_reset = self._slot_reset(slot)
+        monitor.reset()
+        conf = (monitor.cues.cue_words, monitor.cues.think_end)
+        if self._gate_conf is None:
+            self._gate_conf = conf
+            self._gate = self._cue_gate()
+        elif conf != self._gate_conf:  # detectors configured differently: every row reaches its detector
+            self._gate = None
+        return slot
+
+    def detach(self, slot: int) -> Monitor:
+        """Remove the monitor at `slot` (build its trace first: its signals' summaries live in the slot); the
+        slot is reused by the next `attach`."""
+        self._flush(slot)
+        m = self.monitors[slot]
+        m._deferred = None
+        m._on_reset = None
+        self._free.append(slot)
+        return m
+
+    def _grow(self, n: int) -> None:
+        """Per-slot arrays for `n` slots."""
+        extra = n - self._pn.shape[0]
+        if extra <= 0:
+            return
+        for a in ("_armed", "_gap", "_gap_word", "_gap_para"):
+            setattr(self, a, np.concatenate([getattr(self, a), np.zeros(extra, dtype=bool)]))
+        self._pn = np.concatenate([self._pn, np.zeros(extra, dtype=np.int64)])
+        self._pid = np.concatenate([self._pid, np.zeros((extra, _HELD), dtype=np.int64)])
+        self._plp = np.concatenate([self._plp, np.zeros((extra, _HELD), dtype=np.float64)])
+        self._pval = np.concatenate([self._pval, np.zeros((extra, *self._pval.shape[1:]), dtype=np.float64)])
+        self._ptxt += [[] for _ in range(extra)]
 
     @classmethod
     def create(cls, factory: Callable[[], Monitor], n: int, table: TokenTable | None = None) -> MonitorBatch:

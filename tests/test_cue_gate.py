@@ -114,3 +114,63 @@ def test_a_batch_with_a_token_table_makes_the_same_traces(spec, halt_after):
     without = _run_batch(None, ids, lambda: parse_policy(spec, halt_after))
     assert with_table == without
     assert all(tr["decision_points"] for tr in with_table[1])
+
+
+def test_monitors_attached_and_detached_while_others_run_get_what_they_get_alone():
+    """A server's batch: requests join (attach) and leave (detach, their slot reused) while others run."""
+    import torch
+
+    from monitor.batch import MonitorBatch
+    from monitor.decision import parse_policy
+    from monitor.events import StepBatch
+    from monitor.monitor import Monitor
+    from monitor.run import RunConfig, default_signals
+    from monitor.vocab import TokenTable
+
+    rng = np.random.default_rng(3)
+    weights = np.ones(len(VOCAB))
+    weights[[0, 1, 9, 32]] = 30.0
+    spans = [(0, 60), (5, 30), (20, 90), (40, 70)]  # (start, end) step of each request; 3 reuses 1's slot
+    ids = [rng.choice(len(VOCAB), size=e - s, p=weights / weights.sum()) for s, e in spans]
+    logits = [torch.tensor(rng.normal(size=(e - s, len(VOCAB))) * 2, dtype=torch.float32) for s, e in spans]
+    hidden = [torch.tensor(rng.normal(size=(e - s, 8)), dtype=torch.float32) for s, e in spans]
+
+    def monitor() -> Monitor:
+        return Monitor(signals=default_signals([0], RunConfig()), policy=parse_policy("threshold:jsd_instability.jsd>=0.5"),
+                       cues=CueDetector(min_step_tokens=3))
+
+    def trace(m: Monitor) -> dict:
+        m.finish()
+        return m.to_trace(trace_id="t", model="m", backend="hf", question="q").to_dict()
+
+    def step(mb, rows, slots, t) -> None:
+        i = [t - spans[r][0] for r in rows]
+        mb.observe(StepBatch(slots=np.array(slots), token_ids=np.array([ids[r][j] for r, j in zip(rows, i)]),
+                             logits=torch.stack([logits[r][j] for r, j in zip(rows, i)]),
+                             hidden={0: torch.stack([hidden[r][j] for r, j in zip(rows, i)])},
+                             texts=[VOCAB[ids[r][j]] for r, j in zip(rows, i)]))
+
+    alone = []
+    for r, (s, e) in enumerate(spans):
+        mb = MonitorBatch([monitor()], TokenTable(VOCAB))
+        for t in range(s, e):
+            if mb.monitors[0].decision is None:
+                step(mb, [r], [0], t)
+        alone.append(trace(mb.monitors[0]))
+    shared = MonitorBatch(table=TokenTable(VOCAB))
+    slot_of: dict[int, int] = {}
+    mons: dict[int, Monitor] = {}
+    got: dict[int, dict] = {}
+    for t in range(max(e for _, e in spans) + 1):
+        for r, (s, e) in enumerate(spans):
+            if t == e and r in mons:
+                got[r] = trace(mons[r])
+                shared.detach(slot_of[r])
+            if t == s:
+                mons[r] = monitor()
+                slot_of[r] = shared.attach(mons[r])
+        rows = [r for r, (s, e) in enumerate(spans) if s <= t < e and mons[r].decision is None]
+        if rows:
+            step(shared, rows, [slot_of[r] for r in rows], t)
+    assert slot_of[3] == slot_of[1]  # request 3 took the slot request 1 left
+    assert [got[r] for r in range(len(spans))] == alone
