@@ -100,15 +100,16 @@ def test_a_halt_closes_the_stream_and_continues_with_the_exit_cue(pair):
     trace = _wait(pair["px_log"], ov["trace_id"])
     assert (r.choices[0].message.model_extra["reasoning_content"], r.choices[0].message.content) == _parts(trace)
     cue = trace["meta"]["exit_cue"]
+    reasoning = "".join(t for t, p in zip(trace["tokens"]["text"], trace["tokens"]["phase"]) if p == "reasoning")
     deadline = time.time() + 30
     while time.time() < deadline:  # upstream: the stream the proxy closed, and the one continuation after the cue
         up = list(_log(pair["up_log"]).values())
         closed = [t for t in up if t["meta"]["cancelled"] and t["accounting"]["reasoning"] < 40]
-        cont = [t for t in up if t["prompt"].endswith(cue)]
+        cont = [t for t in up if t["prompt"] == trace["prompt"] + reasoning + cue]
         if closed and cont:
             break
         time.sleep(0.2)
-    assert closed and len(cont) == 1
+    assert closed and len(cont) == 1 and cont[0]["meta"]["max_tokens"] == 6
 
 
 def test_streaming_through_the_proxy(pair):
