@@ -11,6 +11,7 @@ Where things live:
                   batch-first over per-sequence state tensors (signals/slots.py)
 - batch.py        MonitorBatch: the batched hot path both backends drive
 - cues.py         decision points: cue words, step ends, end of reasoning
+- vocab.py        TokenTable: a tokenizer's vocabulary as text, once (decision points from token ids)
 - decision.py     Decision and the halting policies
 - monitor.py      Monitor: one sequence's record (columnar values), cues and policy; signals fail open
 - trace.py        Trace record, schema validation, atomic JSON Lines IO (docs/trace-schema.md)
@@ -24,6 +25,7 @@ Where things live:
 - run.py / bench.py / cli.py / cli_args.py   the `overthink` command and the library calls behind it
 - report.py       diagnosis reports (HTML, terminal)
 - vllm.py / vllm_worker.py   vLLM backend (driver / engine side); detokenize.py incremental detokenizer
+(`overthink serve` is the application package serve/, above this one: only cli.py imports it, to register the command.)
 """
 
 from __future__ import annotations
