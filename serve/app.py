@@ -88,10 +88,14 @@ class TextSplit:
 
 
 def create_app(engine: HFServeEngine | Any, model_name: str, cfg: RunConfig, default_policy: str = "observe",
-               default_halt_after: int | None = None, known_keys: list[str] | None = None) -> FastAPI:
+               default_halt_after: int | None = None, known_keys: list[str] | None = None,
+               bundles: dict[str, Any] | None = None) -> FastAPI:
     """The app serving `engine`'s model (`HFServeEngine`, or `serve.proxy.ProxyEngine` in front of an upstream)
     as `model_name`; requests without an `overthink.policy` use the server's `default_policy` /
-    `default_halt_after`; a threshold policy may name the signal keys `known_keys` (default: every family's)."""
+    `default_halt_after`; a threshold policy may name the signal keys `known_keys` (default: every family's);
+    `bundles` maps a name to a loaded probe policy (`ProbePolicy`) requests may name as their policy. A bundle's
+    guarantee holds for the exit cue it was calibrated with, so a request that names a bundle cannot change it."""
+    bundles = dict(bundles or {})
     lm = engine.lm
     known = known_keys if known_keys is not None else cfg.signal_keys()
     created = int(time.time())
@@ -139,16 +143,27 @@ def create_app(engine: HFServeEngine | Any, model_name: str, cfg: RunConfig, def
             spec, halt_after = ov.policy or "observe", ov.halt_after
         else:
             spec, halt_after = default_policy, default_halt_after
-        try:
-            parse_policy(spec, halt_after, known_keys=known)
-        except ValueError as e:
-            raise BadRequest(str(e).replace("--halt-after", "halt_after").replace("--policy", "policy"),
-                             "overthink.policy") from None
+        bundle = bundles.get(spec)
+        if bundle is not None:
+            if halt_after is not None:
+                raise BadRequest("halt_after is a policy of its own; do not combine it with a bundle",
+                                 "overthink.halt_after")
+            if ov is not None and ov.exit_cue and ov.exit_cue != cfg.exit_cue:
+                raise BadRequest(f"the bundle {spec!r} was calibrated with the exit cue {cfg.exit_cue!r}; its "
+                                 "guarantee holds for that cue only: drop exit_cue", "overthink.exit_cue")
+        else:
+            try:
+                parse_policy(spec, halt_after, known_keys=known)
+            except ValueError as e:
+                msg = str(e).replace("--halt-after", "halt_after").replace("--policy", "policy")
+                if bundles:
+                    msg += f" (or a bundle this server loaded: {', '.join(sorted(bundles))})"
+                raise BadRequest(msg, "overthink.policy") from None
         try:
             kind = normalize_kind(ov.answer_kind if ov is not None and ov.answer_kind else "text")
         except ValueError as e:
             raise BadRequest(str(e), "overthink.answer_kind") from None
-        cue = ov.exit_cue if ov is not None and ov.exit_cue else lm.family.exit_cue_for(kind)
+        cue = ov.exit_cue if ov is not None and ov.exit_cue else cfg.exit_cue or lm.family.exit_cue_for(kind)
         budget = ov.answer_max_tokens if ov is not None and ov.answer_max_tokens else cfg.answer_budget(kind)
         n_prompt = len(lm.tokenizer.encode(prompt, add_special_tokens=False))
         max_tokens = req.token_limit or cfg.max_new_tokens
@@ -165,8 +180,8 @@ def create_app(engine: HFServeEngine | Any, model_name: str, cfg: RunConfig, def
         temperature = req.temperature
         do_sample = temperature is not None and temperature > 0
         return Job(prompt=prompt, prompt_tokens=n_prompt, task=Task(kind, cue, budget),
-                   policy=lambda: parse_policy(spec, halt_after), policy_name=spec if halt_after is None
-                   else f"halt-after:{halt_after}", max_tokens=max_tokens, do_sample=do_sample,
+                   policy=(lambda: bundle) if bundle is not None else (lambda: parse_policy(spec, halt_after)),
+                   policy_name=spec if halt_after is None else f"halt-after:{halt_after}", max_tokens=max_tokens, do_sample=do_sample,
                    temperature=temperature if do_sample else None, top_p=req.top_p if do_sample else None,
                    seed=req.seed, stops=req.stop, question=question, logprobs=logprobs,
                    ids_as_tokens=req.return_tokens_as_token_ids)

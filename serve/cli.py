@@ -27,7 +27,8 @@ def add_serve_command(sub: Any) -> None:
     s.add_argument("--served-model-name", help="the model name clients send (default: --model)")
     s.add_argument("--policy", default="observe",
                    help="default policy for requests that name none: observe | deer[:CONF] | "
-                        "threshold:FAMILY.KEY>=VALUE (a request's overthink.policy overrides it)")
+                        "threshold:FAMILY.KEY>=VALUE | a calibrated probe bundle (.joblib; requests name it by its "
+                        "file name without the extension) (a request's overthink.policy overrides it)")
     s.add_argument("--halt-after", type=positive_int, help="default policy: halt after N reasoning tokens")
     s.add_argument("--max-new-tokens", type=positive_int, default=512,
                    help="reasoning token cap of a request that sets no max_tokens (default 512)")
@@ -61,9 +62,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                    if args.upstream else "")) from None
     from monitor.run import is_bundle_spec
 
-    if is_bundle_spec(args.policy):
-        raise UsageError("a probe bundle as the server's policy is not supported yet; use observe, deer or "
-                         "threshold policies")
+    if is_bundle_spec(args.policy) and args.upstream:
+        raise UsageError("a probe bundle needs the full distributions and hidden states of the in-process mode; "
+                         "proxy mode has the upstream's top-k logprobs only: run the bundle without --upstream")
+    if is_bundle_spec(args.policy) and args.halt_after:
+        raise UsageError("--halt-after is a policy of its own; do not combine it with a probe bundle")
     sink = None
     if args.trace_log:
         from monitor.io import LineSink, check_output
@@ -100,6 +103,21 @@ def _upstream_model(url: str) -> str:
                          "--upstream, or name the model with --upstream-model") from None
 
 
+def _bundles(policy: str, lm: Any, cfg: Any) -> dict[str, Any]:
+    """{name: ProbePolicy} for a bundle given as --policy (its file name without the extension; requests name it
+    in overthink.policy), after checking it was made for this model; {} for other policies."""
+    from pathlib import Path
+
+    from monitor.run import is_bundle_spec, load_probe_policy
+
+    if not is_bundle_spec(policy):
+        return {}
+    try:
+        return {Path(policy).stem: load_probe_policy(policy, lm, cfg)}
+    except (ValueError, OSError) as e:
+        raise UsageError(f"--policy {policy}: {e}") from None
+
+
 def _serve(args: argparse.Namespace, cfg: Any, sink: Any) -> int:
     import uvicorn
 
@@ -107,6 +125,7 @@ def _serve(args: argparse.Namespace, cfg: Any, sink: Any) -> int:
     from serve.engine import HFServeEngine
 
     known = None
+    bundles: dict[str, Any] = {}
     if args.upstream:
         from serve.proxy import ProxyEngine
 
@@ -117,10 +136,12 @@ def _serve(args: argparse.Namespace, cfg: Any, sink: Any) -> int:
         known = proxy_keys()
     else:
         lm = load_from_args(args)
+        bundles = _bundles(args.policy, lm, cfg)  # aligns cfg (layers, cue words, exit cue) with the bundle
         engine = HFServeEngine(lm, cfg, max_batch=args.max_batch, trace_sink=sink)
     name = args.served_model_name or args.model
-    app = create_app(engine, name, cfg, default_policy=args.policy, default_halt_after=args.halt_after,
-                     known_keys=known)
+    default = next(iter(bundles)) if bundles else args.policy
+    app = create_app(engine, name, cfg, default_policy=default, default_halt_after=args.halt_after,
+                     known_keys=known, bundles=bundles)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            timeout_graceful_shutdown=60))
     mode = f" in front of {args.upstream}" if args.upstream else ""

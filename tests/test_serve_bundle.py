@@ -1,0 +1,61 @@
+"""`overthink serve --policy BUNDLE`: a calibrated probe bundle as the server's policy, named per request."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import httpx
+import openai
+import pytest
+
+from probes.pipeline import calibrate_bundle, train_bundle
+from tests.test_probes import PROBLEMS, cue_word, fake_collect_dir, tiny, tiny_config  # noqa: F401 (fixtures)
+from tests.test_serve import MODEL, _free_port
+from tests.test_serve_proxy import _start
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny, cue_word, tmp_path_factory):  # noqa: F811
+    d = tmp_path_factory.mktemp("bundle")
+    # collected data in the real format for this model (tiny-random never answers right, so its own forced exits
+    # would all be labelled 0), with the words it writes as cue words so decision points occur
+    fake_collect_dir(d / "c", tiny_config(tiny, cue_word))
+    train_bundle(d / "c", d / "probe.joblib", calib_fraction=0.5, use_hidden=True)
+    calibrate_bundle(d / "probe.joblib", d / "c", delta=0.3, epsilon=0.2)
+    return d / "probe.joblib"
+
+
+def test_a_bundle_is_the_servers_policy_and_keeps_its_exit_cue(bundle, tmp_path):
+    port = _free_port()
+    log = tmp_path / "t.jsonl"
+    proc = _start(["--model", MODEL, "--policy", str(bundle), "--trace-log", str(log)], port)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        msgs = [{"role": "user", "content": PROBLEMS[0]["question"]}]
+        r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=24)
+        named = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=24,
+                                               extra_body={"overthink": {"policy": "probe"}})
+        for resp in (r, named):
+            assert resp.model_extra["overthink"]["policy"] == "probe:per-trace:delta=0.3"  # the bundle's own name
+        traces = [json.loads(x) for x in log.read_text().splitlines()]
+        assert {t["decision"]["policy"] for t in traces} == {"probe:per-trace:delta=0.3"}
+        assert all(t["decision_points"] for t in traces)  # the bundle's cue words: decision points were scored
+        assert any(p["score"] is not None for t in traces for p in t["decision_points"])  # the probe scored them
+        bad = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30, json={
+            "model": MODEL, "messages": msgs, "overthink": {"policy": "probe", "exit_cue": "\nAnswer:"}})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "overthink.exit_cue"
+        other = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30, json={
+            "model": MODEL, "messages": msgs, "overthink": {"policy": "prob"}})
+        assert other.status_code == 400 and "probe" in other.json()["error"]["message"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
+def test_a_bundle_in_proxy_mode_is_refused_at_start(bundle):
+    out = subprocess.run([sys.executable, "-m", "monitor.cli", "serve", "--model", MODEL, "--upstream",
+                          "http://127.0.0.1:9", "--policy", str(bundle)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "without --upstream" in out.stderr
