@@ -191,17 +191,13 @@ class MonitorBatch:
             self._flush(slot)
 
     def _cue_gate(self) -> tuple[np.ndarray, ...] | None:
-        """Per token id: (candidate, empty, ends a word, breaks a paragraph), when every monitor's detector uses
-        the same cue words and marker (else None: every row reaches its detector at every token)."""
+        """Per token id: (candidate, empty, ends a word, breaks a paragraph) for the detectors' configuration
+        (`attach` drops the gate when a detector configured otherwise joins); None without a table."""
         if self.table is None or not self.monitors:
-            return None
-        confs = {(m.cues.cue_words, m.cues.think_end) for m in self.monitors}
-        if len(confs) != 1:
             return None
         det = self.monitors[0].cues
         table = self.table
-        key = ("cues", *next(iter(confs)))
-        cand = table.derived(key, det.candidates)
+        cand = table.derived(("cues", det.cue_words, det.think_end), det.candidates)
         empty, ends, breaks = (table.derived(("gap", i), lambda t, i=i: CueDetector.gap_flags(t)[i], beyond=i == 0)
                                for i in range(3))
         return cand, empty, ends, breaks
@@ -255,12 +251,10 @@ class MonitorBatch:
         block = torch.stack(cols, 1).cpu().numpy() if cols else np.zeros((batch.size, 0))  # the one copy
         names = tuple(f"{f}.{k}" for f, k in keys)
         n_keys = len(names)
-        table_texts = self.table.texts if self.table is not None else None
         if batch.texts is not None:
             texts = batch.texts
-        elif table_texts is not None:
-            n_tab = len(table_texts)
-            texts = [table_texts[t] if t < n_tab else "" for t in batch.token_ids.tolist()]
+        elif self.table is not None:
+            texts = [self.table.text(t) for t in batch.token_ids.tolist()]
         else:
             texts = [""] * batch.size
         hidden = batch.hidden

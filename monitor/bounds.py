@@ -107,16 +107,18 @@ def limits_of(model: Any) -> ModelLimits:
     return limits_from_config(cfg.to_dict() if cfg is not None else {})
 
 
-def check_budget(limits: ModelLimits | None, max_new_tokens: int, answer_tokens: int, prompt_tokens: int = 0) -> None:
-    """Reasoning budget + exit cue + answer budget (+ prompt) must fit the model's context."""
+def check_budget(limits: ModelLimits | None, max_new_tokens: int, answer_tokens: int, prompt_tokens: int = 0,
+                 exit_tokens: int = EXIT_CUE_ALLOWANCE, flag: str = "--max-new-tokens") -> None:
+    """Reasoning budget + exit cue + answer budget (+ prompt) must fit the model's context. `exit_tokens`: the
+    exit cue's length when it is known (else the allowance); `flag`: how the caller names the reasoning budget."""
     if limits is None or not limits.context:
         return
-    need = max_new_tokens + EXIT_CUE_ALLOWANCE + answer_tokens + prompt_tokens
+    need = max_new_tokens + exit_tokens + answer_tokens + prompt_tokens
     if need > limits.context:
-        room = limits.context - EXIT_CUE_ALLOWANCE - answer_tokens - prompt_tokens
-        fix = f"use --max-new-tokens {room} or less" if room >= 1 else "shorten the prompt or the answer budget"
+        room = limits.context - exit_tokens - answer_tokens - prompt_tokens
+        fix = f"use {flag} {room} or less" if room >= 1 else "shorten the prompt or the answer budget"
         what = f" and a {prompt_tokens}-token prompt" if prompt_tokens else ""
-        raise ValueError(f"--max-new-tokens {max_new_tokens} with a {answer_tokens}-token answer budget{what} needs "
+        raise ValueError(f"{flag} {max_new_tokens} with a {answer_tokens}-token answer budget{what} needs "
                          f"{need} positions, more than the model's context of {limits.context} tokens: {fix}")
 
 

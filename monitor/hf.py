@@ -44,9 +44,9 @@ from monitor.monitor import Monitor
 from monitor.sequence import (
     ExitPlan,
     SequenceResult,
+    TrialScore,
     advance_answer,
     after_reasoning_token,
-    brace_delta,
     eos_ids,
 )
 from monitor.vocab import TokenTable
@@ -292,7 +292,7 @@ class HFMonitoredGenerator:
         labelling: the model's exit cue), the token budget and the scoring; decoding stops when the opened brace
         closes."""
         prompt, max_tokens = request.prompt, request.max_tokens
-        geometric = request.mean == "geometric"
+        score = TrialScore(prompt, request.mean)
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         with self.taps.paused():
             sub = DynamicCache(ddp_cache_data=[
@@ -301,10 +301,8 @@ class HFMonitoredGenerator:
             ])
             past = sub.get_seq_length()
             inp = torch.tensor([ids], device=self.device)
-            probs: list[float] = []
             out_ids: list[int] = []
-            depth, n_gen = brace_delta(prompt), 0
-            track_brace = depth > 0  # a prompt ending in "\\boxed{" is answered when the brace closes
+            n_gen = 0
             for _ in range(max_tokens):
                 pos = torch.arange(past, past + inp.shape[1], device=inp.device)[None]
                 out = self.model(input_ids=inp, past_key_values=sub, position_ids=pos, use_cache=True)
@@ -313,24 +311,13 @@ class HFMonitoredGenerator:
                 tok = int(torch.argmax(p))
                 n_gen += 1
                 out_ids.append(tok)
-                piece = self.tokenizer.decode([tok], skip_special_tokens=False)
-                depth += brace_delta(piece)
                 if tok in self.eos_ids:
                     break
-                if track_brace and depth <= 0:
-                    if piece.split("}")[0].strip():  # content before the closing brace is inside
-                        probs.append(float(p[tok]))
+                if score.add(self.tokenizer.decode([tok], skip_special_tokens=False), float(p[tok])):
                     break
-                probs.append(float(p[tok]))
                 inp = torch.tensor([[tok]], device=inp.device)
         text = self.tokenizer.decode([t for t in out_ids if t not in self.eos_ids], skip_special_tokens=False)
-        if not probs:
-            conf = 0.0
-        elif geometric:
-            conf = math.exp(sum(math.log(max(x, 1e-30)) for x in probs) / len(probs))
-        else:
-            conf = sum(probs) / len(probs)
-        return TrialOutcome(conf, len(ids) + n_gen, text)
+        return TrialOutcome(score.confidence, len(ids) + n_gen, text)
 
     # ------------------------------------------------------------------ batch entry point
     @torch.no_grad()

@@ -8,6 +8,7 @@ and use these pieces for the rest, so the rules are written once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,39 @@ class ExitPlan:
 
 def brace_delta(text: str) -> int:
     return text.count("{") - text.count("}")
+
+
+class TrialScore:
+    """A trial answer's confidence, scored as its tokens come (both backends' and the proxy's one rule): the
+    probability of each answer token, up to the brace the trial prompt opened (a prompt ending in "\\boxed{" is
+    answered when that brace closes; the closing token counts when it holds content before the brace), averaged
+    arithmetically (DEER) or geometrically; 0.0 for an empty answer."""
+
+    def __init__(self, prompt: str, mean: str = "arithmetic") -> None:
+        self.depth = brace_delta(prompt)
+        self.track = self.depth > 0
+        self.geometric = mean == "geometric"
+        self.probs: list[float] = []
+
+    def add(self, piece: str, prob: float | None) -> bool:
+        """Count one answer token (its text and probability); True when the answer is complete."""
+        self.depth += brace_delta(piece)
+        if self.track and self.depth <= 0:
+            if piece.split("}")[0].strip() and prob is not None:  # content before the closing brace is inside
+                self.probs.append(prob)
+            return True
+        if prob is not None:
+            self.probs.append(prob)
+        return False
+
+    @property
+    def confidence(self) -> float:
+        p = self.probs
+        if not p:
+            return 0.0
+        if self.geometric:
+            return math.exp(sum(math.log(max(x, 1e-30)) for x in p) / len(p))
+        return sum(p) / len(p)
 
 
 def exit_brace_depth(exit_cue: str) -> int | None:
@@ -115,4 +149,5 @@ class SequenceResult:
                    stop_reason or "generation ended", dict(extra or {}))
 
 
-__all__ = ["ExitPlan", "SequenceResult", "advance_answer", "exit_brace_depth", "brace_delta", "eos_ids"]
+__all__ = ["ExitPlan", "SequenceResult", "TrialScore", "advance_answer", "exit_brace_depth", "brace_delta",
+           "eos_ids"]

@@ -34,6 +34,10 @@ class TokenTable:
     def __len__(self) -> int:
         return len(self.texts)
 
+    def text(self, token_id: int) -> str:
+        """The text of `token_id` ("" for an id past the table)."""
+        return self.texts[token_id] if 0 <= token_id < len(self.texts) else ""
+
     @classmethod
     def of(cls, tokenizer: Any) -> TokenTable:
         """The table of `tokenizer` (built on first use, then kept on the tokenizer object)."""

@@ -30,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from monitor.answers import normalize_kind
+from monitor.bounds import check_budget, limits_of
 from monitor.decision import parse_policy
 from monitor.run import RunConfig, Task
 from serve.engine import HFServeEngine, Job, JobResult
@@ -98,6 +99,7 @@ def create_app(engine: HFServeEngine | Any, model_name: str, cfg: RunConfig, def
     bundles = dict(bundles or {})
     lm = engine.lm
     known = known_keys if known_keys is not None else cfg.signal_keys()
+    limits = limits_of(lm.model)
     created = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -167,12 +169,11 @@ def create_app(engine: HFServeEngine | Any, model_name: str, cfg: RunConfig, def
         budget = ov.answer_max_tokens if ov is not None and ov.answer_max_tokens else cfg.answer_budget(kind)
         n_prompt = len(lm.tokenizer.encode(prompt, add_special_tokens=False))
         max_tokens = req.token_limit or cfg.max_new_tokens
-        context = int(getattr(lm.model.config, "max_position_embeddings", 0) or 0)
-        n_exit = len(lm.tokenizer.encode(cue, add_special_tokens=False))
-        if context and n_prompt + max_tokens + n_exit + budget > context:
-            raise BadRequest(f"the prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) + the exit cue ({n_exit}) "
-                             f"+ the answer budget ({budget}) exceed the model's context of {context} tokens; "
-                             "lower max_tokens", "max_tokens")
+        try:
+            check_budget(limits, max_tokens, budget, prompt_tokens=n_prompt,
+                         exit_tokens=len(lm.tokenizer.encode(cue, add_special_tokens=False)), flag="max_tokens")
+        except ValueError as e:
+            raise BadRequest(str(e), "max_tokens") from None
         try:
             logprobs = req.logprob_count
         except ValueError as e:

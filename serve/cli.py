@@ -93,7 +93,9 @@ def proxy_keys() -> list[str]:
 def _upstream_model(url: str) -> str:
     import httpx
 
-    base = url.rstrip("/") + ("" if url.rstrip("/").endswith("/v1") else "/v1")
+    from serve.proxy import api_base
+
+    base = api_base(url)
     try:
         r = httpx.get(f"{base}/models", timeout=30)
         r.raise_for_status()

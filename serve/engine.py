@@ -118,7 +118,7 @@ class HFServeEngine:
         self._gens: dict[Task, Any] = {}
         from monitor.vocab import TokenTable
 
-        self._texts = TokenTable.of(lm.tokenizer).texts
+        self._table = TokenTable.of(lm.tokenizer)
         self._thread = threading.Thread(target=self._loop, name="overthink-hf-engine", daemon=True)
         self._thread.start()
 
@@ -234,11 +234,8 @@ class HFServeEngine:
         or "token_id:N" strings when the request asked for ids."""
         if info is None:
             return None
-        texts = self._texts
-        n = len(texts)
-
         def name(i: int) -> str:
-            return f"token_id:{i}" if ids_as_tokens else texts[i] if i < n else ""
+            return f"token_id:{i}" if ids_as_tokens else self._table.text(i)
 
         tok, lp, top = info
         return {"token": name(tok), "logprob": lp, "top": [(name(i), v) for i, v in top]}

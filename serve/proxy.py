@@ -34,7 +34,7 @@ from monitor.decision import TRIAL, TrialOutcome, TrialRequest
 from monitor.models import LoadedModel
 from monitor.monitor import Monitor
 from monitor.run import RunConfig
-from monitor.sequence import SequenceResult, advance_answer, brace_delta, exit_brace_depth
+from monitor.sequence import SequenceResult, TrialScore, advance_answer, exit_brace_depth
 from monitor.signals import JSDInstability, PathDeviation
 from monitor.vocab import TokenTable
 from serve.engine import Job, JobResult, build_trace
@@ -42,6 +42,12 @@ from serve.engine import Job, JobResult, build_trace
 log = logging.getLogger("overthink.serve")
 
 PROXY_FAMILIES = ("path_deviation", "jsd_instability")  # what a token stream with top-k logprobs carries
+
+
+def api_base(url: str) -> str:
+    """An OpenAI-compatible server's API base: the URL with "/v1" at its end (added when missing)."""
+    url = url.rstrip("/")
+    return url if url.endswith("/v1") else url + "/v1"
 
 
 class UpstreamError(RuntimeError):
@@ -121,17 +127,15 @@ class ProxyEngine:
     def __init__(self, lm: LoadedModel, cfg: RunConfig, upstream: str, upstream_model: str, top_k: int = 20,
                  trace_sink: Any = None, timeout: float = 600.0) -> None:
         self.lm, self.cfg = lm, cfg
-        self.url = upstream.rstrip("/")
-        if not self.url.endswith("/v1"):
-            self.url += "/v1"
+        self.url = api_base(upstream)
         self.upstream_model, self.top_k = upstream_model, top_k
         self.trace_sink = trace_sink
         self.layers: list[int] = []
-        self.texts = TokenTable.of(lm.tokenizer).texts
+        self.table = TokenTable.of(lm.tokenizer)
         self._timeout = timeout
         self._http: httpx.AsyncClient | None = None
         self._running = 0
-        self._hub = _Hub(TokenTable.of(lm.tokenizer))
+        self._hub = _Hub(self.table)
         import torch
 
         # the monitor's ops here are tiny ([requests, k] tensors): one thread, no OpenMP workers spinning on the
@@ -198,7 +202,7 @@ class ProxyEngine:
 
     def _text(self, token: str, tid: int) -> str:
         if token.startswith("token_id:"):
-            return self.texts[tid] if 0 <= tid < len(self.texts) else ""
+            return self.table.text(tid)
         return token
 
     async def _tokens(self, body: dict[str, Any]):
@@ -234,8 +238,7 @@ class ProxyEngine:
         if k is None or lp is None:
             return None
         pairs = sorted(top.items(), key=lambda x: -x[1])[:k]
-        return {"token": text, "logprob": lp, "top": [(self.texts[i] if 0 <= i < len(self.texts) else "", v)
-                                                      for i, v in pairs]}
+        return {"token": text, "logprob": lp, "top": [(self.table.text(i), v) for i, v in pairs]}
 
     async def _proxy(self, job: Job) -> JobResult:
         cfg = self.cfg
@@ -290,7 +293,7 @@ class ProxyEngine:
         """Force the exit cue and stream the answer from one continuation request."""
         cue = job.task.exit_cue
         for tid in self.lm.tokenizer.encode(cue, add_special_tokens=False):
-            text = self.texts[tid] if tid < len(self.texts) else ""
+            text = self.table.text(tid)
             mon.record_token(tid, text, "forced")
             job.piece(text, "forced", None)
         ans = _Answer(brace_depth=exit_brace_depth(cue))
@@ -311,25 +314,13 @@ class ProxyEngine:
             raise UpstreamError(f"the upstream {self.url} answered {r.status_code} to a trial: {r.text[:300]}")
         choice = r.json()["choices"][0]
         lp = choice.get("logprobs") or {}
-        depth, probs, n = brace_delta(req.prompt), [], 0
+        score, n = TrialScore(req.prompt, req.mean), 0
         for t, v in zip(lp.get("tokens") or [], lp.get("token_logprobs") or []):
             n += 1
-            text = self._text(t, self._id(t))
-            depth += brace_delta(text)
-            if depth <= 0 and brace_delta(req.prompt) > 0:
-                if text.split("}")[0].strip() and v is not None:
-                    probs.append(math.exp(v))
+            if score.add(self._text(t, self._id(t)), None if v is None else math.exp(v)):
                 break
-            if v is not None:
-                probs.append(math.exp(v))
-        if not probs:
-            conf = 0.0
-        elif req.mean == "geometric":
-            conf = math.exp(sum(math.log(max(p, 1e-30)) for p in probs) / len(probs))
-        else:
-            conf = sum(probs) / len(probs)
         n_prompt = len(self.lm.tokenizer.encode(req.prompt, add_special_tokens=False))
-        return TrialOutcome(conf, n_prompt + n, choice.get("text") or "")
+        return TrialOutcome(score.confidence, n_prompt + n, choice.get("text") or "")
 
 
 __all__ = ["ProxyEngine", "PROXY_FAMILIES", "UpstreamError"]
