@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,77 +12,29 @@ import openai
 import pytest
 
 from monitor.trace import check_trace_file
-
-MODEL = "tiny-random"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.serving import MESSAGES, MODEL, client, free_port, parts, start_serve, stop, traces, wait_trace
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "traces.jsonl"
-    port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "monitor.cli", "serve", "--model", MODEL, "--port", str(port),
-                             "--trace-log", str(log), "--max-batch", "8", "--max-new-tokens", "24"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"overthink serve exited: {proc.stdout.read().decode()}")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            raise RuntimeError("overthink serve did not come up in 180 s")
-        time.sleep(0.3)
-    yield {"base": base, "log": log, "proc": proc}
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    port = free_port()
+    proc = start_serve(["--model", MODEL, "--trace-log", str(log), "--max-batch", "8", "--max-new-tokens", "24"],
+                       port)
+    yield {"base": f"http://127.0.0.1:{port}", "log": log, "proc": proc}
+    stop(proc)
 
 
 def _client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server["base"] + "/v1", api_key="none", max_retries=0, timeout=120)
+    return client(server["base"])
 
 
 def _traces(server) -> dict[str, dict]:
-    lines = Path(server["log"]).read_text().splitlines() if Path(server["log"]).exists() else []
-    return {json.loads(x)["id"]: json.loads(x) for x in lines}
+    return traces(server["log"])
 
 
-def _wait_trace(server, trace_id: str, timeout: float = 30.0) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        t = _traces(server).get(trace_id)
-        if t is not None:
-            return t
-        time.sleep(0.2)
-    raise AssertionError(f"trace {trace_id} never reached the trace log")
-
-
-MESSAGES = [{"role": "user", "content": "What is 2 + 3? Think it through."}]
-MARKER = "</think>"  # the tiny test model's chat template has a reasoning format
-
-
-def _parts(trace: dict) -> tuple[str, str]:
-    """What the response must say, from the trace: the reasoning without the marker, and the exit cue + answer
-    without the marker, from its first non-blank character."""
-    toks = trace["tokens"]
-    reasoning = "".join(t for t, p in zip(toks["text"], toks["phase"]) if p == "reasoning").replace(MARKER, "")
-    content = "".join(t for t, p in zip(toks["text"], toks["phase"]) if p != "reasoning").replace(MARKER, "")
-    return reasoning, content.lstrip()
+def _wait_trace(server, trace_id: str) -> dict:
+    return wait_trace(server["log"], trace_id)
 
 
 def test_models_and_a_plain_chat_completion(server):
@@ -104,7 +51,7 @@ def test_models_and_a_plain_chat_completion(server):
     trace = _wait_trace(server, ov["trace_id"])
     assert trace["accounting"]["reasoning"] == acc["reasoning"] and trace["meta"]["request_id"] == ov["trace_id"]
     msg = r.choices[0].message
-    assert (msg.model_extra["reasoning_content"], msg.content) == _parts(trace)
+    assert (msg.model_extra["reasoning_content"], msg.content) == parts(trace)
     assert msg.model_extra["reasoning_content"]
 
 
@@ -135,7 +82,7 @@ def test_streaming_chat_sends_the_text_and_the_overthink_object_last(server):
     reasoning = "".join(c.choices[0].delta.model_extra.get("reasoning_content") or "" for c in chunks if c.choices)
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     trace = _wait_trace(server, ov["trace_id"])
-    assert (reasoning, content) == _parts(trace) and reasoning and content
+    assert (reasoning, content) == parts(trace) and reasoning and content
 
 
 def test_text_completions_stream_and_not(server):

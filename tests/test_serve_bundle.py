@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 
@@ -12,9 +11,8 @@ import openai
 import pytest
 
 from probes.pipeline import calibrate_bundle, train_bundle
+from tests.serving import MODEL, free_port, start_serve, stop
 from tests.test_probes import PROBLEMS, cue_word, fake_collect_dir, tiny, tiny_config  # noqa: F401 (fixtures)
-from tests.test_serve import MODEL, _free_port
-from tests.test_serve_proxy import _start
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +27,9 @@ def bundle(tiny, cue_word, tmp_path_factory):  # noqa: F811
 
 
 def test_a_bundle_is_the_servers_policy_and_keeps_its_exit_cue(bundle, tmp_path):
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "t.jsonl"
-    proc = _start(["--model", MODEL, "--policy", str(bundle), "--trace-log", str(log)], port)
+    proc = start_serve(["--model", MODEL, "--policy", str(bundle), "--trace-log", str(log)], port)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
         msgs = [{"role": "user", "content": PROBLEMS[0]["question"]}]
@@ -51,8 +49,7 @@ def test_a_bundle_is_the_servers_policy_and_keeps_its_exit_cue(bundle, tmp_path)
             "model": MODEL, "messages": msgs, "overthink": {"policy": "prob"}})
         assert other.status_code == 400 and "probe" in other.json()["error"]["message"]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+        stop(proc)
 
 
 def test_a_bundle_in_proxy_mode_is_refused_at_start(bundle):

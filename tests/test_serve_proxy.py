@@ -3,107 +3,60 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
-from tests.test_serve import MESSAGES, MODEL, _free_port, _parts
+from tests.serving import MESSAGES, MODEL, client, free_port, parts, start_serve, stop, traces, wait_trace
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-def _start(args: list[str], port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "monitor.cli", "serve", "--port", str(port), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.time() + 180
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"overthink serve exited: {proc.stdout.read().decode()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            raise RuntimeError("overthink serve did not come up in 180 s")
-        time.sleep(0.3)
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     d = tmp_path_factory.mktemp("proxy")
-    up_port, px_port = _free_port(), _free_port()
-    up = _start(["--model", MODEL, "--trace-log", str(d / "upstream.jsonl")], up_port)
+    up_port, px_port = free_port(), free_port()
+    up = start_serve(["--model", MODEL, "--trace-log", str(d / "upstream.jsonl")], up_port)
     px = None
     try:
-        px = _start(["--model", MODEL, "--upstream", f"http://127.0.0.1:{up_port}", "--trace-log",
-                     str(d / "proxy.jsonl")], px_port)
+        px = start_serve(["--model", MODEL, "--upstream", f"http://127.0.0.1:{up_port}", "--trace-log",
+                          str(d / "proxy.jsonl")], px_port)
         yield {"upstream": f"http://127.0.0.1:{up_port}", "proxy": f"http://127.0.0.1:{px_port}",
                "up_log": d / "upstream.jsonl", "px_log": d / "proxy.jsonl"}
     finally:
-        for p in (px, up):
-            if p is not None and p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(60)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-
-
-def _client(base: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
-
-
-def _log(path: Path) -> dict[str, dict]:
-    return {json.loads(x)["id"]: json.loads(x) for x in path.read_text().splitlines()} if path.exists() else {}
-
-
-def _wait(path: Path, tid: str) -> dict:
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        if tid in _log(path):
-            return _log(path)[tid]
-        time.sleep(0.2)
-    raise AssertionError(f"{tid} not in {path}")
+        stop(px)
+        stop(up)
 
 
 def test_observing_through_the_proxy_returns_what_the_upstream_returns(pair):
-    direct = _client(pair["upstream"]).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12,
+    direct = client(pair["upstream"]).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12,
                                                                extra_body={"overthink": {"answer_max_tokens": 8}})
-    proxied = _client(pair["proxy"]).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12,
+    proxied = client(pair["proxy"]).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12,
                                                               extra_body={"overthink": {"answer_max_tokens": 8}})
     d, p = direct.choices[0].message, proxied.choices[0].message
     assert p.model_extra["reasoning_content"] == d.model_extra["reasoning_content"] and p.content == d.content
     assert proxied.model_extra["overthink"]["accounting"] == direct.model_extra["overthink"]["accounting"]
-    trace = _wait(pair["px_log"], proxied.model_extra["overthink"]["trace_id"])
+    trace = wait_trace(pair["px_log"], proxied.model_extra["overthink"]["trace_id"])
     assert trace["backend"] == "proxy" and set(trace["signals"]) == {"path_deviation", "jsd_instability"}
     assert len(trace["signals"]["jsd_instability"]["jsd"]) == trace["accounting"]["reasoning"]
 
 
 def test_a_halt_closes_the_stream_and_continues_with_the_exit_cue(pair):
-    r = _client(pair["proxy"]).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=40,
+    r = client(pair["proxy"]).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=40,
                                                        extra_body={"overthink": {"halt_after": 5,
                                                                                  "answer_max_tokens": 6}})
     ov = r.model_extra["overthink"]
     assert r.choices[0].finish_reason == "halted" and ov["halted"]
     assert ov["accounting"]["reasoning"] == 5 and ov["accounting"]["forced"] >= 1
     assert 1 <= ov["accounting"]["answer"] <= 6
-    trace = _wait(pair["px_log"], ov["trace_id"])
-    assert (r.choices[0].message.model_extra["reasoning_content"], r.choices[0].message.content) == _parts(trace)
+    trace = wait_trace(pair["px_log"], ov["trace_id"])
+    assert (r.choices[0].message.model_extra["reasoning_content"], r.choices[0].message.content) == parts(trace)
     cue = trace["meta"]["exit_cue"]
     reasoning = "".join(t for t, p in zip(trace["tokens"]["text"], trace["tokens"]["phase"]) if p == "reasoning")
     deadline = time.time() + 30
     while time.time() < deadline:  # upstream: the stream the proxy closed, and the one continuation after the cue
-        up = list(_log(pair["up_log"]).values())
+        up = list(traces(pair["up_log"]).values())
         closed = [t for t in up if t["meta"]["cancelled"] and t["accounting"]["reasoning"] < 40]
         cont = [t for t in up if t["prompt"] == trace["prompt"] + reasoning + cue]
         if closed and cont:
@@ -113,20 +66,20 @@ def test_a_halt_closes_the_stream_and_continues_with_the_exit_cue(pair):
 
 
 def test_streaming_through_the_proxy(pair):
-    chunks = list(_client(pair["proxy"]).chat.completions.create(
+    chunks = list(client(pair["proxy"]).chat.completions.create(
         model=MODEL, messages=MESSAGES, max_tokens=10, stream=True, extra_body={"overthink": {"halt_after": 3}}))
     ov = chunks[-1].model_extra["overthink"]
     reasoning = "".join(c.choices[0].delta.model_extra.get("reasoning_content") or "" for c in chunks if c.choices)
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert ov["halted"] and (reasoning, content) == _parts(_wait(pair["px_log"], ov["trace_id"]))
+    assert ov["halted"] and (reasoning, content) == parts(wait_trace(pair["px_log"], ov["trace_id"]))
 
 
 def test_hidden_state_signals_are_refused_in_proxy_mode(pair):
     with pytest.raises(openai.BadRequestError, match="latent_trajectory|Did you mean|valid"):
-        _client(pair["proxy"]).chat.completions.create(
+        client(pair["proxy"]).chat.completions.create(
             model=MODEL, messages=MESSAGES, max_tokens=4,
             extra_body={"overthink": {"policy": "threshold:latent_trajectory.curvature>=1"}})
-    ok = _client(pair["proxy"]).chat.completions.create(
+    ok = client(pair["proxy"]).chat.completions.create(
         model=MODEL, messages=MESSAGES, max_tokens=6,
         extra_body={"overthink": {"policy": "threshold:jsd_instability.jsd>=0.0"}})
     assert ok.model_extra["overthink"]["policy"].startswith("threshold")

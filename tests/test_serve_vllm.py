@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import openai
 import pytest
 
-from tests.test_serve import MESSAGES, MODEL, _free_port
-from tests.test_serve_proxy import _start
+from tests.serving import MESSAGES, MODEL, free_port, start_serve, stop, wait_healthy
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -26,38 +23,22 @@ def vllm_server(tmp_path_factory):
 
     lm = load_model(MODEL)
     model_dir = export_for_vllm(lm, cache_dir=tmp_path_factory.mktemp("vllm"))
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
     proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                              "--served-model-name", "tiny-vllm", "--port", str(port), "--dtype", "float32",
                              "--max-model-len", "512", "--max-logprobs", "20", "--enable-prefix-caching"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    deadline = time.time() + 600
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vllm serve exited: {proc.stdout.read().decode()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            raise RuntimeError("vllm serve did not come up in 600 s")
-        time.sleep(1)
+    wait_healthy(proc, f"http://127.0.0.1:{port}", "vllm serve", timeout=600)
     try:
         yield {"base": f"http://127.0.0.1:{port}", "lm": lm}
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 def test_the_proxy_monitors_and_halts_a_real_vllm_server(vllm_server, tmp_path):
-    port = _free_port()
-    proxy = _start(["--model", MODEL, "--upstream", vllm_server["base"], "--trace-log", str(tmp_path / "t.jsonl")],
+    port = free_port()
+    proxy = start_serve(["--model", MODEL, "--upstream", vllm_server["base"], "--trace-log", str(tmp_path / "t.jsonl")],
                    port)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
@@ -80,5 +61,4 @@ def test_the_proxy_monitors_and_halts_a_real_vllm_server(vllm_server, tmp_path):
                                                                      add_special_tokens=False))
         assert 1 <= ov["accounting"]["answer"] <= 5
     finally:
-        proxy.send_signal(signal.SIGTERM)
-        proxy.wait(60)
+        stop(proxy)
