@@ -51,11 +51,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     answer_max_tokens=args.answer_max_tokens, device=args.device, dtype=args.dtype,
                     record=args.record, answer_kind="text")
     try:
-        cfg.validate()
-        if args.upstream:
+        if args.upstream:  # first: a proxy's policy may name the logprob families' keys only
             from monitor.decision import parse_policy
 
             parse_policy(args.policy, args.halt_after, known_keys=proxy_keys())
+        cfg.validate()
     except ValueError as e:
         raise UsageError(str(e) + (" (proxy mode has the logprob families only: path_deviation, jsd_instability; "
                                    "hidden-state signals and probes need the in-process mode, without --upstream)"

@@ -83,3 +83,14 @@ def test_hidden_state_signals_are_refused_in_proxy_mode(pair):
         model=MODEL, messages=MESSAGES, max_tokens=6,
         extra_body={"overthink": {"policy": "threshold:jsd_instability.jsd>=0.0"}})
     assert ok.model_extra["overthink"]["policy"].startswith("threshold")
+
+
+def test_a_proxy_policy_on_a_hidden_state_key_is_refused_at_start_listing_the_proxy_keys():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "monitor.cli", "serve", "--model", MODEL, "--upstream",
+                          "http://127.0.0.1:9", "--policy", "threshold:latent_trajectory.curvature>=1"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "jsd_instability.jsd" in out.stderr and "latent_trajectory.net," not in out.stderr
+    assert "in-process mode" in out.stderr
