@@ -280,10 +280,10 @@ def build_vllm_engine(lm: LoadedModel, cfg: RunConfig) -> Any:
     if cfg.enforce_eager is not None:
         extra["enforce_eager"] = cfg.enforce_eager
     return make_llm(export_for_vllm(lm), hidden=cfg.vllm_hidden, seed=cfg.seed, max_logprobs=lp,
-                    max_model_len=cfg.max_model_len or _default_model_len(lm), dtype=cfg.dtype, **extra)
+                    max_model_len=cfg.max_model_len or default_model_len(lm), dtype=cfg.dtype, **extra)
 
 
-def _default_model_len(lm: LoadedModel) -> int:
+def default_model_len(lm: LoadedModel) -> int:
     """The model's context, capped: 32768 on a GPU, 4096 on a CPU (vLLM's CPU KV cache is 1 GiB here)."""
     import torch
 

@@ -29,8 +29,14 @@ request's last scheduled token; the driver drains them after each step and attac
 matching token, exactly like the HF backend (the hidden state AT the token). Needs enforce_eager and the
 V1 runner; `make_llm` checks that at start-up and raises otherwise.
 
+Trials (a DEER-style policy asks for a trial answer at a decision point): on an `AsyncLLM` a trial is a side
+request on the same engine (the sequence up to the decision token plus the trial prompt, greedy; the prefix
+cache holds the sequence), decoded before the request's next token is taken in. The offline `LLM` loop has no
+side requests: there a trial is an error in the trace and the policy is switched off (never a silent 0).
+
 Entry points: `VLLMMonitoredGenerator(llm, ...)` for the offline `LLM` engine loop (`generate`), and
-`generate_async(engine, ...)` for an `AsyncLLM`. Both return `SequenceResult`s like the HF backend;
+`AsyncVLLMMonitoredGenerator` for an `AsyncLLM`: `generate` (a batch of prompts) and `generate_one` (one request
+of a server, joining a long-lived MonitorBatch; `serve.vllm_engine`). Both return `SequenceResult`s like the HF backend;
 `run.run_problems(..., backend="vllm")` turns them into the same `Trace` records with backend "vllm".
 """
 
@@ -269,6 +275,25 @@ class _Request:
     engine_finish: str | None = None  # vLLM's finish reason of the last request (stop, length, abort)
     fallback: str | None = None  # why a processor halt fell back to abort + resubmit
     budget_forced: bool = False  # the exit cue was forced because the reasoning budget ran out
+    batch: MonitorBatch | None = None  # the batch its monitor is a slot of
+    max_reasoning: int = 512  # its reasoning budget (tokens)
+    ignore_eos: bool = False
+    sampling: dict[str, Any] = field(default_factory=dict)  # temperature, top_p, ignore_eos
+    # a server's hooks: each token's text as it becomes part of the sequence (text, phase, token id, vLLM logprobs),
+    # and a check, after each engine output, that returns why to stop now ("cancelled by the caller", ...) or None
+    emit: Callable[[str, str, int, Any], None] | None = None
+    stop: Callable[[], str | None] | None = None
+    # a trial answer the policy asked for at a reasoning token, waiting to be decoded (AsyncLLM only):
+    # (the TrialRequest, tokens of the sequence it continues, whether that token was end-of-sequence)
+    trial: tuple[Any, int, bool] | None = None
+    trials: int = 0
+
+    def out(self, text: str, phase: str, tok: int, lp: Any = None) -> None:
+        if self.emit is not None:
+            try:
+                self.emit(text, phase, tok, lp)
+            except Exception:  # a consumer that went away must not stop the request
+                log.debug("token consumer failed", exc_info=True)
 
 
 def _to_logprobs(entry: Any) -> dict[int, float] | None:
@@ -324,9 +349,7 @@ class VLLMMonitoredGenerator:
         self.layers = [int(i) for i in layers]
         self.hidden = bool(hidden and self.layers)
         self.eos_ids = _eos_ids(engine, tokenizer)
-        self._max_reasoning = 0
-        self._ignore_eos = False
-        self._sp_base: dict[str, Any] = {}
+        self._side_requests = False  # trials as side requests (AsyncLLM)
 
     def _check_layers(self) -> None:
         if self.hidden:
@@ -348,35 +371,53 @@ class VLLMMonitoredGenerator:
     def close(self) -> None:
         """Nothing to release on the driver side (the engine belongs to the caller)."""
 
-    def _is_eos(self, tok: int) -> bool:
-        return tok in self.eos_ids and not self._ignore_eos
+    def _is_eos(self, st: _Request, tok: int) -> bool:
+        return tok in self.eos_ids and not st.ignore_eos
 
     # ------------------------------------------------------------------ per-token work
     def _observe(self, st: _Request, hidden: dict[int, np.ndarray] | None) -> str | None:
-        """Feed one request's pending reasoning token to the monitor; returns "halt" when the policy halts."""
+        """Feed one request's pending reasoning token to the monitor; returns what `_outcome` says."""
         return self._observe_many([(st, hidden)])[0]
 
     def _observe_many(self, obs: list[tuple[_Request, dict[int, np.ndarray] | None]]) -> list[str | None]:
         """Feed the pending reasoning tokens of several requests to their monitors in ONE batch (the signals run
-        once over all of them); returns "halt" or None per request."""
+        once over all of them); returns `_outcome`'s word (or None) per request."""
         if not obs:
             return []
         rows = []
+        batch = obs[0][0].batch
         for st, hidden in obs:
             tok, text, lp = st.pending  # type: ignore[misc]
             st.pending = None
             rows.append((st, tok, text, lp, hidden))
-        return [self._decided(st, tok, d) for (st, tok, *_), d in zip(rows, self._batch.observe(_step_batch(rows)),
+        return [self._decided(st, tok, d) for (st, tok, *_), d in zip(rows, batch.observe(_step_batch(rows)),
                                                                       strict=True)]
 
     def _decided(self, st: _Request, tok: int, d: Any) -> str | None:
         """What a request does after its monitor decided on its reasoning token `tok`."""
         mon = st.monitor
-        if d.action == TRIAL:  # trials need a cache copy: under vLLM that is an error in the trace, never a silent 0
-            d = mon.trial_unavailable("this backend cannot decode trial answers yet (they need a copy of the KV cache; "
-                                      "use --backend hf for trial-based policies)")
-        halt = after_reasoning_token(st, mon, d.halt, self._is_eos(tok), self._max_reasoning, self.exit_at_budget)
-        return "halt" if halt else None
+        if d.action == TRIAL and self._side_requests and d.trial is not None:  # decoded by the request's task
+            st.trial = (d.trial, len(st.generated), self._is_eos(st, tok))
+            return None
+        if d.action == TRIAL:  # the offline engine loop has no side requests: an error in the trace, never a silent 0
+            d = mon.trial_unavailable("the offline vLLM engine loop cannot decode trial answers (they are side "
+                                      "requests, which AsyncLLM runs: overthink serve --backend vllm; or use "
+                                      "--backend hf for trial-based policies)")
+        halt = after_reasoning_token(st, mon, d.halt, self._is_eos(st, tok), st.max_reasoning, self.exit_at_budget)
+        return self._outcome(st, halt)
+
+    def _outcome(self, st: _Request, halt: bool) -> str | None:
+        """"halt" (force the exit cue; the engine already does when the budget ran out and it holds the budget),
+        "ended" (the model ended its reasoning: the engine must drop the budget it holds), or None."""
+        if halt:
+            return "budget" if st.budget_forced and self._budget_in_engine(st) else "halt"
+        if st.phase == "answer" and self._budget_in_engine(st):
+            return "ended"
+        return None
+
+    def _budget_in_engine(self, st: _Request) -> bool:
+        """Whether the engine's logits processor forces the exit cue at the budget itself (no control lag)."""
+        return self.info.force_mode == "processor" and self.exit_at_budget and not st.resubmitted
 
     def _ingest_step(self, items: list[tuple[_Request, int, Any, dict[int, dict[int, np.ndarray]]]],
                      actions: list[tuple[str, _Request]]) -> None:
@@ -394,9 +435,10 @@ class VLLMMonitoredGenerator:
     @staticmethod
     def _apply(obs: list[tuple[_Request, Any]], outcome: list[str | None], actions: list[tuple[str, _Request]]) -> None:
         for (st, _), what in zip(obs, outcome, strict=True):
-            if what == "halt":
-                actions.append(("halt", st))
+            if what in ("halt", "budget"):
                 st.phase = "forcing"
+            if what is not None:
+                actions.append((what, st))
 
     def _ingest(self, st: _Request, tok: int, lp: Any, hid: dict[int, dict[int, np.ndarray]],
                 actions: list[tuple[str, _Request]]) -> None:
@@ -405,7 +447,8 @@ class VLLMMonitoredGenerator:
         if st.phase == "reasoning":
             text = st.detok.push(tok)
             st.generated.append(tok)
-            st.pending = (tok, "" if self._is_eos(tok) else text, _to_logprobs(lp))
+            st.pending = (tok, "" if self._is_eos(st, tok) else text, _to_logprobs(lp))
+            st.out(st.pending[1], "reasoning", tok, lp)
             return
         if st.phase == "done":
             st.overrun += 1
@@ -421,10 +464,14 @@ class VLLMMonitoredGenerator:
             for t in buf[:at]:  # produced after the decision: counted as reasoning, not observed
                 st.lag += 1
                 st.generated.append(t)
-                st.monitor.record_token(t, st.detok.push(t), "reasoning")
+                text = st.detok.push(t)
+                st.monitor.record_token(t, text, "reasoning")
+                st.out(text, "reasoning", t)
             for t in buf[at:at + len(self.exit.ids)]:
                 st.generated.append(t)
-                st.monitor.record_token(t, st.detok.push(t), "forced")
+                text = st.detok.push(t)
+                st.monitor.record_token(t, text, "forced")
+                st.out(text, "forced", t)
             self._start_answer(st)
             for t in buf[at + len(self.exit.ids):]:  # answer tokens: nothing to observe
                 self._ingest(st, t, None, hid, actions)
@@ -432,9 +479,10 @@ class VLLMMonitoredGenerator:
         # answer phase
         text = st.detok.push(tok)
         st.generated.append(tok)
-        st.monitor.record_token(tok, "" if self._is_eos(tok) else text, "answer",
-                                _chosen_logprob(_to_logprobs(lp), tok))
-        advance_answer(st, self._is_eos(tok), text, self.exit.answer_max_tokens)
+        eos = self._is_eos(st, tok)
+        st.monitor.record_token(tok, "" if eos else text, "answer", _chosen_logprob(_to_logprobs(lp), tok))
+        st.out("" if eos else text, "answer", tok, lp)
+        advance_answer(st, eos, text, self.exit.answer_max_tokens)
 
     def _start_answer(self, st: _Request) -> None:
         """The exit cue is in: the model writes its answer next."""
@@ -444,17 +492,22 @@ class VLLMMonitoredGenerator:
         if not st.stop_reason:
             st.stop_reason = "halted by policy: exit cue forced"
 
-    def _sampling(self, max_tokens: int, key: str, seed: int | None) -> Any:
+    def _sampling(self, st: _Request, max_tokens: int, seed: int | None) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        extra: dict[str, Any] = {"overthink_key": st.key}
+        if st.phase == "reasoning" and self._budget_in_engine(st):
+            end = st.monitor.cues.think_end
+            extra["overthink_budget"] = [st.max_reasoning, list(self.exit.ids),
+                                         self.tokenizer.encode(end, add_special_tokens=False) if end else []]
         return SamplingParams(max_tokens=max_tokens, logprobs=self.logprobs, output_kind=RequestOutputKind.DELTA,
-                              detokenize=False, extra_args={"overthink_key": key}, seed=seed,
-                              **self._sp_base)
+                              detokenize=False, extra_args=extra, seed=seed,
+                              **st.sampling)
 
     def _add(self, st: _Request, prompt_ids: list[int], max_tokens: int, seed: int | None) -> None:
         self.engine.add_request(st.rid, {"prompt_token_ids": list(prompt_ids)},
-                                self._sampling(max_tokens, st.key, seed))
+                                self._sampling(st, max_tokens, seed))
 
     def _halt(self, st: _Request, seed: int | None, by: dict[str, _Request]) -> None:
         """Force the exit cue for `st`: the logits processor, or abort + resubmit."""
@@ -478,7 +531,9 @@ class VLLMMonitoredGenerator:
         st.fbuf = []  # (never pushed to the detokenizer)
         for t in self.exit.ids:
             st.generated.append(t)
-            st.monitor.record_token(t, st.detok.push(t), "forced")
+            text = st.detok.push(t)
+            st.monitor.record_token(t, text, "forced")
+            st.out(text, "forced", t)
         self._start_answer(st)
         st.resubmitted = True
         st.rid = f"{st.key}.answer"
@@ -498,7 +553,7 @@ class VLLMMonitoredGenerator:
         by: dict[str, _Request] = {}
         for i, st in enumerate(reqs):
             by[st.rid] = st
-            self._add(st, st.prompt_ids, self._first_max_tokens(), None if seed is None else seed + i)
+            self._add(st, st.prompt_ids, self._first_max_tokens(st), None if seed is None else seed + i)
         try:
             self._loop(by, seed)
         finally:
@@ -506,30 +561,29 @@ class VLLMMonitoredGenerator:
                 self.llm.collective_rpc("overthink_forget", args=([r.key for r in reqs],))
         return [self._result(st) for st in reqs]
 
-    def _first_max_tokens(self) -> int:
+    def _first_max_tokens(self, st: _Request) -> int:
         """Room for the reasoning, the control lag, the exit cue and the answer."""
-        return self._max_reasoning + (LAG_LIMIT + len(self.exit.ids) + self.exit.answer_max_tokens + 1
+        return st.max_reasoning + (LAG_LIMIT + len(self.exit.ids) + self.exit.answer_max_tokens + 1
                                       if self.exit_at_budget else 0)
 
     def _prepare(self, prompts: Sequence[str], max_new_tokens: int, do_sample: bool, temperature: float | None,
                  top_p: float | None, ignore_eos: bool) -> list[_Request]:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        self._max_reasoning = max_new_tokens
-        self._ignore_eos = ignore_eos
-        self._sp_base = {"temperature": (temperature or 1.0) if do_sample else 0.0,
-                         "top_p": (top_p or 1.0) if do_sample else 1.0, "ignore_eos": ignore_eos}
-        batch = next(_BATCHES)
+        n = next(_BATCHES)
         # one signal set, a slot per request; decision points found from token ids
-        self._batch = MonitorBatch.create(self.monitor_factory, len(prompts), table=TokenTable.of(self.tokenizer))
-        reqs: list[_Request] = []
-        for i, prompt in enumerate(prompts):
-            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-            key = f"ot{os.getpid()}-{batch}-{i}"
-            reqs.append(_Request(key=key, monitor=self._batch.monitors[i],
-                                 detok=IncrementalDetokenizer(self.tokenizer, ids), prompt_ids=ids, prompt=prompt,
-                                 rid=key, slot=i))
-        return reqs
+        batch = MonitorBatch.create(self.monitor_factory, len(prompts), table=TokenTable.of(self.tokenizer))
+        return [self._request(prompt, batch, batch.monitors[i], f"ot{os.getpid()}-{n}-{i}", max_new_tokens, do_sample,
+                              temperature, top_p, ignore_eos) for i, prompt in enumerate(prompts)]
+
+    def _request(self, prompt: str, batch: MonitorBatch, monitor: Monitor, key: str, max_new_tokens: int,
+                 do_sample: bool, temperature: float | None, top_p: float | None, ignore_eos: bool) -> _Request:
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        return _Request(key=key, monitor=monitor, detok=IncrementalDetokenizer(self.tokenizer, ids), prompt_ids=ids,
+                        prompt=prompt, rid=key, slot=monitor.slot, batch=batch, max_reasoning=max_new_tokens,
+                        ignore_eos=ignore_eos,
+                        sampling={"temperature": (temperature or 1.0) if do_sample else 0.0,
+                                  "top_p": (top_p or 1.0) if do_sample else 1.0, "ignore_eos": ignore_eos})
 
     def _loop(self, by: dict[str, _Request], seed: int | None) -> None:
         hid: dict[str, dict[int, dict[int, np.ndarray]]] = {}
@@ -554,6 +608,8 @@ class VLLMMonitoredGenerator:
             for what, st in actions:
                 if what == "halt":
                     self._halt(st, seed, by)
+                elif what == "ended":
+                    self.llm.collective_rpc("overthink_end_budget", args=(st.key,))
                 elif what == "stuck" and st.phase == "forcing" and not st.resubmitted:
                     _note_fallback(st)
                     self.llm.collective_rpc("overthink_forget", args=([st.key],))
@@ -565,7 +621,7 @@ class VLLMMonitoredGenerator:
     def _finished(self, st: _Request, reason: str | None, actions: list[tuple[str, _Request]]) -> None:
         """vLLM ended the request (EOS, length, abort)."""
         st.engine_finish = reason
-        if st.pending is not None and self._observe(st, None) == "halt":  # no forward follows: no hidden
+        if st.pending is not None and self._observe(st, None) in ("halt", "budget"):  # no forward follows
             st.phase = "forcing"
         if st.phase == "forcing" and not st.resubmitted:
             # the request ended (e.g. EOS among the lag tokens) before the exit cue landed: the processor
@@ -704,6 +760,12 @@ class AsyncVLLMMonitoredGenerator(VLLMMonitoredGenerator):
         import asyncio
 
         self._drain_lock = asyncio.Lock()
+        self._side_requests = True
+        from monitor.batch import TurnBatcher
+
+        self._turn = TurnBatcher(self._observe_groups)  # the tokens of one engine step, over all requests
+        self._shared: MonitorBatch | None = None  # generate_one's batch: requests attach and detach
+        self._hid: dict[str, dict[int, dict[int, np.ndarray]]] = {}
         return self
 
     async def generate(self, prompts: Sequence[str], max_new_tokens: int = 512,  # type: ignore[override]
@@ -726,25 +788,136 @@ class AsyncVLLMMonitoredGenerator(VLLMMonitoredGenerator):
                 await self.engine.collective_rpc("overthink_forget", args=([r.key for r in reqs],))
         return [self._result(st) for st in reqs]
 
-    async def _drain_async(self, hid: dict[str, dict[int, dict[int, np.ndarray]]]) -> None:
+    async def generate_one(self, prompt: str, monitor: Monitor, build: Callable[[SequenceResult], Any], *,
+                           max_new_tokens: int = 512, do_sample: bool = False, temperature: float | None = None,
+                           top_p: float | None = None, seed: int | None = None, ignore_eos: bool = False,
+                           emit: Callable[[str, str, int, Any], None] | None = None,
+                           stop: Callable[[], str | None] | None = None) -> Any:
+        """One request, for a server: its `monitor` (its own policy) joins the generator's long-lived MonitorBatch
+        while it runs, sharing the engine with every other request in flight (vLLM's continuous batching).
+        `emit(text, phase, token_id, vllm_logprobs)` gets each token as it becomes part of the sequence; `stop()`,
+        checked after each engine output, returns a reason to abort the request now (the client went away, a stop
+        string). Returns `build(result)`, called before the monitor leaves the batch (its trace needs its slot)."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if self._shared is None:
+            self._shared = MonitorBatch(table=TokenTable.of(self.tokenizer))
+            if self.hidden:
+                await self.engine.collective_rpc("overthink_tap", args=(self.layers,))
+        self._shared.attach(monitor)
+        st = self._request(prompt, self._shared, monitor, f"ot{os.getpid()}-r{next(_BATCHES)}", max_new_tokens,
+                           do_sample, temperature, top_p, ignore_eos)
+        st.emit, st.stop = emit, stop
+        try:
+            try:
+                await self._run(st, self._hid, seed)
+            finally:
+                if self.info.force_mode == "processor":
+                    await self.engine.collective_rpc("overthink_forget", args=([st.key],))
+            return build(self._result(st))
+        finally:
+            self._hid.pop(st.rid, None)
+            self._shared.detach(monitor.slot)
+
+    async def _step(self, st: _Request, tok: int, lp: Any, hid: dict[int, dict[int, np.ndarray]],
+                    actions: list[tuple[str, _Request]]) -> None:
+        """`_ingest_step` for one request, with the trial a decision asks for decoded before the next token is
+        taken in (the policy decides on the trial's answer first, as in the HF backend)."""
+        if st.phase == "reasoning" and st.pending is not None:
+            h = hid.pop(len(st.prompt_ids) + len(st.generated) - 1, None)
+            self._apply([(st, h)], [await self._turn.submit((st, h))], actions)
+            await self._resolve_trial(st, actions)
+        self._ingest(st, tok, lp, hid, actions)
+        if not self.hidden and st.phase == "reasoning" and st.pending is not None:
+            self._apply([(st, None)], [await self._turn.submit((st, None))], actions)
+            await self._resolve_trial(st, actions)
+
+    def _observe_groups(self, obs: list[tuple[_Request, dict[int, np.ndarray] | None]]) -> list[str | None]:
+        """`_observe_many` over the tokens the request tasks handed in during one event-loop turn, one batch per
+        MonitorBatch (a server's requests share one; each `generate` call has its own)."""
+        out: list[str | None] = [None] * len(obs)
+        groups: dict[int, list[int]] = {}
+        for i, (st, _) in enumerate(obs):
+            groups.setdefault(id(st.batch), []).append(i)
+        for idx in groups.values():
+            for i, what in zip(idx, self._observe_many([obs[i] for i in idx]), strict=True):
+                out[i] = what
+        return out
+
+    async def _resolve_trial(self, st: _Request, actions: list[tuple[str, _Request]]) -> None:
+        if st.trial is None:
+            return
+        req, n, eos = st.trial
+        st.trial = None
+        mon = st.monitor
+        try:
+            d = mon.trial_result(await self._trial(st, req, n))
+        except Exception as e:  # the side request failed: the policy is switched off, the request goes on
+            log.warning("request %s: trial failed: %s", st.key, e)
+            d = mon.trial_unavailable(f"the trial request failed: {type(e).__name__}: {e}")
+        what = self._outcome(st, after_reasoning_token(st, mon, d.halt, eos, st.max_reasoning, self.exit_at_budget))
+        self._apply([(st, None)], [what], actions)
+
+    async def _trial(self, st: _Request, req: Any, n: int) -> Any:
+        """A trial answer as a side request on the same engine: the sequence up to the decision token plus the
+        trial prompt, greedy, until the brace the prompt opened closes (the prefix cache holds the sequence)."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        from monitor.decision import TrialOutcome
+        from monitor.sequence import TrialScore
+
+        ids = self.tokenizer.encode(req.prompt, add_special_tokens=False)
+        st.trials += 1
+        rid = f"{st.key}.trial{st.trials}"
+        sp = SamplingParams(max_tokens=req.max_tokens, temperature=0.0, logprobs=0, detokenize=False,
+                            output_kind=RequestOutputKind.DELTA)
+        score, out_ids, done, n_gen = TrialScore(req.prompt, req.mean), [], False, 0
+        async for out in self.engine.generate({"prompt_token_ids": st.prompt_ids + st.generated[:n] + ids}, sp,
+                                              request_id=rid):
+            o = out.outputs[0]
+            for tok, lp in zip(o.token_ids, o.logprobs or [None] * len(o.token_ids)):
+                tok = int(tok)
+                n_gen += 1
+                if tok in self.eos_ids:
+                    done = True
+                    break
+                out_ids.append(tok)
+                chosen = _chosen_logprob(_to_logprobs(lp), tok)
+                if score.add(self.tokenizer.decode([tok], skip_special_tokens=False),
+                             0.0 if chosen is None else math.exp(chosen)):
+                    done = True
+                    break
+            if done:
+                if not out.finished:
+                    await self.engine.abort(rid)
+                break
+        text = self.tokenizer.decode(out_ids, skip_special_tokens=False)
+        return TrialOutcome(score.confidence, len(ids) + n_gen, text)
+
+    async def _drain_async(self, hid: dict[str, dict[int, dict[int, np.ndarray]]], rid: str, pos: int) -> None:
+        """Drain the worker's hidden states unless a drain another request made meanwhile brought `rid`'s
+        position `pos` (one drain serves every request of a step)."""
         async with self._drain_lock:
+            if pos in hid.get(rid, {}):
+                return
             for blob in await self.engine.collective_rpc("overthink_drain"):
                 _merge_hidden(blob, hid)
 
     async def _run(self, st: _Request, hid: dict[str, dict[int, dict[int, np.ndarray]]], seed: int | None) -> None:
-        ids, max_tokens = st.prompt_ids, self._first_max_tokens()
+        ids, max_tokens = st.prompt_ids, self._first_max_tokens(st)
         while True:
             resubmit = False
             async for out in self.engine.generate({"prompt_token_ids": list(ids)},
-                                                  self._sampling(max_tokens, st.key, seed), request_id=st.rid):
+                                                  self._sampling(st, max_tokens, seed), request_id=st.rid):
                 o = out.outputs[0]
-                if (self.hidden and o.token_ids and st.pending is not None
-                        and len(st.prompt_ids) + len(st.generated) - 1 not in hid.get(st.rid, {})):
-                    await self._drain_async(hid)
+                pos = len(st.prompt_ids) + len(st.generated) - 1
+                if self.hidden and o.token_ids and st.pending is not None and pos not in hid.get(st.rid, {}):
+                    await self._drain_async(hid, st.rid, pos)
                 actions: list[tuple[str, _Request]] = []
                 lps = o.logprobs or [None] * len(o.token_ids)
                 for tok, lp in zip(o.token_ids, lps):  # one request per task: batches of one
-                    self._ingest_step([(st, int(tok), lp, hid.setdefault(st.rid, {}))], actions)
+                    await self._step(st, int(tok), lp, hid.setdefault(st.rid, {}), actions)
                 if out.finished:
                     hid.pop(st.rid, None)
                     self._finished(st, o.finish_reason, actions)
@@ -752,7 +925,9 @@ class AsyncVLLMMonitoredGenerator(VLLMMonitoredGenerator):
                     actions.append(("finish", st))
                 stop = False
                 for what, _ in actions:
-                    if what == "halt" and self.info.force_mode == "processor":
+                    if what == "ended":
+                        await self.engine.collective_rpc("overthink_end_budget", args=(st.key,))
+                    elif what == "halt" and self.info.force_mode == "processor":
                         await self.engine.collective_rpc("overthink_force", args=(st.key, self.exit.ids))
                     elif what == "halt":
                         resubmit = True
@@ -762,6 +937,9 @@ class AsyncVLLMMonitoredGenerator(VLLMMonitoredGenerator):
                         resubmit = True
                     elif what == "finish":
                         stop = True
+                why = st.stop() if st.stop is not None and st.phase != "done" else None
+                if why:
+                    st.stop_reason, st.phase, stop, resubmit = why, "done", True, False
                 if resubmit or stop:
                     if not out.finished:
                         await self.engine.abort(st.rid)

@@ -8,7 +8,10 @@ hot path:
   "monitor.vllm_worker:ForceTokensProcessor"). For requests that carry `extra_args={"overthink_key": K}`
   it forces a token sequence (the exit cue) once the driver registered one for K; other rows are left
   untouched. It sees each request's live output list (vLLM passes a reference), so it starts forcing at
-  the first token sampled after registration, however late the registration landed.
+  the first token sampled after registration, however late the registration landed. A request may also carry
+  its reasoning budget (`extra_args={"overthink_budget": [N, exit_ids, end_ids]}`): the processor itself
+  forces the exit cue once the request has N output tokens, with no control lag, unless the model's own
+  end-of-reasoning ids (`end_ids`) came first. A request is forced once: a later registration is ignored.
 - `OverthinkWorkerExtension`: mixed into vLLM's worker class (`worker_extension_cls`), reached from the
   driver with `collective_rpc("overthink_<name>", ...)`. It registers forcing requests and, opt-in,
   installs forward hooks on the chosen decoder layers and keeps, per request and step, the residual
@@ -29,10 +32,13 @@ import torch
 log = logging.getLogger("overthink.vllm")
 
 KEY = "overthink_key"  # SamplingParams.extra_args key naming a request for the processor
+BUDGET = "overthink_budget"  # extra_args: [N, exit ids, end-of-reasoning ids]: force the exit at N output tokens
 
 # key -> token ids to force; filled by the worker extension (RPC), consumed by the processor. Both live in
 # the same worker process; the engine runs RPCs between steps, so no lock is needed.
 _FORCE: dict[str, list[int]] = {}
+_BUDGET: dict[str, tuple[int, list[int], list[int]]] = {}  # key -> (N, exit ids, end ids), until forced or ended
+_DONE: set[str] = set()  # keys whose exit cue is out (forgotten with the request)
 
 try:  # vLLM is optional: the driver imports nothing from here unless the vllm extra is installed
     from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
@@ -57,11 +63,16 @@ class ForceTokensProcessor(LogitsProcessor):  # type: ignore[misc]
         for index in batch_update.removed:  # (forcing progress stays keyed by request: a preempted request resumes)
             self.rows.pop(index, None)
         for index, params, _prompt, output_ids in batch_update.added:
-            key = (getattr(params, "extra_args", None) or {}).get(KEY)
+            extra = getattr(params, "extra_args", None) or {}
+            key = extra.get(KEY)
             if key is None:
                 self.rows.pop(index, None)
             else:
                 self.rows[index] = (str(key), output_ids)
+                budget = extra.get(BUDGET)
+                if budget and str(key) not in _DONE and str(key) not in _FORCE:
+                    n, ids, end = budget
+                    _BUDGET[str(key)] = (int(n), [int(t) for t in ids], [int(t) for t in end])
         for a, b, direction in batch_update.moved:
             ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
             if ra is not None:
@@ -70,6 +81,8 @@ class ForceTokensProcessor(LogitsProcessor):  # type: ignore[misc]
                 self.rows[a] = rb
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if _BUDGET:
+            self._budgets()
         if not _FORCE:
             return logits
         for index, (key, output_ids) in self.rows.items():
@@ -81,6 +94,7 @@ class ForceTokensProcessor(LogitsProcessor):  # type: ignore[misc]
             if k >= len(ids):  # the whole sequence is out: stop forcing this request
                 _FORCE.pop(key, None)
                 self.start.pop(key, None)
+                _DONE.add(key)
                 continue
             if index < logits.shape[0]:
                 logits[index].fill_(float("-inf"))
@@ -88,12 +102,33 @@ class ForceTokensProcessor(LogitsProcessor):  # type: ignore[misc]
         return logits
 
 
+    def _budgets(self) -> None:
+        """Start forcing the exit cue of each request whose reasoning reached its budget; drop the budget of one
+        whose model ended its reasoning itself."""
+        for key, output_ids in self.rows.values():
+            b = _BUDGET.get(key)
+            if b is None:
+                continue
+            n, ids, end = b
+            if end and len(output_ids) >= len(end) and output_ids[-len(end):] == end:
+                _BUDGET.pop(key, None)
+            elif len(output_ids) >= n and key not in _FORCE:
+                _BUDGET.pop(key, None)
+                _FORCE[key] = ids
+                self.start[key] = len(output_ids)
+
+
 class OverthinkWorkerExtension:
     """Methods vLLM adds to its worker class; the driver calls them with collective_rpc."""
 
     def overthink_force(self, key: str, token_ids: list[int]) -> bool:
-        """Start forcing `token_ids` for the request tagged `key` from its next sampled token."""
-        _FORCE[str(key)] = [int(t) for t in token_ids]
+        """Start forcing `token_ids` for the request tagged `key` from its next sampled token (once: a request
+        whose exit cue is already out, or being forced by its budget, is left alone; returns False then)."""
+        key = str(key)
+        _BUDGET.pop(key, None)
+        if key in _DONE or key in _FORCE:
+            return False
+        _FORCE[key] = [int(t) for t in token_ids]
         return True
 
     def overthink_forget(self, keys: list[str]) -> int:
@@ -101,7 +136,13 @@ class OverthinkWorkerExtension:
         n = 0
         for k in keys:
             n += _FORCE.pop(k, None) is not None
+            _BUDGET.pop(k, None)
+            _DONE.discard(k)
         return n
+
+    def overthink_end_budget(self, key: str) -> bool:
+        """The model ended its reasoning itself: drop the request's budget exit (if it has not started)."""
+        return _BUDGET.pop(str(key), None) is not None
 
     def overthink_runner_info(self) -> dict[str, Any]:
         """What the driver checks at start-up: runner kind, eager mode, decoder layer count."""

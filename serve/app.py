@@ -18,11 +18,12 @@ Errors are OpenAI-shaped JSON: `{"error": {"message", "type", "param", "code"}}`
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -105,7 +106,11 @@ def create_app(engine: HFServeEngine | Any, model_name: str, cfg: RunConfig, def
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        await asyncio.get_running_loop().run_in_executor(None, engine.close)
+        aclose = getattr(engine, "aclose", None)
+        if aclose is not None:  # an engine that lives on this loop (vLLM's AsyncLLM) closes on it
+            await aclose()
+        else:
+            await asyncio.get_running_loop().run_in_executor(None, engine.close)
 
     app = FastAPI(title="overthink serve", lifespan=lifespan)
 
@@ -205,7 +210,7 @@ def create_app(engine: HFServeEngine | Any, model_name: str, cfg: RunConfig, def
     async def respond(req: ChatRequest | CompletionRequest, request: Request, job: Job, chat: bool) -> Any:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, str, Any]] = asyncio.Queue()
-        job.on_piece = lambda text, phase, entry: loop.call_soon_threadsafe(queue.put_nowait, (text, phase, entry))
+        job.on_piece = _handoff(loop, queue)
         split = TextSplit(lm.family.think_end if chat else None)  # text completions: the raw text
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         try:
@@ -368,6 +373,25 @@ def _logprobs(entries: list[dict[str, Any]], chat: bool) -> dict[str, Any]:
         at += len(e["token"])
     return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [dict(e["top"]) for e in entries], "text_offset": offsets}
+
+
+def _handoff(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable[[str, str, Any], None]:
+    """`Job.on_piece` for a response: pieces from the engine's thread go to `queue` on the server's loop, with ONE
+    wake-up of that loop per burst (not one per token: each `call_soon_threadsafe` writes to the loop's pipe)."""
+    pending: collections.deque = collections.deque()
+    scheduled = [False]
+
+    def move() -> None:
+        scheduled[0] = False  # first: a piece appended from here on schedules the next move
+        while pending:
+            queue.put_nowait(pending.popleft())
+
+    def on_piece(text: str, phase: str, entry: Any) -> None:
+        pending.append((text, phase, entry))
+        if not scheduled[0]:
+            scheduled[0] = True
+            loop.call_soon_threadsafe(move)
+    return on_piece
 
 
 async def _watch_disconnect(request: Request, job: Job) -> None:

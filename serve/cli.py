@@ -6,7 +6,14 @@ import argparse
 import logging
 from typing import Any
 
-from monitor.cli_args import UsageError, add_model_args, err_console, load_from_args, positive_int
+from monitor.cli_args import (
+    UsageError,
+    add_model_args,
+    add_vllm_engine_args,
+    err_console,
+    load_from_args,
+    positive_int,
+)
 
 log = logging.getLogger("overthink.serve")
 
@@ -15,7 +22,8 @@ def add_serve_command(sub: Any) -> None:
     s = sub.add_parser("serve", help="an OpenAI-compatible server whose completions are monitored and halted")
     add_model_args(s)
     s.add_argument("--backend", choices=["hf", "vllm"], default="hf",
-                   help="hf: transformers, batching the waiting requests (default; small models)")
+                   help="hf: transformers, batching the waiting requests (default; small models); vllm: vLLM's "
+                        "AsyncLLM in this process, continuous batching (install the vllm extra)")
     s.add_argument("--upstream", help="proxy mode: the URL of an OpenAI-compatible server that returns top "
                                       "logprobs (vllm serve, SGLang, overthink serve); --model then only gives "
                                       "the tokenizer and chat template")
@@ -36,6 +44,12 @@ def add_serve_command(sub: Any) -> None:
                    help="answer tokens after a forced exit (default: 256 for free answers, 48 for boxed ones)")
     s.add_argument("--max-batch", type=positive_int, default=8,
                    help="most requests generated together by the HF backend (default 8)")
+    s.add_argument("--no-hidden", action="store_true",
+                   help="vllm backend: tap no hidden states (logprob signals only; keeps CUDA graphs)")
+    s.add_argument("--force", choices=["auto", "processor", "resubmit"], default="auto",
+                   help="vllm backend: how a halt forces the exit cue (default auto: the logits processor where "
+                        "the engine has it, else abort + resubmit)")
+    add_vllm_engine_args(s)
     s.add_argument("--trace-log", help="append every request's trace to this JSON Lines file (whole lines)")
     s.add_argument("--record", choices=["default", "full", "points", "none"], default="default",
                    help="trace recording level (as overthink run)")
@@ -44,9 +58,19 @@ def add_serve_command(sub: Any) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from monitor.run import RunConfig
 
-    if args.backend == "vllm" and not args.upstream:
-        raise UsageError("overthink serve runs on the HF backend for now (--backend hf); the vLLM AsyncLLM backend "
-                         "for serve is not built yet")
+    if args.upstream and args.backend == "vllm":
+        raise UsageError("--upstream proxies a server that already runs the model; --backend vllm runs it in this "
+                         "process: give one of them")
+    if args.backend == "vllm":
+        from monitor.vllm import require_vllm
+
+        try:
+            require_vllm()
+        except ImportError as e:
+            raise UsageError(str(e)) from None
+        if args.no_hidden is False and args.enforce_eager is False:
+            raise UsageError("the hidden-state tap needs eager mode (forward hooks do not run inside CUDA graphs): "
+                             "drop --no-enforce-eager, or add --no-hidden for logprob signals only")
     cfg = RunConfig(policy=args.policy, halt_after=args.halt_after, max_new_tokens=args.max_new_tokens,
                     answer_max_tokens=args.answer_max_tokens, device=args.device, dtype=args.dtype,
                     record=args.record, answer_kind="text")
@@ -120,6 +144,23 @@ def _bundles(policy: str, lm: Any, cfg: Any) -> dict[str, Any]:
         raise UsageError(f"--policy {policy}: {e}") from None
 
 
+def _vllm_engine(args: argparse.Namespace, lm: Any, cfg: Any, sink: Any) -> Any:
+    from monitor.run import default_model_len, resolve_layers
+    from monitor.vllm import export_for_vllm
+    from serve.vllm_engine import VLLMServeEngine
+
+    extra: dict[str, Any] = {"tensor_parallel_size": args.tensor_parallel_size}
+    if args.gpu_memory_utilization is not None:
+        extra["gpu_memory_utilization"] = args.gpu_memory_utilization
+    if args.enforce_eager is not None:
+        extra["enforce_eager"] = args.enforce_eager
+    cfg.vllm_force = args.force
+    with err_console.status("starting the vLLM engine ..."):
+        return VLLMServeEngine(lm, cfg, str(export_for_vllm(lm)), resolve_layers(lm, cfg.layers),
+                               hidden=not args.no_hidden, max_model_len=args.max_model_len or default_model_len(lm),
+                               trace_sink=sink, **extra)
+
+
 def _serve(args: argparse.Namespace, cfg: Any, sink: Any) -> int:
     import uvicorn
 
@@ -136,6 +177,10 @@ def _serve(args: argparse.Namespace, cfg: Any, sink: Any) -> int:
         engine: Any = ProxyEngine(lm, cfg, args.upstream, upstream_model, top_k=args.upstream_logprobs,
                                   trace_sink=sink)
         known = proxy_keys()
+    elif args.backend == "vllm":
+        lm = load_from_args(args, weights=False)  # vLLM loads the weights (a directory); others are exported
+        bundles = _bundles(args.policy, lm, cfg)
+        engine = _vllm_engine(args, lm, cfg, sink)
     else:
         lm = load_from_args(args)
         bundles = _bundles(args.policy, lm, cfg)  # aligns cfg (layers, cue words, exit cue) with the bundle

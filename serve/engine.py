@@ -261,6 +261,8 @@ def build_trace(lm: LoadedModel, j: Job, r: SequenceResult, layers: list[int], b
             "stop_reason": r.stop_reason, "answer_kind": j.task.kind, "exit_cue": j.task.exit_cue,
             "answer_max_tokens": j.task.answer_max_tokens, "reasoning_format": lm.family.name,
             "stop_string": j.stopped_by, "cancelled": j.cancelled, **(extra or {})}
+    if r.extra:  # the backend's own facts (vLLM: control lag, halt mode), as `overthink run` records them
+        meta[backend] = dict(r.extra)
     return r.monitor.to_trace(
         trace_id=j.id, model=lm.name, backend=backend, question=j.question, prompt=r.prompt,
         prompt_tokens=r.prompt_tokens, answer_text=r.answer_text, answer=answer,

@@ -63,14 +63,13 @@ class _Answer:
 
 class _Hub:
     """The requests in flight as one `MonitorBatch`: each stream hands in its next token and awaits its decision;
-    what arrived while the event loop turned is observed as one batch."""
+    what arrived while the event loop turned is observed as one batch (`TurnBatcher`)."""
 
     def __init__(self, table: TokenTable) -> None:
-        from monitor.batch import MonitorBatch
+        from monitor.batch import MonitorBatch, TurnBatcher
 
         self.mb = MonitorBatch(table=table)
-        self._queue: list[tuple[int, int, str, dict[int, float], asyncio.Future]] = []
-        self._task: asyncio.Task | None = None
+        self._turn = TurnBatcher(lambda items: self.mb.observe(_step_batch(items)))
 
     def attach(self, mon: Monitor) -> int:
         return self.mb.attach(mon)
@@ -79,30 +78,10 @@ class _Hub:
         self.mb.detach(slot)
 
     async def observe(self, slot: int, tid: int, text: str, top: dict[int, float]) -> Any:
-        fut = asyncio.get_running_loop().create_future()
-        self._queue.append((slot, tid, text, top, fut))
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._drain())
-        return await fut
-
-    async def _drain(self) -> None:
-        await asyncio.sleep(0)  # let the other streams hand in their tokens first
-        while self._queue:
-            items, self._queue = self._queue, []
-            try:
-                decisions = self.mb.observe(_step_batch(items))
-            except Exception as e:  # the monitor fails open; this is a bug: fail these requests, not the server
-                for it in items:
-                    if not it[-1].done():
-                        it[-1].set_exception(e)
-                continue
-            for it, d in zip(items, decisions, strict=True):
-                if not it[-1].done():
-                    it[-1].set_result(d)
-            await asyncio.sleep(0)
+        return await self._turn.submit((slot, tid, text, top))
 
 
-def _step_batch(items: list[tuple[int, int, str, dict[int, float], Any]]) -> Any:
+def _step_batch(items: list[tuple[int, int, str, dict[int, float]]]) -> Any:
     """One StepBatch of top-k rows (padding: id -1, logprob -inf)."""
     import numpy as np
     import torch

@@ -42,11 +42,11 @@ def wait_healthy(proc: subprocess.Popen, base: str, what: str, timeout: float = 
         time.sleep(0.3)
 
 
-def start_serve(args: list[str], port: int) -> subprocess.Popen:
+def start_serve(args: list[str], port: int, timeout: float = 180.0) -> subprocess.Popen:
     """`overthink serve --port PORT ARGS` as a real process, once it answers."""
     proc = subprocess.Popen([sys.executable, "-m", "monitor.cli", "serve", "--port", str(port), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    wait_healthy(proc, f"http://127.0.0.1:{port}", "overthink serve")
+    wait_healthy(proc, f"http://127.0.0.1:{port}", "overthink serve", timeout)
     return proc
 
 

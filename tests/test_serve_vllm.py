@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+import time
 
 import httpx
 import openai
 import pytest
 
-from tests.serving import MESSAGES, MODEL, free_port, start_serve, stop, wait_healthy
+from tests.serving import (
+    MARKER,
+    MESSAGES,
+    MODEL,
+    client,
+    free_port,
+    parts,
+    start_serve,
+    stop,
+    traces,
+    wait_healthy,
+    wait_trace,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -62,3 +76,83 @@ def test_the_proxy_monitors_and_halts_a_real_vllm_server(vllm_server, tmp_path):
         assert 1 <= ov["accounting"]["answer"] <= 5
     finally:
         stop(proxy)
+
+
+@pytest.fixture(scope="module")
+def inprocess(tmp_path_factory):
+    """`overthink serve --backend vllm`: the monitored server on vLLM's AsyncLLM in its own process."""
+    pytest.importorskip("vllm")
+    log = tmp_path_factory.mktemp("inproc") / "t.jsonl"
+    port = free_port()
+    proc = start_serve(["--model", MODEL, "--backend", "vllm", "--max-model-len", "512", "--trace-log", str(log)],
+                       port, timeout=600)
+    try:
+        yield {"base": f"http://127.0.0.1:{port}", "log": log}
+    finally:
+        stop(proc)
+
+
+def test_the_vllm_backend_serves_monitors_and_halts(vllm_server, inprocess):
+    """The in-process vLLM backend: its observed reasoning is vLLM's own greedy completion (the plain `vllm serve`
+    of the same weights), a per-request halt lands with the control lag counted, streaming sends the same text."""
+    lm = vllm_server["lm"]
+    c = client(inprocess["base"])
+    r = c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12,
+                                  extra_body={"overthink": {"answer_max_tokens": 4}})
+    prompt = lm.family.build_prompt(lm.tokenizer, messages=MESSAGES, kind="text")
+    direct = httpx.post(vllm_server["base"] + "/v1/completions", timeout=120, json={
+        "model": "tiny-vllm", "prompt": prompt, "max_tokens": 12, "temperature": 0.0}).json()
+    assert r.choices[0].message.model_extra["reasoning_content"] == direct["choices"][0]["text"].replace(MARKER, "")
+    trace = wait_trace(inprocess["log"], r.model_extra["overthink"]["trace_id"])
+    assert trace["backend"] == "vllm" and parts(trace) == (r.choices[0].message.model_extra["reasoning_content"],
+                                                           r.choices[0].message.content)
+    h = c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=60,
+                                  extra_body={"overthink": {"halt_after": 6, "answer_max_tokens": 5}})
+    ov = h.model_extra["overthink"]
+    ht = wait_trace(inprocess["log"], ov["trace_id"])
+    assert h.choices[0].finish_reason == "halted" and ov["halted"]
+    assert ov["accounting"]["reasoning"] == 6 + ht["meta"]["vllm"]["lag_tokens"]
+    assert ov["accounting"]["forced"] == len(lm.tokenizer.encode(lm.family.exit_cue_for("text"),
+                                                                 add_special_tokens=False))
+    chunks = list(c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12, stream=True,
+                                            extra_body={"overthink": {"answer_max_tokens": 4}}))
+    reasoning = "".join(ch.choices[0].delta.model_extra.get("reasoning_content") or "" for ch in chunks if ch.choices)
+    assert reasoning == r.choices[0].message.model_extra["reasoning_content"]
+    assert chunks[-1].model_extra["overthink"]["accounting"] == r.model_extra["overthink"]["accounting"]
+
+
+def test_the_vllm_backend_under_concurrency_and_disconnects(inprocess):
+    """16 concurrent requests share the engine (none lost, each traced); a client that goes away mid-stream is
+    aborted in the engine; a bad request is a 400."""
+    async def go() -> list:
+        ac = openai.AsyncOpenAI(base_url=inprocess["base"] + "/v1", api_key="none", max_retries=0, timeout=300)
+        try:
+            return await asyncio.gather(*(ac.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": f"Count to {i}."}], max_tokens=10 + i % 5,
+                extra_body={"overthink": {"halt_after": 6} if i % 2 else {}}) for i in range(16)))
+        finally:
+            await ac.close()
+
+    results = asyncio.run(go())
+    ids = [x.model_extra["overthink"]["trace_id"] for x in results]
+    assert len(set(ids)) == 16
+    assert [x.model_extra["overthink"]["halted"] for x in results] == [bool(i % 2) for i in range(16)]
+    for i in ids:
+        wait_trace(inprocess["log"], i)
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 400, "stream": True}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", inprocess["base"] + "/v1/chat/completions", json=body) as resp:
+            lines = resp.iter_lines()
+            assert any(next(lines).startswith("data: ") for _ in range(6))
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            h = http.get(inprocess["base"] + "/health").json()
+            if h["running"] == 0 and h["engine_requests"] == 0:
+                break
+            time.sleep(0.2)
+        assert h["running"] == 0 and h["engine_requests"] == 0
+        bad = http.post(inprocess["base"] + "/v1/chat/completions",
+                        json={"model": MODEL, "messages": MESSAGES, "overthink": {"polcy": "observe"}})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "overthink.polcy"
+    cancelled = [t for t in traces(inprocess["log"]).values() if t["meta"].get("cancelled")]
+    assert cancelled and all(t["accounting"]["reasoning"] < 400 for t in cancelled)

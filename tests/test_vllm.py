@@ -73,11 +73,10 @@ def test_observing_matches_hf_tokens_logprobs_and_hidden_states(tiny, llm):
     vres = vllm_gen(tiny, llm, ObservePolicy, vbox, logprobs="full").generate(PROMPTS, max_new_tokens=20)
     hres = [hf_gen(tiny, ObservePolicy, hbox).generate([p], max_new_tokens=20)[0] for p in PROMPTS]
     for v, h, vr, hr in zip(vres, hres, vbox, hbox):
-        # the same 20 greedy reasoning tokens; then both force the exit cue at the budget (vLLM a few
-        # tokens late: its engine runs ahead of the driver, and those lag tokens are kept and counted)
-        assert v.monitor.token_ids[:20] == h.monitor.token_ids[:20]
-        assert v.monitor._tok_phase.count("reasoning") == 20 + v.extra["lag_tokens"]
-        assert v.monitor._tok_phase.count("forced") == h.monitor._tok_phase.count("forced")
+        # the same 20 greedy reasoning tokens; then both force the exit cue at the budget, vLLM with no control
+        # lag (the engine's logits processor holds the budget), so the whole sequences, answers included, agree
+        assert v.extra["lag_tokens"] == 0 and v.monitor.token_ids == h.monitor.token_ids
+        assert v.monitor._tok_phase == h.monitor._tok_phase and v.monitor._tok_phase.count("reasoning") == 20
         assert len(vr.steps) == len(hr.steps) == 20
         for vs, hs in zip(vr.steps, hr.steps):
             assert vs.token_id == hs.token_id and vs.text == hs.text
@@ -280,35 +279,85 @@ def test_exit_still_lands_when_the_engine_ends_the_request_first(tiny, llm):
     assert forced == list(gen.exit.ids) and ph.count("reasoning") == 8 and ph.count("answer") >= 1
 
 
-def test_async_engine_monitors_and_halts_each_request(tiny, llm, tmp_path):
-    """AsyncLLM (the engine behind vLLM's server): the same tokens and hidden states as the offline loop, and
-    halts through the processor and through abort + resubmit."""
+class TrialAt3:
+    """Asks for one trial answer at reasoning token 3, then continues."""
+
+    name = "trial-at-3"
+
+    def __init__(self):
+        self.after = []
+
+    def decide(self, ctx):
+        from monitor.decision import CONTINUE, TRIAL, Decision, TrialRequest
+
+        if ctx.position == 3:
+            return Decision(TRIAL, "trial", trial=TrialRequest("\n\\boxed{", max_tokens=4))
+        return Decision(CONTINUE)
+
+    def decide_after_trial(self, ctx, trial):
+        from monitor.decision import CONTINUE, Decision
+
+        self.after.append(trial)
+        return Decision(CONTINUE)
+
+
+@pytest.fixture(scope="module")
+def async_runs(tiny, llm, tmp_path_factory):
+    """Everything the AsyncLLM tests check, on ONE engine (an engine start costs a minute here)."""
     import asyncio
 
     from monitor.vllm import AsyncVLLMMonitoredGenerator, make_async_llm
 
-    sync_box = []
-    sync = vllm_gen(tiny, llm, ObservePolicy, sync_box).generate(PROMPTS, max_new_tokens=16)
-
     async def main():
-        engine = make_async_llm(export_for_vllm(tiny, cache_dir=tmp_path), hidden=True, max_model_len=512)
+        engine = make_async_llm(export_for_vllm(tiny, cache_dir=tmp_path_factory.mktemp("async")), hidden=True,
+                                max_model_len=512)
         try:
-            box = []
-            gen = await AsyncVLLMMonitoredGenerator.create(engine, tiny.tokenizer, factory_for(ObservePolicy, box),
+            out = {"box": []}
+            gen = await AsyncVLLMMonitoredGenerator.create(engine, tiny.tokenizer, factory_for(ObservePolicy, out["box"]),
                                                            layers=LAYERS, exit_cue=tiny.family.exit_cue,
                                                            answer_max_tokens=6)
-            observed = await gen.generate(PROMPTS, max_new_tokens=16)
-            halted = {}
+            out["observed"] = await gen.generate(PROMPTS, max_new_tokens=16)
+            out["halted"] = {}
             for force in ("processor", "resubmit"):
                 g = await AsyncVLLMMonitoredGenerator.create(
                     engine, tiny.tokenizer, factory_for(lambda: HaltAfterPolicy(8), []), layers=LAYERS,
                     exit_cue=tiny.family.exit_cue, answer_max_tokens=6, force=force)
-                halted[force] = await g.generate(PROMPTS, max_new_tokens=40)
-            return box, observed, halted
+                out["halted"][force] = await g.generate(PROMPTS, max_new_tokens=40)
+            # a server's requests: one at a time through generate_one, concurrently, each with its own policy,
+            # budget and hooks; one is stopped by its caller after 5 tokens
+            srv = await AsyncVLLMMonitoredGenerator.create(engine, tiny.tokenizer, lambda: None, layers=LAYERS,
+                                                           exit_cue=tiny.family.exit_cue, answer_max_tokens=6)
+            pieces = [[] for _ in PROMPTS]
+            trial_pol = TrialAt3()
+            policies = [trial_pol, HaltAfterPolicy(5), ObservePolicy()]
+
+            def emit_to(i):
+                return lambda text, phase, tok, lp: pieces[i].append((text, phase, tok))
+
+            def stop_for(i):
+                return (lambda: "cancelled by the caller" if len(pieces[i]) >= 5 else None) if i == 2 else None
+
+            out["served"] = await asyncio.gather(*(
+                srv.generate_one(p, Monitor(signals=[], policy=pol), lambda r: r, max_new_tokens=12 + 4 * i,
+                                 emit=emit_to(i), stop=stop_for(i))
+                for i, (p, pol) in enumerate(zip(PROMPTS, policies))))
+            out["pieces"], out["trial_policy"] = pieces, trial_pol
+            out["slots_free"] = len(srv._shared._free) == len(srv._shared.monitors)
+            await asyncio.sleep(0.5)
+            out["engine_left"] = engine.output_processor.get_num_unfinished_requests()
+            return out
         finally:
             engine.shutdown()
 
-    box, observed, halted = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_async_engine_monitors_and_halts_each_request(tiny, llm, async_runs):
+    """AsyncLLM (the engine behind vLLM's server): the same tokens and hidden states as the offline loop, and
+    halts through the processor and through abort + resubmit."""
+    sync_box = []
+    sync = vllm_gen(tiny, llm, ObservePolicy, sync_box).generate(PROMPTS, max_new_tokens=16)
+    box, observed, halted = async_runs["box"], async_runs["observed"], async_runs["halted"]
     for a, s, ra, rs in zip(observed, sync, box, sync_box):
         assert a.monitor.token_ids[:16] == s.monitor.token_ids[:16]
         for x, y in zip(ra.steps, rs.steps):
@@ -322,3 +371,53 @@ def test_async_engine_monitors_and_halts_each_request(tiny, llm, tmp_path):
             assert ph.count("reasoning") == 8 + r.extra["lag_tokens"] and ph.count("answer") >= 1
             assert [t for t, p in zip(r.monitor.token_ids, ph) if p == "forced"] == list(
                 tiny.tokenizer.encode(tiny.family.exit_cue, add_special_tokens=False))
+
+
+def test_requests_share_the_async_engine_each_with_its_own_policy_budget_and_hooks(tiny, async_runs):
+    """`generate_one`, what `overthink serve --backend vllm` runs per request: concurrent requests on one engine
+    and one MonitorBatch; the tokens each hook saw are exactly its sequence; a caller's stop aborts the request;
+    nothing stays in the engine or the batch."""
+    trial, halted, stopped = async_runs["served"]
+    for r, seen in zip(async_runs["served"], async_runs["pieces"]):
+        assert [t for _, _, t in seen] == r.monitor.token_ids[:len(seen)]
+        assert [p for _, p, _ in seen] == r.monitor._tok_phase[:len(seen)]
+    assert halted.monitor.halted_at == 5 and "forced" in halted.monitor._tok_phase
+    assert stopped.stop_reason == "cancelled by the caller" and stopped.monitor.n_tokens < 20
+    assert trial.monitor.reasoning_tokens > 4 and trial.monitor.decision is None  # it went on after the trial
+    assert async_runs["slots_free"] and async_runs["engine_left"] == 0
+
+
+def test_a_trial_under_the_async_engine_is_a_real_side_request(tiny, llm, async_runs):
+    """DEER-style trials on AsyncLLM: decoded as a side request from the sequence up to the decision token (the
+    same greedy answer the offline engine gives for those token ids), and the policy decides on it."""
+    from vllm import SamplingParams
+
+    trial = async_runs["served"][0]
+    (outcome,) = async_runs["trial_policy"].after
+    prompt_ids = tiny.tokenizer.encode(PROMPTS[0], add_special_tokens=False)
+    probe_ids = tiny.tokenizer.encode("\n\\boxed{", add_special_tokens=False)
+    ids = prompt_ids + trial.monitor.token_ids[:4] + probe_ids  # the decision was at reasoning token 3 (0-based)
+    (ref,) = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=4, temperature=0.0))
+    assert outcome.text == tiny.tokenizer.decode(ref.outputs[0].token_ids, skip_special_tokens=False)[:len(outcome.text)]
+    assert outcome.text and 0.0 <= outcome.confidence <= 1.0
+    assert trial.monitor.probe_tokens == outcome.n_tokens > len(probe_ids)
+    assert not trial.monitor.errors
+
+
+def test_the_engine_holds_no_budget_exit_after_the_model_ended_its_reasoning(tiny, llm):
+    """The processor forces the exit cue at the budget itself, unless the model closed its reasoning first: with the
+    model's 4th greedy token taken as its end-of-reasoning marker, a budget of 8 forces nothing; without it the same
+    prompt gets the exit cue right at token 8."""
+    from monitor.cues import CueDetector
+
+    (free,) = vllm_gen(tiny, llm, ObservePolicy, [], hidden=False).generate(PROMPTS[:1], max_new_tokens=8)
+    assert free.monitor._tok_phase[:8] == ["reasoning"] * 8 and free.monitor._tok_phase[8] == "forced"
+    ids = free.monitor.token_ids
+    marker = next(tiny.tokenizer.decode([t]) for t in ids[3:8]
+                  if tiny.tokenizer.encode(tiny.tokenizer.decode([t]), add_special_tokens=False) == [t])
+    gen = VLLMMonitoredGenerator(llm, tiny.tokenizer, lambda: Monitor(signals=[], policy=ObservePolicy(),
+                                                                      cues=CueDetector(think_end=marker)),
+                                 exit_cue=tiny.family.exit_cue, answer_max_tokens=12, hidden=False)
+    (ended,) = gen.generate(PROMPTS[:1], max_new_tokens=8)
+    assert ended.stop_reason == "model ended its reasoning" and "forced" not in ended.monitor._tok_phase
+    assert ended.monitor.token_ids[:8] == ids[:8]  # the same greedy text, going on into its answer
