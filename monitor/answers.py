@@ -524,6 +524,23 @@ def normalize_number(s: str | None) -> float | None:
     return _number(s, units=True)
 
 
+def answer_key(s: str | None) -> str | None:
+    """A trial answer in a form two trials can be compared by (answer stability): the number it is, written
+    canonically ("18", "18.0", "$18" and "18." are all "18"), else its text without LaTeX spacing, `$`,
+    `\\text{}` and whitespace; None for an empty answer.
+
+    Example:
+        >>> answer_key(" 18.0 "), answer_key("\\\\$18"), answer_key("\\\\frac{1}{2}"), answer_key("x + 1"), answer_key(" ")
+        ('18', '18', '0.5', 'x+1', None)
+    """
+    if s is None or not s.strip():
+        return None
+    n = _number(s, units=False)  # no unit words: "x + 1" is an expression, not 1
+    if n is not None:
+        return f"{n:.12g}"
+    return _norm_str(s[:MAX_ANSWER_CHARS]) or None
+
+
 # --------------------------------------------------------------------------- checking
 _CHOICE_ONLY_RE = re.compile(r"\(?([A-Ea-e])\)?[.:]?")  # "B", "(b)", "B."
 _CHOICE_LEAD_RE = re.compile(r"\(?([A-E])[).:](?:\s|$)")  # "(B) library", "B) library", "B. library"

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--limit", type=positive_int, help="first N problems of --data")
     r.add_argument("--gold", help="gold answer for --question (to grade it)")
     r.add_argument("--policy", default="observe",
-                   help="observe | deer[:CONF] | threshold:FAMILY.KEY>=VALUE (default: observe)")
+                   help="observe | deer[:CONF] | certaindex[:K[:CONF]] | threshold:FAMILY.KEY>=VALUE (default: observe)")
     r.add_argument("--halt-after", type=positive_int, help="halt after N reasoning tokens (fixed budget)")
     r.add_argument("--max-new-tokens", type=positive_int, default=512, help="reasoning token cap (default 512)")
     add_task_args(r)

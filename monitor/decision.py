@@ -73,11 +73,32 @@ class Decision:
 
 @dataclass(frozen=True)
 class TrialOutcome:
-    """A trial answer decoded on a copy of the cache (DEER confidence, forced-exit labels)."""
+    """A trial answer decoded on a copy of the cache (DEER confidence, forced-exit labels), with its features.
+
+    The backend fills what it decoded (`sequence.TrialScore.outcome`); the Monitor adds the answer's stability
+    against this sequence's earlier trials (`streak`, `agrees_previous`) before the policy sees it."""
 
     confidence: float  # mean (or geometric-mean) probability of the tokens inside the braces
     n_tokens: int  # trial prompt + decoded tokens: counted as probe tokens
     text: str = ""  # what the model wrote after the trial prompt
+    answer: str | None = None  # the answer inside the braces, normalised (`answers.answer_key`); None: empty
+    mean: float | None = None  # arithmetic mean probability of the answer tokens (DEER's confidence)
+    geometric: float | None = None  # geometric mean probability
+    minimum: float | None = None  # lowest answer-token probability
+    entropy: float | None = None  # mean next-token entropy (nats) over the answer tokens (top-k where the backend
+    # has only the top k); None where the backend has no distribution
+    streak: int = 0  # consecutive earlier trials of this sequence with the same answer
+    agrees_previous: bool | None = None  # the same answer as the previous trial (None: no previous trial)
+
+    def record(self) -> dict:
+        """The trial as a trace's decision point holds it (and as `overthink.log/1` lines do)."""
+        def num(x: float | None) -> float | None:
+            return None if x is None or not math.isfinite(x) else round(float(x), 6)
+
+        return {"answer": self.answer, "confidence": {"mean": num(self.mean), "geometric": num(self.geometric),
+                                                      "min": num(self.minimum)},
+                "entropy": num(self.entropy), "tokens": int(self.n_tokens), "streak": int(self.streak),
+                "agrees_previous": self.agrees_previous}
 
 
 @dataclass
@@ -234,6 +255,47 @@ class DeerPolicy:
         return Decision(CONTINUE, score=confidence, threshold=self.threshold)
 
 
+class CertaindexPolicy:
+    """Certaindex (Dynasor's answer stability), training-free: at each decision point (cue words and step ends by
+    default) decode a trial answer as DEER does, and halt when the last `k` trial answers agree (the same
+    normalised answer, not empty), optionally only when this trial's confidence (DEER's mean probability) is
+    >= `confidence` too. Trial tokens are probe tokens.
+
+    Example:
+        >>> CertaindexPolicy(3, 0.5).name
+        'certaindex:3:0.5'
+    """
+
+    trial_prompt = DeerPolicy.trial_prompt
+
+    def __init__(self, k: int = 3, confidence: float | None = None, max_trial_tokens: int = 20,
+                 kinds: tuple[str, ...] = ("cue", "step_end")) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"certaindex needs K >= 1 agreeing trial answers, got {k!r}")
+        if confidence is not None and (isinstance(confidence, bool) or not isinstance(confidence, numbers.Real)
+                                       or math.isnan(confidence) or not 0.0 < confidence <= 1.0):
+            raise ValueError(f"certaindex confidence must be in (0, 1], got {confidence!r}")
+        self.k, self.confidence, self.max_trial_tokens, self.kinds = k, confidence, max_trial_tokens, kinds
+        self.name = f"certaindex:{k}" + (f":{confidence:g}" if confidence is not None else "")
+        self.at_points_only = True
+
+    def decide(self, ctx: DecisionContext) -> Decision:
+        if ctx.point is not None and ctx.point.kind in self.kinds:
+            return Decision(TRIAL, f"trial answer at {_point_words(ctx.point)}",
+                            trial=TrialRequest(self.trial_prompt, self.max_trial_tokens))
+        return Decision(CONTINUE)
+
+    def decide_after_trial(self, ctx: DecisionContext, trial: TrialOutcome) -> Decision:
+        agree = trial.streak + 1 if trial.answer is not None else 0  # the last `agree` answers are the same
+        sure = self.confidence is None or trial.confidence >= self.confidence
+        if agree >= self.k and sure:
+            where = _point_words(ctx.point) if ctx.point is not None else f"token {ctx.position}"
+            conf = "" if self.confidence is None else f", confidence {trial.confidence:.3f} >= {self.confidence:g}"
+            return Decision(HALT, f"halted at token {ctx.position}: the last {agree} trial answers agree "
+                                  f"({trial.answer!r}){conf} at {where}", float(agree), float(self.k))
+        return Decision(CONTINUE, score=float(agree), threshold=float(self.k))
+
+
 def _split_known(known_keys: Iterable[str]) -> tuple[list[str], set[str]]:
     """("family.key" names in order, families marked lenient with "family.*")."""
     if isinstance(known_keys, str):
@@ -322,6 +384,16 @@ def parse_policy(spec: str | None, halt_after: int | None = None,
             return DeerPolicy(float(thr)) if thr else DeerPolicy()
         except ValueError as e:
             raise ValueError(f"bad DEER policy {spec!r}: {e}. Use e.g. --policy deer:0.95") from None
+    if spec.startswith("certaindex"):
+        parts = spec.split(":")
+        try:
+            if parts[0] != "certaindex" or len(parts) > 3:
+                raise ValueError("expected certaindex:K or certaindex:K:CONF")
+            k = int(parts[1]) if len(parts) > 1 and parts[1] else 3
+            return CertaindexPolicy(k, float(parts[2]) if len(parts) > 2 else None)
+        except ValueError as e:
+            raise ValueError(f"bad certaindex policy {spec!r}: {e}. Use e.g. --policy certaindex:3 or "
+                             "certaindex:3:0.6") from None
     if spec.startswith("threshold:"):
         body = spec[len("threshold:"):]
         for op in (">=", "<=", ">", "<"):
@@ -336,5 +408,6 @@ def parse_policy(spec: str | None, halt_after: int | None = None,
                     raise ValueError(f"bad threshold policy {spec!r}: {e}") from None
         raise ValueError(f"bad threshold policy {spec!r}: use e.g. threshold:jsd_instability.instability>=0.3")
     raise ValueError(
-        f"unknown policy {spec!r}: use observe, deer[:CONF], threshold:FAMILY.KEY>=VALUE, or --halt-after N"
+        f"unknown policy {spec!r}: use observe, deer[:CONF], certaindex[:K[:CONF]], threshold:FAMILY.KEY>=VALUE, "
+        "or --halt-after N"
     )

@@ -313,11 +313,12 @@ class HFMonitoredGenerator:
                 out_ids.append(tok)
                 if tok in self.eos_ids:
                     break
-                if score.add(self.tokenizer.decode([tok], skip_special_tokens=False), float(p[tok])):
+                ent = float(-(p * p.clamp_min(1e-30).log()).sum())
+                if score.add(self.tokenizer.decode([tok], skip_special_tokens=False), float(p[tok]), ent):
                     break
                 inp = torch.tensor([[tok]], device=inp.device)
         text = self.tokenizer.decode([t for t in out_ids if t not in self.eos_ids], skip_special_tokens=False)
-        return TrialOutcome(score.confidence, len(ids) + n_gen, text)
+        return score.outcome(len(ids) + n_gen, text)
 
     # ------------------------------------------------------------------ batch entry point
     @torch.no_grad()

@@ -27,6 +27,7 @@ it as missing, as before the signal first defined it). A non-number (a string, a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import numbers
@@ -158,6 +159,7 @@ class Monitor:
         self.points: list[dict[str, Any]] = []
         self._reasoning = 0  # reasoning tokens recorded here (`reasoning_tokens` adds those the batch holds)
         self.probe_tokens = 0
+        self.trial_answers: list[str | None] = []  # this sequence's trial answers, in order (answer stability)
         self.decision: Decision | None = None  # the halting decision, once made
         self.halted_at: int | None = None
         self._prev_hidden: Any = None
@@ -387,6 +389,7 @@ class Monitor:
         """Report a trial answer requested by the last decision; returns the follow-up decision."""
         self._sync()
         self.probe_tokens += int(trial.n_tokens)
+        trial = self._with_stability(trial)
         confidence = trial.confidence
         ctx, self._pending_ctx = self._pending_ctx, None
         if ctx is None or self._policy_error is not None:
@@ -400,10 +403,25 @@ class Monitor:
             self._failed(self._policy_key(), "decide_after_trial", ctx.position, e)
             d = Decision(CONTINUE, self._policy_off_reason())
         if self.points and self.points[-1]["index"] == (ctx.point.index if ctx.point else None):
-            self.points[-1]["score"] = _clean(confidence)
+            self.points[-1]["score"] = _clean(d.score if d.score is not None else confidence)
             self.points[-1]["threshold"] = _clean(d.threshold)
             self.points[-1]["action"] = d.action
+            self.points[-1]["trial"] = trial.record()
         return self._apply(d)
+
+    def _with_stability(self, trial: TrialOutcome) -> TrialOutcome:
+        """The trial with its stability against this sequence's earlier trials: how many consecutive earlier
+        trials gave the same (non-empty) answer, and whether the previous one did."""
+        prev = self.trial_answers
+        streak = 0
+        if trial.answer is not None:
+            for a in reversed(prev):
+                if a != trial.answer:
+                    break
+                streak += 1
+        prev.append(trial.answer)
+        agrees = None if len(prev) < 2 else (trial.answer is not None and prev[-2] == trial.answer)
+        return dataclasses.replace(trial, streak=streak, agrees_previous=agrees)
 
     def trial_unavailable(self, why: str) -> Decision:
         """The backend cannot decode the trial the last decision asked for: never a silent confidence of 0. The

@@ -90,9 +90,11 @@ class RunConfig:
         if self.backend not in ("hf", "vllm"):
             raise ValueError(f"--backend must be 'hf' or 'vllm', got {self.backend!r}")
         if self.backend == "vllm":
-            if self.policy.startswith("deer"):
-                raise ValueError("the DEER policy needs trial answers decoded on a copy of the KV cache, which "
-                                 "only the HF backend does; use --backend hf for --policy deer")
+            if self.policy.startswith(("deer", "certaindex")):
+                raise ValueError(f"the {self.policy.split(':')[0]} policy needs trial answers; `overthink run "
+                                 "--backend vllm` runs vLLM's offline engine loop, which has no side requests for "
+                                 "them: use --backend hf (or `overthink serve --backend vllm`, whose AsyncLLM decodes "
+                                 "trials as side requests)")
             if self.vllm_force not in ("auto", "processor", "resubmit"):
                 raise ValueError(f"--force must be auto, processor or resubmit, got {self.vllm_force!r}")
             lp = self.vllm_logprobs

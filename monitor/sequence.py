@@ -9,7 +9,7 @@ and use these pieces for the rest, so the rules are written once.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,26 +54,79 @@ class TrialScore:
         self.track = self.depth > 0
         self.geometric = mean == "geometric"
         self.probs: list[float] = []
+        self.entropies: list[float] = []
+        self.pieces: list[str] = []  # the answer's text (inside the braces)
 
-    def add(self, piece: str, prob: float | None) -> bool:
-        """Count one answer token (its text and probability); True when the answer is complete."""
+    def add(self, piece: str, prob: float | None, entropy: float | None = None) -> bool:
+        """Count one answer token (its text, probability and, where the backend has the distribution, its entropy
+        in nats); True when the answer is complete."""
         self.depth += brace_delta(piece)
         if self.track and self.depth <= 0:
-            if piece.split("}")[0].strip() and prob is not None:  # content before the closing brace is inside
-                self.probs.append(prob)
+            inside = piece[:_closing_at(piece, self.depth)]
+            if inside.strip() and prob is not None:  # content before the closing brace is inside
+                self._count(inside, prob, entropy)
             return True
         if prob is not None:
-            self.probs.append(prob)
+            self._count(piece, prob, entropy)
         return False
+
+    def _count(self, piece: str, prob: float, entropy: float | None) -> None:
+        self.probs.append(prob)
+        self.pieces.append(piece)
+        if entropy is not None and math.isfinite(entropy):
+            self.entropies.append(entropy)
 
     @property
     def confidence(self) -> float:
+        return (self.geometric_mean if self.geometric else self.mean) or 0.0
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.probs) / len(self.probs) if self.probs else None
+
+    @property
+    def geometric_mean(self) -> float | None:
         p = self.probs
-        if not p:
-            return 0.0
-        if self.geometric:
-            return math.exp(sum(math.log(max(x, 1e-30)) for x in p) / len(p))
-        return sum(p) / len(p)
+        return math.exp(sum(math.log(max(x, 1e-30)) for x in p) / len(p)) if p else None
+
+    def outcome(self, n_tokens: int, text: str) -> Any:
+        """The `TrialOutcome` with every feature: confidence, mean, geometric mean, minimum, entropy, the
+        normalised answer (stability is added by the Monitor)."""
+        from monitor.answers import answer_key
+        from monitor.decision import TrialOutcome
+
+        p = self.probs
+        return TrialOutcome(self.confidence, n_tokens, text, answer=answer_key("".join(self.pieces)),
+                            mean=self.mean, geometric=self.geometric_mean, minimum=min(p) if p else None,
+                            entropy=sum(self.entropies) / len(self.entropies) if self.entropies else None)
+
+
+def topk_entropy(lp: Mapping[int, float] | None) -> float | None:
+    """Entropy (nats) of a top-k distribution {id: logprob} renormalised over its entries (what a backend or server
+    that returns top-k log-probabilities has of a trial token's distribution); None without one."""
+    if not lp:
+        return None
+    v = [x for x in lp.values() if math.isfinite(x)]
+    if not v:
+        return None
+    m = max(v)
+    w = [math.exp(x - m) for x in v]
+    z = sum(w)
+    return -sum((x / z) * math.log(max(x / z, 1e-300)) for x in w)
+
+
+def _closing_at(piece: str, depth_after: int) -> int:
+    """Where, in a piece that closed the tracked brace (the depth is `depth_after` <= 0 after it), that brace is."""
+    d = depth_after
+    for i in range(len(piece) - 1, -1, -1):
+        c = piece[i]
+        if c == "}":
+            d += 1
+            if d > 0:
+                return i
+        elif c == "{":
+            d -= 1
+    return piece.find("}") if "}" in piece else len(piece)
 
 
 def exit_brace_depth(exit_cue: str) -> int | None:

@@ -61,7 +61,14 @@ from monitor.decision import TRIAL
 from monitor.detokenize import IncrementalDetokenizer
 from monitor.events import StepBatch
 from monitor.monitor import Monitor
-from monitor.sequence import ExitPlan, SequenceResult, advance_answer, after_reasoning_token, eos_ids
+from monitor.sequence import (
+    ExitPlan,
+    SequenceResult,
+    advance_answer,
+    after_reasoning_token,
+    eos_ids,
+    topk_entropy,
+)
 from monitor.vocab import TokenTable
 
 log = logging.getLogger("overthink.vllm")
@@ -864,13 +871,12 @@ class AsyncVLLMMonitoredGenerator(VLLMMonitoredGenerator):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        from monitor.decision import TrialOutcome
         from monitor.sequence import TrialScore
 
         ids = self.tokenizer.encode(req.prompt, add_special_tokens=False)
         st.trials += 1
         rid = f"{st.key}.trial{st.trials}"
-        sp = SamplingParams(max_tokens=req.max_tokens, temperature=0.0, logprobs=0, detokenize=False,
+        sp = SamplingParams(max_tokens=req.max_tokens, temperature=0.0, logprobs=self.logprobs, detokenize=False,
                             output_kind=RequestOutputKind.DELTA)
         score, out_ids, done, n_gen = TrialScore(req.prompt, req.mean), [], False, 0
         async for out in self.engine.generate({"prompt_token_ids": st.prompt_ids + st.generated[:n] + ids}, sp,
@@ -883,9 +889,10 @@ class AsyncVLLMMonitoredGenerator(VLLMMonitoredGenerator):
                     done = True
                     break
                 out_ids.append(tok)
-                chosen = _chosen_logprob(_to_logprobs(lp), tok)
+                dist = _to_logprobs(lp)
+                chosen = _chosen_logprob(dist, tok)
                 if score.add(self.tokenizer.decode([tok], skip_special_tokens=False),
-                             0.0 if chosen is None else math.exp(chosen)):
+                             0.0 if chosen is None else math.exp(chosen), topk_entropy(dist)):
                     done = True
                     break
             if done:
@@ -893,7 +900,7 @@ class AsyncVLLMMonitoredGenerator(VLLMMonitoredGenerator):
                     await self.engine.abort(rid)
                 break
         text = self.tokenizer.decode(out_ids, skip_special_tokens=False)
-        return TrialOutcome(score.confidence, len(ids) + n_gen, text)
+        return score.outcome(len(ids) + n_gen, text)
 
     async def _drain_async(self, hid: dict[str, dict[int, dict[int, np.ndarray]]], rid: str, pos: int) -> None:
         """Drain the worker's hidden states unless a drain another request made meanwhile brought `rid`'s

@@ -34,7 +34,7 @@ def add_serve_command(sub: Any) -> None:
     s.add_argument("--port", type=positive_int, default=8000, help="port (default 8000)")
     s.add_argument("--served-model-name", help="the model name clients send (default: --model)")
     s.add_argument("--policy", default="observe",
-                   help="default policy for requests that name none: observe | deer[:CONF] | "
+                   help="default policy for requests that name none: observe | deer[:CONF] | certaindex[:K[:CONF]] | "
                         "threshold:FAMILY.KEY>=VALUE | a calibrated probe bundle (.joblib; requests name it by its "
                         "file name without the extension) (a request's overthink.policy overrides it)")
     s.add_argument("--halt-after", type=positive_int, help="default policy: halt after N reasoning tokens")

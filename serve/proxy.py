@@ -34,7 +34,7 @@ from monitor.decision import TRIAL, TrialOutcome, TrialRequest
 from monitor.models import LoadedModel
 from monitor.monitor import Monitor
 from monitor.run import RunConfig
-from monitor.sequence import SequenceResult, TrialScore, advance_answer, exit_brace_depth
+from monitor.sequence import SequenceResult, TrialScore, advance_answer, exit_brace_depth, topk_entropy
 from monitor.signals import JSDInstability, PathDeviation
 from monitor.vocab import TokenTable
 from serve.engine import Job, JobResult, build_trace
@@ -287,19 +287,21 @@ class ProxyEngine:
     async def _trial(self, job: Job, reasoning: str, req: TrialRequest) -> TrialOutcome:
         """A trial answer as a side request: greedy, until the brace its prompt opened closes."""
         body = self._body(job, job.prompt + reasoning + req.prompt, req.max_tokens, stream=False)
-        body["temperature"], body["logprobs"] = 0.0, 1
+        body["temperature"] = 0.0
         r = await self._client().post(f"{self.url}/completions", json=body)
         if r.status_code != 200:
             raise UpstreamError(f"the upstream {self.url} answered {r.status_code} to a trial: {r.text[:300]}")
         choice = r.json()["choices"][0]
         lp = choice.get("logprobs") or {}
         score, n = TrialScore(req.prompt, req.mean), 0
-        for t, v in zip(lp.get("tokens") or [], lp.get("token_logprobs") or []):
+        tops = lp.get("top_logprobs") or []
+        for i, (t, v) in enumerate(zip(lp.get("tokens") or [], lp.get("token_logprobs") or [])):
             n += 1
-            if score.add(self._text(t, self._id(t)), None if v is None else math.exp(v)):
+            top = {self._id(k): float(x) for k, x in (tops[i] or {}).items()} if i < len(tops) and tops[i] else None
+            if score.add(self._text(t, self._id(t)), None if v is None else math.exp(v), topk_entropy(top)):
                 break
         n_prompt = len(self.lm.tokenizer.encode(req.prompt, add_special_tokens=False))
-        return TrialOutcome(score.confidence, n_prompt + n, choice.get("text") or "")
+        return score.outcome(n_prompt + n, choice.get("text") or "")
 
 
 __all__ = ["ProxyEngine", "PROXY_FAMILIES", "UpstreamError"]

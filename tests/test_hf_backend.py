@@ -133,7 +133,7 @@ class TrialAt:
     name = "trial-at"
 
     def __init__(self, at):
-        self.at, self.confidences, self.texts = at, [], []
+        self.at, self.confidences, self.texts, self.outcomes = at, [], [], []
         self.request = TrialRequest("\n**Final Answer**\n\\boxed{", max_tokens=4)
 
     def decide(self, ctx):
@@ -142,6 +142,7 @@ class TrialAt:
     def decide_after_trial(self, ctx, trial):
         self.confidences.append(trial.confidence)
         self.texts.append(trial.text)
+        self.outcomes.append(trial)
         return Decision(CONTINUE)
 
 
@@ -170,6 +171,10 @@ def test_deer_trial_runs_on_a_cache_copy_and_counts_probe_tokens(tiny):
         seq.append(nxt)
     if probs:
         assert pol.confidences[0] == pytest.approx(sum(probs) / len(probs), abs=1e-4)
+        # the trial's features: DEER's mean is the confidence; the minimum and the full-distribution entropy
+        (out,) = pol.outcomes
+        assert out.mean == pytest.approx(pol.confidences[0]) and out.minimum == pytest.approx(min(probs), abs=1e-4)
+        assert out.entropy is not None and out.entropy > 0 and out.streak == 0 and out.agrees_previous is None
 
 
 def test_broken_signal_fails_open_during_real_generation(tiny):
