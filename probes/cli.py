@@ -58,6 +58,8 @@ def add_commands(sub: Any, positive_int: Callable[[str], int]) -> dict[str, Call
     e.add_argument("--data", required=True, help="collect directory of held-out problems (e.g. GSM8K test)")
     e.add_argument("--deer", type=float, default=0.95,
                    help="also replay DEER's rule at this trial confidence (default 0.95; 0 to skip)")
+    e.add_argument("--certaindex", type=int, default=3, metavar="K",
+                   help="also replay certaindex: halt when the last K trial answers agree (default 3; 0 to skip)")
     e.add_argument("--markdown", help="also write the table as Markdown to this file")
     e.add_argument("--check-run", metavar="TRACES",
                    help="compare the first bundle's replay with real `overthink run --policy BUNDLE` traces")
@@ -162,6 +164,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if not 0.0 <= args.deer <= 1.0:
         raise ValueError(f"--deer must be a confidence in [0, 1] (0 skips the baseline), got {args.deer}")
+    if args.certaindex < 0:
+        raise ValueError(f"--certaindex must be K >= 1 agreeing answers (0 skips the baseline), got {args.certaindex}")
     if args.markdown:  # before any work: not over a bundle, the data (or a shard) or the traces; writable
         check_output(args.markdown, "--markdown", inputs={"BUNDLES": args.bundles, "--data": args.data,
                                                           "--check-run": args.check_run})
@@ -180,7 +184,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                     console.print(f"  {r['id']}: run/replay halted {r['halted']}, answer {r['answer']}, "
                                   f"token diff {r['token_diff']}", markup=False)
         return 0
-    res = evaluate(args.bundles, args.data, deer=args.deer or None)
+    res = evaluate(args.bundles, args.data, deer=args.deer or None, certaindex=args.certaindex or None)
     md = markdown_table(res)
     if args.markdown:
         atomic_write_text(args.markdown, md + "\n")

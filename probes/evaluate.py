@@ -139,8 +139,34 @@ def replay_deer(data: CollectedData, threshold: float = 0.95) -> ReplayRow:
     return _row(f"DEER rule (trial confidence >= {threshold:g})", exits, data, trial_cost=True)
 
 
-def evaluate(bundles: list[str | Path], data_dir: str | Path, deer: float | None = 0.95) -> dict[str, Any]:
-    """Replay each calibrated bundle (and the DEER baseline) on a held-out collect directory."""
+def certaindex_exits(data: CollectedData, k: int = 3) -> list[int | None]:
+    """Per problem, the first decision point where the last `k` forced-exit answers (this one and the k-1 before
+    it; the collection's trial at every point) agree, non-empty, as `answers.answer_key` compares them."""
+    from monitor.answers import answer_key
+
+    exits: list[int | None] = []
+    for p in data.problems:
+        run, prev, hit = 0, None, None
+        for j, e in enumerate(p["events"]):
+            a = answer_key(e.get("answer"))
+            run = run + 1 if a is not None and a == prev else (1 if a is not None else 0)
+            prev = a
+            if run >= k:
+                hit = j
+                break
+        exits.append(hit)
+    return exits
+
+
+def replay_certaindex(data: CollectedData, k: int = 3) -> ReplayRow:
+    """Certaindex (answer stability, training-free) on the same collection: halt at the first decision point where
+    the last `k` trial answers agree. Every trial up to and including the exit is counted as spent."""
+    return _row(f"certaindex (last {k} trial answers agree)", certaindex_exits(data, k), data, trial_cost=True)
+
+
+def evaluate(bundles: list[str | Path], data_dir: str | Path, deer: float | None = 0.95,
+             certaindex: int | None = 3) -> dict[str, Any]:
+    """Replay each calibrated bundle (and the DEER and certaindex baselines) on a held-out collect directory."""
     from probes.pipeline import check_bundle_data
 
     data = _graded(load_collected(data_dir))
@@ -150,6 +176,8 @@ def evaluate(bundles: list[str | Path], data_dir: str | Path, deer: float | None
     rows = [replay_bundle(b, data, name=name) for b, name in loaded]
     if deer is not None:
         rows.append(replay_deer(data, deer))
+    if certaindex is not None:
+        rows.append(replay_certaindex(data, certaindex))
     return {"data_dir": str(data_dir), "model": data.config.get("model"), "n": len(data.problems),
             "rows": [asdict(r) for r in rows]}
 

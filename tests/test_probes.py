@@ -162,7 +162,7 @@ def test_evaluate_replays_the_calibrated_rule_on_held_out_problems(tiny, cue_wor
     fake_collect_dir(tmp_path / "test", cfg, n_problems=200, seed=1, prefix="t")
     train_bundle(tmp_path / "d", tmp_path / "b.joblib", calib_fraction=0.5, use_hidden=False)
     b = calibrate_bundle(tmp_path / "b.joblib", tmp_path / "d", delta=0.2, epsilon=0.1)
-    res = evaluate([tmp_path / "b.joblib"], tmp_path / "test", deer=0.9)
+    res = evaluate([tmp_path / "b.joblib"], tmp_path / "test", deer=0.9, certaindex=None)
     probe, deer = res["rows"]
     # the same rates as the calibration object's own evaluation (another code path: TraceBatch.exits)
     test = load_collected(tmp_path / "test")
@@ -199,6 +199,35 @@ def test_evaluate_deer_replay_counts_every_trial(tiny, cue_word, tmp_path):
     row = replay_deer(data, 0.8)
     assert row.mean_tokens == pytest.approx(np.mean(tokens))
     assert 0 < row.exit_rate < 1
+
+
+def test_evaluate_certaindex_replay_halts_where_the_last_k_answers_agree(tiny, cue_word, tmp_path):
+    from probes.evaluate import certaindex_exits, replay_certaindex
+
+    fake_collect_dir(tmp_path / "d", tiny_config(tiny, cue_word), n_problems=4, seed=3)
+    shard = tmp_path / "d" / "shard-00000.jsonl"
+    patterns = [["5", "7", "7.0", "$7", "1"], ["5", "", "", "5", "5"], ["1", "2", "1", "2", "1"], ["3", "3", "3"]]
+    lines = []
+    for line, answers in zip(shard.read_text().splitlines(), patterns):
+        p = json.loads(line)
+        p["events"] = [{"index": j, "kind": "step_end", "label": 1, "reasoning_tokens": 20 * (j + 1),
+                        "probe_tokens": 5, "answer": a} for j, a in enumerate(answers)]
+        p["full_tokens"] = 20 * len(answers) + 30
+        lines.append(json.dumps(p))
+    shard.write_text("\n".join(lines) + "\n")
+    npz = tmp_path / "d" / "shard-00000.npz"
+    z = dict(np.load(npz))
+    ti = np.concatenate([np.full(len(a), i, np.int32) for i, a in enumerate(patterns)])
+    rows = np.arange(len(ti)) % len(z["trace_index"])
+    np.savez(npz, **{k: (ti if k == "trace_index" else v[rows]) for k, v in z.items()})
+    data = load_collected(tmp_path / "d")
+    assert certaindex_exits(data, 3) == [3, None, None, 2]  # empty answers never agree; agreement in a row
+    assert certaindex_exits(data, 2) == [2, 4, None, 1]
+    row = replay_certaindex(data, 3)
+    # halted at j: 20 (j + 1) + 5 (the exit) + 5 per earlier trial; not halted: the full rollout + every trial
+    full = [20 * len(a) + 30 for a in patterns]
+    want = [20 * 4 + 5 + 15, full[1] + 25, full[2] + 25, 20 * 3 + 5 + 10]
+    assert row.mean_tokens == pytest.approx(np.mean(want)) and row.exit_rate == 0.5
 
 
 def test_evaluate_refuses_training_problems_and_uncalibrated_bundles(tiny, cue_word, tmp_path, capsys):
