@@ -4,13 +4,42 @@ from __future__ import annotations
 
 
 def is_user_error(e: BaseException) -> bool:
-    """ValueError covers our format errors (TraceFormatError, DataFormatError subclass it); missing files,
-    missing models and permission problems are the user's to fix as well."""
+    """Usage errors, missing files or models and permission problems are the user's to fix; so is a ValueError
+    that OUR code raised (format and validation errors: TraceFormatError, DataFormatError and the configs' checks
+    subclass it or raise it with a message that names the fix). A ValueError raised inside a library (numpy,
+    torch, transformers, ...) is a bug of ours: it reached the library through our code, so it is not reported
+    as the user's fault (exit 1, "unexpected error")."""
     from monitor.cli_args import UsageError
 
     try:
         from monitor.models import ModelNotAvailable
     except ImportError:  # pragma: no cover
         ModelNotAvailable = ()  # type: ignore[assignment]
-    return isinstance(e, (UsageError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError,
-                          ModelNotAvailable))
+    if isinstance(e, (UsageError, FileNotFoundError, PermissionError, IsADirectoryError, ModelNotAvailable)):
+        return True
+    return isinstance(e, ValueError) and _raised_by_us(e)
+
+
+def _our_dirs() -> tuple[str, ...]:
+    """The directories of Overthink's packages (as imported: a checkout or site-packages)."""
+    import importlib.util
+    import os
+
+    dirs = []
+    for name in ("monitor", "probes", "serve", "calibration"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations:
+            dirs += [os.path.normpath(d) + os.sep for d in spec.submodule_search_locations]
+    return tuple(dirs)
+
+
+def _raised_by_us(e: BaseException) -> bool:
+    """Whether the innermost frame of `e`'s traceback is in one of Overthink's packages."""
+    import os
+
+    tb = e.__traceback__
+    if tb is None:
+        return True  # constructed, not raised: only our code hands errors around like that
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return os.path.normpath(tb.tb_frame.f_code.co_filename).startswith(_our_dirs())

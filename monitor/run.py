@@ -340,7 +340,7 @@ def run_problems(
                                               temperature=cfg.temperature, seed=cfg.seed + start)
                 wall = time.perf_counter() - t0
                 for i, p, r in zip(idx, sub, results):
-                    out[i] = _trace(lm, cfg, layers, task, p, r, start, wall, len(sub))
+                    out[i] = _trace(lm, cfg, layers, task, p, r, start, start + i, wall, len(sub))
             done = [t for t in out if t is not None]
             traces.extend(done)
             if progress is not None:
@@ -357,7 +357,8 @@ def run_problems(
 
 
 def _trace(lm: LoadedModel, cfg: RunConfig, layers: list[int], task: Task, p: dict[str, Any], r: Any, start: int,
-           wall: float, batch_size: int) -> Trace:
+           index: int, wall: float, batch_size: int) -> Trace:
+    """Problem number `index` (0-based in the run; its default id is "q<index>") of the batch from `start`."""
     gold = p.get("answer")
     answer, correct = grade(r, gold, task.kind)
     meta = {"seed": cfg.seed + start, "config": asdict(cfg), "layers": layers, "sampling": sampling_used(cfg),
@@ -370,7 +371,7 @@ def _trace(lm: LoadedModel, cfg: RunConfig, layers: list[int], task: Task, p: di
     if r.extra:
         meta[cfg.backend] = dict(r.extra)
     return r.monitor.to_trace(
-        trace_id=str(p.get("id", f"q{start}")), model=lm.name, backend=cfg.backend,
+        trace_id=str(p.get("id", f"q{index}")), model=lm.name, backend=cfg.backend,
         question=p.get("question") or "", prompt=r.prompt, prompt_tokens=r.prompt_tokens,
         answer_text=r.answer_text, answer=answer, gold=None if gold is None else str(gold),
         correct=correct, reason=None if r.monitor.decision else r.stop_reason, meta=meta,

@@ -106,3 +106,32 @@ def test_bad_input_is_one_clear_error_and_nothing_is_lost(files, capsys, monkeyp
     assert {p: p.read_bytes() for p in before} == before  # no input touched
     if needle not in ("out of range", "no-such-model", "not found"):  # these need the model (or its absence)
         assert not loads, f"the model was loaded before the error: {loads}"
+
+
+def test_a_value_error_from_inside_a_library_is_a_bug_not_the_users_fault():
+    """Exit 2 is for what the user can fix; a ValueError a library raised is ours (exit 1, "unexpected error")."""
+    import numpy as np
+
+    from monitor.errors import is_user_error
+
+    try:
+        np.zeros(2).reshape(3)
+    except ValueError as e:
+        assert not is_user_error(e)
+    try:
+        from monitor.decision import parse_policy
+
+        parse_policy("deer:2")
+    except ValueError as e:
+        assert is_user_error(e)  # our own check, with a message that names the fix
+
+
+def test_an_internal_value_error_exits_1_with_the_debug_hint(monkeypatch, capsys):
+    import numpy as np
+
+    import monitor.cli as cli
+
+    monkeypatch.setattr(cli, "cmd_signals", lambda args: np.zeros(2).reshape(3))
+    assert cli.main(["signals"]) == 1
+    err = capsys.readouterr().err
+    assert "unexpected error" in err and "--debug" in err

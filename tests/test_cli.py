@@ -105,9 +105,10 @@ def test_bench_overhead_runs_and_reports_a_ratio(capsys):
 
 def test_error_text_with_brackets_is_printed_verbatim(capsys, monkeypatch):
     import monitor.cli as cli
+    from monitor.cli_args import UsageError
 
     def boom(args):
-        raise ValueError('install the extra: pip install "overthink[embed]"')
+        raise UsageError('install the extra: pip install "overthink[embed]"')
 
     monkeypatch.setattr(cli, "cmd_run", boom)
     code, _, err = run_cli(capsys, "run", "--model", "x", "--question", "q")

@@ -284,3 +284,13 @@ def test_vllm_cli_flags_are_parsed(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "--model", "m", "--question", "q", "--gpu-memory-utilization", "1.5"])
     assert "fraction in (0, 1]" in capsys.readouterr().err
+
+
+def test_problems_without_ids_get_one_id_each_within_a_batch():
+    """The default trace id is the problem's place in the run ("q0", "q1", ...), not its batch's."""
+    from monitor.run import RunConfig
+
+    lm = load_model("tiny-random")
+    qs = [{"question": f"What is {i} + 1?"} for i in range(5)]
+    traces = run_problems(lm, qs, RunConfig(batch_size=2, max_new_tokens=4, answer_max_tokens=2))
+    assert [t.id for t in traces] == ["q0", "q1", "q2", "q3", "q4"]
