@@ -60,6 +60,9 @@ def add_commands(sub: Any, positive_int: Callable[[str], int]) -> dict[str, Call
                    help="also replay DEER's rule at this trial confidence (default 0.95; 0 to skip)")
     e.add_argument("--certaindex", type=int, default=3, metavar="K",
                    help="also replay certaindex: halt when the last K trial answers agree (default 3; 0 to skip)")
+    e.add_argument("--budgets", help="fixed reasoning budgets to replay, comma-separated (default: half and three "
+                                     "quarters of the collection's max_new_tokens; 'none' to skip)")
+    e.add_argument("--plot", help="also write the Pareto plot (net tokens saved vs accuracy) to this HTML file")
     e.add_argument("--markdown", help="also write the table as Markdown to this file")
     e.add_argument("--check-run", metavar="TRACES",
                    help="compare the first bundle's replay with real `overthink run --policy BUNDLE` traces")
@@ -166,6 +169,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"--deer must be a confidence in [0, 1] (0 skips the baseline), got {args.deer}")
     if args.certaindex < 0:
         raise ValueError(f"--certaindex must be K >= 1 agreeing answers (0 skips the baseline), got {args.certaindex}")
+    budgets = _budgets(args.budgets)
+    if args.plot:
+        check_output(args.plot, "--plot", inputs={"BUNDLES": args.bundles, "--data": args.data,
+                                                  "--check-run": args.check_run})
     if args.markdown:  # before any work: not over a bundle, the data (or a shard) or the traces; writable
         check_output(args.markdown, "--markdown", inputs={"BUNDLES": args.bundles, "--data": args.data,
                                                           "--check-run": args.check_run})
@@ -184,23 +191,44 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                     console.print(f"  {r['id']}: run/replay halted {r['halted']}, answer {r['answer']}, "
                                   f"token diff {r['token_diff']}", markup=False)
         return 0
-    res = evaluate(args.bundles, args.data, deer=args.deer or None, certaindex=args.certaindex or None)
+    res = evaluate(args.bundles, args.data, deer=args.deer or None, certaindex=args.certaindex or None,
+                   budgets=budgets)
     md = markdown_table(res)
     if args.markdown:
         atomic_write_text(args.markdown, md + "\n")
+    if args.plot:
+        from probes.evaluate import pareto_html
+
+        atomic_write_text(args.plot, pareto_html(res))
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
     table = Table(title=f"replay on {res['n']} held-out problems from {res['data_dir']} ({res['model']})")
     for col in ("policy", "delta", "accuracy", "exit rate", "premature risk (95% up)", "halted wrong",
-                "mean tokens", "saved"):
+                "mean tokens", "trial tokens", "net saved"):
         table.add_column(col, justify="left" if col == "policy" else "right")
-    rows = res["rows"]
-    table.add_row("unmonitored", "-", f"{rows[0]['full_accuracy']:.3f}" if rows else "-", "0", "-", "-",
-                  f"{rows[0]['mean_full_tokens']:.1f}" if rows else "-", "0")
-    for r in rows:
+    for r in res["rows"]:
         table.add_row(r["policy"], "-" if r["delta"] is None else f"{r['delta']:g}", f"{r['accuracy']:.3f}",
                       f"{r['exit_rate']:.3f}", f"{r['premature_risk']:.3f} ({r['premature_risk_upper95']:.3f})",
-                      f"{r['halted_wrong_rate']:.3f}", f"{r['mean_tokens']:.1f}", f"{100 * r['tokens_saved']:.1f}%")
+                      f"{r['halted_wrong_rate']:.3f}", f"{r['mean_tokens']:.1f}", f"{r['trial_tokens']:.1f}",
+                      f"{100 * r['tokens_saved']:.1f}%")
     console.print(table)
     return 0
+
+
+def _budgets(text: str | None) -> list[int] | None:
+    """--budgets: None (the defaults), [] ('none'), or the positive integers given."""
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return []
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        out = []
+    if not out or any(b < 1 for b in out):
+        from monitor.cli_args import UsageError
+
+        raise UsageError(f"--budgets must be positive token counts, comma-separated (e.g. 128,192), or 'none'; "
+                         f"got {text!r}")
+    return out

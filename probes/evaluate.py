@@ -42,7 +42,8 @@ class ReplayRow:
     halted_wrong_rate: float  # halted wrong at all, over all traces
     mean_tokens: float  # monitored tokens per trace (reasoning to halt + exit cue + answer + trials)
     mean_full_tokens: float  # unmonitored tokens per trace
-    tokens_saved: float  # 1 - sum(monitored) / sum(unmonitored)
+    tokens_saved: float  # 1 - sum(monitored) / sum(unmonitored), net of trial tokens
+    trial_tokens: float = 0.0  # trial (probe) tokens spent per trace, besides the exit's own answer
     delta: float | None = None
     epsilon: float | None = None
     mode: str | None = None
@@ -80,6 +81,7 @@ def _row(policy: str, exit_idx: list[int | None], data: CollectedData, trial_cos
     full = np.zeros(n, dtype=bool)
     halted = np.zeros(n, dtype=bool)
     tokens = np.zeros(n)
+    trials = np.zeros(n)
     full_tokens = np.zeros(n)
     for i, (p, j) in enumerate(zip(data.problems, exit_idx)):
         full[i] = bool(p["full_correct"])
@@ -87,7 +89,8 @@ def _row(policy: str, exit_idx: list[int | None], data: CollectedData, trial_cos
         halted[i] = j is not None
         _, correct[i], tokens[i] = _outcome(p, j)
         if trial_cost:  # every trial before the exit (or all, without one) was spent; the exit's own is the answer
-            tokens[i] += sum(e["probe_tokens"] for e in p["events"][: len(p["events"]) if j is None else j])
+            trials[i] = sum(e["probe_tokens"] for e in p["events"][: len(p["events"]) if j is None else j])
+            tokens[i] += trials[i]
     premature = halted & ~correct & full
     return ReplayRow(
         policy=policy, n=n, accuracy=float(correct.mean()), full_accuracy=float(full.mean()),
@@ -95,6 +98,7 @@ def _row(policy: str, exit_idx: list[int | None], data: CollectedData, trial_cos
         premature_risk_upper95=_upper95(int(premature.sum()), n),
         halted_wrong_rate=float((halted & ~correct).mean()), mean_tokens=float(tokens.mean()),
         mean_full_tokens=float(full_tokens.mean()), tokens_saved=float(1.0 - tokens.sum() / full_tokens.sum()),
+        trial_tokens=float(trials.mean()),
     )
 
 
@@ -164,16 +168,37 @@ def replay_certaindex(data: CollectedData, k: int = 3) -> ReplayRow:
     return _row(f"certaindex (last {k} trial answers agree)", certaindex_exits(data, k), data, trial_cost=True)
 
 
+def replay_budget(data: CollectedData, budget: int) -> ReplayRow:
+    """A fixed reasoning budget, as the collection can replay it: exit at the first decision point at or past
+    `budget` reasoning tokens (the collection holds forced exits at decision points only, so this is the budget
+    rounded up to the next point; a trace with no point that late runs in full)."""
+    exits: list[int | None] = []
+    for p in data.problems:
+        hits = [j for j, e in enumerate(p["events"]) if e["reasoning_tokens"] >= budget]
+        exits.append(hits[0] if hits else None)
+    return _row(f"budget {budget} (first point at or past it)", exits, data)
+
+
+def default_budgets(data: CollectedData) -> list[int]:
+    """Half and three quarters of the collection's reasoning budget (its max_new_tokens)."""
+    m = int(data.config.get("max_new_tokens") or 0) or max(
+        (int(p.get("full_tokens", 0)) for p in data.problems), default=0)
+    return sorted({b for b in (m // 2, 3 * m // 4) if b > 0})
+
+
 def evaluate(bundles: list[str | Path], data_dir: str | Path, deer: float | None = 0.95,
-             certaindex: int | None = 3) -> dict[str, Any]:
-    """Replay each calibrated bundle (and the DEER and certaindex baselines) on a held-out collect directory."""
+             certaindex: int | None = 3, budgets: list[int] | None = None) -> dict[str, Any]:
+    """Replay each calibrated bundle on a held-out collect directory, beside the unmonitored run, fixed budgets
+    (`budgets`; None: `default_budgets`), and the DEER and certaindex baselines."""
     from probes.pipeline import check_bundle_data
 
     data = _graded(load_collected(data_dir))
     loaded = [(load_bundle(b), Path(b).name) for b in bundles]
     for b, name in loaded:  # every bundle checked before any replay: model, feature width, layers
         check_bundle_data(b, data, data_dir, name)
-    rows = [replay_bundle(b, data, name=name) for b, name in loaded]
+    rows = [_row("unmonitored", [None] * len(data.problems), data)]
+    rows += [replay_budget(data, b) for b in (default_budgets(data) if budgets is None else budgets)]
+    rows += [replay_bundle(b, data, name=name) for b, name in loaded]
     if deer is not None:
         rows.append(replay_deer(data, deer))
     if certaindex is not None:
@@ -186,21 +211,33 @@ def markdown_table(result: dict[str, Any]) -> str:
     """The evaluation as a Markdown table (README-ready)."""
     lines = [
         "| policy | delta | accuracy | exit rate | realised premature risk (95% upper) | halted wrong | "
-        "mean tokens | unmonitored tokens | tokens saved |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "mean tokens | trial tokens | unmonitored tokens | net tokens saved |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    rows = result["rows"]
-    if rows:
-        r0 = rows[0]
-        lines.append(f"| unmonitored | - | {r0['full_accuracy']:.3f} | 0 | - | - | {r0['mean_full_tokens']:.1f} | "
-                     f"{r0['mean_full_tokens']:.1f} | 0 |")
-    for r in rows:
+    for r in result["rows"]:
         d = "-" if r["delta"] is None else f"{r['delta']:g}"
         lines.append(
             f"| {r['policy']} | {d} | {r['accuracy']:.3f} | {r['exit_rate']:.3f} | {r['premature_risk']:.3f} "
             f"({r['premature_risk_upper95']:.3f}) | {r['halted_wrong_rate']:.3f} | {r['mean_tokens']:.1f} | "
-            f"{r['mean_full_tokens']:.1f} | {100 * r['tokens_saved']:.1f}% |")
+            f"{r['trial_tokens']:.1f} | {r['mean_full_tokens']:.1f} | {100 * r['tokens_saved']:.1f}% |")
     return "\n".join(lines)
+
+
+def pareto_html(result: dict[str, Any]) -> str:
+    """Net tokens saved against accuracy, one point per row (each calibrated bundle is its own delta), as one
+    self-contained HTML page (plotly.js inlined: no network)."""
+    import plotly.graph_objects as go
+
+    rows = result["rows"]
+    fig = go.Figure(go.Scatter(
+        x=[100 * r["tokens_saved"] for r in rows], y=[r["accuracy"] for r in rows], mode="markers+text",
+        text=[r["policy"] + ("" if r["delta"] is None else f" (delta {r['delta']:g})") for r in rows],
+        textposition="top center", marker={"size": 10},
+        hovertemplate="%{text}<br>net tokens saved %{x:.1f}%<br>accuracy %{y:.3f}<extra></extra>"))
+    fig.update_layout(title=f"net tokens saved vs accuracy: {result['n']} held-out problems ({result['model']})",
+                      xaxis_title="net tokens saved (%, trial tokens counted)", yaxis_title="accuracy",
+                      template="plotly_white", width=900, height=600)
+    return fig.to_html(full_html=True, include_plotlyjs=True)
 
 
 def check_replay(bundle_path: str | Path, data_dir: str | Path, traces_path: str | Path) -> dict[str, Any]:

@@ -162,8 +162,9 @@ def test_evaluate_replays_the_calibrated_rule_on_held_out_problems(tiny, cue_wor
     fake_collect_dir(tmp_path / "test", cfg, n_problems=200, seed=1, prefix="t")
     train_bundle(tmp_path / "d", tmp_path / "b.joblib", calib_fraction=0.5, use_hidden=False)
     b = calibrate_bundle(tmp_path / "b.joblib", tmp_path / "d", delta=0.2, epsilon=0.1)
-    res = evaluate([tmp_path / "b.joblib"], tmp_path / "test", deer=0.9, certaindex=None)
-    probe, deer = res["rows"]
+    res = evaluate([tmp_path / "b.joblib"], tmp_path / "test", deer=0.9, certaindex=None, budgets=[])
+    unmonitored, probe, deer = res["rows"]
+    assert unmonitored["policy"] == "unmonitored" and unmonitored["exit_rate"] == 0 and unmonitored["tokens_saved"] == 0
     # the same rates as the calibration object's own evaluation (another code path: TraceBatch.exits)
     test = load_collected(tmp_path / "test")
     traces, _, _ = calibration_traces(b, test)
@@ -224,6 +225,7 @@ def test_evaluate_certaindex_replay_halts_where_the_last_k_answers_agree(tiny, c
     assert certaindex_exits(data, 3) == [3, None, None, 2]  # empty answers never agree; agreement in a row
     assert certaindex_exits(data, 2) == [2, 4, None, 1]
     row = replay_certaindex(data, 3)
+    assert row.trial_tokens == pytest.approx(np.mean([15, 25, 25, 10]))
     # halted at j: 20 (j + 1) + 5 (the exit) + 5 per earlier trial; not halted: the full rollout + every trial
     full = [20 * len(a) + 30 for a in patterns]
     want = [20 * 4 + 5 + 15, full[1] + 25, full[2] + 25, 20 * 3 + 5 + 10]
@@ -282,3 +284,31 @@ def test_a_bundle_brings_its_exit_cue_and_answer_budget_and_refuses_another_cue(
     with pytest.raises(ValueError, match="differs from the exit cue"):
         run_problems(tiny, PROBLEMS[:1], RunConfig(policy=str(tmp_path / "b.joblib"), max_new_tokens=8,
                                                    exit_cue="\n\nANSWER: "))
+
+
+def test_evaluate_json_rows_budgets_and_the_pareto_plot(tiny, cue_word, tmp_path, capsys):
+    """`overthink evaluate --json` gives one object per policy with the table's keys; fixed budgets exit at the
+    first point past them; --plot writes a self-contained page."""
+    from monitor.cli import main
+
+    cfg = tiny_config(tiny, cue_word)
+    fake_collect_dir(tmp_path / "d", cfg)
+    fake_collect_dir(tmp_path / "test", cfg, n_problems=60, seed=1, prefix="t")
+    train_bundle(tmp_path / "d", tmp_path / "b.joblib", calib_fraction=0.5, use_hidden=False)
+    calibrate_bundle(tmp_path / "b.joblib", tmp_path / "d", delta=0.2, epsilon=0.1)
+    assert main(["evaluate", str(tmp_path / "b.joblib"), "--data", str(tmp_path / "test"), "--budgets", "40,60",
+                 "--plot", str(tmp_path / "p.html"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    names = [r["policy"] for r in rows]
+    assert names[0] == "unmonitored" and names[1].startswith("budget 40") and names[2].startswith("budget 60")
+    assert names[3] == "b.joblib" and names[4].startswith("DEER") and names[5].startswith("certaindex")
+    for r in rows:
+        assert {"policy", "accuracy", "premature_risk", "premature_risk_upper95", "tokens_saved", "trial_tokens",
+                "exit_rate", "delta"} <= set(r)
+    data = load_collected(tmp_path / "test")
+    # budget 40: every trace with a second point (at 40 tokens) exits there: 40 + 5 tokens
+    want = [45 if len(p["events"]) >= 2 else p["full_tokens"] for p in data.problems]
+    assert rows[1]["mean_tokens"] == pytest.approx(np.mean(want)) and rows[1]["trial_tokens"] == 0
+    html = (tmp_path / "p.html").read_text()
+    assert "<html>" in html and "b.joblib" in html and "<script src=" not in html  # plotly.js inlined
+    assert main(["evaluate", str(tmp_path / "b.joblib"), "--data", str(tmp_path / "test"), "--budgets", "x"]) == 2
