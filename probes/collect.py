@@ -81,6 +81,7 @@ class ForcedExitLabeler:
             "confidence": float(trial.confidence), "probe_tokens": int(trial.n_tokens),
             "index": pt.index if pt else ctx.position, "kind": pt.kind if pt else "", "label_text": pt.label if pt else "",
             "ordinal": pt.ordinal if pt else 0, "reasoning_tokens": ctx.reasoning_tokens, "answer": answer,
+            "trial": trial.record(),
         })
         return Decision(CONTINUE, score=trial.confidence)
 
@@ -160,6 +161,7 @@ def _short(v: Any) -> str:
 
 
 _SHARD_NAME = re.compile(r"shard-\d{5,}")
+LOG_FILE = "overthink-log.jsonl"  # the collection in the `overthink.log/1` format (probes/log.py)
 _SHARD_ARRAYS = ("hidden", "signals", "label", "trace_index", "confidence")
 # what every problem line must hold (collect writes more): the key and the types it may have
 _PROBLEM_KEYS: dict[str, tuple[type, ...]] = {"id": (str, int), "events": (list,), "full_correct": (bool, type(None)),
@@ -352,6 +354,10 @@ def collect(lm: LoadedModel, problems: Sequence[dict[str, Any]], out_dir: str | 
                 on_batch(len(batch))
     finally:
         gen.close()
+    if manifest["shards"]:  # the collection as an `overthink.log/1` file too (rewritten whole, atomically)
+        from probes.log import write_log
+
+        write_log(load_collected(out), out / LOG_FILE)
     return CollectResult(out, len(todo), skipped, n_events, (n_pos / n_events) if n_events else None)
 
 
@@ -383,7 +389,7 @@ def _write_shard(out: Path, k: int, batch: Sequence[dict[str, Any]], results: Se
             trace_idx.append(i)
             conf.append(e["confidence"])
             events.append({k2: e[k2] for k2 in ("index", "kind", "label_text", "ordinal", "reasoning_tokens",
-                                                "answer", "label", "confidence", "probe_tokens")})
+                                                "answer", "label", "confidence", "probe_tokens", "trial")})
         acc = r.monitor.accounting(r.prompt_tokens)
         lines.append(json.dumps({"id": str(p["id"]), "gold": gold, "full_answer": full_answer,
                                  "full_correct": full_correct, "accounting": acc,

@@ -52,8 +52,20 @@ def test_collect_labels_every_decision_point_and_resumes(tiny, cue_word, tmp_pat
         assert p["full_correct"] in (True, False)
         for e in p["events"]:
             assert e["probe_tokens"] >= 1 and e["kind"] in ("cue", "step_end")
+    # the same collection as an `overthink.log/1` file beside the shards, every line valid
+    from probes.log import read_log
+
+    log = read_log(tmp_path / "c" / "overthink-log.jsonl")
+    assert [x["id"] for x in log] == [str(p["id"]) for p in data.problems]
+    for x, p in zip(log, data.problems):
+        assert len(x["points"]) == len(p["events"]) and x["full"]["tokens"] == p["full_tokens"]
+        for pt, e in zip(x["points"], p["events"]):
+            assert pt["trial"]["tokens"] == e["probe_tokens"] and pt["position"] == e["reasoning_tokens"]
+            assert pt["trial"]["confidence"]["mean"] == pytest.approx(e["confidence"], abs=1e-6)
+            assert e["trial"]["streak"] >= 0 and pt["signals"]
     again = collect(tiny, PROBLEMS + [{"id": "p9", "question": "2+2?", "answer": "4"}], tmp_path / "c", cfg)
     assert (again.problems_done, again.problems_skipped) == (1, 3)
+    assert len(read_log(tmp_path / "c" / "overthink-log.jsonl")) == 4  # rewritten whole with the new problem
     with pytest.raises(ValueError, match="another model"):
         collect(tiny, PROBLEMS, tmp_path / "c", RunConfig(max_new_tokens=8, layers=[1]))
 

@@ -1,0 +1,144 @@
+"""`overthink.log/1`: one JSON Lines format for traces with trial answers, so any serving stack can hand its logs
+to Overthink (and `overthink collect` writes its collections the same way, as `overthink-log.jsonl` beside its
+shards).
+
+One line per trace:
+
+    {"schema": "overthink.log/1", "id": "gsm8k-7", "gold": "18",
+     "full": {"answer": "18", "correct": true, "tokens": 988},
+     "points": [{"position": 48, "kind": "step_end",
+                 "trial": {"answer": "9", "confidence": {"mean": 0.62, "geometric": 0.60, "min": 0.38},
+                           "entropy": 0.96, "tokens": 8},
+                 "signals": {"jsd_instability.instability": 0.12}}]}
+
+Required: `schema`, `id`, `full.answer`, `full.correct`, `full.tokens` (the unmonitored run's reasoning and answer
+tokens), and per point `position` (reasoning tokens up to and including the point's token), `trial.answer`,
+`trial.confidence.geometric` and `trial.tokens` (what that trial cost). Optional: `gold`, `kind`, `signals`,
+`trial.confidence.mean` / `.min`, `trial.entropy`, and per point `correct` (whether the trial's answer is right;
+graded from `gold` when absent). Unknown keys are allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+LOG_SCHEMA = "overthink.log/1"
+
+
+class LogFormatError(ValueError):
+    """A line that is not `overthink.log/1`: the message names the line, the field and the fix."""
+
+
+def _num(x: Any) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return round(x, 6) if math.isfinite(x) else None
+
+
+def log_lines(data: Any) -> Iterator[dict[str, Any]]:
+    """A collection (`probes.collect.CollectedData`) as `overthink.log/1` objects: each decision point's forced
+    exit is its trial, with its answer, confidence, cost and the signal values at the point."""
+    from probes.features import signal_feature_names
+
+    names = signal_feature_names()
+    row = 0
+    for p in data.problems:
+        points = []
+        for e in p["events"]:
+            t = e.get("trial") or {}
+            conf = dict(t.get("confidence") or {})
+            if t and conf.get("geometric") is None:  # a trial with no answer token: confidence 0 (TrialScore's rule)
+                conf["geometric"] = 0.0
+            sig = data.signals[row]
+            row += 1
+            points.append({
+                "position": int(e["reasoning_tokens"]), "kind": e.get("kind") or None,
+                "correct": bool(e["label"]),
+                "trial": {"answer": e.get("answer"),
+                          "confidence": {"mean": _num(conf.get("mean", e.get("confidence"))),
+                                         "geometric": _num(conf.get("geometric")), "min": _num(conf.get("min"))},
+                          "entropy": _num(t.get("entropy")), "tokens": int(e["probe_tokens"])},
+                "signals": {n: _num(v) for n, v in zip(names, sig.tolist(), strict=False)},
+            })
+        yield {"schema": LOG_SCHEMA, "id": str(p["id"]), "gold": p.get("gold"),
+               "full": {"answer": p.get("full_answer"), "correct": p.get("full_correct"),
+                        "tokens": int(p["full_tokens"])}, "points": points}
+
+
+def write_log(data: Any, path: str | Path) -> int:
+    """Write a collection as an `overthink.log/1` file (whole, atomically); returns the number of lines."""
+    from monitor.io import atomic_write_text
+
+    lines = [json.dumps(obj, ensure_ascii=False) for obj in log_lines(data)]
+    atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
+    return len(lines)
+
+
+def check_log_line(obj: Any, where: str = "line") -> dict[str, Any]:
+    """Validate one parsed line; returns it. Raises LogFormatError naming the field."""
+    def fail(field: str, want: str) -> None:
+        raise LogFormatError(f"{where}: {field} {want} (see the `overthink.log/1` format in docs/calibration.md)")
+
+    if not isinstance(obj, dict):
+        fail("the line", "must be a JSON object")
+    if obj.get("schema") != LOG_SCHEMA:
+        fail("schema", f"must be {LOG_SCHEMA!r}, got {obj.get('schema')!r}")
+    if not isinstance(obj.get("id"), (str, int)) or isinstance(obj.get("id"), bool):
+        fail("id", "must be a string")
+    full = obj.get("full")
+    if not isinstance(full, dict):
+        fail("full", "must be an object {answer, correct, tokens}")
+    if not (full.get("answer") is None or isinstance(full.get("answer"), str)):
+        fail("full.answer", "must be a string or null")
+    if not isinstance(full.get("correct"), bool):
+        fail("full.correct", "must be true or false")
+    if not isinstance(full.get("tokens"), int) or isinstance(full.get("tokens"), bool) or full["tokens"] < 0:
+        fail("full.tokens", "must be a non-negative integer (the unmonitored run's reasoning + answer tokens)")
+    points = obj.get("points")
+    if not isinstance(points, list):
+        fail("points", "must be a list")
+    for i, pt in enumerate(points):
+        at = f"points[{i}]"
+        if not isinstance(pt, dict):
+            fail(at, "must be an object")
+        pos = pt.get("position")
+        if not isinstance(pos, int) or isinstance(pos, bool) or pos < 1:
+            fail(f"{at}.position", "must be a positive integer (reasoning tokens up to the point)")
+        t = pt.get("trial")
+        if not isinstance(t, dict):
+            fail(f"{at}.trial", "must be an object {answer, confidence, tokens}")
+        if not (t.get("answer") is None or isinstance(t.get("answer"), str)):
+            fail(f"{at}.trial.answer", "must be a string or null")
+        c = t.get("confidence")
+        g = c.get("geometric") if isinstance(c, dict) else None
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0.0 <= g <= 1.0:
+            fail(f"{at}.trial.confidence.geometric", "must be a probability in [0, 1]")
+        n = t.get("tokens")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            fail(f"{at}.trial.tokens", "must be a non-negative integer (what the trial cost)")
+        if i and pos <= points[i - 1]["position"]:
+            fail(f"{at}.position", "must increase from point to point")
+    return obj
+
+
+def read_log(path: str | Path) -> list[dict[str, Any]]:
+    """Every line of an `overthink.log/1` file, validated."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LogFormatError(f"{path}:{n}: not JSON ({e.msg})") from None
+            out.append(check_log_line(obj, f"{path}:{n}"))
+    return out
+
+
+__all__ = ["LOG_SCHEMA", "LogFormatError", "check_log_line", "log_lines", "read_log", "write_log"]
