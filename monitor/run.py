@@ -90,11 +90,6 @@ class RunConfig:
         if self.backend not in ("hf", "vllm"):
             raise ValueError(f"--backend must be 'hf' or 'vllm', got {self.backend!r}")
         if self.backend == "vllm":
-            if self.policy.startswith(("deer", "certaindex")):
-                raise ValueError(f"the {self.policy.split(':')[0]} policy needs trial answers; `overthink run "
-                                 "--backend vllm` runs vLLM's offline engine loop, which has no side requests for "
-                                 "them: use --backend hf (or `overthink serve --backend vllm`, whose AsyncLLM decodes "
-                                 "trials as side requests)")
             if self.vllm_force not in ("auto", "processor", "resubmit"):
                 raise ValueError(f"--force must be auto, processor or resubmit, got {self.vllm_force!r}")
             lp = self.vllm_logprobs
@@ -258,22 +253,36 @@ def make_generator(lm: LoadedModel, cfg: RunConfig, layers: Sequence[int],
     """The backend's monitored generator: HF transformers, or vLLM (an engine is built unless `llm` is given)."""
     task = task or problem_task(lm, cfg)
     if cfg.backend == "vllm":
-        from monitor.vllm import VLLMMonitoredGenerator
+        from monitor.vllm import AsyncRunner, BlockingAsyncGenerator, VLLMMonitoredGenerator
 
+        kw = dict(layers=layers, exit_cue=task.exit_cue, answer_max_tokens=task.answer_max_tokens,
+                  hidden=cfg.vllm_hidden, force=cfg.vllm_force, logprobs=cfg.vllm_logprobs)
+        if needs_trials(cfg.policy):  # trials are side requests: vLLM's AsyncLLM, on a loop thread
+            if llm is None:
+                llm = build_vllm_engine(lm, cfg, runner=True)
+            if not isinstance(llm, AsyncRunner):
+                raise ValueError(f"--policy {cfg.policy} decodes trial answers as side requests, which need vLLM's "
+                                 "AsyncLLM: pass an engine built by monitor.vllm.make_async_runner (or let "
+                                 "run_problems build one)")
+            return BlockingAsyncGenerator(llm, lm.tokenizer, factory, **kw)
         if llm is None:
             llm = build_vllm_engine(lm, cfg)
-        return VLLMMonitoredGenerator(llm, lm.tokenizer, factory, layers=layers, exit_cue=task.exit_cue,
-                                      answer_max_tokens=task.answer_max_tokens, hidden=cfg.vllm_hidden,
-                                      force=cfg.vllm_force, logprobs=cfg.vllm_logprobs)
+        return VLLMMonitoredGenerator(llm, lm.tokenizer, factory, **kw)
     from monitor.hf import HFMonitoredGenerator
 
     return HFMonitoredGenerator(lm.model, lm.tokenizer, factory, layers=layers, exit_cue=task.exit_cue,
                                 answer_max_tokens=task.answer_max_tokens)
 
 
-def build_vllm_engine(lm: LoadedModel, cfg: RunConfig) -> Any:
-    """An offline vLLM engine for `lm` with the run's engine options (tensor parallelism, memory, length, dtype)."""
-    from monitor.vllm import export_for_vllm, make_llm
+def needs_trials(policy: str) -> bool:
+    """Whether a policy spec decodes trial answers (DEER, certaindex)."""
+    return policy.split(":")[0] in ("deer", "certaindex")
+
+
+def build_vllm_engine(lm: LoadedModel, cfg: RunConfig, runner: bool = False) -> Any:
+    """A vLLM engine for `lm` with the run's engine options (tensor parallelism, memory, length, dtype): the
+    offline `LLM`, or with `runner` an `AsyncLLM` behind an `AsyncRunner` (side requests for trials)."""
+    from monitor.vllm import export_for_vllm, make_async_runner, make_llm
 
     lp = -1 if cfg.vllm_logprobs == "full" else max(20, int(cfg.vllm_logprobs))
     extra: dict[str, Any] = {"tensor_parallel_size": cfg.tensor_parallel_size}
@@ -281,8 +290,9 @@ def build_vllm_engine(lm: LoadedModel, cfg: RunConfig) -> Any:
         extra["gpu_memory_utilization"] = cfg.gpu_memory_utilization
     if cfg.enforce_eager is not None:
         extra["enforce_eager"] = cfg.enforce_eager
-    return make_llm(export_for_vllm(lm), hidden=cfg.vllm_hidden, seed=cfg.seed, max_logprobs=lp,
-                    max_model_len=cfg.max_model_len or default_model_len(lm), dtype=cfg.dtype, **extra)
+    make = make_async_runner if runner else make_llm
+    return make(export_for_vllm(lm), hidden=cfg.vllm_hidden, seed=cfg.seed, max_logprobs=lp,
+                max_model_len=cfg.max_model_len or default_model_len(lm), dtype=cfg.dtype, **extra)
 
 
 def default_model_len(lm: LoadedModel) -> int:

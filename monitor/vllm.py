@@ -202,11 +202,65 @@ def make_async_llm(model_dir: str | Path, *, hidden: bool = True, max_model_len:
 
 
 def shutdown_llm(llm: Any) -> None:
-    """Stop an offline engine's processes (quietly if they are already gone)."""
+    """Stop an offline engine's (or an `AsyncRunner`'s) processes (quietly if they are already gone)."""
     import contextlib
 
     with contextlib.suppress(Exception):
-        llm.llm_engine.engine_core.shutdown()
+        if isinstance(llm, AsyncRunner):
+            llm.shutdown()
+        else:
+            llm.llm_engine.engine_core.shutdown()
+
+
+class AsyncRunner:
+    """An `AsyncLLM` whose event loop runs on a thread of its own, for blocking callers (`overthink run`): its
+    requests can make side requests (trial answers), which vLLM's offline `LLM` loop cannot. Build it with
+    `make_async_runner`; `run(coro)` runs a coroutine on the engine's loop and waits for it."""
+
+    def __init__(self, engine: Any) -> None:
+        import asyncio
+        import threading
+
+        self.engine = engine
+        self.vllm_config = engine.vllm_config
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="overthink-vllm-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Any) -> Any:
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def shutdown(self) -> None:
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.shutdown()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+def make_async_runner(model_dir: str | Path, **kwargs: Any) -> AsyncRunner:
+    """`make_async_llm(model_dir, **kwargs)` behind an `AsyncRunner`."""
+    return AsyncRunner(make_async_llm(model_dir, **kwargs))
+
+
+class BlockingAsyncGenerator:
+    """`AsyncVLLMMonitoredGenerator` with the blocking `generate` of `VLLMMonitoredGenerator`, over an
+    `AsyncRunner` (`.llm`): what `overthink run --backend vllm` uses for policies that ask for trials."""
+
+    def __init__(self, runner: AsyncRunner, tokenizer: Any, monitor_factory: Callable[[], Monitor],
+                 **kwargs: Any) -> None:
+        self.llm = runner
+        self._gen = runner.run(AsyncVLLMMonitoredGenerator.create(runner.engine, tokenizer, monitor_factory,
+                                                                  **kwargs))
+        self.info, self.exit, self.layers = self._gen.info, self._gen.exit, self._gen.layers
+
+    def generate(self, prompts: Sequence[str], **kwargs: Any) -> list[SequenceResult]:
+        return self.llm.run(self._gen.generate(prompts, **kwargs))
+
+    def close(self) -> None:
+        """Nothing to release (the runner belongs to the caller)."""
 
 
 @dataclass
@@ -408,8 +462,8 @@ class VLLMMonitoredGenerator:
             return None
         if d.action == TRIAL:  # the offline engine loop has no side requests: an error in the trace, never a silent 0
             d = mon.trial_unavailable("the offline vLLM engine loop cannot decode trial answers (they are side "
-                                      "requests, which AsyncLLM runs: overthink serve --backend vllm; or use "
-                                      "--backend hf for trial-based policies)")
+                                      "requests, which AsyncLLM runs: use AsyncVLLMMonitoredGenerator or "
+                                      "BlockingAsyncGenerator, or --backend hf)")
         halt = after_reasoning_token(st, mon, d.halt, self._is_eos(st, tok), st.max_reasoning, self.exit_at_budget)
         return self._outcome(st, halt)
 

@@ -38,7 +38,7 @@ CASES = [
     (["run", *TINY, *QUESTION, "--policy", "deer:1.5"], "(0, 1]"),
     (["run", *TINY, *QUESTION, "--policy", "deer:nan"], "deer"),
     (["run", *TINY, *QUESTION, "--policy", "wait-and-see"], "unknown policy"),
-    (["run", *TINY, *QUESTION, "--policy", "deer", "--backend", "vllm"], "--backend hf"),
+
     # devices, dtypes, formats, tasks
     (["run", *TINY, *QUESTION, "--device", "gpu"], "--device must be cpu, cuda, cuda:N or auto"),
     (["run", *TINY, *QUESTION, "--dtype", "int4"], "invalid choice"),

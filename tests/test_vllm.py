@@ -421,3 +421,26 @@ def test_the_engine_holds_no_budget_exit_after_the_model_ended_its_reasoning(tin
     (ended,) = gen.generate(PROMPTS[:1], max_new_tokens=8)
     assert ended.stop_reason == "model ended its reasoning" and "forced" not in ended.monitor._tok_phase
     assert ended.monitor.token_ids[:8] == ids[:8]  # the same greedy text, going on into its answer
+
+
+def test_run_backend_vllm_decodes_trials_as_side_requests(tiny, tmp_path):
+    """`overthink run --backend vllm --policy certaindex/deer` is no longer refused: the run builds an AsyncLLM on a
+    loop thread (AsyncRunner) and each trial is a side request; certaindex:1 halts at the first non-empty answer."""
+    tok = tiny.tokenizer
+    q = "What is 2 + 3?"
+    enc = tok(tiny.family.build_prompt(tok, q), return_tensors="pt", add_special_tokens=False)
+    out = tiny.model.generate(**enc, max_new_tokens=16, do_sample=False, temperature=None, top_p=None, top_k=None,
+                              pad_token_id=tok.eos_token_id)
+    words = [w.lower() for w in tok.decode(out[0, enc["input_ids"].shape[1]:]).split() if w.isalpha()][:3]
+    assert words, "tiny-random wrote no word"
+    cfg = RunConfig(backend="vllm", policy="certaindex:1", cue_words=tuple(words), max_new_tokens=24,
+                    answer_max_tokens=4, max_model_len=512)
+    (t,) = run_problems(tiny, [{"id": "a", "question": q, "answer": "5"}], cfg)
+    trials = [p for p in t.decision_points if "trial" in p]
+    assert trials and t.accounting["probe"] == sum(p["trial"]["tokens"] for p in trials)
+    first = next((p for p in trials if p["trial"]["answer"] is not None), None)
+    if first is None:  # every trial answer empty: certaindex never agrees, the run goes on to its budget
+        assert not t.decision["halted"]
+    else:
+        assert t.decision["halted"] and "the last 1 trial answers agree" in t.decision["reason"]
+        assert trials[-1] is first  # no trial after the halt
