@@ -972,12 +972,14 @@ class AsyncVLLMMonitoredGenerator(VLLMMonitoredGenerator):
             async for out in self.engine.generate({"prompt_token_ids": list(ids)},
                                                   self._sampling(st, max_tokens, seed), request_id=st.rid):
                 o = out.outputs[0]
-                pos = len(st.prompt_ids) + len(st.generated) - 1
-                if self.hidden and o.token_ids and st.pending is not None and pos not in hid.get(st.rid, {}):
-                    await self._drain_async(hid, st.rid, pos)
                 actions: list[tuple[str, _Request]] = []
                 lps = o.logprobs or [None] * len(o.token_ids)
-                for tok, lp in zip(o.token_ids, lps):  # one request per task: batches of one
+                for tok, lp in zip(o.token_ids, lps):
+                    # the pending reasoning token's hidden state (computed when the engine fed it in, i.e. by now):
+                    # checked per token, since one output can carry several (e.g. after the task waited on a trial)
+                    pos = len(st.prompt_ids) + len(st.generated) - 1
+                    if self.hidden and st.pending is not None and pos not in hid.get(st.rid, {}):
+                        await self._drain_async(hid, st.rid, pos)
                     await self._step(st, int(tok), lp, hid.setdefault(st.rid, {}), actions)
                 if out.finished:
                     hid.pop(st.rid, None)

@@ -16,7 +16,14 @@ err_console = Console(stderr=True)
 
 
 def add_commands(sub: Any, positive_int: Callable[[str], int]) -> dict[str, Callable[[argparse.Namespace], int]]:
-    from monitor.cli_args import add_model_args, add_task_args, layers_arg, nonnegative_int
+    from monitor.cli_args import (
+        add_model_args,
+        add_task_args,
+        add_vllm_engine_args,
+        layers_arg,
+        logprobs_arg,
+        nonnegative_int,
+    )
 
     c = sub.add_parser("collect", help="roll out problems and label every decision point by a forced exit")
     add_model_args(c)
@@ -30,6 +37,13 @@ def add_commands(sub: Any, positive_int: Callable[[str], int]) -> dict[str, Call
     c.add_argument("--layers", type=layers_arg, help="decoder layers to hook (default ~L/4, L/2, 3L/4, last)")
     c.add_argument("--no-memory-check", action="store_true",
                    help="skip the check that the batch's KV cache fits in free memory")
+    c.add_argument("--backend", choices=["hf", "vllm"], default="hf",
+                   help="hf: transformers (default); vllm: vLLM's AsyncLLM, each forced exit a side request over the "
+                        "prefix cache, --batch-size problems in flight (the engine you serve with)")
+    c.add_argument("--logprobs", type=logprobs_arg, default="full",
+                   help="vllm: top-k log-probabilities the signals see, or 'full' (default full: the HF collector's "
+                        "features; a probe sees the same at run time only with the same setting)")
+    add_vllm_engine_args(c)
     c.add_argument("--json", action="store_true")
 
     t = sub.add_parser("train", help="train the probe (grouped CV report, then fit) into a bundle")
@@ -87,12 +101,16 @@ def cmd_collect(args: argparse.Namespace) -> int:
     kind = args.answer_kind or kind_for_dataset(args.data)
     cfg = RunConfig(max_new_tokens=args.max_new_tokens, answer_max_tokens=args.answer_max_tokens,
                     batch_size=args.batch_size, layers=args.layers, answer_kind=kind, system=args.system,
-                    exit_cue=args.exit_cue, device=args.device, dtype=args.dtype)
+                    exit_cue=args.exit_cue, device=args.device, dtype=args.dtype, backend=args.backend,
+                    vllm_logprobs=args.logprobs, tensor_parallel_size=args.tensor_parallel_size,
+                    gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
+                    enforce_eager=args.enforce_eager)
     cfg.validate()
     check_bounds_from_args(args, cfg.max_new_tokens, cfg.answer_budget(cfg.answer_kind), min(cfg.batch_size,
-                                                                                               len(problems)))
+                                                                                               len(problems)),
+                           memory=args.backend == "hf")
     with directory_lock(args.out, "--out"):  # one collect per directory; taken before the model loads
-        lm = load_from_args(args)
+        lm = load_from_args(args, weights=args.backend == "hf")
         done = [0]
         try:
             with Progress(TextColumn("[bold]collecting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

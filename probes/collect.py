@@ -290,7 +290,11 @@ def check_collect_out(out: str | Path, data: str | Path | None = None) -> None:
 
 def collect(lm: LoadedModel, problems: Sequence[dict[str, Any]], out_dir: str | Path, cfg: RunConfig | None = None,
             kind: str = "auto", on_batch: Callable[[int], None] | None = None) -> CollectResult:
-    """Roll out `problems`, label every decision point by a forced exit, write shards to `out_dir`."""
+    """Roll out `problems`, label every decision point by a forced exit, write shards to `out_dir`.
+
+    `cfg.backend` "vllm": the rollouts run on vLLM's AsyncLLM (`cfg.batch_size` problems in flight) and each forced
+    exit is a side request over the prefix cache; the hidden states come from the worker's tap, the signals see
+    `cfg.vllm_logprobs` (set it to "full" for the HF collector's features)."""
     from monitor.hf import HFMonitoredGenerator
 
     cfg = cfg or RunConfig()
@@ -307,7 +311,8 @@ def collect(lm: LoadedModel, problems: Sequence[dict[str, Any]], out_dir: str | 
               "exit_cue": task.exit_cue, "answer_max_tokens": task.answer_max_tokens, "answer_kind": task.kind,
               "max_new_tokens": cfg.max_new_tokens, "signal_features": signal_feature_names(),
               "block_tokens": cfg.block_tokens, "min_step_tokens": cfg.min_step_tokens,
-              "cue_words": list(cfg.cue_words), "embedder": cfg.embedder}
+              "cue_words": list(cfg.cue_words), "embedder": cfg.embedder, "backend": cfg.backend,
+              "logprobs": cfg.vllm_logprobs if cfg.backend == "vllm" else "full"}
     manifest = _load_manifest(out)
     if manifest is None:
         manifest = {"format": FORMAT, "config": config, "shards": [], "done": []}
@@ -332,8 +337,21 @@ def collect(lm: LoadedModel, problems: Sequence[dict[str, Any]], out_dir: str | 
         labelers.append(lab)
         return lab
 
-    gen = HFMonitoredGenerator(lm.model, lm.tokenizer, monitor_factory(layers, cfg, lm.family.think_end, new_labeler),
-                               layers=layers, exit_cue=task.exit_cue, answer_max_tokens=task.answer_max_tokens)
+    factory = monitor_factory(layers, cfg, lm.family.think_end, new_labeler)
+    runner = None
+    if cfg.backend == "vllm":
+        from monitor.run import build_vllm_engine
+        from monitor.vllm import BlockingAsyncGenerator
+
+        if not cfg.vllm_hidden:
+            raise ValueError("collect needs the hidden states at each decision point: drop --no-hidden")
+        runner = build_vllm_engine(lm, cfg, runner=True)
+        gen: Any = BlockingAsyncGenerator(runner, lm.tokenizer, factory, layers=layers, exit_cue=task.exit_cue,
+                                          answer_max_tokens=task.answer_max_tokens, hidden=True,
+                                          force=cfg.vllm_force, logprobs=cfg.vllm_logprobs)
+    else:
+        gen = HFMonitoredGenerator(lm.model, lm.tokenizer, factory, layers=layers, exit_cue=task.exit_cue,
+                                   answer_max_tokens=task.answer_max_tokens)
     n_events = n_pos = 0
     try:
         for start in range(0, len(todo), cfg.batch_size):
@@ -354,6 +372,8 @@ def collect(lm: LoadedModel, problems: Sequence[dict[str, Any]], out_dir: str | 
                 on_batch(len(batch))
     finally:
         gen.close()
+        if runner is not None:
+            runner.shutdown()
     if manifest["shards"]:  # the collection as an `overthink.log/1` file too (rewritten whole, atomically)
         from probes.log import write_log
 
@@ -362,7 +382,7 @@ def collect(lm: LoadedModel, problems: Sequence[dict[str, Any]], out_dir: str | 
 
 
 _RESUME_KEYS = ("exit_cue", "answer_max_tokens", "max_new_tokens", "block_tokens", "min_step_tokens", "cue_words",
-                "embedder", "answer_kind")
+                "embedder", "answer_kind", "backend", "logprobs")
 
 
 def _check_resume(out: Path, old: dict[str, Any], new: dict[str, Any]) -> None:

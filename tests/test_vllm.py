@@ -444,3 +444,36 @@ def test_run_backend_vllm_decodes_trials_as_side_requests(tiny, tmp_path):
     else:
         assert t.decision["halted"] and "the last 1 trial answers agree" in t.decision["reason"]
         assert trials[-1] is first  # no trial after the halt
+
+
+def test_collect_on_vllm_labels_every_point_as_the_hf_collector_does(tiny, tmp_path):
+    """`overthink collect --backend vllm`: the rollouts on AsyncLLM, each forced exit a side request; on the tiny model
+    (greedy, full distributions) the same decision points, forced-exit answers, labels and token costs as the HF
+    collector, and hidden-state features equal to float tolerance."""
+    from probes.collect import collect, load_collected
+
+    tok = tiny.tokenizer
+    problems = [{"id": f"p{i}", "question": q, "answer": a} for i, (q, a) in
+                enumerate([("What is 2 + 3?", "5"), ("Tom has 4 apples and eats one. How many are left?", "3")])]
+    words = []
+    for p in problems:
+        enc = tok(tiny.family.build_prompt(tok, p["question"]), return_tensors="pt", add_special_tokens=False)
+        out = tiny.model.generate(**enc, max_new_tokens=20, do_sample=False, temperature=None, top_p=None,
+                                  top_k=None, pad_token_id=tok.eos_token_id)
+        words += [w.lower() for w in tok.decode(out[0, enc["input_ids"].shape[1]:]).split() if w.isalpha()][:2]
+    assert words
+    common = dict(max_new_tokens=20, answer_max_tokens=4, batch_size=2, cue_words=tuple(sorted(set(words))),
+                  layers=LAYERS)
+    collect(tiny, problems, tmp_path / "hf", RunConfig(**common))
+    collect(tiny, problems, tmp_path / "vllm", RunConfig(**common, backend="vllm", vllm_logprobs="full",
+                                                          max_model_len=512))
+    hf, vl = load_collected(tmp_path / "hf"), load_collected(tmp_path / "vllm")
+    assert vl.config["backend"] == "vllm" and hf.config["backend"] == "hf"
+    keys = ("index", "kind", "reasoning_tokens", "answer", "label", "probe_tokens")
+    assert sum(len(p["events"]) for p in hf.problems) >= 2
+    for a, b in zip(hf.problems, vl.problems, strict=True):
+        assert [{k: e[k] for k in keys} for e in a["events"]] == [{k: e[k] for k in keys} for e in b["events"]]
+        assert (a["full_answer"], a["full_correct"], a["full_tokens"]) == (b["full_answer"], b["full_correct"],
+                                                                         b["full_tokens"])
+    np.testing.assert_allclose(vl.confidence, hf.confidence, atol=1e-4)
+    np.testing.assert_allclose(vl.hidden, hf.hidden, atol=1e-3 * float(np.abs(hf.hidden).max()))
