@@ -233,11 +233,23 @@ class AsyncRunner:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def shutdown(self) -> None:
+        """Shut the engine down on its own loop, cancel what still runs there (vLLM's output handler), stop it."""
+        import asyncio
+
         engine, self.engine = self.engine, None
-        if engine is not None:
-            engine.shutdown()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+
+        async def stop() -> None:
+            if engine is not None:
+                engine.shutdown()
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in rest:
+                t.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+
+        if self._thread.is_alive():
+            self.run(stop())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
 
 
 def make_async_runner(model_dir: str | Path, **kwargs: Any) -> AsyncRunner:
