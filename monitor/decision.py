@@ -24,7 +24,7 @@ import difflib
 import math
 import numbers
 import operator
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -253,6 +253,18 @@ class DeerPolicy:
             return Decision(HALT, f"halted at token {ctx.position}: trial-answer confidence {confidence:.3f} >= "
                                   f"threshold {self.threshold:.3g} at {where}", confidence, self.threshold)
         return Decision(CONTINUE, score=confidence, threshold=self.threshold)
+
+
+def answer_streak(earlier: Sequence[str | None], answer: str | None) -> int:
+    """How many of the consecutive latest `earlier` trial answers equal `answer` (0 for an empty answer, which
+    agrees with nothing): answer stability, online (the Monitor) and replayed (`overthink evaluate`)."""
+    n = 0
+    if answer is not None:
+        for a in reversed(earlier):
+            if a != answer:
+                break
+            n += 1
+    return n
 
 
 class CertaindexPolicy:

@@ -48,6 +48,7 @@ from monitor.decision import (
     Policy,
     TrialOutcome,
     TrialRequest,
+    answer_streak,
 )
 from monitor.events import StepBatch, TokenStep
 from monitor.signals.base import Signal, is_batch_first
@@ -413,12 +414,7 @@ class Monitor:
         """The trial with its stability against this sequence's earlier trials: how many consecutive earlier
         trials gave the same (non-empty) answer, and whether the previous one did."""
         prev = self.trial_answers
-        streak = 0
-        if trial.answer is not None:
-            for a in reversed(prev):
-                if a != trial.answer:
-                    break
-                streak += 1
+        streak = answer_streak(prev, trial.answer)
         prev.append(trial.answer)
         agrees = None if len(prev) < 2 else (trial.answer is not None and prev[-2] == trial.answer)
         return dataclasses.replace(trial, streak=streak, agrees_previous=agrees)

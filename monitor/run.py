@@ -284,14 +284,21 @@ def build_vllm_engine(lm: LoadedModel, cfg: RunConfig, runner: bool = False) -> 
     offline `LLM`, or with `runner` an `AsyncLLM` behind an `AsyncRunner` (side requests for trials)."""
     from monitor.vllm import export_for_vllm, make_async_runner, make_llm
 
+    make = make_async_runner if runner else make_llm
+    return make(export_for_vllm(lm), **vllm_engine_kwargs(lm, cfg))
+
+
+def vllm_engine_kwargs(lm: LoadedModel, cfg: RunConfig) -> dict[str, Any]:
+    """The keyword arguments of `make_llm` / `make_async_llm` from a run's settings (`overthink run`, `collect`,
+    `serve --backend vllm`): the hidden-state tap, seed, top-k log-probabilities, context, dtype, and vLLM's own
+    engine options where the user gave them."""
     lp = -1 if cfg.vllm_logprobs == "full" else max(20, int(cfg.vllm_logprobs))
     extra: dict[str, Any] = {"tensor_parallel_size": cfg.tensor_parallel_size}
     if cfg.gpu_memory_utilization is not None:
         extra["gpu_memory_utilization"] = cfg.gpu_memory_utilization
     if cfg.enforce_eager is not None:
         extra["enforce_eager"] = cfg.enforce_eager
-    make = make_async_runner if runner else make_llm
-    return make(export_for_vllm(lm), hidden=cfg.vllm_hidden, seed=cfg.seed, max_logprobs=lp,
+    return dict(hidden=cfg.vllm_hidden, seed=cfg.seed, max_logprobs=lp,
                 max_model_len=cfg.max_model_len or default_model_len(lm), dtype=cfg.dtype, **extra)
 
 

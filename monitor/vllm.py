@@ -423,6 +423,7 @@ class VLLMMonitoredGenerator:
         self.hidden = bool(hidden and self.layers)
         self.eos_ids = _eos_ids(engine, tokenizer)
         self._side_requests = False  # trials as side requests (AsyncLLM)
+        self._end_cache: dict[str, list[int]] = {}  # end-of-reasoning marker -> its token ids
 
     def _check_layers(self) -> None:
         if self.hidden:
@@ -571,12 +572,18 @@ class VLLMMonitoredGenerator:
 
         extra: dict[str, Any] = {"overthink_key": st.key}
         if st.phase == "reasoning" and self._budget_in_engine(st):
-            end = st.monitor.cues.think_end
-            extra["overthink_budget"] = [st.max_reasoning, list(self.exit.ids),
-                                         self.tokenizer.encode(end, add_special_tokens=False) if end else []]
+            extra["overthink_budget"] = [st.max_reasoning, list(self.exit.ids), self._end_ids(st.monitor.cues.think_end)]
         return SamplingParams(max_tokens=max_tokens, logprobs=self.logprobs, output_kind=RequestOutputKind.DELTA,
                               detokenize=False, extra_args=extra, seed=seed,
                               **st.sampling)
+
+    def _end_ids(self, marker: str | None) -> list[int]:
+        """The token ids of an end-of-reasoning marker (encoded once per marker)."""
+        if not marker:
+            return []
+        if marker not in self._end_cache:
+            self._end_cache[marker] = self.tokenizer.encode(marker, add_special_tokens=False)
+        return self._end_cache[marker]
 
     def _add(self, st: _Request, prompt_ids: list[int], max_tokens: int, seed: int | None) -> None:
         self.engine.add_request(st.rid, {"prompt_token_ids": list(prompt_ids)},

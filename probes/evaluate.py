@@ -147,17 +147,18 @@ def certaindex_exits(data: CollectedData, k: int = 3) -> list[int | None]:
     """Per problem, the first decision point where the last `k` forced-exit answers (this one and the k-1 before
     it; the collection's trial at every point) agree, non-empty, as `answers.answer_key` compares them."""
     from monitor.answers import answer_key
+    from monitor.decision import answer_streak
 
     exits: list[int | None] = []
     for p in data.problems:
-        run, prev, hit = 0, None, None
+        seen: list[str | None] = []
+        hit = None
         for j, e in enumerate(p["events"]):
             a = answer_key(e.get("answer"))
-            run = run + 1 if a is not None and a == prev else (1 if a is not None else 0)
-            prev = a
-            if run >= k:
+            if a is not None and answer_streak(seen, a) + 1 >= k:
                 hit = j
                 break
+            seen.append(a)
         exits.append(hit)
     return exits
 

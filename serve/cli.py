@@ -68,12 +68,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             require_vllm()
         except ImportError as e:
             raise UsageError(str(e)) from None
-        if args.no_hidden is False and args.enforce_eager is False:
-            raise UsageError("the hidden-state tap needs eager mode (forward hooks do not run inside CUDA graphs): "
-                             "drop --no-enforce-eager, or add --no-hidden for logprob signals only")
     cfg = RunConfig(policy=args.policy, halt_after=args.halt_after, max_new_tokens=args.max_new_tokens,
                     answer_max_tokens=args.answer_max_tokens, device=args.device, dtype=args.dtype,
-                    record=args.record, answer_kind="text")
+                    record=args.record, answer_kind="text", backend="hf" if args.upstream else args.backend,
+                    vllm_hidden=not args.no_hidden, vllm_force=args.force,
+                    tensor_parallel_size=args.tensor_parallel_size,
+                    gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
+                    enforce_eager=args.enforce_eager)  # validate() checks the tap against --no-enforce-eager
     try:
         if args.upstream:  # first: a proxy's policy may name the logprob families' keys only
             from monitor.decision import parse_policy
@@ -144,21 +145,14 @@ def _bundles(policy: str, lm: Any, cfg: Any) -> dict[str, Any]:
         raise UsageError(f"--policy {policy}: {e}") from None
 
 
-def _vllm_engine(args: argparse.Namespace, lm: Any, cfg: Any, sink: Any) -> Any:
-    from monitor.run import default_model_len, resolve_layers
+def _vllm_engine(lm: Any, cfg: Any, sink: Any) -> Any:
+    from monitor.run import resolve_layers, vllm_engine_kwargs
     from monitor.vllm import export_for_vllm
     from serve.vllm_engine import VLLMServeEngine
 
-    extra: dict[str, Any] = {"tensor_parallel_size": args.tensor_parallel_size}
-    if args.gpu_memory_utilization is not None:
-        extra["gpu_memory_utilization"] = args.gpu_memory_utilization
-    if args.enforce_eager is not None:
-        extra["enforce_eager"] = args.enforce_eager
-    cfg.vllm_force = args.force
     with err_console.status("starting the vLLM engine ..."):
-        return VLLMServeEngine(lm, cfg, str(export_for_vllm(lm)), resolve_layers(lm, cfg.layers),
-                               hidden=not args.no_hidden, max_model_len=args.max_model_len or default_model_len(lm),
-                               trace_sink=sink, **extra)
+        return VLLMServeEngine(lm, cfg, str(export_for_vllm(lm)), resolve_layers(lm, cfg.layers), trace_sink=sink,
+                               **vllm_engine_kwargs(lm, cfg))
 
 
 def _serve(args: argparse.Namespace, cfg: Any, sink: Any) -> int:
@@ -180,7 +174,7 @@ def _serve(args: argparse.Namespace, cfg: Any, sink: Any) -> int:
     elif args.backend == "vllm":
         lm = load_from_args(args, weights=False)  # vLLM loads the weights (a directory); others are exported
         bundles = _bundles(args.policy, lm, cfg)
-        engine = _vllm_engine(args, lm, cfg, sink)
+        engine = _vllm_engine(lm, cfg, sink)
     else:
         lm = load_from_args(args)
         bundles = _bundles(args.policy, lm, cfg)  # aligns cfg (layers, cue words, exit cue) with the bundle

@@ -230,15 +230,7 @@ class HFServeEngine:
         return [JobResult(r, build_trace(self.lm, j, r, self.layers), j.stopped_by, j.cancelled) for j, r in zip(batch, results, strict=True)]
 
     def _entry(self, info: Any, ids_as_tokens: bool = False) -> dict[str, Any] | None:
-        """A token's log-probability entry with token texts (each id decoded on its own, as vLLM reports them),
-        or "token_id:N" strings when the request asked for ids."""
-        if info is None:
-            return None
-        def name(i: int) -> str:
-            return f"token_id:{i}" if ids_as_tokens else self._table.text(i)
-
-        tok, lp, top = info
-        return {"token": name(tok), "logprob": lp, "top": [(name(i), v) for i, v in top]}
+        return None if info is None else logprob_entry(self._table, *info, ids_as_tokens)
 
     def _write(self, results: list[JobResult]) -> None:
         if self.trace_sink is None:
@@ -247,6 +239,16 @@ class HFServeEngine:
             self.trace_sink.write_lines([trace_line(res.trace) for res in results])
         except Exception:  # the trace log failing must not fail the requests
             log.exception("could not append %d trace(s) to the trace log", len(results))
+
+
+def logprob_entry(table: Any, tok: int, logprob: float, top: Any, ids_as_tokens: bool = False) -> dict[str, Any]:
+    """A token's log-probability entry for a response (`Job.piece`): its text and the top alternatives' (each id
+    decoded on its own by the `TokenTable`, as vLLM reports them), or "token_id:N" strings when the request asked
+    for ids; `top` is (id, logprob) pairs, best first."""
+    def name(i: int) -> str:
+        return f"token_id:{i}" if ids_as_tokens else table.text(i)
+
+    return {"token": name(tok), "logprob": logprob, "top": [(name(i), v) for i, v in top]}
 
 
 def build_trace(lm: LoadedModel, j: Job, r: SequenceResult, layers: list[int], backend: str = "hf",
@@ -269,4 +271,4 @@ def build_trace(lm: LoadedModel, j: Job, r: SequenceResult, layers: list[int], b
         reason=None if r.monitor.decision else r.stop_reason, meta=meta)
 
 
-__all__ = ["HFServeEngine", "Job", "JobResult", "build_trace"]
+__all__ = ["HFServeEngine", "Job", "JobResult", "build_trace", "logprob_entry"]

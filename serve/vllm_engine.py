@@ -22,7 +22,7 @@ from typing import Any
 from monitor.models import LoadedModel
 from monitor.run import RunConfig, Task, monitor_factory
 from monitor.vocab import TokenTable
-from serve.engine import Job, JobResult, build_trace
+from serve.engine import Job, JobResult, build_trace, logprob_entry
 
 log = logging.getLogger("overthink.serve")
 
@@ -30,11 +30,11 @@ log = logging.getLogger("overthink.serve")
 class VLLMServeEngine:
     """Monitored requests on one shared `AsyncLLM` (see the module docstring).
 
-    `engine_kwargs` go to `vllm.AsyncEngineArgs` unchanged (tensor_parallel_size, gpu_memory_utilization,
-    enforce_eager, ...); `hidden=False` taps no hidden states (logprob signals only; CUDA graphs stay on)."""
+    `engine_kwargs` go to `monitor.vllm.make_async_llm` (`monitor.run.vllm_engine_kwargs` makes them from a
+    RunConfig); `hidden=False` taps no hidden states (logprob signals only; CUDA graphs stay on)."""
 
-    def __init__(self, lm: LoadedModel, cfg: RunConfig, model_dir: str, layers: list[int], hidden: bool = True,
-                 max_model_len: int = 4096, trace_sink: Any = None, **engine_kwargs: Any) -> None:
+    def __init__(self, lm: LoadedModel, cfg: RunConfig, model_dir: str, layers: list[int], trace_sink: Any = None,
+                 hidden: bool = True, **engine_kwargs: Any) -> None:
         self.lm, self.cfg = lm, cfg
         self.layers = layers  # the signals' layers (their hidden states come only with `hidden`)
         self.hidden = hidden and bool(layers)
@@ -46,8 +46,7 @@ class VLLMServeEngine:
         self._tasks: set[asyncio.Task] = set()
         from monitor.vllm import make_async_llm
 
-        self.engine = make_async_llm(model_dir, hidden=self.hidden, max_model_len=max_model_len, seed=cfg.seed,
-                                     dtype=cfg.dtype, max_logprobs=20, **engine_kwargs)
+        self.engine = make_async_llm(model_dir, hidden=self.hidden, **engine_kwargs)
         import torch
 
         # the driver's monitor ops are tiny ([requests, k] top-k rows from vLLM's output, a few hidden vectors): one
@@ -101,7 +100,7 @@ class VLLMServeEngine:
             gen = self._gens[task] = await AsyncVLLMMonitoredGenerator.create(
                 self.engine, self.lm.tokenizer, lambda: None, layers=self.layers, exit_cue=task.exit_cue,
                 answer_max_tokens=task.answer_max_tokens, hidden=self.hidden, force=self.cfg.vllm_force,
-                logprobs=20)
+                logprobs=self.cfg.vllm_logprobs)
         return gen
 
     async def _serve(self, job: Job, fut: concurrent.futures.Future) -> None:
@@ -150,13 +149,9 @@ class VLLMServeEngine:
         """A token's OpenAI log-probability entry from vLLM's {id: Logprob} (the chosen token and the top k)."""
         if not isinstance(lp, dict) or tok not in lp:
             return None
-
-        def name(i: int) -> str:
-            return f"token_id:{i}" if ids_as_tokens else self.table.text(i)
-
         vals = {int(i): float(getattr(v, "logprob", v)) for i, v in lp.items()}
         top = sorted(((i, v) for i, v in vals.items() if not math.isnan(v)), key=lambda x: -x[1])
-        return {"token": name(tok), "logprob": vals[tok], "top": [(name(i), v) for i, v in top]}
+        return logprob_entry(self.table, tok, vals[tok], top, ids_as_tokens)
 
 
 __all__ = ["VLLMServeEngine"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -87,3 +88,28 @@ def parts(trace: dict) -> tuple[str, str]:
     reasoning = "".join(t for t, p in zip(toks["text"], toks["phase"]) if p == "reasoning").replace(MARKER, "")
     content = "".join(t for t, p in zip(toks["text"], toks["phase"]) if p != "reasoning").replace(MARKER, "")
     return reasoning, content.lstrip()
+
+
+def concurrent_chats(base: str, n: int) -> list:
+    """`n` chat completions at once through the official async client: request i asks for 10 + i % 5 tokens, and
+    the odd ones halt after 6 reasoning tokens (`overthink.halt_after`)."""
+    async def go() -> list:
+        client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=300)
+        try:
+            return await asyncio.gather(*(client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": f"Count to {i}."}], max_tokens=10 + i % 5,
+                extra_body={"overthink": {"halt_after": 6}} if i % 2 else None) for i in range(n)))
+        finally:
+            await client.close()
+
+    return asyncio.run(go())
+
+
+def wait_idle(http: httpx.Client, base: str, keys: tuple[str, ...], timeout: float = 30.0) -> dict:
+    """`base`/health once every count in `keys` is 0 (or the last answer after `timeout`)."""
+    deadline = time.time() + timeout
+    while True:
+        h = http.get(base + "/health").json()
+        if all(h[k] == 0 for k in keys) or time.time() > deadline:
+            return h
+        time.sleep(0.2)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import time
 from pathlib import Path
@@ -12,7 +11,19 @@ import openai
 import pytest
 
 from monitor.trace import check_trace_file
-from tests.serving import MESSAGES, MODEL, client, free_port, parts, start_serve, stop, traces, wait_trace
+from tests.serving import (
+    MESSAGES,
+    MODEL,
+    client,
+    concurrent_chats,
+    free_port,
+    parts,
+    start_serve,
+    stop,
+    traces,
+    wait_idle,
+    wait_trace,
+)
 
 
 @pytest.fixture(scope="module")
@@ -95,16 +106,7 @@ def test_text_completions_stream_and_not(server):
 
 
 def test_32_concurrent_requests_none_lost(server):
-    async def go() -> list:
-        client = openai.AsyncOpenAI(base_url=server["base"] + "/v1", api_key="none", max_retries=0, timeout=300)
-        try:
-            return await asyncio.gather(*(client.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": f"Count to {i}."}], max_tokens=10 + i % 5,
-                extra_body={"overthink": {"halt_after": 6}} if i % 2 else None) for i in range(32)))
-        finally:
-            await client.close()
-
-    results = asyncio.run(go())
+    results = concurrent_chats(server["base"], 32)
     ids = [r.model_extra["overthink"]["trace_id"] for r in results]
     assert len(set(ids)) == 32
     assert [r.model_extra["overthink"]["halted"] for r in results] == [bool(i % 2) for i in range(32)]
@@ -126,12 +128,7 @@ def test_a_client_that_goes_away_mid_stream_leaves_no_request_behind(server):
             got = [next(lines) for _ in range(6)]
             assert any(x.startswith("data: ") for x in got)
         # the connection is closed here, long before 400 tokens
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            h = http.get(server["base"] + "/health").json()
-            if h["running"] == 0 and h["waiting"] == 0:
-                break
-            time.sleep(0.2)
+        h = wait_idle(http, server["base"], ("running", "waiting"))
         assert h["running"] == 0 and h["waiting"] == 0
     cancelled = [t for t in _traces(server).values() if t["meta"].get("cancelled")]
     assert cancelled and all(t["accounting"]["reasoning"] < 400 for t in cancelled)

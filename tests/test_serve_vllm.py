@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
-import time
 
 import httpx
 import openai
@@ -17,12 +15,14 @@ from tests.serving import (
     MESSAGES,
     MODEL,
     client,
+    concurrent_chats,
     free_port,
     parts,
     start_serve,
     stop,
     traces,
     wait_healthy,
+    wait_idle,
     wait_trace,
 )
 
@@ -124,16 +124,7 @@ def test_the_vllm_backend_serves_monitors_and_halts(vllm_server, inprocess):
 def test_the_vllm_backend_under_concurrency_and_disconnects(inprocess):
     """16 concurrent requests share the engine (none lost, each traced); a client that goes away mid-stream is
     aborted in the engine; a bad request is a 400."""
-    async def go() -> list:
-        ac = openai.AsyncOpenAI(base_url=inprocess["base"] + "/v1", api_key="none", max_retries=0, timeout=300)
-        try:
-            return await asyncio.gather(*(ac.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": f"Count to {i}."}], max_tokens=10 + i % 5,
-                extra_body={"overthink": {"halt_after": 6} if i % 2 else {}}) for i in range(16)))
-        finally:
-            await ac.close()
-
-    results = asyncio.run(go())
+    results = concurrent_chats(inprocess["base"], 16)
     ids = [x.model_extra["overthink"]["trace_id"] for x in results]
     assert len(set(ids)) == 16
     assert [x.model_extra["overthink"]["halted"] for x in results] == [bool(i % 2) for i in range(16)]
@@ -144,12 +135,7 @@ def test_the_vllm_backend_under_concurrency_and_disconnects(inprocess):
         with http.stream("POST", inprocess["base"] + "/v1/chat/completions", json=body) as resp:
             lines = resp.iter_lines()
             assert any(next(lines).startswith("data: ") for _ in range(6))
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            h = http.get(inprocess["base"] + "/health").json()
-            if h["running"] == 0 and h["engine_requests"] == 0:
-                break
-            time.sleep(0.2)
+        h = wait_idle(http, inprocess["base"], ("running", "engine_requests"))
         assert h["running"] == 0 and h["engine_requests"] == 0
         bad = http.post(inprocess["base"] + "/v1/chat/completions",
                         json={"model": MODEL, "messages": MESSAGES, "overthink": {"polcy": "observe"}})
