@@ -491,8 +491,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except KeyboardInterrupt:  # during start-up or argument parsing: no traceback
-        err_console.print("interrupted")
+        _interrupted()
         return 130
+
+
+def _interrupted() -> None:
+    """Say so once; a further Ctrl-C (or one delivered late) while the process exits must not kill it by SIGINT
+    instead of the exit code 130."""
+    import signal
+
+    with contextlib.suppress(ValueError):  # not in the main thread
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    err_console.print("interrupted")
 
 
 def _main(argv: list[str] | None) -> int:
@@ -514,7 +524,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:
-        err_console.print("interrupted")
+        _interrupted()
         return 130
     except Exception as e:  # one readable line, not a traceback
         if args.debug:
