@@ -246,9 +246,7 @@ class MonitorBatch:
             keys += [k for k, _ in got]
             cols += [c for _, c in got]
         has_lp = batch.has_distribution
-        if has_lp:
-            cols.append(batch.chosen_logprob.to(torch.float64))
-        block = torch.stack(cols, 1).cpu().numpy() if cols else np.zeros((batch.size, 0))  # the one copy
+        block, keys = _block(cols, keys, batch.chosen_logprob if has_lp else None, batch.size)  # the one copy
         names = tuple(f"{f}.{k}" for f, k in keys)
         n_keys = len(names)
         if batch.texts is not None:
@@ -310,7 +308,24 @@ def _column(v: Any, n: int, key: str) -> torch.Tensor:
     if not isinstance(v, torch.Tensor) or v.shape != (n,):
         raise TypeError(f"update_batch() returned {key!r} as {type(v).__name__} of shape {getattr(v, 'shape', '?')}; "
                         f"expected a tensor of shape ({n},): one value per row")
-    return v.to(torch.float64)
+    return v
+
+
+def _block(cols: list[torch.Tensor], keys: list[tuple[str, str]], lp: torch.Tensor | None,
+           n: int) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """All value columns (and the chosen tokens' log-probabilities, last) as one [B, n_keys (+1)] float64 host
+    array, in ONE device-to-host copy; the columns are stacked per dtype (a few ops, not one cast per key), so the
+    returned keys are grouped by dtype."""
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, c in enumerate(cols):
+        groups.setdefault(c.dtype, []).append(i)
+    parts = [torch.stack([cols[i] for i in g], 1).to(torch.float64) for g in groups.values()]
+    if lp is not None:
+        parts.append(lp[:, None].to(torch.float64))
+    if not parts:
+        return np.zeros((n, 0)), keys
+    block = (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).cpu().numpy()
+    return block, [keys[i] for g in groups.values() for i in g]
 
 
 def _local_outs(m: Monitor, local: list[Any], batch: StepBatch, i: int) -> list[tuple[str, float | None]]:

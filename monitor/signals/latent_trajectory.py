@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from monitor.events import StepBatch, TokenStep
-from monitor.signals.redundancy import StepSplitter
+from monitor.signals.redundancy import StepSplits
 from monitor.signals.slots import SlotTable, add_rows, index, one_row
 
 _VALUE_KEYS = ("net", "cumulative", "aligned", "n_blocks")
@@ -176,7 +176,7 @@ class LatentTrajectory:
         self._n = np.zeros(0, dtype=np.int64)  # tokens per slot (host: only counted)
         self._open = np.zeros(0, dtype=np.int64)  # tokens in each slot's open block
         self._n_closed = np.zeros(0, dtype=np.int64)
-        self._splitters: dict[int, StepSplitter] = {}
+        self._split = StepSplits(self.min_step_tokens)  # block="steps": where each slot's steps end
 
     def reset_slots(self, slots: Any) -> None:
         """Fresh state for the sequences in `slots` (each starts a new trace)."""
@@ -185,8 +185,7 @@ class LatentTrajectory:
         idx = np.asarray(slots, dtype=np.int64)
         for arr in (self._n, self._open, self._n_closed):
             arr[idx[idx < arr.shape[0]]] = 0
-        for s in np.asarray(slots).tolist():
-            self._splitters.pop(int(s), None)
+        self._split.reset(slots)
 
     def _ensure(self, slots: np.ndarray, device: torch.device) -> None:
         self._t.ensure(slots, device)
@@ -207,8 +206,8 @@ class LatentTrajectory:
             st = self._state
             first = next(h for h in got if h is not None)
             d = first.shape[-1]
-            if st.dim is None:  # CPU state in float64 (the reference precision); on an accelerator, float32
-                st.start(d, torch.float64 if first.device.type == "cpu" else torch.float32)
+            if st.dim is None:  # sums in the input's precision, at least float32 (float64 input: the reference)
+                st.start(d, torch.float64 if first.dtype == torch.float64 else torch.float32)
                 st.t.ensure(slots, batch.device)
             bad = [layer for layer, h in zip(self.layers, got, strict=True) if h is not None and h.shape[-1] != st.dim]
             if bad:
@@ -226,16 +225,11 @@ class LatentTrajectory:
         self._n[slots] += 1
         self._open[slots] += 1
         if self.block == "steps":
-            texts = batch.texts or [""] * batch.size
             close = np.zeros(batch.size, dtype=bool)
-            for r, slot in enumerate(slots.tolist()):
-                sp = self._splitters.get(slot)
-                if sp is None:
-                    sp = self._splitters[slot] = StepSplitter(self.min_step_tokens)
-                cut = sp.feed(int(self._n[slot]) - 1, texts[r] or "")
-                if cut is not None or (self.block_tokens is not None and self._open[slot] >= self.block_tokens):
-                    sp.step_start = int(self._n[slot])  # a capped block restarts the step count too
-                    close[r] = True
+            close[[r for r, _ in self._split.feed(slots, batch.texts or [""] * batch.size, self._n[slots] - 1)]] = True
+            if self.block_tokens is not None:
+                close |= self._open[slots] >= self.block_tokens
+            self._split.start[slots[close]] = self._n[slots[close]]  # a capped block restarts the step count too
         else:
             close = self._open[slots] >= self.block_tokens
         if close.any():
@@ -250,9 +244,7 @@ class LatentTrajectory:
     def close_block(self, slot: int = 0) -> dict[str, float]:
         """Close the open block now (e.g. at a reasoning-step end the caller detected); returns the values."""
         if slot < self._open.shape[0] and self._open[slot]:
-            sp = self._splitters.get(slot)
-            if sp is not None:
-                sp.step_start = int(self._n[slot])
+            self._split.start[slot:slot + 1] = self._n[slot]
             self._close(np.array([slot], dtype=np.int64))
         if slot >= self._t.capacity:
             return {}

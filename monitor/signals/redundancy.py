@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -26,6 +26,24 @@ SIMILARITY_MODES = ("sparse", "dense", "none")
 DEFAULT_TOP_K = 8
 
 
+def _scan(nl: bool, para: bool, start: int, index: int, text: str, min_tokens: int) -> tuple[int | None, bool, bool,
+                                                                                              int]:
+    """The step-boundary scan of one token's text (the rules in `StepSplitter`). State in and out: `nl` (the last
+    character seen was a newline), `para` (no text since the last blank line), `start` (token index where the
+    open step began). Returns (cut, nl, para, start): cut is the offset just past the boundary, or None."""
+    cut = None
+    for j, c in enumerate(text):
+        if c == "\n" and nl:
+            if not para and cut is None and index - start + 1 >= min_tokens:
+                cut = j + 1
+                start = index + 1
+            para = True
+        elif not c.isspace() and c not in "*#>-":  # markdown markers alone do not make a paragraph
+            para = False
+        nl = c == "\n"
+    return cut, nl, para, start
+
+
 class StepSplitter:
     """Finds reasoning-step boundaries in a stream of token text pieces.
 
@@ -33,7 +51,8 @@ class StepSplitter:
     newlines is one boundary, and a blank line before any text (or right after a boundary) is none. The
     token holding the boundary's second newline closes the step; a step shorter than `min_step_tokens`
     tokens is merged into the next one (PUMA). Same rules as `monitor.cues.CueDetector`'s step ends, so
-    redundancy values land on the same tokens as the "step_end" decision points.
+    redundancy values land on the same tokens as the "step_end" decision points. `StepSplits` is the same
+    splitter for a batch of sequences.
     """
 
     def __init__(self, min_step_tokens: int = 8) -> None:
@@ -41,28 +60,71 @@ class StepSplitter:
         self.reset()
 
     def reset(self) -> None:
-        self._prev = "\n"
+        self._nl = True
         self._para = True  # at a paragraph start: no text since the last blank line (or the start)
         self.step_start = 0  # token index where the open step began
 
     def feed(self, index: int, text: str) -> int | None:
         """Feed token `index`'s text; if it closes a step, return the offset in `text` just past the
         boundary (text before it belongs to the closing step), else None."""
-        cut = None
-        if not self._para and self._prev != "\n" and "\n" not in text:  # fast path: mid-paragraph text
-            if text:
-                self._prev = text[-1]
+        if not self._para and not self._nl and "\n" not in text:  # mid-paragraph text: nothing changes
             return None
-        for j, c in enumerate(text):
-            if c == "\n" and self._prev == "\n":
-                if not self._para and cut is None and index - self.step_start + 1 >= self.min_step_tokens:
-                    cut = j + 1
-                    self.step_start = index + 1
-                self._para = True
-            elif not c.isspace() and c not in "*#>-":  # markdown markers alone do not make a paragraph
-                self._para = False
-            self._prev = c
+        cut, self._nl, self._para, self.step_start = _scan(self._nl, self._para, self.step_start, index, text,
+                                                           self.min_step_tokens)
         return cut
+
+
+class StepSplits:
+    """`StepSplitter` for many sequences at once, one slot each, its state in per-slot numpy arrays.
+
+    A token is scanned character by character only when its text holds a newline or its slot's state can change
+    (at a paragraph start, or right after a newline): about one token in ten in prose. Every other row of the batch
+    is mid-paragraph text, which changes nothing, so it costs one vectorised test. `start` (token index where each
+    slot's open step began) is public: a caller that closes a block itself restarts the step count there.
+
+    Example:
+        >>> sp = StepSplits(min_step_tokens=1)
+        >>> sp.feed(np.array([0, 1]), ["a", "b"], np.array([0, 0])), sp.feed(np.array([0, 1]), ["\\n\\n", "c"], np.array([1, 1]))
+        ([], [(0, 2)])
+    """
+
+    def __init__(self, min_step_tokens: int = 8) -> None:
+        self.min_step_tokens = min_step_tokens
+        self._nl = np.ones(0, dtype=bool)
+        self._para = np.ones(0, dtype=bool)
+        self.start = np.zeros(0, dtype=np.int64)
+
+    def _grow(self, n: int) -> None:
+        extra = n - self._nl.shape[0]
+        if extra > 0:
+            self._nl = np.concatenate([self._nl, np.ones(extra, dtype=bool)])
+            self._para = np.concatenate([self._para, np.ones(extra, dtype=bool)])
+            self.start = np.concatenate([self.start, np.zeros(extra, dtype=np.int64)])
+
+    def reset(self, slots: Any) -> None:
+        """Fresh state for `slots` (each starts a new sequence)."""
+        idx = np.asarray(slots, dtype=np.int64)
+        idx = idx[idx < self._nl.shape[0]]
+        self._nl[idx] = self._para[idx] = True
+        self.start[idx] = 0
+
+    def feed(self, slots: np.ndarray, texts: Sequence[str], index: np.ndarray) -> list[tuple[int, int]]:
+        """Feed row r's token text (token `index[r]` of sequence `slots[r]`); returns (row, cut) for each row whose
+        token closes a step (cut: the offset in its text just past the boundary), in row order."""
+        if not len(texts):
+            return []
+        self._grow(int(slots.max()) + 1)
+        nl = np.fromiter(("\n" in t for t in texts), dtype=bool, count=len(texts))
+        scan = nl | self._para[slots] | self._nl[slots]
+        out: list[tuple[int, int]] = []
+        for r in np.nonzero(scan)[0].tolist():
+            s = int(slots[r])
+            cut, self._nl[s], self._para[s], self.start[s] = _scan(bool(self._nl[s]), bool(self._para[s]),
+                                                                   int(self.start[s]), int(index[r]), texts[r] or "",
+                                                                   self.min_step_tokens)
+            if cut is not None:
+                out.append((r, cut))
+        return out
 
 
 class HiddenStateEmbedder:
@@ -263,6 +325,11 @@ class Redundancy:
 
     def reset(self) -> None:
         self._traces: dict[int, _Trace] = {}  # per slot: the step bookkeeping (host; touched at step ends)
+        self._split = StepSplits(self.min_step_tokens)
+        # per slot, on the host: tokens fed, characters fed, the open step holds no text yet
+        self._n = np.zeros(0, dtype=np.int64)
+        self._chars = np.zeros(0, dtype=np.int64)
+        self._blank = np.ones(0, dtype=bool)
         self._layer: int | None = None  # the hidden layer the step means pool (resolved on the first hidden)
         self._h = SlotTable({"hn": ((), torch.int64, 0)})  # per slot: the open step's hidden sum and count
         self._dim: int | None = None
@@ -272,28 +339,54 @@ class Redundancy:
         for s in np.asarray(slots).tolist():
             self._traces.pop(int(s), None)
         self._h.reset(slots)
+        self._split.reset(slots)
+        idx = np.asarray(slots, dtype=np.int64)
+        idx = idx[idx < self._n.shape[0]]
+        self._n[idx] = self._chars[idx] = 0
+        self._blank[idx] = True
 
     def _trace(self, slot: int) -> _Trace:
         tr = self._traces.get(slot)
         if tr is None:
-            tr = self._traces[slot] = _Trace(self.min_step_tokens, self.k_prev)
+            tr = self._traces[slot] = _Trace(self.k_prev)
         return tr
 
     # ----------------------------------------------------------------- hot path
     def update_batch(self, batch: StepBatch) -> dict[str, torch.Tensor]:
         """Values only at the rows whose token closes a step (NaN elsewhere: undefined)."""
-        slots = batch.slots
+        slots = np.asarray(batch.slots, dtype=np.int64)
         if self.uses_hidden and batch.hidden:
             self._accumulate(batch)
         texts = batch.texts or [""] * batch.size
+        self._grow(int(slots.max()) + 1 if slots.size else 0)
+        index = self._n[slots]
+        cuts = dict(self._split.feed(slots, texts, index))
+        keep = not self.uses_hidden  # a text embedder needs each step's text; the hidden one only its blankness
         out: dict[str, torch.Tensor] | None = None
-        for r, slot in enumerate(slots.tolist()):
-            got = self._feed(self._trace(slot), slot, texts[r] or "")
-            if got:
-                if out is None:
-                    out = {k: torch.full((batch.size,), math.nan, dtype=torch.float64) for k in self.KEYS}
-                for k, v in got.items():
-                    out[k][r] = v
+        for r, cut in cuts.items():
+            slot, text = int(slots[r]), texts[r] or ""
+            tr = self._trace(slot)
+            if keep:
+                tr.pieces.append(text[:cut])
+            got = self._close(tr, slot, end_token=int(index[r]), end_char=int(self._chars[slot]) + cut)
+            tr.pieces = [text[cut:]] if keep and text[cut:] else []
+            self._blank[slot] = not text[cut:].strip()
+            if out is None:
+                out = {k: torch.full((batch.size,), math.nan, dtype=torch.float64) for k in self.KEYS}
+            for k, v in got.items():
+                out[k][r] = v
+        rest = [r for r in range(batch.size) if r not in cuts] if cuts else range(batch.size)
+        if keep:
+            for r in rest:
+                if texts[r]:
+                    self._trace(int(slots[r])).pieces.append(texts[r])
+        else:
+            rows = np.fromiter(rest, dtype=np.int64) if cuts else slice(None)
+            blank = np.fromiter((not (t or "").strip() for t in texts), dtype=bool, count=batch.size)
+            s = slots[rows]
+            self._blank[s] &= blank[rows]
+        self._chars[slots] += np.fromiter((len(t or "") for t in texts), dtype=np.int64, count=batch.size)
+        self._n[slots] += 1
         if out is None:
             return {}
         dev = batch.device
@@ -304,30 +397,24 @@ class Redundancy:
         out = self.update_batch(StepBatch.of_step(step))
         return {k: float(v[0]) for k, v in out.items() if not math.isnan(float(v[0]))}
 
-    def _feed(self, tr: _Trace, slot: int, text: str) -> dict[str, float]:
-        idx = tr.n
-        tr.n += 1
-        cut = tr.splitter.feed(idx, text)
-        if cut is None:
-            if text:
-                tr.pieces.append(text)
-                tr.chars += len(text)
-            return {}
-        tr.pieces.append(text[:cut])
-        out = self._close(tr, slot, end_token=idx, end_char=tr.chars + cut)
-        rest = text[cut:]
-        tr.pieces = [rest] if rest else []
-        tr.chars += len(text)
-        return out
+    def _grow(self, n: int) -> None:
+        extra = n - self._n.shape[0]
+        if extra > 0:
+            self._n = np.concatenate([self._n, np.zeros(extra, dtype=np.int64)])
+            self._chars = np.concatenate([self._chars, np.zeros(extra, dtype=np.int64)])
+            self._blank = np.concatenate([self._blank, np.ones(extra, dtype=bool)])
 
     def flush(self, slot: int = 0) -> dict[str, float]:
         """Close the open last step at the end of generation; {} if it holds no text."""
-        tr = self._traces.get(slot)
-        if tr is None or not "".join(tr.pieces).strip():
+        if slot >= self._n.shape[0] or not self._n[slot]:
             return {}
-        tr.splitter.step_start = tr.n
-        out = self._close(tr, slot, end_token=tr.n - 1, end_char=tr.chars)
+        tr = self._trace(slot)
+        if not ("".join(tr.pieces).strip() if not self.uses_hidden else not self._blank[slot]):
+            return {}
+        self._split.start[slot] = self._n[slot]
+        out = self._close(tr, slot, end_token=int(self._n[slot]) - 1, end_char=int(self._chars[slot]))
         tr.pieces = []
+        self._blank[slot] = True
         return out
 
     def _accumulate(self, batch: StepBatch) -> None:
@@ -339,7 +426,7 @@ class Redundancy:
         h = self._h
         if self._dim is None:
             self._dim = int(v.shape[-1])
-            h.add("hsum", (self._dim,), torch.float64 if v.device.type == "cpu" else torch.float32, 0.0)
+            h.add("hsum", (self._dim,), torch.float64 if v.dtype == torch.float64 else torch.float32, 0.0)
         elif v.shape[-1] != self._dim:
             raise ValueError(f"hidden state of layer {self._layer} changed size from {self._dim} to {v.shape[-1]}")
         h.ensure(batch.slots, v.device)
@@ -397,7 +484,7 @@ class Redundancy:
     def summary(self, slot: int = 0) -> dict[str, Any]:
         """Per-step record for reports. steps: [first_token, last_token] inclusive (reasoning-token
         indices); step_chars: [start, end) character offsets in the concatenated reasoning text."""
-        tr = self._traces.get(slot) or _Trace(self.min_step_tokens, self.k_prev)
+        tr = self._traces.get(slot) or _Trace(self.k_prev)
         out: dict[str, Any] = {
             "n_steps": len(tr.steps),
             "tau": self.tau,
@@ -470,11 +557,8 @@ class Redundancy:
 class _Trace:
     """One sequence's step bookkeeping (host side; it changes only when a step closes)."""
 
-    def __init__(self, min_step_tokens: int, k_prev: int) -> None:
-        self.splitter = StepSplitter(min_step_tokens)
-        self.n = 0
-        self.chars = 0
-        self.pieces: list[str] = []
+    def __init__(self, k_prev: int) -> None:
+        self.pieces: list[str] = []  # the open step's text (kept for a text embedder only)
         self.step_start_char = 0
         self.recent: deque[np.ndarray | None] = deque(maxlen=k_prev)
         self.loop = 0
