@@ -233,7 +233,7 @@ def _pack(traces: Iterable[TraceLike] | TraceBatch) -> TraceBatch:
     return traces if isinstance(traces, TraceBatch) else TraceBatch.from_traces(traces)
 
 
-def _summary(packed: TraceBatch, exit_idx: np.ndarray, halted_correct: np.ndarray, risk: Risk) -> dict[str, Any]:
+def summarise_exits(packed: TraceBatch, exit_idx: np.ndarray, halted_correct: np.ndarray, risk: Risk) -> dict[str, Any]:
     """Rates of one threshold's exits (1-D arrays over traces)."""
     exited = exit_idx >= 0
     full = packed.full_correct
@@ -333,14 +333,14 @@ class FirstExitRiskControl:
             self.certified_ = True
             self.risk_hat_: float | None = float(self.risks_[best])
             self.p_value_: float | None = float(self.p_values_[best])
-            self.calibration_report_ = _summary(packed, exit_idx[:, best], halted_correct[:, best], self.risk)
+            self.calibration_report_ = summarise_exits(packed, exit_idx[:, best], halted_correct[:, best], self.risk)
         else:
             self.threshold = None
             self.certified_ = False
             self.risk_hat_ = None
             self.p_value_ = None
             no_exit = np.full(n, -1, dtype=np.int64)
-            self.calibration_report_ = _summary(packed, no_exit, np.zeros(n, dtype=bool), self.risk)
+            self.calibration_report_ = summarise_exits(packed, no_exit, np.zeros(n, dtype=bool), self.risk)
         self.calibration_report_["threshold"] = self.threshold
         return self
 
@@ -396,7 +396,7 @@ class FirstExitRiskControl:
         else:
             e, h = packed.exits(np.array([self.threshold]))
             exit_idx, halted_correct = e[:, 0], h[:, 0]
-        out = _summary(packed, exit_idx, halted_correct, self.risk)
+        out = summarise_exits(packed, exit_idx, halted_correct, self.risk)
         out["threshold"] = self.threshold
         return out
 

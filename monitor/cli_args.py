@@ -59,6 +59,18 @@ def layers_arg(text: str) -> list[int]:
     return out
 
 
+def gates_arg(text: str) -> list[float]:
+    """--gates: comma-separated free-probe scores in [0, 1]."""
+    try:
+        out = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--gates takes comma-separated scores in [0, 1], got {text!r}") from None
+    if not out or any(not 0.0 <= g <= 1.0 for g in out):
+        raise argparse.ArgumentTypeError(f"--gates takes comma-separated scores in [0, 1] (0 = a trial at every "
+                                         f"decision point), got {text!r}")
+    return out
+
+
 def logprobs_arg(text: str) -> int | str:
     if text == "full":
         return text

@@ -145,7 +145,7 @@ def is_bundle_spec(policy: str | None) -> bool:
 def load_probe_policy(policy: str, lm: LoadedModel, cfg: RunConfig) -> Any:
     """Load a calibrated bundle for this model and align the run's settings with what it was trained on."""
     from probes.bundle import load_bundle
-    from probes.policy import ProbePolicy
+    from probes.policy import policy_for
 
     if cfg.halt_after is not None:
         raise ValueError("--halt-after is a policy of its own; do not combine it with a probe bundle")
@@ -157,7 +157,8 @@ def load_probe_policy(policy: str, lm: LoadedModel, cfg: RunConfig) -> Any:
     cfg.cue_words = tuple(bc.get("cue_words", cfg.cue_words))
     cfg.embedder = bc.get("embedder", cfg.embedder)
     _align_exit(cfg, bc, policy)
-    return ProbePolicy(bundle)
+    task = problem_task(lm, cfg)  # a cascade's trial is the forced exit its labels were: this cue, this budget
+    return policy_for(bundle, task.exit_cue, task.answer_max_tokens)
 
 
 def _align_exit(cfg: RunConfig, bc: dict[str, Any], policy: str) -> None:
@@ -275,7 +276,14 @@ def make_generator(lm: LoadedModel, cfg: RunConfig, layers: Sequence[int],
 
 
 def needs_trials(policy: str) -> bool:
-    """Whether a policy spec decodes trial answers (DEER, certaindex)."""
+    """Whether a policy spec decodes trial answers (DEER, certaindex, a cascade bundle)."""
+    if is_bundle_spec(policy):
+        from probes.bundle import load_bundle
+
+        try:
+            return load_bundle(policy).trial_pipeline is not None
+        except ValueError:  # not a bundle after all: the policy loader says so
+            return False
     return policy.split(":")[0] in ("deer", "certaindex")
 
 

@@ -35,9 +35,13 @@ class Bundle:
     config: dict[str, Any]  # from the collect manifest
     report: dict[str, Any] = field(default_factory=dict)
     use_hidden: bool = True
-    calibration: Any = None  # PerCueConformal | FirstExitRiskControl | None
+    calibration: Any = None  # PerCueConformal | FirstExitRiskControl | CascadeRiskControl | None
     calibration_info: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    # the cascade (probes/cascade.py): the trial probe over signal + trial features, and the free-probe gates
+    # its calibration chooses from (fixed at training time, from the training problems' free scores)
+    trial_pipeline: Pipeline | None = None
+    gates: list[float] | None = None
 
     def score(self, hidden: np.ndarray, signals: np.ndarray) -> float:
         """Probe probability that stopping here gives a correct answer."""
@@ -47,6 +51,13 @@ class Bundle:
     def scores(self, hidden: np.ndarray, signals: np.ndarray) -> np.ndarray:
         X = np.hstack([hidden, signals]) if self.use_hidden else signals
         return self.pipeline.predict_proba(X)[:, 1] if len(X) else np.zeros(0)
+
+    def trial_scores(self, signals: np.ndarray, trials: np.ndarray) -> np.ndarray:
+        """The trial probe's probability that stopping here is right, from signal + trial features (n rows)."""
+        if self.trial_pipeline is None:
+            raise ValueError("this bundle has no trial probe; train one with `overthink train DIR --cascade`")
+        X = np.hstack([signals, trials])
+        return self.trial_pipeline.predict_proba(X)[:, 1] if len(X) else np.zeros(0)
 
     def check_model(self, fingerprint: str, name: str = "") -> None:
         want = self.config.get("model_fingerprint")

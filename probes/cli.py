@@ -20,6 +20,7 @@ def add_commands(sub: Any, positive_int: Callable[[str], int]) -> dict[str, Call
         add_model_args,
         add_task_args,
         add_vllm_engine_args,
+        gates_arg,
         layers_arg,
         logprobs_arg,
         nonnegative_int,
@@ -55,6 +56,10 @@ def add_commands(sub: Any, positive_int: Callable[[str], int]) -> dict[str, Call
                    help="fraction of problems held out for calibration (default 0.3)")
     t.add_argument("--folds", type=positive_int, default=5)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--cascade", action="store_true",
+                   help="also train the trial probe (signals + trial answer features) and the gates of the cascade: "
+                        "a trial answer is decoded only where the free probe passes the gate (calibrate chooses "
+                        "gate and threshold together)")
     t.add_argument("--json", action="store_true")
 
     k = sub.add_parser("calibrate", help="conformally calibrate a bundle's halting rule")
@@ -65,6 +70,10 @@ def add_commands(sub: Any, positive_int: Callable[[str], int]) -> dict[str, Call
     k.add_argument("--mode", choices=["per-trace", "per-cue"], default="per-trace")
     k.add_argument("--risk", choices=["premature", "halted_wrong"], default="premature")
     k.add_argument("--out", help="write the calibrated bundle here (default: update BUNDLE in place)")
+    k.add_argument("--gates", type=gates_arg,
+                   help="cascade bundles: the free-probe gates to choose from, comma-separated (default: the ones "
+                        "train chose from the training scores; 0 = a trial at every decision point, the trial probe "
+                        "alone)")
     k.add_argument("--json", action="store_true")
 
     e = sub.add_parser("evaluate", help="replay calibrated bundles on a held-out collection: accuracy, risk, tokens")
@@ -143,7 +152,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from probes.train import fmt_metric
 
     _, rep = train_bundle(args.data_dir, args.out, kind=args.probe, use_hidden=not args.signals_only,
-                          calib_fraction=args.calib_fraction, folds=args.folds, seed=args.seed)
+                          calib_fraction=args.calib_fraction, folds=args.folds, seed=args.seed, cascade=args.cascade)
     if args.json:
         print(json.dumps({k: v for k, v in rep.items() if k != "train_ids"}, indent=2))
         return 0
@@ -154,6 +163,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     table.add_column("Brier", justify="right")
     table.add_row(f"probe ({rep['kind']}{', signals only' if not rep['use_hidden'] else ''})",
                   fmt_metric(rep["probe"]["auroc"]), fmt_metric(rep["probe"]["brier"]))
+    if "trial_probe" in rep:
+        table.add_row(f"trial probe (signals + trial answer; cascade gates {rep['gates']})",
+                      fmt_metric(rep["trial_probe"]["auroc"]), fmt_metric(rep["trial_probe"]["brier"]))
     for name, m in rep["baselines"].items():
         table.add_row(name, fmt_metric(m["auroc"]), fmt_metric(m["brier"]))
     console.print(table)
@@ -167,7 +179,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from probes.pipeline import calibrate_bundle
 
     b = calibrate_bundle(args.bundle, args.data, delta=args.delta, epsilon=args.epsilon, mode=args.mode,
-                         risk=args.risk, out=args.out)
+                         risk=args.risk, out=args.out, gates=args.gates)
     info = b.calibration_info
     if args.json:
         print(json.dumps(info, indent=2, default=str))

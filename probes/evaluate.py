@@ -11,8 +11,9 @@ flip a near-tie greedy token); `scripts/calibrated_table.sh` checks the replay a
 
 Token accounting (what "saved" means): unmonitored = reasoning + forced + answer tokens of the full
 rollout (a budget-hit rollout has its exit cue forced too); monitored = reasoning up to the halt + exit cue
-+ answer, plus any trial (probe) tokens the policy spent. The probe policy spends none; the DEER baseline
-spends a trial at every decision point it passes.
++ answer, plus any trial (probe) tokens the policy spent. The probe policy spends none; the DEER and certaindex
+baselines spend a trial at every decision point up to and including the exit, the cascade at the gated ones (a
+trial runs on a copy of the cache; a halt then forces the exit in the sequence itself, as a real run does).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class ReplayRow:
     mean_tokens: float  # monitored tokens per trace (reasoning to halt + exit cue + answer + trials)
     mean_full_tokens: float  # unmonitored tokens per trace
     tokens_saved: float  # 1 - sum(monitored) / sum(unmonitored), net of trial tokens
-    trial_tokens: float = 0.0  # trial (probe) tokens spent per trace, besides the exit's own answer
+    trial_tokens: float = 0.0  # trial (probe) tokens spent per trace (the exit's own answer is not one)
     delta: float | None = None
     epsilon: float | None = None
     mode: str | None = None
@@ -66,6 +67,10 @@ def _outcome(p: dict[str, Any], j: int | None) -> tuple[str | None, bool, int]:
 
 def bundle_exits(bundle: Bundle, data: CollectedData) -> list[int | None]:
     """Per problem, the index of the event where the bundle's calibrated rule halts (None: it does not)."""
+    if bundle.trial_pipeline is not None:
+        from probes.cascade import cascade_exits
+
+        return cascade_exits(bundle, data)[0]
     scores = bundle.scores(data.hidden, data.signals)
     exits: list[int | None] = []
     for i in range(len(data.problems)):
@@ -74,8 +79,19 @@ def bundle_exits(bundle: Bundle, data: CollectedData) -> list[int | None]:
     return exits
 
 
-def _row(policy: str, exit_idx: list[int | None], data: CollectedData, trial_cost: bool = False) -> ReplayRow:
-    """Rates and token costs of exiting at `exit_idx[i]` (an index into problem i's events, or None)."""
+def _trial_tokens(p: dict[str, Any], j: int | None, decoded: np.ndarray | None = None) -> int:
+    """Trial tokens problem `p` spent with an exit at event `j` (None: none): every trial up to and including the
+    exit (all of them without one), at the points `decoded` marks (None: every point). After a halt the backend
+    forces the exit cue and decodes the answer in the sequence itself; the trial ran on a copy of the cache."""
+    ev = p["events"][: len(p["events"]) if j is None else j + 1]
+    return sum(int(e["probe_tokens"]) for k, e in enumerate(ev) if decoded is None or decoded[k])
+
+
+def _row(policy: str, exit_idx: list[int | None], data: CollectedData, trial_cost: bool = False,
+         decoded: list[np.ndarray] | None = None) -> ReplayRow:
+    """Rates and token costs of exiting at `exit_idx[i]` (an index into problem i's events, or None). With
+    `trial_cost`, a trial was decoded at every decision point before the exit (DEER, certaindex), or at the points
+    `decoded[i]` marks (the cascade's gate)."""
     n = len(data.problems)
     correct = np.zeros(n, dtype=bool)
     full = np.zeros(n, dtype=bool)
@@ -88,8 +104,8 @@ def _row(policy: str, exit_idx: list[int | None], data: CollectedData, trial_cos
         full_tokens[i] = p["full_tokens"]
         halted[i] = j is not None
         _, correct[i], tokens[i] = _outcome(p, j)
-        if trial_cost:  # every trial before the exit (or all, without one) was spent; the exit's own is the answer
-            trials[i] = sum(e["probe_tokens"] for e in p["events"][: len(p["events"]) if j is None else j])
+        if trial_cost:
+            trials[i] = _trial_tokens(p, j, None if decoded is None else decoded[i])
             tokens[i] += trials[i]
     premature = halted & ~correct & full
     return ReplayRow(
@@ -126,7 +142,13 @@ def replay_bundle(bundle: Bundle, data: CollectedData, name: str = "") -> Replay
         raise ValueError(f"{len(overlap)} evaluation problems (e.g. {overlap[0]}) were used to train bundle {name}; "
                          "evaluate on a held-out collection")
     info = bundle.calibration_info
-    row = _row(name or f"probe:{info.get('mode')}", bundle_exits(bundle, data), data)
+    if bundle.trial_pipeline is not None:
+        from probes.cascade import cascade_exits
+
+        exits, decoded = cascade_exits(bundle, data)
+        row = _row(name or "cascade", exits, data, trial_cost=True, decoded=decoded)
+    else:
+        row = _row(name or f"probe:{info.get('mode')}", bundle_exits(bundle, data), data)
     row.delta, row.epsilon, row.mode = info.get("delta"), info.get("epsilon"), info.get("mode")
     row.threshold = info.get("threshold")
     return row
@@ -253,7 +275,12 @@ def check_replay(bundle_path: str | Path, data_dir: str | Path, traces_path: str
     data = _graded(load_collected(data_dir))
     check_bundle_data(bundle, data, data_dir, Path(bundle_path).name)
     by_id = {str(p["id"]): i for i, p in enumerate(data.problems)}
-    exits = bundle_exits(bundle, data)
+    if bundle.trial_pipeline is not None:
+        from probes.cascade import cascade_exits
+
+        exits, decoded = cascade_exits(bundle, data)
+    else:
+        exits, decoded = bundle_exits(bundle, data), None
     rows = []
     for t in read_traces(traces_path):
         i = by_id.get(t.id)
@@ -261,6 +288,8 @@ def check_replay(bundle_path: str | Path, data_dir: str | Path, traces_path: str
             continue
         j = exits[i]
         want_answer, want_correct, want_tokens = _outcome(data.problems[i], j)
+        if decoded is not None:  # the cascade's trials up to the exit are probe tokens in the run too
+            want_tokens += _trial_tokens(data.problems[i], j, decoded[i])
         a = t.accounting
         got_tokens = a["reasoning"] + a["forced"] + a["answer"] + a["probe"]
         rows.append({"id": t.id, "halted": (bool(t.decision["halted"]), j is not None),

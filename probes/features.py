@@ -81,3 +81,54 @@ def point_features(ctx: DecisionContext, layers: Sequence[int], hidden_size: int
     kind, ordinal = (pt.kind, pt.ordinal) if pt is not None else ("", 0)
     return (hidden_vector(ctx.hidden, layers, hidden_size),
             signal_vector(ctx.values, ctx.reasoning_tokens, kind, ordinal))
+
+
+# Trial features (the cascade's trial probe, `probes.cascade`): what a trial answer decoded at the point says.
+# Fixed order = column order, after the signal + position features.
+TRIAL_FEATURES: tuple[str, ...] = (
+    "trial.mean",  # DEER's confidence: mean probability of the answer tokens
+    "trial.geometric",
+    "trial.min",
+    "trial.entropy",  # mean next-token entropy over the answer tokens (0 when missing, see below)
+    "trial.entropy.missing",
+    "trial.log_streak",  # log(1 + earlier trials in a row with the same answer): answer stability
+    "trial.agrees_previous",
+    "trial.first",  # no earlier trial in this trace
+    "trial.empty",  # no answer inside the braces
+)
+
+
+def trial_feature_names() -> list[str]:
+    return list(TRIAL_FEATURES)
+
+
+def trial_vector(trial: Mapping[str, Any], streak: int, agrees: bool | None) -> np.ndarray:
+    """Trial features, in `TRIAL_FEATURES` order, from a trial record (`TrialOutcome.record()`, or an
+    `overthink.log/1` point's trial) and its stability among the trials decoded before it in the trace."""
+    conf = trial.get("confidence") or {}
+
+    def num(x: Any) -> float:
+        return float(x) if x is not None and math.isfinite(float(x)) else 0.0
+
+    ent = trial.get("entropy")
+    return np.asarray([num(conf.get("mean")), num(conf.get("geometric")), num(conf.get("min")), num(ent),
+                       float(ent is None), math.log1p(streak), float(bool(agrees)), float(agrees is None),
+                       float(trial.get("answer") is None)], dtype=np.float32)
+
+
+def trial_matrix(trials: Sequence[Mapping[str, Any]], decoded: Sequence[bool] | np.ndarray | None = None
+                 ) -> np.ndarray:
+    """(K, len(TRIAL_FEATURES)) trial features of one trace's decision points, with answer stability counted
+    among the points where a trial is `decoded` (all of them when None: a collection decodes one at every point;
+    the cascade only where its gate passes). Rows of points without a trial are zeros."""
+    from monitor.decision import answer_streak
+
+    out = np.zeros((len(trials), len(TRIAL_FEATURES)), dtype=np.float32)
+    seen: list[str | None] = []
+    for j, t in enumerate(trials):
+        if decoded is not None and not decoded[j]:
+            continue
+        a = t.get("answer")
+        out[j] = trial_vector(t, answer_streak(seen, a), None if not seen else (a is not None and seen[-1] == a))
+        seen.append(a)
+    return out

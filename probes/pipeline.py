@@ -31,7 +31,11 @@ def _subset(data: CollectedData, keep: np.ndarray) -> CollectedData:
 
 
 def train_bundle(data_dir: str | Path, out: str | Path, kind: str = "logreg", use_hidden: bool = True,
-                 calib_fraction: float = 0.3, folds: int = 5, seed: int = 0) -> tuple[Bundle, dict[str, Any]]:
+                 calib_fraction: float = 0.3, folds: int = 5, seed: int = 0,
+                 cascade: bool = False) -> tuple[Bundle, dict[str, Any]]:
+    """Train the free-signal probe on all but `calib_fraction` of the problems (split by problem); with `cascade`,
+    also the trial probe (signals + trial features) on the same problems, and the gates its calibration will
+    choose from (quantiles of the free probe's scores on these training problems)."""
     if not 0.0 <= calib_fraction < 1.0:
         raise ValueError(f"--calib-fraction must be in [0, 1), got {calib_fraction}")
     check_output(out, "--out", inputs={"DATA_DIR": data_dir})  # before any work: not over the data, writable
@@ -52,6 +56,16 @@ def train_bundle(data_dir: str | Path, out: str | Path, kind: str = "logreg", us
     rep["train_ids"] = [str(data.problems[i]["id"]) for i in train_idx]
     rep["data_dir"] = str(data_dir)
     bundle = Bundle(pipeline=pipe, config=dict(data.config), report=rep, use_hidden=use_hidden)
+    if cascade:
+        from calibration.cascade import gates_from_scores
+        from probes.cascade import train_trial_probe
+        from probes.features import trial_feature_names
+
+        bundle.trial_pipeline, trial_rep = train_trial_probe(train, kind=kind, folds=folds, seed=seed)
+        bundle.gates = gates_from_scores(bundle.scores(train.hidden, train.signals))
+        bundle.config["trial_features"] = trial_feature_names()
+        rep.update(trial_rep)
+        rep["gates"] = bundle.gates
     save_bundle(bundle, out)
     return bundle, rep
 
@@ -66,9 +80,8 @@ def check_bundle_data(bundle: Bundle, data: CollectedData, data_dir: str | Path,
                           name)
 
 
-def calibration_traces(bundle: Bundle, data: CollectedData) -> tuple[list[tuple[np.ndarray, np.ndarray, bool]],
-                                                                     np.ndarray, np.ndarray]:
-    """(scores, stop_correct, full_correct) per problem not used in training; plus all event scores/labels."""
+def _calibration_problems(bundle: Bundle, data: CollectedData) -> np.ndarray:
+    """Indices of the graded problems the bundle was not trained on."""
     trained = set(bundle.report.get("train_ids", []))
     keep = np.asarray([i for i, p in enumerate(data.problems)
                        if str(p["id"]) not in trained and p.get("full_correct") is not None], dtype=np.int64)
@@ -76,7 +89,13 @@ def calibration_traces(bundle: Bundle, data: CollectedData) -> tuple[list[tuple[
         raise ValueError("no calibration problems: every problem in this directory was used to train the probe "
                          "(or has no gold answer); collect a separate calibration set, or train with "
                          "--calib-fraction > 0")
-    sub = _subset(data, keep)
+    return keep
+
+
+def calibration_traces(bundle: Bundle, data: CollectedData) -> tuple[list[tuple[np.ndarray, np.ndarray, bool]],
+                                                                     np.ndarray, np.ndarray]:
+    """(scores, stop_correct, full_correct) per problem not used in training; plus all event scores/labels."""
+    sub = _subset(data, _calibration_problems(bundle, data))
     scores = bundle.scores(sub.hidden, sub.signals)
     traces = []
     for i, p in enumerate(sub.problems):
@@ -86,7 +105,11 @@ def calibration_traces(bundle: Bundle, data: CollectedData) -> tuple[list[tuple[
 
 
 def calibrate_bundle(bundle_path: str | Path, data_dir: str | Path, delta: float, epsilon: float = 0.1,
-                     mode: str = "per-trace", risk: str = "premature", out: str | Path | None = None) -> Bundle:
+                     mode: str = "per-trace", risk: str = "premature", out: str | Path | None = None,
+                     gates: list[float] | None = None) -> Bundle:
+    """Calibrate a bundle on the problems it was not trained on. A bundle with a trial probe (`train --cascade`)
+    gets the cascade's (gate, threshold) by Learn-then-Test (`calibration.cascade`); `gates` replaces the gates it
+    chooses from (`[0.0]`: a trial at every decision point, the trial probe alone)."""
     from calibration import FirstExitRiskControl, PerCueConformal
 
     # before any work: --out must not be over the data (or a shard); without --out, BUNDLE is updated in place
@@ -99,7 +122,24 @@ def calibrate_bundle(bundle_path: str | Path, data_dir: str | Path, delta: float
     data = load_collected(data_dir)
     check_bundle_data(bundle, data, data_dir, Path(bundle_path).name)
     traces, scores, labels = calibration_traces(bundle, data)
-    if mode == "per-cue":
+    if gates is not None and bundle.trial_pipeline is None:
+        raise ValueError("--gates applies to a cascade bundle; train one with `overthink train DIR --cascade`")
+    if bundle.trial_pipeline is not None:
+        if mode != "per-trace":
+            raise ValueError("a cascade bundle is calibrated per trace (Learn-then-Test over gate and threshold); "
+                             "drop --mode per-cue")
+        from calibration.cascade import CascadeRiskControl
+        from probes.cascade import calibration_arrays
+
+        if gates is not None:
+            bundle.gates = sorted({float(g) for g in gates})
+        sub = _subset(data, _calibration_problems(bundle, data))
+        cal = CascadeRiskControl(delta, epsilon, gates=bundle.gates or [0.0], risk=risk)
+        cal.fit(*calibration_arrays(bundle, sub)).require_certified()
+        info = {"threshold": cal.threshold, "gate": cal.gate, "gates": list(cal.gates),
+                "evaluation": cal.calibration_report_}
+        mode = "cascade"
+    elif mode == "per-cue":
         cal: Any = PerCueConformal(delta).fit(scores, labels)
         info = {"n_events": int(len(labels))}
     elif mode == "per-trace":
@@ -109,8 +149,9 @@ def calibrate_bundle(bundle_path: str | Path, data_dir: str | Path, delta: float
     else:
         raise ValueError(f"--mode must be 'per-cue' or 'per-trace', got {mode!r}")
     bundle.calibration = cal
-    bundle.calibration_info = {"mode": mode, "delta": delta, "epsilon": epsilon if mode == "per-trace" else None,
-                               "risk": risk if mode == "per-trace" else "per-cue wrong exit",
+    per_trace = mode != "per-cue"
+    bundle.calibration_info = {"mode": mode, "delta": delta, "epsilon": epsilon if per_trace else None,
+                               "risk": risk if per_trace else "per-cue wrong exit",
                                "n_traces": len(traces), "guarantee": cal.guarantee(), "data_dir": str(data_dir),
                                **info}
     save_bundle(bundle, out or bundle_path)

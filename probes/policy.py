@@ -1,16 +1,44 @@
-"""`ProbePolicy`: calibrated halting online with a probe bundle (`overthink run --policy BUNDLE`).
+"""`ProbePolicy` and `CascadePolicy`: calibrated halting online with a probe bundle (`overthink run --policy BUNDLE`).
 
 At each decision point (cue word or step end) the policy builds the same features the probe was trained
 on (`probes.features.point_features`), scores them, and halts when the bundle's calibration says so:
 - per-trace (`FirstExitRiskControl`): the first point whose score >= the certified threshold lambda;
 - per-cue (`PerCueConformal`, LYNX): the first point whose conformal prediction set is exactly {1}.
+
+A cascade bundle (`overthink train --cascade`, calibrated by `CascadeRiskControl`) is run by `CascadePolicy`: the
+free probe scores every decision point; where it passes the gate, a trial answer is decoded (the exit cue and the
+answer budget the bundle was collected with) and the trial probe halts when its score >= lambda.
 """
 
 from __future__ import annotations
 
-from monitor.decision import CONTINUE, HALT, Decision, DecisionContext, _point_words
+from monitor.decision import (
+    CONTINUE,
+    HALT,
+    TRIAL,
+    Decision,
+    DecisionContext,
+    TrialOutcome,
+    TrialRequest,
+    _point_words,
+)
 from probes.bundle import Bundle
-from probes.features import POINT_KINDS_FOR_PROBE, point_features, signal_feature_names
+from probes.features import (
+    POINT_KINDS_FOR_PROBE,
+    point_features,
+    signal_feature_names,
+    trial_feature_names,
+    trial_vector,
+)
+
+
+def policy_for(bundle: Bundle, exit_cue: str | None = None,
+               answer_max_tokens: int | None = None) -> ProbePolicy | CascadePolicy:
+    """The online policy a calibrated bundle asks for; a cascade's trials are forced exits with the run's exit cue
+    and answer budget (default: the bundle's)."""
+    if bundle.trial_pipeline is not None:
+        return CascadePolicy(bundle, exit_cue, answer_max_tokens)
+    return ProbePolicy(bundle)
 
 
 class ProbePolicy:
@@ -57,3 +85,60 @@ class ProbePolicy:
             return Decision(HALT, f"halted at token {ctx.position}: probe {score:.2f} makes the conformal set {{1}} "
                                   f"(needs > {lo:.2f}) at {_point_words(pt)}", score, lo)
         return Decision(CONTINUE, score=score)
+
+
+class CascadePolicy:
+    """Free probe everywhere, a trial only past the gate, the trial probe decides (`calibration.cascade`)."""
+
+    def __init__(self, bundle: Bundle, exit_cue: str | None = None, answer_max_tokens: int | None = None) -> None:
+        from calibration.cascade import CascadeRiskControl
+
+        cal = bundle.calibration
+        if not isinstance(cal, CascadeRiskControl):
+            raise ValueError("this cascade bundle is not calibrated; run `overthink calibrate BUNDLE --data DIR "
+                             "--delta D` first")
+        if cal.threshold is None or cal.gate is None:
+            raise ValueError("this bundle's calibration certified no (gate, threshold) pair; recalibrate with a "
+                             "larger --delta or more calibration data")
+        want = bundle.config.get("trial_features")
+        if want is not None and list(want) != trial_feature_names():
+            raise ValueError(f"this bundle's trial probe was trained on other trial features ({len(want)}: "
+                             f"{', '.join(want)}) than this version of overthink computes; train it again")
+        self.bundle, self.cal = bundle, cal
+        self.gate, self.threshold = float(cal.gate), float(cal.threshold)
+        self.layers = list(bundle.config["layers"])
+        self.hidden_size = int(bundle.config["hidden_size"])
+        online = {"layers": self.layers, "hidden_size": self.hidden_size, "signal_features": signal_feature_names()}
+        bundle.check_features(online, len(self.layers) * self.hidden_size, len(signal_feature_names()),
+                              "the online feature computation")
+        # the trial is what the collection decoded at every point: the exit cue, then the answer within its budget
+        self.trial_prompt = exit_cue or str(bundle.config.get("exit_cue") or "")
+        if not self.trial_prompt:
+            raise ValueError("this cascade bundle names no exit cue (its trial prompt); pass the run's exit cue")
+        self.max_trial_tokens = int(answer_max_tokens or bundle.config.get("answer_max_tokens") or 16)
+        self.name = f"cascade:delta={bundle.calibration_info.get('delta')}"
+        self.at_points_only = True
+        self._signals = None
+
+    def decide(self, ctx: DecisionContext) -> Decision:
+        pt = ctx.point
+        if pt is None or pt.kind not in POINT_KINDS_FOR_PROBE:
+            return Decision(CONTINUE)
+        h, s = point_features(ctx, self.layers, self.hidden_size)
+        free = self.bundle.score(h, s)
+        if free < self.gate:
+            return Decision(CONTINUE, score=free, threshold=self.gate)
+        self._signals = s
+        return Decision(TRIAL, f"free probe {free:.2f} >= gate {self.gate:.2f}: trial answer at {_point_words(pt)}",
+                        free, self.gate, trial=TrialRequest(self.trial_prompt, self.max_trial_tokens))
+
+    def decide_after_trial(self, ctx: DecisionContext, trial: TrialOutcome) -> Decision:
+        s = self._signals if self._signals is not None else point_features(ctx, self.layers, self.hidden_size)[1]
+        self._signals = None
+        t = float(self.bundle.trial_scores(s[None], trial_vector(trial.record(), trial.streak,
+                                                                 trial.agrees_previous)[None])[0])
+        if t >= self.threshold:
+            where = _point_words(ctx.point) if ctx.point is not None else f"token {ctx.position}"
+            return Decision(HALT, f"halted at token {ctx.position}: trial probe {t:.2f} >= threshold "
+                                  f"{self.threshold:.2f} at {where}", t, self.threshold)
+        return Decision(CONTINUE, score=t, threshold=self.threshold)

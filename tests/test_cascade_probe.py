@@ -1,0 +1,183 @@
+"""The trial cascade end to end: train (free probe + trial probe + gates), calibrate (gate and threshold by LTT),
+replay (`overthink evaluate`), and halt online on the tiny model, where the replay must match the real run."""
+
+import json
+
+import numpy as np
+import pytest
+
+from monitor.run import RunConfig, run_problems
+from probes.bundle import load_bundle
+from probes.collect import collect, load_collected
+from probes.features import signal_feature_names, trial_vector
+from probes.pipeline import calibrate_bundle, train_bundle
+from tests.test_probes import PROBLEMS, cue_word, fake_collect_dir, tiny, tiny_config  # noqa: F401 (fixtures)
+
+
+def with_trials(path, seed=0):
+    """Add trial records to a `fake_collect_dir` collection: a right forced exit says "42" with high confidence,
+    a wrong one a random digit (or nothing) with less; the free signal stays the weak one fake_collect_dir wrote."""
+    rng = np.random.default_rng(seed)
+    shard = path / "shard-00000.jsonl"
+    lines = []
+    for line in shard.read_text().splitlines():
+        p = json.loads(line)
+        for e in p["events"]:
+            right = bool(e["label"])
+            answer = "42" if right else (None if rng.random() < 0.2 else str(rng.integers(0, 9)))
+            mean = float(np.clip((0.75 if right else 0.45) + rng.normal(0, 0.15), 0.01, 1.0))
+            e["answer"] = answer
+            e["trial"] = {"answer": answer, "confidence": {"mean": mean, "geometric": mean * 0.9, "min": mean * 0.7},
+                          "entropy": float(rng.random()), "tokens": 5}
+        lines.append(json.dumps(p))
+    shard.write_text("\n".join(lines) + "\n")
+    # a weaker free signal than fake_collect_dir's, so the trial carries information the free probe lacks
+    npz = path / "shard-00000.npz"
+    z = dict(np.load(npz))
+    z["signals"][:, 0] = z["label"] * 0.8 + rng.normal(0, 1.0, len(z["label"]))
+    np.savez(npz, **z)
+
+
+def manual_exits(bundle, data):
+    """The cascade's rule written out point by point, apart from probes/cascade.py: free score, gate, a trial's
+    stability among the trials decoded so far, trial probe, threshold."""
+    cal = bundle.calibration
+    free = bundle.scores(data.hidden, data.signals)
+    out = []
+    for i, p in enumerate(data.problems):
+        rows = np.flatnonzero(data.group == i)
+        seen, hit, decoded = [], None, []
+        for j, r in enumerate(rows):
+            if free[r] < cal.gate:
+                decoded.append(False)
+                continue
+            decoded.append(True)
+            t = p["events"][j]["trial"]
+            a = t["answer"]
+            streak = 0
+            for b in reversed(seen):
+                if a is None or b != a:
+                    break
+                streak += 1
+            agrees = None if not seen else (a is not None and seen[-1] == a)
+            seen.append(a)
+            x = np.hstack([data.signals[r], trial_vector(t, streak, agrees)])[None]
+            if bundle.trial_pipeline.predict_proba(x)[0, 1] >= cal.threshold:
+                hit = j
+                break
+        out.append((hit, decoded))
+    return out
+
+
+def test_cascade_trains_calibrates_and_replays_with_fewer_trials_than_deer(tiny, cue_word, tmp_path):  # noqa: F811
+    from probes.evaluate import evaluate
+
+    cfg = tiny_config(tiny, cue_word)
+    fake_collect_dir(tmp_path / "d", cfg, n_problems=400)
+    with_trials(tmp_path / "d")
+    fake_collect_dir(tmp_path / "t", cfg, n_problems=200, seed=1, prefix="t")
+    with_trials(tmp_path / "t", seed=1)
+    bundle, rep = train_bundle(tmp_path / "d", tmp_path / "c.joblib", calib_fraction=0.5, use_hidden=False,
+                               cascade=True)
+    assert rep["trial_probe"]["auroc"] > rep["probe"]["auroc"] + 0.05  # the trial answer carries information
+    assert bundle.gates[0] == 0.0 and len(bundle.gates) >= 3 and bundle.config["trial_features"]
+    b = calibrate_bundle(tmp_path / "c.joblib", tmp_path / "d", delta=0.2, epsilon=0.1)
+    info = b.calibration_info
+    assert info["mode"] == "cascade" and info["gate"] in bundle.gates and "gate" in info["guarantee"]
+    assert b.calibration.threshold is not None
+    calibrate_bundle(tmp_path / "c.joblib", tmp_path / "d", delta=0.2, epsilon=0.1, gates=[0.0],
+                     out=tmp_path / "trial.joblib")
+    res = evaluate([tmp_path / "c.joblib", tmp_path / "trial.joblib"], tmp_path / "t", deer=0.95, certaindex=None,
+                   budgets=[])
+    rows = {r["policy"]: r for r in res["rows"]}
+    cascade, trial_only, deer = rows["c.joblib"], rows["trial.joblib"], rows["DEER rule (trial confidence >= 0.95)"]
+    assert cascade["mode"] == "cascade" and cascade["delta"] == 0.2
+    assert 0 < cascade["exit_rate"] and cascade["premature_risk"] <= cascade["premature_risk_upper95"]
+    assert cascade["trial_tokens"] < deer["trial_tokens"]
+    # the replay is the rule written out by hand: exits, and the trial tokens of the gated points up to the exit
+    test = load_collected(tmp_path / "t")
+    want = manual_exits(load_bundle(tmp_path / "c.joblib"), test)
+    halted = [h is not None for h, _ in want]
+    assert cascade["exit_rate"] == pytest.approx(np.mean(halted))
+    spent = [5 * sum(d[: len(d) if h is None else h + 1]) for h, d in want]
+    assert cascade["trial_tokens"] == pytest.approx(np.mean(spent))
+    tokens = [(p["full_tokens"] if h is None else p["events"][h]["reasoning_tokens"] + 5) + s
+              for p, (h, _), s in zip(test.problems, want, spent)]
+    assert cascade["mean_tokens"] == pytest.approx(np.mean(tokens))
+    # gate 0: a trial at every decision point up to the exit (the trial probe alone)
+    assert load_bundle(tmp_path / "trial.joblib").calibration.gate == 0.0
+    every = manual_exits(load_bundle(tmp_path / "trial.joblib"), test)
+    assert all(all(d) for _, d in every)
+    assert trial_only["trial_tokens"] == pytest.approx(np.mean([5 * len(d) for _, d in every]))
+
+
+def test_cli_train_cascade_and_calibrate_gates(tiny, cue_word, tmp_path, capsys):  # noqa: F811
+    from monitor.cli import main
+
+    fake_collect_dir(tmp_path / "d", tiny_config(tiny, cue_word), n_problems=200)
+    with_trials(tmp_path / "d")
+    assert main(["train", str(tmp_path / "d"), "--out", str(tmp_path / "c.joblib"), "--signals-only", "--cascade",
+                 "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["trial_probe"]["auroc"] > 0.7 and rep["gates"][0] == 0.0
+    assert main(["calibrate", str(tmp_path / "c.joblib"), "--data", str(tmp_path / "d"), "--delta", "0.3",
+                 "--gates", "0,0.5"]) == 0
+    assert "gate" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as ex:
+        main(["calibrate", str(tmp_path / "c.joblib"), "--data", str(tmp_path / "d"), "--delta", "0.3", "--gates", "2"])
+    assert ex.value.code == 2
+    assert "--gates takes comma-separated scores in [0, 1]" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "d"), "--out", str(tmp_path / "p.joblib"), "--signals-only"]) == 0
+    capsys.readouterr()
+    assert main(["calibrate", str(tmp_path / "p.joblib"), "--data", str(tmp_path / "d"), "--delta", "0.3",
+                 "--gates", "0"]) == 2
+    assert "--gates applies to a cascade bundle" in capsys.readouterr().err
+
+
+def test_a_cascade_halts_online_and_the_replay_matches_the_real_run(tiny, cue_word, tmp_path):  # noqa: F811
+    """Trials only past the gate, trial tokens counted as probe tokens, and `overthink evaluate`'s replay of the
+    cascade on a real collection agrees with real `run --policy BUNDLE` runs: halt, answer, tokens."""
+    from monitor.trace import write_traces
+    from probes.evaluate import check_replay
+
+    cfg = RunConfig(max_new_tokens=24, answer_max_tokens=4, batch_size=1, cue_words=cue_word)
+    collect(tiny, PROBLEMS, tmp_path / "real", cfg)
+    fake_collect_dir(tmp_path / "d", tiny_config(tiny, cue_word))
+    with_trials(tmp_path / "d")
+    train_bundle(tmp_path / "d", tmp_path / "c.joblib", calib_fraction=0.5, use_hidden=False, cascade=True)
+    halts = []
+    for gates in ([0.0], [0.5]):
+        out = tmp_path / f"c{gates[0]}.joblib"
+        calibrate_bundle(tmp_path / "c.joblib", tmp_path / "d", delta=0.4, epsilon=0.2, gates=gates, out=out)
+        gate = load_bundle(out).calibration.gate
+        run_cfg = RunConfig(max_new_tokens=24, answer_max_tokens=4, batch_size=1, cue_words=cue_word, policy=str(out))
+        traces = run_problems(tiny, PROBLEMS, run_cfg)
+        for t in traces:
+            assert t.decision["policy"].startswith("cascade:")
+            points = [p for p in t.decision_points if p["kind"] in ("cue", "step_end")]
+            assert points
+            for p in points:
+                tried = p.get("trial") is not None
+                assert tried == (p["action"] in ("trial", "halt") or p.get("trial") is not None)
+            assert t.accounting["probe"] == sum(p["trial"]["tokens"] for p in points if p.get("trial"))
+        write_traces(tmp_path / f"c{gates[0]}.jsonl", traces)
+        chk = check_replay(out, tmp_path / "real", tmp_path / f"c{gates[0]}.jsonl")
+        assert chk["n"] == 3
+        assert chk["agree"] == {"halted": 3, "answer": 3, "correct": 3}, chk["rows"]
+        assert chk["exact_tokens"] == 3, [r["token_diff"] for r in chk["rows"]]
+        halts += [r["halted"][0] for r in chk["rows"]]
+        assert gate == gates[0]
+    assert any(halts), "no run halted: the check covered only the no-halt path"
+
+
+def test_a_cascade_bundle_needs_trials_and_is_refused_without_a_trial_probe_calibration(tiny, cue_word, tmp_path):  # noqa: F811
+    from monitor.run import needs_trials
+    from probes.policy import CascadePolicy
+
+    fake_collect_dir(tmp_path / "d", tiny_config(tiny, cue_word), n_problems=200)
+    with_trials(tmp_path / "d")
+    train_bundle(tmp_path / "d", tmp_path / "c.joblib", calib_fraction=0.5, use_hidden=False, cascade=True)
+    assert needs_trials(str(tmp_path / "c.joblib"))
+    with pytest.raises(ValueError, match="cascade bundle is not calibrated"):
+        CascadePolicy(load_bundle(tmp_path / "c.joblib"))
+    assert signal_feature_names()  # the free probe reads the same signals as ever
