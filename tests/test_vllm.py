@@ -477,3 +477,40 @@ def test_collect_on_vllm_labels_every_point_as_the_hf_collector_does(tiny, tmp_p
                                                                          b["full_tokens"])
     np.testing.assert_allclose(vl.confidence, hf.confidence, atol=1e-4)
     np.testing.assert_allclose(vl.hidden, hf.hidden, atol=1e-3 * float(np.abs(hf.hidden).max()))
+
+
+def test_a_cascade_bundle_runs_on_vllm_as_on_hf(tiny, tmp_path):
+    """The cascade on both backends: its trials are side requests on AsyncLLM under vLLM, and the free scores, the
+    trial answers, the trial-probe scores and the halt are those of the HF run (full distributions on both)."""
+    from test_cascade_probe import with_trials
+    from test_probes import fake_collect_dir, tiny_config
+
+    from probes.pipeline import calibrate_bundle, train_bundle
+
+    tok = tiny.tokenizer
+    words = []
+    for q in PROMPTS:
+        enc = tok(tiny.family.build_prompt(tok, q), return_tensors="pt", add_special_tokens=False)
+        out = tiny.model.generate(**enc, max_new_tokens=30, do_sample=False, temperature=None, top_p=None, top_k=None,
+                                  pad_token_id=tok.eos_token_id)
+        words += [w.lower() for w in tok.decode(out[0, enc["input_ids"].shape[1]:]).split() if w.isalpha()][:2]
+    fake_collect_dir(tmp_path / "d", tiny_config(tiny, tuple(sorted(set(words)))))
+    with_trials(tmp_path / "d")
+    train_bundle(tmp_path / "d", tmp_path / "c.joblib", calib_fraction=0.5, use_hidden=False, cascade=True)
+    calibrate_bundle(tmp_path / "c.joblib", tmp_path / "d", delta=0.4, epsilon=0.2, gates=[0.0])
+    problems = [{"id": f"p{i}", "question": q, "answer": "5"} for i, q in enumerate(PROMPTS)]
+    cfg = dict(policy=str(tmp_path / "c.joblib"), max_new_tokens=30, answer_max_tokens=4, min_step_tokens=4,
+               vllm_logprobs="full", max_model_len=512)
+    hf = run_problems(tiny, problems, RunConfig(**cfg), backend="hf")
+    vl = run_problems(tiny, problems, RunConfig(**cfg, backend="vllm"))
+    n = 0
+    for h, v in zip(hf, vl):
+        assert v.backend == "vllm" and v.decision["policy"].startswith("cascade:")
+        ht = [p for p in h.decision_points if p.get("trial")]
+        vt = [p for p in v.decision_points if p.get("trial")]
+        assert [p["trial"]["answer"] for p in vt] == [p["trial"]["answer"] for p in ht]
+        np.testing.assert_allclose([p["score"] for p in vt], [p["score"] for p in ht], atol=1e-3)
+        assert v.accounting["probe"] == sum(p["trial"]["tokens"] for p in vt)
+        assert h.decision["halted"] == v.decision["halted"] and h.decision["at"] == v.decision["at"]
+        n += len(vt)
+    assert n > 0, "no trial was decoded"
