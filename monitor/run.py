@@ -151,14 +151,29 @@ def load_probe_policy(policy: str, lm: LoadedModel, cfg: RunConfig) -> Any:
         raise ValueError("--halt-after is a policy of its own; do not combine it with a probe bundle")
     bundle = load_bundle(policy, expect_fingerprint=lm.fingerprint, model_name=lm.name)
     bc = bundle.config
-    cfg.layers = list(bc["layers"])
+    if bc.get("layers"):  # a bundle trained from a log has none: the run keeps its own
+        cfg.layers = list(bc["layers"])
     cfg.block_tokens = int(bc.get("block_tokens", cfg.block_tokens))
     cfg.min_step_tokens = int(bc.get("min_step_tokens", cfg.min_step_tokens))
     cfg.cue_words = tuple(bc.get("cue_words", cfg.cue_words))
     cfg.embedder = bc.get("embedder", cfg.embedder)
     _align_exit(cfg, bc, policy)
+    _check_signal_keys(bundle.signal_keys, lm, cfg, policy)
     task = problem_task(lm, cfg)  # a cascade's trial is the forced exit its labels were: this cue, this budget
     return policy_for(bundle, task.exit_cue, task.answer_max_tokens)
+
+
+def _check_signal_keys(keys: Sequence[str], lm: LoadedModel, cfg: RunConfig, policy: str) -> None:
+    """Refuse a bundle whose probe reads signal values this run's signal set does not compute (a bundle trained
+    from a log with its own signals): otherwise they would be missing at every decision point, and the policy
+    would halt on features it was never trained with."""
+    layers = resolve_layers(lm, cfg.layers)
+    made = {f"{s.name}.{k}" for s in default_signals(layers, cfg) for k in getattr(s, "KEYS", {})}
+    absent = [k for k in keys if k not in made]
+    if absent:
+        raise ValueError(f"the probe bundle {policy} reads signal values this run does not compute: "
+                         f"{', '.join(absent)} (it computes {len(made)}: the default signal set). Train the bundle on "
+                         "logs whose `signals` use these names, or leave those keys out of the log")
 
 
 def _align_exit(cfg: RunConfig, bc: dict[str, Any], policy: str) -> None:

@@ -10,6 +10,7 @@ bundle made for another model with a message that says which model it was made f
 from __future__ import annotations
 
 import io
+import logging
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from sklearn.pipeline import Pipeline
 from monitor.io import atomic_write_bytes
 
 FORMAT = "overthink.bundle/1"
+log = logging.getLogger("overthink")
 
 
 class BundleMismatch(ValueError):
@@ -52,6 +54,14 @@ class Bundle:
         X = np.hstack([hidden, signals]) if self.use_hidden else signals
         return self.pipeline.predict_proba(X)[:, 1] if len(X) else np.zeros(0)
 
+    @property
+    def signal_keys(self) -> list[str]:
+        """The signal values ("family.key") the probe reads: the default set for a collection, or those of the
+        `overthink.log/1` file it was trained from."""
+        from probes.features import SIGNAL_FEATURES
+
+        return list(self.config.get("signal_keys") or SIGNAL_FEATURES)
+
     def trial_scores(self, signals: np.ndarray, trials: np.ndarray) -> np.ndarray:
         """The trial probe's probability that stopping here is right, from signal + trial features (n rows)."""
         if self.trial_pipeline is None:
@@ -61,6 +71,11 @@ class Bundle:
 
     def check_model(self, fingerprint: str, name: str = "") -> None:
         want = self.config.get("model_fingerprint")
+        if want is None and self.config.get("source"):  # trained from a log: no weights to compare
+            log.warning("probe bundle trained from %s (%s) names no model weights; it is used with %s on the "
+                        "assumption that the log came from it", self.config.get("source"), self.config.get("log"),
+                        name or "this model")
+            return
         if want != fingerprint:
             raise BundleMismatch(
                 f"this probe bundle was trained on model {self.config.get('model')!r} (fingerprint {want}), "

@@ -48,7 +48,10 @@ def add_commands(sub: Any, positive_int: Callable[[str], int]) -> dict[str, Call
     c.add_argument("--json", action="store_true")
 
     t = sub.add_parser("train", help="train the probe (grouped CV report, then fit) into a bundle")
-    t.add_argument("data_dir")
+    t.add_argument("data_dir", nargs="?", help="collect directory (or give --from-log)")
+    t.add_argument("--from-log", metavar="FILE",
+                   help="train on an overthink.log/1 file (trial answers logged by any serving stack) instead of a "
+                        "collect directory: the probe reads the signals the log carries, no hidden states")
     t.add_argument("--out", required=True, help="bundle file to write, e.g. probe.joblib")
     t.add_argument("--probe", choices=["logreg", "mlp"], default="logreg")
     t.add_argument("--signals-only", action="store_true", help="no hidden-state features")
@@ -64,7 +67,8 @@ def add_commands(sub: Any, positive_int: Callable[[str], int]) -> dict[str, Call
 
     k = sub.add_parser("calibrate", help="conformally calibrate a bundle's halting rule")
     k.add_argument("bundle")
-    k.add_argument("--data", required=True, help="collect directory (problems not used in training are used)")
+    k.add_argument("--data", help="collect directory (problems not used in training are used)")
+    k.add_argument("--from-log", metavar="FILE", help="calibrate on an overthink.log/1 file instead of --data")
     k.add_argument("--delta", type=float, required=True, help="risk level, e.g. 0.1")
     k.add_argument("--epsilon", type=float, default=0.1, help="1 - confidence of the per-trace guarantee")
     k.add_argument("--mode", choices=["per-trace", "per-cue"], default="per-trace")
@@ -78,7 +82,8 @@ def add_commands(sub: Any, positive_int: Callable[[str], int]) -> dict[str, Call
 
     e = sub.add_parser("evaluate", help="replay calibrated bundles on a held-out collection: accuracy, risk, tokens")
     e.add_argument("bundles", nargs="+", help="calibrated bundle files")
-    e.add_argument("--data", required=True, help="collect directory of held-out problems (e.g. GSM8K test)")
+    e.add_argument("--data", help="collect directory of held-out problems (e.g. GSM8K test)")
+    e.add_argument("--from-log", metavar="FILE", help="replay on an overthink.log/1 file of held-out traces instead")
     e.add_argument("--deer", type=float, default=0.95,
                    help="also replay DEER's rule at this trial confidence (default 0.95; 0 to skip)")
     e.add_argument("--certaindex", type=int, default=3, metavar="K",
@@ -151,8 +156,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from probes.pipeline import train_bundle
     from probes.train import fmt_metric
 
-    _, rep = train_bundle(args.data_dir, args.out, kind=args.probe, use_hidden=not args.signals_only,
-                          calib_fraction=args.calib_fraction, folds=args.folds, seed=args.seed, cascade=args.cascade)
+    source, from_log = _source(args.data_dir, args.from_log, "DATA_DIR")
+    _, rep = train_bundle(source, args.out, kind=args.probe, use_hidden=not args.signals_only,
+                          calib_fraction=args.calib_fraction, folds=args.folds, seed=args.seed, cascade=args.cascade,
+                          from_log=from_log)
     if args.json:
         print(json.dumps({k: v for k, v in rep.items() if k != "train_ids"}, indent=2))
         return 0
@@ -178,8 +185,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from probes.pipeline import calibrate_bundle
 
-    b = calibrate_bundle(args.bundle, args.data, delta=args.delta, epsilon=args.epsilon, mode=args.mode,
-                         risk=args.risk, out=args.out, gates=args.gates)
+    source, from_log = _source(args.data, args.from_log, "--data")
+    b = calibrate_bundle(args.bundle, source, delta=args.delta, epsilon=args.epsilon, mode=args.mode,
+                         risk=args.risk, out=args.out, gates=args.gates, from_log=from_log)
     info = b.calibration_info
     if args.json:
         print(json.dumps(info, indent=2, default=str))
@@ -191,6 +199,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _source(data: str | None, log: str | None, flag: str) -> tuple[str, bool]:
+    """The data a command reads: a collect directory (`flag`) or an overthink.log/1 file (--from-log), exactly one."""
+    if (data is None) == (log is None):
+        raise ValueError(f"give the data as {flag} (a collect directory) or --from-log FILE (an overthink.log/1 "
+                         "file), exactly one of them")
+    return (log, True) if log is not None else (data, False)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from monitor.io import atomic_write_text, check_output
     from probes.evaluate import evaluate, markdown_table
@@ -200,11 +216,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.certaindex < 0:
         raise ValueError(f"--certaindex must be K >= 1 agreeing answers (0 skips the baseline), got {args.certaindex}")
     budgets = _budgets(args.budgets)
+    source, from_log = _source(args.data, args.from_log, "--data")
+    if from_log and args.check_run:
+        raise ValueError("--check-run compares a replay with real runs on a collect directory; give --data")
     if args.plot:
-        check_output(args.plot, "--plot", inputs={"BUNDLES": args.bundles, "--data": args.data,
+        check_output(args.plot, "--plot", inputs={"BUNDLES": args.bundles, "--data": source,
                                                   "--check-run": args.check_run})
     if args.markdown:  # before any work: not over a bundle, the data (or a shard) or the traces; writable
-        check_output(args.markdown, "--markdown", inputs={"BUNDLES": args.bundles, "--data": args.data,
+        check_output(args.markdown, "--markdown", inputs={"BUNDLES": args.bundles, "--data": source,
                                                           "--check-run": args.check_run})
     if args.check_run:
         from probes.evaluate import check_replay
@@ -221,8 +240,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                     console.print(f"  {r['id']}: run/replay halted {r['halted']}, answer {r['answer']}, "
                                   f"token diff {r['token_diff']}", markup=False)
         return 0
-    res = evaluate(args.bundles, args.data, deer=args.deer or None, certaindex=args.certaindex or None,
-                   budgets=budgets)
+    res = evaluate(args.bundles, source, deer=args.deer or None, certaindex=args.certaindex or None,
+                   budgets=budgets, from_log=from_log)
     md = markdown_table(res)
     if args.markdown:
         atomic_write_text(args.markdown, md + "\n")

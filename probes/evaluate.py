@@ -210,12 +210,12 @@ def default_budgets(data: CollectedData) -> list[int]:
 
 
 def evaluate(bundles: list[str | Path], data_dir: str | Path, deer: float | None = 0.95,
-             certaindex: int | None = 3, budgets: list[int] | None = None) -> dict[str, Any]:
+             certaindex: int | None = 3, budgets: list[int] | None = None, from_log: bool = False) -> dict[str, Any]:
     """Replay each calibrated bundle on a held-out collect directory, beside the unmonitored run, fixed budgets
     (`budgets`; None: `default_budgets`), and the DEER and certaindex baselines."""
-    from probes.pipeline import check_bundle_data
+    from probes.pipeline import check_bundle_data, load_data
 
-    data = _graded(load_collected(data_dir))
+    data = _graded(load_data(data_dir, from_log))
     loaded = [(load_bundle(b), Path(b).name) for b in bundles]
     for b, name in loaded:  # every bundle checked before any replay: model, feature width, layers
         check_bundle_data(b, data, data_dir, name)

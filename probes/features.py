@@ -39,15 +39,17 @@ POSITION_FEATURES: tuple[str, ...] = ("log_reasoning_tokens", "is_cue", "is_step
 POINT_KINDS_FOR_PROBE: tuple[str, ...] = ("cue", "step_end")
 
 
-def signal_feature_names() -> list[str]:
-    names = list(SIGNAL_FEATURES) + [f"{k}.missing" for k in SIGNAL_FEATURES] + list(POSITION_FEATURES)
-    return names
+def signal_feature_names(keys: Sequence[str] = SIGNAL_FEATURES) -> list[str]:
+    """Column names of `signal_vector` over the signal `keys` ("family.key"): values, missing flags, position."""
+    return list(keys) + [f"{k}.missing" for k in keys] + list(POSITION_FEATURES)
 
 
-def signal_vector(values: Mapping[str, float], reasoning_tokens: int, kind: str, ordinal: int) -> np.ndarray:
-    """Signal + position features, in `signal_feature_names()` order."""
+def signal_vector(values: Mapping[str, float], reasoning_tokens: int, kind: str, ordinal: int,
+                  keys: Sequence[str] = SIGNAL_FEATURES) -> np.ndarray:
+    """Signal + position features, in `signal_feature_names(keys)` order. `keys` is `SIGNAL_FEATURES` for a
+    collection; a bundle trained from a log (`overthink.log/1`) reads the keys that log carried."""
     vals, missing = [], []
-    for k in SIGNAL_FEATURES:
+    for k in keys:
         v = values.get(k)
         ok = v is not None and math.isfinite(v)
         vals.append(float(v) if ok else 0.0)
@@ -75,12 +77,13 @@ def hidden_vector(hidden: Mapping[int, Any] | None, layers: Sequence[int], hidde
     return out
 
 
-def point_features(ctx: DecisionContext, layers: Sequence[int], hidden_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(hidden features, signal+position features) at the decision point in `ctx`."""
+def point_features(ctx: DecisionContext, layers: Sequence[int], hidden_size: int,
+                   keys: Sequence[str] = SIGNAL_FEATURES) -> tuple[np.ndarray, np.ndarray]:
+    """(hidden features, signal+position features over `keys`) at the decision point in `ctx`."""
     pt = ctx.point
     kind, ordinal = (pt.kind, pt.ordinal) if pt is not None else ("", 0)
     return (hidden_vector(ctx.hidden, layers, hidden_size),
-            signal_vector(ctx.values, ctx.reasoning_tokens, kind, ordinal))
+            signal_vector(ctx.values, ctx.reasoning_tokens, kind, ordinal, keys))
 
 
 # Trial features (the cascade's trial probe, `probes.cascade`): what a trial answer decoded at the point says.

@@ -43,9 +43,9 @@ def _num(x: Any) -> float | None:
 def log_lines(data: Any) -> Iterator[dict[str, Any]]:
     """A collection (`probes.collect.CollectedData`) as `overthink.log/1` objects: each decision point's forced
     exit is its trial, with its answer, confidence, cost and the signal values at the point."""
-    from probes.features import signal_feature_names
+    from probes.features import SIGNAL_FEATURES
 
-    names = signal_feature_names()
+    n_sig = len(SIGNAL_FEATURES)
     row = 0
     for p in data.problems:
         points = []
@@ -63,7 +63,8 @@ def log_lines(data: Any) -> Iterator[dict[str, Any]]:
                           "confidence": {"mean": _num(conf.get("mean", e.get("confidence"))),
                                          "geometric": _num(conf.get("geometric")), "min": _num(conf.get("min"))},
                           "entropy": _num(t.get("entropy")), "tokens": int(e["probe_tokens"])},
-                "signals": {n: _num(v) for n, v in zip(names, sig.tolist(), strict=False)},
+                # the signal values at the point (a missing one left out), not the probe's derived columns
+                "signals": {n: _num(sig[j]) for j, n in enumerate(SIGNAL_FEATURES) if not sig[n_sig + j]},
             })
         yield {"schema": LOG_SCHEMA, "id": str(p["id"]), "gold": p.get("gold"),
                "full": {"answer": p.get("full_answer"), "correct": p.get("full_correct"),
@@ -141,4 +142,59 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-__all__ = ["LOG_SCHEMA", "LogFormatError", "check_log_line", "log_lines", "read_log", "write_log"]
+def load_log_data(path: str | Path, kind: str = "auto") -> Any:
+    """An `overthink.log/1` file as a `probes.collect.CollectedData`, so `train`, `calibrate` and `evaluate` read
+    logs as they read collections (`--from-log FILE`). Features: the signal values the log carries (the union of
+    the keys in its points' `signals`, in sorted order; a point without one has it missing) and the position
+    features; no hidden states. A point without `correct` is graded from `gold` (answers of `kind`); trial answers
+    are normalised (`answers.answer_key`) for answer stability, as the Monitor does online."""
+    import numpy as np
+
+    from monitor.answers import answer_key, check_answer
+    from probes.collect import CollectedData
+    from probes.features import signal_feature_names, signal_vector
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"log file {p} does not exist; write one line per trace in the `overthink.log/1` "
+                                "format (docs/calibration.md), or let `overthink collect` write overthink-log.jsonl")
+    lines = read_log(p)
+    if not lines:
+        raise LogFormatError(f"{p} holds no trace; it needs one `overthink.log/1` line per trace")
+    keys = sorted({k for x in lines for pt in x["points"] for k in (pt.get("signals") or {})})
+    rows, labels, conf, group, problems = [], [], [], [], []
+    for i, x in enumerate(lines):
+        gold = None if x.get("gold") is None else str(x["gold"])
+        events, seen_kinds = [], {}
+        for j, pt in enumerate(x["points"]):
+            t, k = pt["trial"], pt.get("kind") or ""
+            correct = pt.get("correct")
+            if correct is None:
+                if gold is None:
+                    raise LogFormatError(f"{p}: trace {x['id']!r} point {j} has no `correct` and the trace no `gold` "
+                                         "to grade its trial answer by; give either")
+                correct = check_answer(t.get("answer"), gold, kind)
+            c = t.get("confidence") or {}
+            seen_kinds[k] = seen_kinds.get(k, 0) + 1
+            rows.append(signal_vector(pt.get("signals") or {}, int(pt["position"]), k, seen_kinds[k], keys))
+            labels.append(int(bool(correct)))
+            conf.append(float(c.get("mean") if c.get("mean") is not None else c["geometric"]))
+            group.append(i)
+            events.append({"index": int(pt["position"]) - 1, "kind": k, "ordinal": seen_kinds[k],
+                           "reasoning_tokens": int(pt["position"]), "probe_tokens": int(t["tokens"]),
+                           "answer": t.get("answer"), "label": int(bool(correct)), "confidence": conf[-1],
+                           "trial": {"answer": answer_key(t.get("answer")), "confidence": c,
+                                     "entropy": t.get("entropy"), "tokens": int(t["tokens"])}})
+        full = x["full"]
+        problems.append({"id": str(x["id"]), "gold": gold, "full_answer": full.get("answer"),
+                         "full_correct": bool(full["correct"]), "full_tokens": int(full["tokens"]), "events": events})
+    n = len(rows)
+    config = {"source": LOG_SCHEMA, "log": str(p), "model": f"log:{p.name}", "model_fingerprint": None,
+              "layers": [], "hidden_size": 0, "signal_keys": keys, "signal_features": signal_feature_names(keys)}
+    width = len(signal_feature_names(keys))
+    return CollectedData(config, np.zeros((n, 0), dtype=np.float32),
+                         np.asarray(rows, dtype=np.float32).reshape(n, width), np.asarray(labels, dtype=np.int8),
+                         np.asarray(conf, dtype=np.float32), np.asarray(group, dtype=np.int64), problems)
+
+
+__all__ = ["LOG_SCHEMA", "LogFormatError", "check_log_line", "load_log_data", "log_lines", "read_log", "write_log"]

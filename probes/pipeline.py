@@ -16,8 +16,17 @@ import numpy as np
 from monitor.io import check_output
 from probes.bundle import Bundle, load_bundle, save_bundle
 from probes.collect import CollectedData, load_collected
-from probes.features import signal_feature_names
+from probes.features import SIGNAL_FEATURES, signal_feature_names
 from probes.train import train_probe
+
+
+def load_data(source: str | Path, from_log: bool = False) -> CollectedData:
+    """A collect directory, or with `from_log` an `overthink.log/1` file (`probes.log.load_log_data`)."""
+    if from_log:
+        from probes.log import load_log_data
+
+        return load_log_data(source)
+    return load_collected(source)
 
 
 def _subset(data: CollectedData, keep: np.ndarray) -> CollectedData:
@@ -32,16 +41,18 @@ def _subset(data: CollectedData, keep: np.ndarray) -> CollectedData:
 
 def train_bundle(data_dir: str | Path, out: str | Path, kind: str = "logreg", use_hidden: bool = True,
                  calib_fraction: float = 0.3, folds: int = 5, seed: int = 0,
-                 cascade: bool = False) -> tuple[Bundle, dict[str, Any]]:
+                 cascade: bool = False, from_log: bool = False) -> tuple[Bundle, dict[str, Any]]:
     """Train the free-signal probe on all but `calib_fraction` of the problems (split by problem); with `cascade`,
     also the trial probe (signals + trial features) on the same problems, and the gates its calibration will
     choose from (quantiles of the free probe's scores on these training problems)."""
     if not 0.0 <= calib_fraction < 1.0:
         raise ValueError(f"--calib-fraction must be in [0, 1), got {calib_fraction}")
-    check_output(out, "--out", inputs={"DATA_DIR": data_dir})  # before any work: not over the data, writable
-    data = load_collected(data_dir)
+    check_output(out, "--out", inputs={"--from-log" if from_log else "DATA_DIR": data_dir})  # before any work
+    data = load_data(data_dir, from_log)
+    if from_log:
+        use_hidden = False  # a log carries no hidden states
     names = data.config.get("signal_features")
-    if names is not None and list(names) != signal_feature_names():
+    if names is not None and list(names) != signal_feature_names(data.config.get("signal_keys") or SIGNAL_FEATURES):
         raise ValueError(f"{data_dir} was collected with another signal feature set ({len(names)} features) than "
                          f"this version of overthink computes ({len(signal_feature_names())}); a probe trained on it "
                          "could not run online: re-run collect into a new directory with this version")
@@ -106,7 +117,7 @@ def calibration_traces(bundle: Bundle, data: CollectedData) -> tuple[list[tuple[
 
 def calibrate_bundle(bundle_path: str | Path, data_dir: str | Path, delta: float, epsilon: float = 0.1,
                      mode: str = "per-trace", risk: str = "premature", out: str | Path | None = None,
-                     gates: list[float] | None = None) -> Bundle:
+                     gates: list[float] | None = None, from_log: bool = False) -> Bundle:
     """Calibrate a bundle on the problems it was not trained on. A bundle with a trial probe (`train --cascade`)
     gets the cascade's (gate, threshold) by Learn-then-Test (`calibration.cascade`); `gates` replaces the gates it
     chooses from (`[0.0]`: a trial at every decision point, the trial probe alone)."""
@@ -117,9 +128,9 @@ def calibrate_bundle(bundle_path: str | Path, data_dir: str | Path, delta: float
     if out is None:
         check_output(bundle_path, "BUNDLE")
     else:
-        check_output(out, "--out", inputs={"--data": data_dir})
+        check_output(out, "--out", inputs={"--from-log" if from_log else "--data": data_dir})
     bundle = load_bundle(bundle_path)
-    data = load_collected(data_dir)
+    data = load_data(data_dir, from_log)
     check_bundle_data(bundle, data, data_dir, Path(bundle_path).name)
     traces, scores, labels = calibration_traces(bundle, data)
     if gates is not None and bundle.trial_pipeline is None:

@@ -63,8 +63,10 @@ class ProbePolicy:
         self.hidden_size = int(bundle.config["hidden_size"])
         # the features this policy will compute online (point_features): refuse a bundle fitted on another width
         # or signal set now, not with sklearn's feature-count error at the first decision point
-        online = {"layers": self.layers, "hidden_size": self.hidden_size, "signal_features": signal_feature_names()}
-        bundle.check_features(online, len(self.layers) * self.hidden_size, len(signal_feature_names()),
+        self.keys = bundle.signal_keys
+        online = {"layers": self.layers, "hidden_size": self.hidden_size,
+                  "signal_features": signal_feature_names(self.keys)}
+        bundle.check_features(online, len(self.layers) * self.hidden_size, len(signal_feature_names(self.keys)),
                               "the online feature computation")
         self.name = f"probe:{self.mode}:delta={bundle.calibration_info.get('delta')}"
         self.at_points_only = True  # the probe scores decision points only
@@ -73,7 +75,7 @@ class ProbePolicy:
         pt = ctx.point
         if pt is None or pt.kind not in POINT_KINDS_FOR_PROBE:
             return Decision(CONTINUE)
-        h, s = point_features(ctx, self.layers, self.hidden_size)
+        h, s = point_features(ctx, self.layers, self.hidden_size, self.keys)
         score = self.bundle.score(h, s)
         if self.mode == "per-trace":
             if score >= self.threshold:
@@ -108,8 +110,10 @@ class CascadePolicy:
         self.gate, self.threshold = float(cal.gate), float(cal.threshold)
         self.layers = list(bundle.config["layers"])
         self.hidden_size = int(bundle.config["hidden_size"])
-        online = {"layers": self.layers, "hidden_size": self.hidden_size, "signal_features": signal_feature_names()}
-        bundle.check_features(online, len(self.layers) * self.hidden_size, len(signal_feature_names()),
+        self.keys = bundle.signal_keys
+        online = {"layers": self.layers, "hidden_size": self.hidden_size,
+                  "signal_features": signal_feature_names(self.keys)}
+        bundle.check_features(online, len(self.layers) * self.hidden_size, len(signal_feature_names(self.keys)),
                               "the online feature computation")
         # the trial is what the collection decoded at every point: the exit cue, then the answer within its budget
         self.trial_prompt = exit_cue or str(bundle.config.get("exit_cue") or "")
@@ -124,7 +128,7 @@ class CascadePolicy:
         pt = ctx.point
         if pt is None or pt.kind not in POINT_KINDS_FOR_PROBE:
             return Decision(CONTINUE)
-        h, s = point_features(ctx, self.layers, self.hidden_size)
+        h, s = point_features(ctx, self.layers, self.hidden_size, self.keys)
         free = self.bundle.score(h, s)
         if free < self.gate:
             return Decision(CONTINUE, score=free, threshold=self.gate)
@@ -133,7 +137,7 @@ class CascadePolicy:
                         free, self.gate, trial=TrialRequest(self.trial_prompt, self.max_trial_tokens))
 
     def decide_after_trial(self, ctx: DecisionContext, trial: TrialOutcome) -> Decision:
-        s = self._signals if self._signals is not None else point_features(ctx, self.layers, self.hidden_size)[1]
+        s = self._signals if self._signals is not None else point_features(ctx, self.layers, self.hidden_size, self.keys)[1]
         self._signals = None
         t = float(self.bundle.trial_scores(s[None], trial_vector(trial.record(), trial.streak,
                                                                  trial.agrees_previous)[None])[0])

@@ -90,9 +90,10 @@ def train_probe(data: CollectedData, kind: str = "logreg", use_hidden: bool = Tr
             continue
         oof[te] = _fit(make_probe(kind, seed), X[tr], y[tr]).predict_proba(X[te])[:, 1]
     baselines = {"deer_confidence": _metrics(y, data.confidence.astype(float))}
-    for j, name in enumerate(SIGNAL_FEATURES):
+    keys = data.config.get("signal_keys") or SIGNAL_FEATURES  # a log's own signals, else the default set
+    for j, name in enumerate(keys):
         col = data.signals[:, j].astype(float)
-        col = np.where(data.signals[:, len(SIGNAL_FEATURES) + j] > 0, np.nan, col)  # missing -> excluded
+        col = np.where(data.signals[:, len(keys) + j] > 0, np.nan, col)  # missing -> excluded
         baselines[name] = _metrics(y, col)
     pipe = _fit(make_probe(kind, seed), X, y)
     report = TrainReport(probe=_metrics(y, oof), baselines=baselines, n_events=int(len(y)), n_problems=n_groups,
