@@ -17,24 +17,11 @@ import numpy as np
 
 from monitor.decision import DecisionContext
 from monitor.events import to_numpy
+from monitor.signals import DEFAULT_FAMILIES
 
-# The signal values a probe reads, by "family.key" (see monitor/signals/*). Fixed order = column order.
-SIGNAL_FEATURES: tuple[str, ...] = (
-    "path_deviation.entropy",
-    "path_deviation.hett_rate_window",
-    "path_deviation.hett_rate_global",
-    "path_deviation.pdi",
-    "path_deviation.entropy_ratio",
-    "jsd_instability.jsd",
-    "jsd_instability.entropy_norm",
-    "jsd_instability.instability",
-    "jsd_instability.peak_relative",
-    "latent_trajectory.net",
-    "latent_trajectory.cumulative",
-    "latent_trajectory.aligned",
-    "redundancy.similarity",
-    "redundancy.loop_count",
-)
+# The signal values a probe reads, by "family.key": each default family's declared `PROBE` keys, in
+# `DEFAULT_FAMILIES` order (the column order of every bundle's features).
+SIGNAL_FEATURES: tuple[str, ...] = tuple(f"{fam.FAMILY}.{k}" for fam in DEFAULT_FAMILIES for k in fam.PROBE)
 POSITION_FEATURES: tuple[str, ...] = ("log_reasoning_tokens", "is_cue", "is_step_end", "log_ordinal")
 POINT_KINDS_FOR_PROBE: tuple[str, ...] = ("cue", "step_end")
 

@@ -246,3 +246,18 @@ def test_threshold_policy_still_decides():
 def test_numpy_thresholds_accepted():
     assert SignalThresholdPolicy("x.y", np.float32(0.5)).threshold == 0.5
     assert DeerPolicy(np.float32(0.5)).threshold == np.float32(0.5)
+
+
+def test_recorded_and_probe_keys_are_declared_keys_and_the_probe_columns_follow_them():
+    from monitor.signals import DEFAULT_FAMILIES
+    from probes.features import SIGNAL_FEATURES
+
+    for fam in DEFAULT_FAMILIES:
+        assert set(fam.RECORDED) <= set(fam.KEYS), fam.FAMILY
+        assert set(fam.PROBE) <= set(fam.KEYS), fam.FAMILY
+    assert SIGNAL_FEATURES == tuple(f"{f.FAMILY}.{k}" for f in DEFAULT_FAMILIES for k in f.PROBE)
+    # the column layout existing bundles were trained on
+    assert SIGNAL_FEATURES[:5] == ("path_deviation.entropy", "path_deviation.hett_rate_window",
+                                   "path_deviation.hett_rate_global", "path_deviation.pdi",
+                                   "path_deviation.entropy_ratio")
+    assert SIGNAL_FEATURES[-2:] == ("redundancy.similarity", "redundancy.loop_count") and len(SIGNAL_FEATURES) == 14

@@ -7,7 +7,8 @@ per-sequence state tensors (slots, `slots.py`); `update(TokenStep) -> dict[str, 
 - `Redundancy`         redundancy.py         similarity of each finished reasoning step to the previous K
 
 Each family class declares `FAMILY` (its default `name`), `KEYS` (key -> meaning of every value its
-`update()` returns) and `INPUTS` (which TokenStep fields it reads); `catalog.py` collects them
+`update()` returns), `RECORDED` (the keys a trace keeps at the default recording level: the report's panels),
+`PROBE` (the keys a probe reads: the feature columns) and `INPUTS` (which TokenStep fields it reads); `catalog.py` collects them
 (`signal_catalog`, `known_signal_keys`, `describe`, `format_catalog`).
 """
 
@@ -18,7 +19,12 @@ from monitor.signals.latent_trajectory import LatentTrajectory
 from monitor.signals.path_deviation import PathDeviation
 from monitor.signals.redundancy import HiddenStateEmbedder, MiniLMEmbedder, Redundancy
 
+# the default signal set, in order (`monitor.run.default_signals` builds these; the probe's feature columns follow
+# each family's declared `PROBE` keys in this order)
+DEFAULT_FAMILIES = (PathDeviation, JSDInstability, LatentTrajectory, Redundancy)
+
 __all__ = [
+    "DEFAULT_FAMILIES",
     "Signal",
     "PathDeviation",
     "JSDInstability",

@@ -130,6 +130,9 @@ class JSDInstability:
     # per-token series a trace keeps at the default recording level (what the report draws); record="full"
     # keeps every key in KEYS
     RECORDED: ClassVar[tuple[str, ...]] = ('jsd', 'instability', 'entropy_norm')
+    # the keys a probe reads as features (probes/features.py derives its columns from these, family by family
+    # in `DEFAULT_FAMILIES` order; changing them changes the feature layout of new bundles)
+    PROBE: ClassVar[tuple[str, ...]] = ('jsd', 'entropy_norm', 'instability', 'peak_relative')
     KEYS: ClassVar[dict[str, str]] = {
         "jsd": "JSD(p_{t-1}, p_t) between consecutive next-token distributions, bits in [0, 1] (0 on the "
                "first token)",

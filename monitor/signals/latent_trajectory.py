@@ -119,6 +119,9 @@ class LatentTrajectory:
     # per-token series a trace keeps at the default recording level (what the report draws); record="full"
     # keeps every key in KEYS
     RECORDED: ClassVar[tuple[str, ...]] = ('net', 'cumulative', 'aligned')
+    # the keys a probe reads as features (probes/features.py derives its columns from these, family by family
+    # in `DEFAULT_FAMILIES` order; changing them changes the feature layout of new bundles)
+    PROBE: ClassVar[tuple[str, ...]] = ('net', 'cumulative', 'aligned')
     KEYS: ClassVar[dict[str, str]] = {
         "net": "||h_N - h_1|| / N: net drift of the block-mean hidden states per block, mean over layers "
                "(higher = better)",

@@ -79,6 +79,9 @@ class PathDeviation:
     # per-token series a trace keeps at the default recording level (what the report draws); record="full"
     # keeps every key in KEYS
     RECORDED: ClassVar[tuple[str, ...]] = ('entropy', 'entropy_ratio', 'pdi', 'is_hett')
+    # the keys a probe reads as features (probes/features.py derives its columns from these, family by family
+    # in `DEFAULT_FAMILIES` order; changing them changes the feature layout of new bundles)
+    PROBE: ClassVar[tuple[str, ...]] = ('entropy', 'hett_rate_window', 'hett_rate_global', 'pdi', 'entropy_ratio')
     KEYS: ClassVar[dict[str, str]] = {
         "entropy": "entropy H_t of the distribution this token was drawn from, nats",
         "is_hett": "1.0 if this token is a lexicon transition word ('wait', 'but', ...) with H_t above the "

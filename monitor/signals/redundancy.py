@@ -253,6 +253,9 @@ class Redundancy:
     # per-token series a trace keeps at the default recording level (what the report draws); record="full"
     # keeps every key in KEYS
     RECORDED: ClassVar[tuple[str, ...]] = ('similarity',)
+    # the keys a probe reads as features (probes/features.py derives its columns from these, family by family
+    # in `DEFAULT_FAMILIES` order; changing them changes the feature layout of new bundles)
+    PROBE: ClassVar[tuple[str, ...]] = ('similarity', 'loop_count')
     KEYS: ClassVar[dict[str, str]] = {
         "step_index": "0-based index of the reasoning step that just closed",
         "similarity": "max cosine similarity of the closed step to the previous K steps (not on the first "
