@@ -22,7 +22,9 @@ Where things live:
 - bounds.py       context, prompt and memory bounds checked before a model loads
 - io.py           one write discipline: atomic files, streamed JSON Lines, one-writer locks, output checks
 - answers.py      answer extraction and checking (GSM8K numbers, MATH LaTeX, multiple choice)
-- run.py / bench.py / cli.py / cli_args.py   the `overthink` command and the library calls behind it
+- run.py / bench.py / bench_monitor.py / cli.py / cli_args.py   the `overthink` command and the library calls
+                  behind it (bench_monitor.py: the monitor alone on synthetic steps)
+- errors.py       which exceptions are the user's (exit 2, one line) and which are bugs (exit 1, traceback)
 - report.py       diagnosis reports (HTML, terminal)
 - vllm.py / vllm_worker.py   vLLM backend (driver / engine side); detokenize.py incremental detokenizer
 (`overthink serve` is the application package serve/, above this one: only cli.py imports it, to register the command.)
@@ -32,10 +34,24 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["TokenStep", "Trace", "Monitor", "Decision"]
-
-_WHERE = {"Decision": "monitor.decision", "TokenStep": "monitor.events", "Monitor": "monitor.monitor",
-          "Trace": "monitor.trace"}
+# The public API: what wrapping a model needs, in one screen (imported lazily, see `__getattr__`).
+_WHERE = {
+    # models and the run
+    "load_model": "monitor.models", "LoadedModel": "monitor.models",
+    "RunConfig": "monitor.run", "run_problems": "monitor.run", "default_signals": "monitor.run",
+    "monitor_factory": "monitor.run",
+    # the core: one sequence's monitor, many sequences at once, what flows in and out
+    "Monitor": "monitor.monitor", "MonitorBatch": "monitor.batch", "TokenStep": "monitor.events",
+    "StepBatch": "monitor.events", "Decision": "monitor.decision", "DecisionContext": "monitor.decision",
+    "Trace": "monitor.trace", "read_traces": "monitor.trace", "write_traces": "monitor.trace",
+    # policies (a probe bundle's are `probes.policy_for`)
+    "ObservePolicy": "monitor.decision", "HaltAfterPolicy": "monitor.decision", "DeerPolicy": "monitor.decision",
+    "CertaindexPolicy": "monitor.decision", "parse_policy": "monitor.decision",
+    # the generators (backends)
+    "HFMonitoredGenerator": "monitor.hf", "VLLMMonitoredGenerator": "monitor.vllm",
+    "AsyncVLLMMonitoredGenerator": "monitor.vllm",
+}
+__all__ = sorted(_WHERE)
 
 
 def __getattr__(name: str) -> Any:

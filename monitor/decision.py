@@ -25,7 +25,7 @@ import math
 import numbers
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from monitor.cues import DecisionPoint
@@ -110,7 +110,6 @@ class DecisionContext:
     values: Mapping[str, float]  # latest value of every signal key, flattened "family.key"
     point: DecisionPoint | None = None  # the decision point confirmed at this token, if any
     hidden: Mapping[int, object] | None = None  # hidden states at the decision point's token
-    extra: dict = field(default_factory=dict)
 
 
 @runtime_checkable

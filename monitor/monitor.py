@@ -798,5 +798,3 @@ def _safe_logprob(step: TokenStep) -> float | None:
     except Exception:
         return None
 
-
-MonitorFactory = Callable[[], Monitor]

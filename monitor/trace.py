@@ -25,7 +25,6 @@ __all__ = [
     "SCHEMA",
     "TOKEN_PHASES",
     "POINT_KINDS",
-    "SIGNAL_FAMILIES",
     "ACCOUNTING_KEYS",
     "Trace",
     "TraceFormatError",
@@ -37,7 +36,6 @@ __all__ = [
 SCHEMA = "overthink.trace/1"
 TOKEN_PHASES = ("reasoning", "forced", "answer", "probe")
 POINT_KINDS = ("cue", "step_end", "reasoning_end")
-SIGNAL_FAMILIES = ("path_deviation", "jsd_instability", "latent_trajectory", "redundancy")  # others allowed
 ACCOUNTING_KEYS = ("prompt", "reasoning", "answer", "probe", "forced")
 TOKEN_COLUMNS = ("ids", "text", "logprob", "phase")
 

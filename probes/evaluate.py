@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import binomtest
 
+from calibration.risks import HALTED_WRONG, PREMATURE
 from probes.bundle import Bundle, load_bundle
 from probes.collect import CollectedData, load_collected
 
@@ -107,12 +108,12 @@ def _row(policy: str, exit_idx: list[int | None], data: CollectedData, trial_cos
         if trial_cost:
             trials[i] = _trial_tokens(p, j, None if decoded is None else decoded[i])
             tokens[i] += trials[i]
-    premature = halted & ~correct & full
+    premature = PREMATURE.losses(halted, correct, full).astype(bool)  # the risk calibration controls
     return ReplayRow(
         policy=policy, n=n, accuracy=float(correct.mean()), full_accuracy=float(full.mean()),
         exit_rate=float(halted.mean()), premature_risk=float(premature.mean()),
         premature_risk_upper95=_upper95(int(premature.sum()), n),
-        halted_wrong_rate=float((halted & ~correct).mean()), mean_tokens=float(tokens.mean()),
+        halted_wrong_rate=float(HALTED_WRONG.losses(halted, correct, full).mean()), mean_tokens=float(tokens.mean()),
         mean_full_tokens=float(full_tokens.mean()), tokens_saved=float(1.0 - tokens.sum() / full_tokens.sum()),
         trial_tokens=float(trials.mean()),
     )
@@ -132,10 +133,9 @@ def replay_bundle(bundle: Bundle, data: CollectedData, name: str = "") -> Replay
     cal = bundle.calibration
     if cal is None:
         raise ValueError(f"bundle {name or ''} is not calibrated; run `overthink calibrate` on it first")
-    if data.config.get("model_fingerprint") != bundle.config.get("model_fingerprint"):
-        raise ValueError(f"the evaluation data was collected on {data.config.get('model')!r}, but bundle {name} "
-                         f"was made for {bundle.config.get('model')!r}; evaluate on data from the same model")
-    bundle.check_features(data.config, data.hidden.shape[1], data.signals.shape[1], "the evaluation data", name)
+    from probes.pipeline import check_bundle_data
+
+    check_bundle_data(bundle, data, "the evaluation data", name)  # the same model, the same features
     seen = set(bundle.report.get("train_ids", []))
     overlap = [str(p["id"]) for p in data.problems if str(p["id"]) in seen]
     if overlap:
