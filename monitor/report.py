@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from monitor.io import atomic_write_text
-from monitor.trace import Trace, read_traces
+from monitor.trace import Trace, generated_tokens, read_traces
 
 __all__ = [
     "diagnose",
@@ -122,10 +122,11 @@ def reason_group(t: Trace) -> str:
 
 
 def token_accounting(t: Trace) -> dict[str, Any]:
-    """Token counts by kind plus the cost that counts against the unmonitored run (reasoning + answer + probe)
+    """Token counts by kind plus the cost that counts against the unmonitored run (`trace.generated_tokens`:
+    reasoning + exit cue + answer + probe)
     and what was saved when `meta["unmonitored_tokens"]` is known (None otherwise)."""
     acc = {k: int(t.accounting.get(k, 0)) for k in ACCOUNTING_ROWS}
-    used = acc["reasoning"] + acc["answer"] + acc["probe"]
+    used = generated_tokens(acc)
     unmon = t.meta.get("unmonitored_tokens")
     if isinstance(unmon, bool) or not isinstance(unmon, int) or unmon < 0:
         unmon = None
@@ -902,12 +903,12 @@ def _panel_html(p: Panel, fig_id: str, figs: _Figures) -> str:
 def _accounting_html(t: Trace) -> str:
     a = token_accounting(t)
     rows = "".join(f'<tr><td>{k}</td><td class="num">{a[k]}</td></tr>' for k in ACCOUNTING_ROWS)
-    rows += (f'<tr><td>monitored cost (reasoning + answer + probe)</td><td class="num">{a["monitored"]}</td></tr>')
+    rows += (f'<tr><td>monitored cost (reasoning + exit cue + answer + probe)</td><td class="num">{a["monitored"]}</td></tr>')
     if a["unmonitored"] is None:
-        rows += ('<tr><td>unmonitored run (reasoning + answer)</td><td class="num">unknown</td></tr>'
+        rows += ('<tr><td>unmonitored run (reasoning + exit cue + answer)</td><td class="num">unknown</td></tr>'
                  '<tr><td>saved</td><td class="num">unknown</td></tr>')
     else:
-        rows += (f'<tr><td>unmonitored run (reasoning + answer)</td><td class="num">{a["unmonitored"]}</td></tr>'
+        rows += (f'<tr><td>unmonitored run (reasoning + exit cue + answer)</td><td class="num">{a["unmonitored"]}</td></tr>'
                  f'<tr><td>saved</td><td class="num">{a["saved"]} ({a["saved_fraction"]:.1%})</td></tr>')
     return f'<table class="accounting"><tr><th>tokens</th><th class="num">count</th></tr>{rows}</table>'
 
@@ -1035,7 +1036,7 @@ def _batch_html(traces: Sequence[Trace], figs: _Figures) -> str:
     acc = "n/a (no gold answers)" if s["accuracy"] is None else f'{s["accuracy"]:.1%} ({s["correct"]}/{s["graded"]})'
     rows = [("traces", s["n"]), ("accuracy", acc), ("halt rate", f'{s["halt_rate"]:.1%} ({s["halted"]}/{s["n"]})')]
     for k in (*ACCOUNTING_ROWS, "monitored"):
-        label = "monitored cost (reasoning + answer + probe)" if k == "monitored" else f"{k} tokens"
+        label = "monitored cost (reasoning + exit cue + answer + probe)" if k == "monitored" else f"{k} tokens"
         rows.append((label, f'mean {s["tokens"][k]["mean"]:.1f} · total {s["tokens"][k]["total"]}'))
     sv = s["saved"]
     rows.append(("tokens saved vs unmonitored", "unknown (no trace records meta.unmonitored_tokens)"
@@ -1177,7 +1178,7 @@ def render_text(t: Trace | Sequence[Trace], console: Any = None) -> None:
     table.add_column("count", justify="right")
     for k in ACCOUNTING_ROWS:
         table.add_row(k, str(a[k]))
-    table.add_row("monitored cost (reasoning + answer + probe)", str(a["monitored"]))
+    table.add_row("monitored cost (reasoning + exit cue + answer + probe)", str(a["monitored"]))
     table.add_row("unmonitored run", "unknown" if a["unmonitored"] is None else str(a["unmonitored"]))
     table.add_row("saved", "unknown" if a["saved"] is None else f"{a['saved']} ({a['saved_fraction']:.0%})")
     console.print(table)

@@ -26,6 +26,7 @@ __all__ = [
     "TOKEN_PHASES",
     "POINT_KINDS",
     "ACCOUNTING_KEYS",
+    "generated_tokens",
     "Trace",
     "TraceFormatError",
     "read_traces",
@@ -44,6 +45,13 @@ _RECREATE = "re-create the trace with `overthink run`"
 
 class TraceFormatError(ValueError):
     """A trace record or trace file does not follow the "overthink.trace/1" schema."""
+
+
+def generated_tokens(accounting: Mapping[str, int], probe: bool = True) -> int:
+    """What a trace cost beyond its prompt, the one rule every tokens-saved figure uses: reasoning + forced exit cue +
+    answer tokens, plus the probe (trial) tokens unless `probe` is False (the tokens the client receives)."""
+    n = int(accounting.get("reasoning", 0)) + int(accounting.get("forced", 0)) + int(accounting.get("answer", 0))
+    return n + (int(accounting.get("probe", 0)) if probe else 0)
 
 
 def _empty_tokens() -> dict[str, list[Any]]:

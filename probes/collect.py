@@ -41,6 +41,7 @@ from monitor.run import (
     problem_task,
     resolve_layers,
 )
+from monitor.trace import generated_tokens
 from probes.features import POINT_KINDS_FOR_PROBE, point_features, signal_feature_names
 
 MANIFEST = "manifest.json"
@@ -413,7 +414,7 @@ def _write_shard(out: Path, k: int, batch: Sequence[dict[str, Any]], results: Se
         acc = r.monitor.accounting(r.prompt_tokens)
         lines.append(json.dumps({"id": str(p["id"]), "gold": gold, "full_answer": full_answer,
                                  "full_correct": full_correct, "accounting": acc,
-                                 "full_tokens": acc["reasoning"] + acc["answer"] + acc["forced"],
+                                 "full_tokens": generated_tokens(acc, probe=False),
                                  "stop_reason": r.stop_reason, "events": events}, ensure_ascii=False))
     n_sig = len(signal_feature_names())
     h_dim = len(labelers[0].layers) * labelers[0].hidden_size if labelers else 0

@@ -268,7 +268,7 @@ def check_replay(bundle_path: str | Path, data_dir: str | Path, traces_path: str
 
     Per problem present in both: did both halt, the same answer, the same correctness, and the monitored
     token count (reasoning + forced + answer + probe) of the run minus the replay's."""
-    from monitor.trace import read_traces
+    from monitor.trace import generated_tokens, read_traces
     from probes.pipeline import check_bundle_data
 
     bundle = load_bundle(bundle_path)
@@ -291,7 +291,7 @@ def check_replay(bundle_path: str | Path, data_dir: str | Path, traces_path: str
         if decoded is not None:  # the cascade's trials up to the exit are probe tokens in the run too
             want_tokens += _trial_tokens(data.problems[i], j, decoded[i])
         a = t.accounting
-        got_tokens = a["reasoning"] + a["forced"] + a["answer"] + a["probe"]
+        got_tokens = generated_tokens(a)
         rows.append({"id": t.id, "halted": (bool(t.decision["halted"]), j is not None),
                      "answer": (t.answer, want_answer), "correct": (t.correct, want_correct),
                      "token_diff": int(got_tokens - want_tokens)})

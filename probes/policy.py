@@ -121,8 +121,7 @@ class CascadePolicy:
             raise ValueError("this cascade bundle names no exit cue (its trial prompt); pass the run's exit cue")
         self.max_trial_tokens = int(answer_max_tokens or bundle.config.get("answer_max_tokens") or 16)
         self.name = f"cascade:delta={bundle.calibration_info.get('delta')}"
-        self.at_points_only = True
-        self._signals = None
+        self.at_points_only = True  # stateless: a server shares one instance between its requests
 
     def decide(self, ctx: DecisionContext) -> Decision:
         pt = ctx.point
@@ -132,13 +131,11 @@ class CascadePolicy:
         free = self.bundle.score(h, s)
         if free < self.gate:
             return Decision(CONTINUE, score=free, threshold=self.gate)
-        self._signals = s
         return Decision(TRIAL, f"free probe {free:.2f} >= gate {self.gate:.2f}: trial answer at {_point_words(pt)}",
                         free, self.gate, trial=TrialRequest(self.trial_prompt, self.max_trial_tokens))
 
     def decide_after_trial(self, ctx: DecisionContext, trial: TrialOutcome) -> Decision:
-        s = self._signals if self._signals is not None else point_features(ctx, self.layers, self.hidden_size, self.keys)[1]
-        self._signals = None
+        s = point_features(ctx, self.layers, self.hidden_size, self.keys)[1]  # the point's context, as in decide
         t = float(self.bundle.trial_scores(s[None], trial_vector(trial.record(), trial.streak,
                                                                  trial.agrees_previous)[None])[0])
         if t >= self.threshold:

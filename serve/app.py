@@ -34,6 +34,7 @@ from monitor.answers import normalize_kind
 from monitor.bounds import check_budget, limits_of
 from monitor.decision import parse_policy
 from monitor.run import RunConfig, Task
+from monitor.trace import generated_tokens
 from serve.engine import HFServeEngine, Job, JobResult
 from serve.protocol import ChatRequest, CompletionRequest
 
@@ -321,7 +322,7 @@ def create_app(engine: HFServeEngine | Any, model_name: str, cfg: RunConfig, def
               {k: halted_at.get(k) for k in ("index", "kind", "label", "ordinal", "score", "threshold")},
               "accounting": {k: int(acc.get(k, 0)) for k in ("reasoning", "forced", "answer", "probe")},
               "trace_id": tr.id}
-        completion = ov["accounting"]["reasoning"] + ov["accounting"]["forced"] + ov["accounting"]["answer"]
+        completion = generated_tokens(ov["accounting"], probe=False)
         usage = {"prompt_tokens": int(acc.get("prompt", 0)), "completion_tokens": completion,
                  "total_tokens": int(acc.get("prompt", 0)) + completion,
                  "completion_tokens_details": {"reasoning_tokens": ov["accounting"]["reasoning"],

@@ -69,14 +69,14 @@ def test_stop_reason_of_a_real_budget_halt(tiny_traces):
 def test_token_accounting_with_and_without_the_unmonitored_length():
     a = token_accounting(make_signal_trace())
     assert (a["prompt"], a["reasoning"], a["answer"], a["probe"], a["forced"]) == (12, 21, 2, 0, 2)
-    assert a["monitored"] == 23 and a["unmonitored"] == 120 and a["saved"] == 97
+    assert a["monitored"] == 25 and a["unmonitored"] == 120 and a["saved"] == 95  # 21 + 2 forced + 2 answer
     b = token_accounting(make_trace())
     assert b["unmonitored"] is None and b["saved"] is None
     html = report_html([make_trace()])
     assert re.search(r"<td>saved</td><td class=\"num\">unknown</td>", html)
     html = report_html([make_signal_trace()])
-    assert '<td>saved</td><td class="num">97 (80.8%)</td>' in html
-    assert '<td>unmonitored run (reasoning + answer)</td><td class="num">120</td>' in html
+    assert '<td>saved</td><td class="num">95 (79.2%)</td>' in html
+    assert '<td>unmonitored run (reasoning + exit cue + answer)</td><td class="num">120</td>' in html
 
 
 # --------------------------------------------------------------------------- the single-trace page
@@ -226,7 +226,7 @@ def test_batch_summary_numbers(tiny_traces):
     assert s["n"] == 4 and s["graded"] == 2 and s["accuracy"] == 0.5
     assert s["halted"] == 2 and s["halt_rate"] == 0.5
     assert s["tokens"]["reasoning"]["total"] == 21 + 51 + 8 + 40
-    assert s["saved"] == {"known": 2, "total": 97 + 68, "unmonitored_total": 240}
+    assert s["saved"] == {"known": 2, "total": 95 + 68, "unmonitored_total": 240}
     assert s["stop_reasons"]["halted by halt-after-8"] == 1
     assert s["stop_reasons"]["halted by threshold:jsd_instability.instability>=0.05 at a 'wait' cue"] == 1
     html = report_html(traces)

@@ -56,3 +56,40 @@ def test_a_bundle_in_proxy_mode_is_refused_at_start(bundle):
     out = subprocess.run([sys.executable, "-m", "monitor.cli", "serve", "--model", MODEL, "--upstream",
                           "http://127.0.0.1:9", "--policy", str(bundle)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "without --upstream" in out.stderr
+
+
+def test_a_cascade_bundle_serves_concurrent_requests_with_trials(tiny, cue_word, tmp_path):  # noqa: F811
+    """A cascade bundle as the server's policy (one instance shared by the requests: it must keep no per-request
+    state): trials decoded at the gated points, counted as probe tokens, the same trace for the same request
+    whether it ran alone or beside others."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.test_cascade_probe import with_trials
+
+    fake_collect_dir(tmp_path / "c", tiny_config(tiny, cue_word))
+    with_trials(tmp_path / "c")
+    train_bundle(tmp_path / "c", tmp_path / "cascade.joblib", calib_fraction=0.5, use_hidden=False, cascade=True)
+    calibrate_bundle(tmp_path / "cascade.joblib", tmp_path / "c", delta=0.4, epsilon=0.2, gates=[0.0])
+    port = free_port()
+    log = tmp_path / "t.jsonl"
+    proc = start_serve(["--model", MODEL, "--policy", str(tmp_path / "cascade.joblib"), "--trace-log", str(log)],
+                       port)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+
+        def ask(q: str) -> str:
+            r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": q}], max_tokens=24)
+            return r.choices[0].message.content
+
+        alone = [ask(p["question"]) for p in PROBLEMS]
+        with ThreadPoolExecutor(3) as ex:
+            together = list(ex.map(ask, [p["question"] for p in PROBLEMS]))
+        assert together == alone
+        traces = [json.loads(x) for x in log.read_text().splitlines()]
+        assert len(traces) == 6 and {t["decision"]["policy"] for t in traces} == {"cascade:delta=0.4"}
+        tried = [p for t in traces for p in t["decision_points"] if p.get("trial")]
+        assert tried, "no trial was decoded"
+        for t in traces:
+            assert t["accounting"]["probe"] == sum(p["trial"]["tokens"] for p in t["decision_points"] if p.get("trial"))
+    finally:
+        stop(proc)
