@@ -32,7 +32,7 @@ import logging
 import math
 import numbers
 from array import array
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -144,6 +144,7 @@ class Monitor:
         # (NaN: none; what `values` shows), `_buf[t, j]` its value at reasoning token t (float32, NaN = undefined;
         # only when series are recorded). Columns are added the first time a key is seen.
         self._keys: list[str] = []
+        self._keys_t: tuple[str, ...] | None = None  # `_keys` as a tuple, shared by the decision points' values
         self._col: dict[str, int] = {}
         self._last = np.full(0, np.nan)
         self._buf: np.ndarray | None = None
@@ -467,14 +468,12 @@ class Monitor:
         self._buf = buf
         return buf
 
-    def _point_values(self) -> dict[str, float | int | None]:
-        keys = []
-        for k in self.values:
-            fam, _, key = k.partition(".")
-            kept = self._kept.get(fam)
-            if kept is None or key in kept:
-                keys.append(k)
-        return dict(zip(keys, compact_series([self.values[k] for k in keys]), strict=True))
+    def _point_values(self) -> Mapping[str, float | int | None]:
+        """The values at a decision point, held compactly (`_PointValues`: one float64 row, not a dict)."""
+        self._sync()
+        if self._keys_t is None or len(self._keys_t) != len(self._keys):
+            self._keys_t = tuple(self._keys)
+        return _PointValues(self._keys_t, self._last.copy(), None if self.record == "full" else self._kept)
 
     def _record_point(self, pt: DecisionPoint, d: Decision) -> None:
         self.points.append({
@@ -482,8 +481,7 @@ class Monitor:
             "paragraph_start": pt.paragraph_start, "action": d.action,
             "score": _clean(d.score), "threshold": _clean(d.threshold),
             # finite floats only (see observe); at the default recording level the recorded keys, rounded
-            "values": {} if self.record == "none" else dict(self.values) if self.record == "full" else
-            self._point_values(),
+            "values": {} if self.record == "none" else self._point_values(),
         })
 
     def _policy_name(self) -> str:
@@ -637,13 +635,49 @@ class Monitor:
             tokens={"ids": self._tok_ids.tolist(), "text": self.token_texts(),
                     "logprob": self._recorded(self._tok_logprob), "phase": list(self._tok_phase)},
             signals=self._signal_series() if self._series_on else {},
-            decision_points=list(self.points),
+            decision_points=[{**p, "values": dict(p["values"])} for p in self.points],
             decision={"halted": d is not None, "at": self.halted_at, "reason": reason,
                       "policy": self._policy_name()},
             answer=answer, answer_text=answer_text, gold=gold, correct=correct,
             accounting=self.accounting(prompt_tokens), summary=summary, errors=[dict(e) for e in self.errors],
             meta=dict(meta or {}),
         )
+
+
+class _PointValues(Mapping):
+    """A decision point's signal values, read like a dict: held as the keys (a tuple shared by all points) and one
+    float64 row (NaN = undefined), not as a dict of Python floats (a 32k-token trace can have a thousand points).
+    `kept` (the default recording level): only the recorded keys, rounded as the series are (`compact_series`);
+    None (record="full"): every defined key, as it is."""
+
+    __slots__ = ("_keys", "_row", "_kept")
+
+    def __init__(self, keys: tuple[str, ...], row: np.ndarray, kept: dict[str, Any] | None) -> None:
+        self._keys, self._row, self._kept = keys, row, kept
+
+    def _dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in zip(self._keys, self._row.tolist()) if v == v}
+        if self._kept is None:
+            return d
+        keys = []
+        for k in d:
+            fam, _, key = k.partition(".")
+            kept = self._kept.get(fam)
+            if kept is None or key in kept:
+                keys.append(k)
+        return dict(zip(keys, compact_series([d[k] for k in keys]), strict=True))
+
+    def __getitem__(self, key: str) -> Any:
+        return self._dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._dict())
+
+    def __len__(self) -> int:
+        return len(self._dict())
+
+    def __repr__(self) -> str:
+        return repr(self._dict())
 
 
 # --------------------------------------------------------------------------- checks of what components return
