@@ -257,7 +257,7 @@ def test_text_summary_of_one_trace_and_of_a_batch():
     console = Console(record=True, width=120, force_terminal=False)
     render_text(make_signal_trace(), console)
     text = console.export_text()
-    assert "Stop: halted at token 20" in text and "token accounting" in text and "97 (81%)" in text
+    assert "Stop: halted at token 20" in text and "token accounting" in text and "95 (79%)" in text
     assert "■ HALT at token 21" in text and "⟨wait #2⟩" in text and "jsd_instability" in text
     console = Console(record=True, width=120)
     render_text(make_trace(), console)
