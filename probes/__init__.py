@@ -2,6 +2,7 @@
 policies that run a bundle online (docs/calibration.md).
 
 - collect.py    `overthink collect`: roll problems out, force an exit at every decision point, label it
+- data.py       CollectedData: one row per decision point (features, label, trial), what the steps below read
 - features.py   the probe's features (signals, positions, trial answers), the same offline and online
 - train.py      the probe pipeline (scikit-learn) and its grouped cross-validation report
 - cascade.py    the trial cascade offline: its trial probe, calibration arrays and replay
@@ -17,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 _WHERE = {
-    "collect": "probes.collect", "load_collected": "probes.collect", "CollectedData": "probes.collect",
+    "collect": "probes.collect", "load_collected": "probes.collect", "CollectedData": "probes.data",
     "train_bundle": "probes.pipeline", "calibrate_bundle": "probes.pipeline", "load_data": "probes.pipeline",
     "evaluate": "probes.evaluate", "Bundle": "probes.bundle", "load_bundle": "probes.bundle",
     "policy_for": "probes.policy", "ProbePolicy": "probes.policy", "CascadePolicy": "probes.policy",

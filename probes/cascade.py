@@ -20,7 +20,7 @@ from sklearn.model_selection import GroupKFold
 from sklearn.pipeline import Pipeline
 
 from probes.bundle import Bundle
-from probes.collect import CollectedData
+from probes.data import CollectedData
 from probes.features import TRIAL_FEATURES, trial_matrix
 
 

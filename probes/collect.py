@@ -42,6 +42,7 @@ from monitor.run import (
     resolve_layers,
 )
 from monitor.trace import generated_tokens
+from probes.data import CollectedData
 from probes.features import POINT_KINDS_FOR_PROBE, point_features, signal_feature_names
 
 MANIFEST = "manifest.json"
@@ -430,22 +431,6 @@ def _write_shard(out: Path, k: int, batch: Sequence[dict[str, Any]], results: Se
     atomic_write_bytes(out / f"{name}.npz", buf.getvalue())
     atomic_write_text(out / f"{name}.jsonl", "\n".join(lines) + "\n")
     return {"name": name, "events": len(label), "positives": int(sum(label))}
-
-
-@dataclass
-class CollectedData:
-    """All shards of a collect directory, flattened: one row per decision point."""
-
-    config: dict[str, Any]
-    hidden: np.ndarray
-    signals: np.ndarray
-    label: np.ndarray
-    confidence: np.ndarray
-    group: np.ndarray  # problem index per row (for grouped splits)
-    problems: list[dict[str, Any]]  # per problem: id, gold, full_correct, accounting, events
-
-    def features(self, use_hidden: bool = True) -> np.ndarray:
-        return np.hstack([self.hidden, self.signals]) if use_hidden else self.signals
 
 
 def load_collected(path: str | Path) -> CollectedData:

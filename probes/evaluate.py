@@ -27,7 +27,8 @@ from scipy.stats import binomtest
 
 from calibration.risks import HALTED_WRONG, PREMATURE
 from probes.bundle import Bundle, load_bundle
-from probes.collect import CollectedData, load_collected
+from probes.collect import load_collected
+from probes.data import CollectedData
 
 
 @dataclass

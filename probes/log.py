@@ -41,7 +41,7 @@ def _num(x: Any) -> float | None:
 
 
 def log_lines(data: Any) -> Iterator[dict[str, Any]]:
-    """A collection (`probes.collect.CollectedData`) as `overthink.log/1` objects: each decision point's forced
+    """A collection (`probes.data.CollectedData`) as `overthink.log/1` objects: each decision point's forced
     exit is its trial, with its answer, confidence, cost and the signal values at the point."""
     from probes.features import SIGNAL_FEATURES
 
@@ -143,7 +143,7 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
 
 
 def load_log_data(path: str | Path, kind: str = "auto") -> Any:
-    """An `overthink.log/1` file as a `probes.collect.CollectedData`, so `train`, `calibrate` and `evaluate` read
+    """An `overthink.log/1` file as a `probes.data.CollectedData`, so `train`, `calibrate` and `evaluate` read
     logs as they read collections (`--from-log FILE`). Features: the signal values the log carries (the union of
     the keys in its points' `signals`, in sorted order; a point without one has it missing) and the position
     features; no hidden states. A point without `correct` is graded from `gold` (answers of `kind`); trial answers
@@ -151,7 +151,7 @@ def load_log_data(path: str | Path, kind: str = "auto") -> Any:
     import numpy as np
 
     from monitor.answers import answer_key, check_answer
-    from probes.collect import CollectedData
+    from probes.data import CollectedData
     from probes.features import signal_feature_names, signal_vector
 
     p = Path(path)

@@ -15,7 +15,8 @@ import numpy as np
 
 from monitor.io import check_output
 from probes.bundle import Bundle, load_bundle, save_bundle
-from probes.collect import CollectedData, load_collected
+from probes.collect import load_collected
+from probes.data import CollectedData
 from probes.features import SIGNAL_FEATURES, signal_feature_names
 from probes.train import train_probe
 

@@ -23,7 +23,7 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from probes.collect import CollectedData
+from probes.data import CollectedData
 from probes.features import SIGNAL_FEATURES
 
 

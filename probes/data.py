@@ -1,0 +1,26 @@
+"""`CollectedData`: decision points with their features and labels, one row each, the form train, calibrate and
+evaluate read (from a collect directory, `probes.collect.load_collected`, or an `overthink.log/1` file,
+`probes.log.load_log_data`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class CollectedData:
+    """All shards of a collect directory, flattened: one row per decision point."""
+
+    config: dict[str, Any]
+    hidden: np.ndarray
+    signals: np.ndarray
+    label: np.ndarray
+    confidence: np.ndarray
+    group: np.ndarray  # problem index per row (for grouped splits)
+    problems: list[dict[str, Any]]  # per problem: id, gold, full_correct, accounting, events
+
+    def features(self, use_hidden: bool = True) -> np.ndarray:
+        return np.hstack([self.hidden, self.signals]) if use_hidden else self.signals
