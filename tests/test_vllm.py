@@ -112,7 +112,9 @@ def test_halt_after_lands_through_the_logits_processor_with_lag_counted(tiny, ll
         ph = mon._tok_phase
         assert mon.halted_at == 8 and mon.decision is not None
         lag = r.extra["lag_tokens"]
-        assert r.extra["halt_mode"] == "processor" and 0 <= lag <= 16
+        # the engine core runs ahead of the driver by as many steps as the machine's load allows (32 seen on a
+        # busy 2-core CI box); the processor holds the budget, so the exit cue lands by token 40 at the latest
+        assert r.extra["halt_mode"] == "processor" and 0 <= lag <= 40 - 8
         # reasoning = the 8 observed tokens + the tokens produced before the exit cue landed
         assert ph.count("reasoning") == 8 + lag
         forced = [t for t, p in zip(mon.token_ids, ph) if p == "forced"]
