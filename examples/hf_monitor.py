@@ -11,9 +11,9 @@ generation on a batch of two questions, and prints what each sequence did and wh
 import argparse
 
 from monitor import Monitor
+from monitor.backends.hf import HFMonitoredGenerator
 from monitor.cues import CueDetector
 from monitor.decision import HaltAfterPolicy
-from monitor.hf import HFMonitoredGenerator
 from monitor.models import decoder_layers, default_layers, load_model
 from monitor.signals import JSDInstability, LatentTrajectory, PathDeviation, Redundancy
 

@@ -9,9 +9,9 @@ taps); an engine you built yourself also works, halting by abort + resubmit and 
 (`hidden=False`). The `if __name__ == "__main__"` guard is required: vLLM starts its engine in a subprocess.
 """
 
+from monitor.config import MonitorConfig
 from monitor.decision import HaltAfterPolicy
 from monitor.models import load_model
-from monitor.run import RunConfig, monitor_factory
 
 
 def main() -> None:
@@ -21,12 +21,13 @@ def main() -> None:
     prompts = [lm.family.build_prompt(lm.tokenizer, q) for q in questions]
 
     # --- Overthink: a few lines --------------------------------------------------------------------
-    from monitor.vllm import VLLMMonitoredGenerator, export_for_vllm, make_llm
+    from monitor.backends.vllm import VLLMMonitoredGenerator
+    from monitor.backends.vllm_engine import export_for_vllm, make_llm
 
     llm = make_llm(export_for_vllm(lm), max_model_len=1024)
     layers = [7, 15, 29]  # decoder layers whose hidden states feed the latent-trajectory and redundancy signals
-    factory = monitor_factory(layers, RunConfig(block_tokens=32), lm.family.think_end,
-                              new_policy=lambda: HaltAfterPolicy(48))  # or probes.policy.ProbePolicy(bundle)
+    factory = MonitorConfig(block_tokens=32).monitor_factory(layers, lm.family.think_end,
+                                                         new_policy=lambda: HaltAfterPolicy(48))  # or probes.policy.ProbePolicy(bundle)
     gen = VLLMMonitoredGenerator(llm, lm.tokenizer, factory, layers=layers, exit_cue=lm.family.exit_cue)
     results = gen.generate(prompts, max_new_tokens=256)
     # -------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ once over the batch, on the model's device) --> each sequence's Monitor (cues, p
 Monitor --> Trace (JSON Lines) --> reports and benchmarks. A single sequence is a batch of one
 (`Monitor.observe(TokenStep)`).
 
-Where things live:
+Where things live (the core first, then what drives it, then the application):
 - events.py       StepBatch (what signals read), TokenStep (one sequence's token), Distribution
 - signals/        one file per signal family (path deviation, JSD instability, latent trajectory, redundancy),
                   batch-first over per-sequence state tensors (signals/slots.py)
@@ -15,18 +15,20 @@ Where things live:
 - decision.py     Decision and the halting policies
 - monitor.py      Monitor: one sequence's record (columnar values), cues and policy; signals fail open
 - trace.py        Trace record, schema validation, atomic JSON Lines IO (docs/trace-schema.md)
-- sequence.py     what both backends share: exit plan, answer phase, EOS ids, the sequence result
-- hf.py           Hugging Face transformers backend
-- models.py       model specs (named offline models, GGUF, directories, hub ids), devices and dtypes
+- io.py           one write discipline: atomic files, streamed JSON Lines, one-writer locks, output checks
+- config.py       MonitorConfig: what every Monitor is built from (signals, layers, cues, policy, recording)
+- errors.py       UsageError, ModelNotAvailable; which exceptions are the user's (exit 2) and which are bugs
+- backends/       sequence.py (what both backends share: exit plan, answer phase, EOS ids, the result),
+                  hf.py (transformers), vllm.py (the vLLM drivers), vllm_engine.py (the engine built for them),
+                  vllm_worker.py (inside vLLM's worker), detokenize.py (incremental detokenizer)
+- models/         load.py (model specs -> LoadedModel), placement.py (devices, dtypes), files.py (the offline
+                  models' files, fingerprints), tiny.py (tiny-random)
 - formats.py      reasoning formats (R1, Qwen3, QwQ, gpt-oss, plain): end marker, exit cue, prompt
 - bounds.py       context, prompt and memory bounds checked before a model loads
-- io.py           one write discipline: atomic files, streamed JSON Lines, one-writer locks, output checks
 - answers.py      answer extraction and checking (GSM8K numbers, MATH LaTeX, multiple choice)
-- run.py / bench.py / bench_monitor.py / cli.py / cli_args.py   the `overthink` command and the library calls
-                  behind it (bench_monitor.py: the monitor alone on synthetic steps)
-- errors.py       which exceptions are the user's (exit 2, one line) and which are bugs (exit 1, traceback)
-- report.py       diagnosis reports (HTML, terminal)
-- vllm.py / vllm_worker.py   vLLM backend (driver / engine side); detokenize.py incremental detokenizer
+- report/         diagnosis reports: data.py (plain data), panels.py (plotly), html.py, text.py, command.py
+- run.py / bench.py / bench_monitor.py / cli.py / cli_args.py   the application: the `overthink` command and the
+                  library calls behind it (bench_monitor.py: the monitor alone on synthetic steps)
 (`overthink serve` is the application package serve/, above this one: only cli.py imports it, to register the command.)
 """
 
@@ -38,8 +40,7 @@ from typing import Any
 _WHERE = {
     # models and the run
     "load_model": "monitor.models", "LoadedModel": "monitor.models",
-    "RunConfig": "monitor.run", "run_problems": "monitor.run", "default_signals": "monitor.run",
-    "monitor_factory": "monitor.run",
+    "RunConfig": "monitor.run", "run_problems": "monitor.run", "MonitorConfig": "monitor.config",
     # the core: one sequence's monitor, many sequences at once, what flows in and out
     "Monitor": "monitor.monitor", "MonitorBatch": "monitor.batch", "TokenStep": "monitor.events",
     "StepBatch": "monitor.events", "Decision": "monitor.decision", "DecisionContext": "monitor.decision",
@@ -48,8 +49,8 @@ _WHERE = {
     "ObservePolicy": "monitor.decision", "HaltAfterPolicy": "monitor.decision", "DeerPolicy": "monitor.decision",
     "CertaindexPolicy": "monitor.decision", "parse_policy": "monitor.decision",
     # the generators (backends)
-    "HFMonitoredGenerator": "monitor.hf", "VLLMMonitoredGenerator": "monitor.vllm",
-    "AsyncVLLMMonitoredGenerator": "monitor.vllm",
+    "HFMonitoredGenerator": "monitor.backends.hf", "VLLMMonitoredGenerator": "monitor.backends.vllm",
+    "AsyncVLLMMonitoredGenerator": "monitor.backends.vllm",
 }
 __all__ = sorted(_WHERE)
 

@@ -17,7 +17,7 @@ import torch
 
 from monitor.answers import load_problems
 from monitor.models import LoadedModel, decoder_layers, model_device
-from monitor.run import RunConfig, monitor_factory
+from monitor.run import RunConfig
 
 
 @dataclass
@@ -51,7 +51,7 @@ def three_layers(n: int) -> list[int]:
 @torch.no_grad()
 def bench_overhead(lm: LoadedModel, data_path: str | None = None, new_tokens: int = 64, batch_size: int = 1,
                    repeats: int = 3) -> OverheadResult:
-    from monitor.hf import HFMonitoredGenerator, prepare_tokenizer
+    from monitor.backends.hf import HFMonitoredGenerator, prepare_tokenizer
 
     if new_tokens < 1 or batch_size < 1 or repeats < 1:
         raise ValueError("--new-tokens, --batch-size and --repeats must be positive integers")
@@ -63,7 +63,7 @@ def bench_overhead(lm: LoadedModel, data_path: str | None = None, new_tokens: in
     tok = prepare_tokenizer(lm.tokenizer)
     layers = three_layers(len(decoder_layers(lm.model)))
     cfg = RunConfig(max_new_tokens=new_tokens)
-    factory = monitor_factory(layers, cfg, lm.family.think_end)
+    factory = cfg.monitor_factory(layers, lm.family.think_end)
     greedy: dict[str, Any] = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     dev = model_device(lm.model)  # the plain run's inputs go where the monitored run puts them
     enc = {k: v.to(dev) for k, v in tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).items()}
@@ -126,8 +126,9 @@ def bench_vllm(lm: LoadedModel, requests: int = 16, new_tokens: int = 128, repea
     engine serves all three (built by `make_llm` with eager mode, which the hidden-state tap needs)."""
     from vllm import SamplingParams
 
+    from monitor.backends.vllm import VLLMMonitoredGenerator
+    from monitor.backends.vllm_engine import export_for_vllm, make_llm, shutdown_llm
     from monitor.signals import JSDInstability, PathDeviation
-    from monitor.vllm import VLLMMonitoredGenerator, export_for_vllm, make_llm, shutdown_llm
 
     if requests < 1 or new_tokens < 1 or repeats < 1:
         raise ValueError("--requests, --new-tokens and --repeats must be positive integers")
@@ -151,7 +152,7 @@ def bench_vllm(lm: LoadedModel, requests: int = 16, new_tokens: int = 128, repea
 
         def monitored(hidden: bool) -> float:
             if hidden:
-                factory = monitor_factory(layers, cfg, lm.family.think_end)
+                factory = cfg.monitor_factory(layers, lm.family.think_end)
             else:
                 def factory() -> Any:
                     from monitor.monitor import Monitor

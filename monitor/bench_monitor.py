@@ -59,11 +59,11 @@ def _monitors(b: int, layers: list[int], record: str) -> Any:
     from monitor.batch import MonitorBatch
     from monitor.cues import CueDetector
     from monitor.monitor import Monitor
-    from monitor.run import RunConfig, default_signals
+    from monitor.run import RunConfig
     from monitor.vocab import TokenTable
 
     cfg = RunConfig(record=record)
-    return MonitorBatch.create(lambda: Monitor(signals=default_signals(layers, cfg),
+    return MonitorBatch.create(lambda: Monitor(signals=cfg.default_signals(layers),
                                                cues=CueDetector(think_end="</think>"), record=record), b,
                                table=TokenTable(VOCAB))
 

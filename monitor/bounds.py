@@ -71,9 +71,9 @@ def _gguf_limits(path: Path) -> ModelLimits:
 def peek_limits(spec: str) -> ModelLimits | None:
     """The limits of the model `spec` names, read without loading it; None when they cannot be read cheaply
     (a hub id not in the cache yet: the checks then run after loading, from the loaded config)."""
-    from monitor import models as M
+    from monitor.models import files as M
 
-    key = M._ALIASES.get(spec.strip().lower(), spec.strip().lower())  # noqa: SLF001 (same package)
+    key = M.ALIASES.get(spec.strip().lower(), spec.strip().lower())
     try:
         if key == "tiny-random":
             return ModelLimits(context=4096, layers=4, kv_heads=2, head_dim=64)

@@ -27,7 +27,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from monitor.cli_args import (
-    UsageError,
     add_model_args,
     add_task_args,
     add_vllm_engine_args,
@@ -40,6 +39,7 @@ from monitor.cli_args import (
     seed_arg,
     temperature_arg,
 )
+from monitor.errors import UsageError
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
@@ -202,8 +202,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                            min(cfg.batch_size, len(problems)), memory=args.backend != "vllm")
     if not args.trace:
         return _run_and_print(args, load_from_args(args, weights=args.backend != "vllm"), cfg, problems, None)
+    from monitor.config import is_bundle_spec
     from monitor.io import LineSink, check_output
-    from monitor.run import is_bundle_spec
     from monitor.trace import check_trace_file
 
     check_output(args.trace, "--trace", inputs={"--data": args.data, "--messages": args.messages,
@@ -407,8 +407,8 @@ def _bench_monitor(args: argparse.Namespace) -> int:
 
 
 def _bench_vllm(args: argparse.Namespace, lm: Any) -> int:
+    from monitor.backends.vllm_engine import require_vllm
     from monitor.bench import bench_vllm
-    from monitor.vllm import require_vllm
 
     require_vllm()
     with err_console.status("benchmarking plain vs monitored vLLM ..."):

@@ -12,10 +12,6 @@ from rich.console import Console
 err_console = Console(stderr=True)
 
 
-class UsageError(Exception):
-    """Bad usage or input: printed as one line, exit code 2."""
-
-
 def _number_arg(text: str, kind: Any, ok: Any, what: str) -> Any:
     """Parse a flag value with `kind` and check it with `ok`; argparse turns the error into exit code 2."""
     try:

@@ -26,7 +26,7 @@ import numbers
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from monitor.cues import DecisionPoint
 
@@ -122,12 +122,18 @@ class Policy(Protocol):
     def decide(self, ctx: DecisionContext) -> Decision: ...
 
 
+def describe_point(kind: str | None, label: str, n: Any) -> str:
+    """A decision point in words: "the 6th 'wait'", "the end of step 3", "the reasoning end marker '</think>'"
+    (what decisions give as their reason, and what reports show)."""
+    if kind == "cue":
+        return f"the {_ordinal(n)} '{label}'" if isinstance(n, int) and n > 0 else f"the cue '{label}'"
+    if kind == "step_end":
+        return f"the end of step {n}" if isinstance(n, int) and n > 0 else "a step end"
+    return f"the reasoning end marker {label!r}"
+
+
 def _point_words(point: DecisionPoint) -> str:
-    if point.kind == "cue":
-        return f"the {_ordinal(point.ordinal)} '{point.label}'"
-    if point.kind == "step_end":
-        return f"the end of step {point.ordinal}"
-    return f"the reasoning end marker {point.label!r}"
+    return describe_point(point.kind, point.label, point.ordinal)
 
 
 def _ordinal(n: int) -> str:

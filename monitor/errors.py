@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 
+class UsageError(Exception):
+    """Bad usage or input: printed as one line, exit code 2."""
+
+
+class ModelNotAvailable(RuntimeError):
+    """The model a spec names cannot be loaded here (wheel not installed, not in the local cache, ...).
+
+    The message says how to fix it (the exact install command where there is one)."""
+
+
 def is_user_error(e: BaseException) -> bool:
     """Usage errors, missing files or models and permission problems are the user's to fix; so is a ValueError
     that OUR code raised (format and validation errors: TraceFormatError, DataFormatError and the configs' checks
     subclass it or raise it with a message that names the fix). A ValueError raised inside a library (numpy,
     torch, transformers, ...) is a bug of ours: it reached the library through our code, so it is not reported
     as the user's fault (exit 1, "unexpected error")."""
-    from monitor.cli_args import UsageError
-
-    try:
-        from monitor.models import ModelNotAvailable
-    except ImportError:  # pragma: no cover
-        ModelNotAvailable = ()  # type: ignore[assignment]
     if isinstance(e, (UsageError, FileNotFoundError, PermissionError, IsADirectoryError, ModelNotAvailable)):
         return True
     return isinstance(e, ValueError) and _raised_by_us(e)

@@ -9,37 +9,27 @@ answer, and returns `Trace` records. The batch summary is `monitor.report.batch_
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from monitor.answers import check_answer, extract_answer, normalize_kind
-from monitor.cues import DEFAULT_CUE_WORDS, CueDetector
-from monitor.decision import parse_policy
+from monitor.config import MonitorConfig, is_bundle_spec
 from monitor.formats import FREE_KINDS
 from monitor.models import LoadedModel, decoder_layers, default_layers
-from monitor.monitor import RECORD_LEVELS, Monitor
-from monitor.signals import JSDInstability, LatentTrajectory, PathDeviation, Redundancy
+from monitor.monitor import Monitor
 from monitor.trace import Trace
 
 log = logging.getLogger("overthink.run")
 
 
 @dataclass
-class RunConfig:
-    """Settings of a monitored run (all have CLI flags)."""
+class RunConfig(MonitorConfig):
+    """Settings of a monitored run (all have CLI flags): the monitor's (`MonitorConfig`) plus the run's own."""
 
-    policy: str = "observe"
-    halt_after: int | None = None
     max_new_tokens: int = 512
     answer_max_tokens: int | None = None  # None: 48 for boxed answers, 256 for code/text (free answers)
-    layers: list[int] | None = None  # decoder layers to hook; None = LYNX default (~L/4, L/2, 3L/4, last)
-    block_tokens: int = 64  # latent-trajectory block size (paper: 500; short traces need smaller)
-    embedder: str = "hidden"  # redundancy embedder: "hidden" (monitored model) or "minilm"
-    min_step_tokens: int = 8
-    cue_words: tuple[str, ...] = DEFAULT_CUE_WORDS
     batch_size: int = 4
     seed: int = 0
     do_sample: bool = False
@@ -49,9 +39,6 @@ class RunConfig:
     exit_cue: str | None = None  # text forced at a halt; None: the reasoning format's cue for the answer kind
     device: str = "auto"  # where the model was loaded (load_model); recorded in the trace
     dtype: str = "auto"  # weights' dtype (load_model; vLLM's --dtype)
-    signals: bool = True  # False: no signals at all (policy and cues only)
-    record: str = "default"  # trace recording level: default (the report's series, rounded) | full (every key) |
-    # points (values at decision points only) | none (no signal values)
     backend: str = "hf"  # "hf" (transformers) | "vllm"
     vllm_hidden: bool = True  # vLLM: tap hidden states (latent trajectory, hidden redundancy, probes)
     vllm_logprobs: int | str = 20  # vLLM: top-k log-probabilities per token, or "full"
@@ -62,7 +49,7 @@ class RunConfig:
     enforce_eager: bool | None = None  # vLLM: None = eager only when the hidden-state tap needs it
 
     def validate(self) -> None:
-        for name in ("max_new_tokens", "block_tokens", "batch_size", "min_step_tokens", "tensor_parallel_size"):
+        for name in ("max_new_tokens", "batch_size", "tensor_parallel_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
@@ -70,10 +57,6 @@ class RunConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
-        if self.record not in RECORD_LEVELS:
-            raise ValueError(f"--record must be one of {', '.join(RECORD_LEVELS)}, got {self.record!r}")
-        if self.embedder not in ("hidden", "minilm"):
-            raise ValueError(f"--embedder must be 'hidden' or 'minilm', got {self.embedder!r}")
         self.answer_kind = normalize_kind(self.answer_kind)
         if self.exit_cue is not None and not self.exit_cue:
             raise ValueError("--exit-cue is empty; give the text to force at a halt, e.g. '\\n</think>\\n\\n'")
@@ -85,8 +68,7 @@ class RunConfig:
         u = self.gpu_memory_utilization
         if u is not None and not (isinstance(u, (int, float)) and 0.0 < u <= 1.0):
             raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {u!r}")
-        if not is_bundle_spec(self.policy):
-            parse_policy(self.policy, self.halt_after, known_keys=self.signal_keys())  # readable ValueError
+        super().validate()
         if self.backend not in ("hf", "vllm"):
             raise ValueError(f"--backend must be 'hf' or 'vllm', got {self.backend!r}")
         if self.backend == "vllm":
@@ -99,12 +81,6 @@ class RunConfig:
                 raise ValueError("the hidden-state tap needs eager mode (forward hooks do not run inside CUDA "
                                  "graphs): drop --no-enforce-eager, or add --no-hidden for logprob signals only")
 
-    def signal_keys(self) -> list[str] | None:
-        """The "family.key" names the run's signals emit (what a threshold policy may name)."""
-        from monitor.signals.catalog import known_signal_keys
-
-        return known_signal_keys() if self.signals else []
-
     def answer_budget(self, kind: str) -> int:
         """Answer tokens allowed after the exit cue for an answer of `kind`."""
         if self.answer_max_tokens is not None:
@@ -116,37 +92,17 @@ BOXED_ANSWER_TOKENS = 48
 FREE_ANSWER_TOKENS = 256
 
 
-def default_signals(layers: Sequence[int], cfg: RunConfig) -> list[Any]:
-    """The four signal families with the run's settings (a fresh set per sequence)."""
-    if not cfg.signals:
-        return []
-    if cfg.embedder == "minilm":
-        from monitor.signals import MiniLMEmbedder
-
-        embedder: Any = MiniLMEmbedder()
-    else:
-        embedder = None  # mean-pooled hidden states of the monitored model
-    return [
-        PathDeviation(),
-        JSDInstability(),
-        LatentTrajectory(layers=list(layers), block_tokens=cfg.block_tokens),
-        # the report's step similarity panel (each step's top-8 most similar earlier steps) needs every step
-        # embedding kept for the whole trace (800 x d float32 for 32k tokens): only at --record full
-        Redundancy(embedder=embedder, min_step_tokens=cfg.min_step_tokens,
-                   similarity_matrix="sparse" if cfg.record == "full" else "none"),
-    ]
 
 
-def is_bundle_spec(policy: str | None) -> bool:
-    """`--policy` names a probe bundle file (rather than observe / deer / threshold:...)."""
-    return bool(policy) and (os.path.isfile(policy) or policy.endswith((".joblib", ".bundle")))
 
 
-def load_probe_policy(policy: str, lm: LoadedModel, cfg: RunConfig) -> Any:
-    """Load a calibrated bundle for this model and align the run's settings with what it was trained on."""
+def load_probe_policy(policy: str, lm: LoadedModel, cfg: RunConfig) -> tuple[Any, RunConfig]:
+    """Load a calibrated bundle for this model: its policy, and a copy of `cfg` aligned with what the bundle was
+    trained on (layers, block size, cue words, embedder, exit cue and answer budget; `cfg` is left as it is)."""
     from probes.bundle import load_bundle
     from probes.policy import policy_for
 
+    cfg = replace(cfg)
     if cfg.halt_after is not None:
         raise ValueError("--halt-after is a policy of its own; do not combine it with a probe bundle")
     bundle = load_bundle(policy, expect_fingerprint=lm.fingerprint, model_name=lm.name)
@@ -160,7 +116,7 @@ def load_probe_policy(policy: str, lm: LoadedModel, cfg: RunConfig) -> Any:
     _align_exit(cfg, bc, policy)
     _check_signal_keys(bundle.signal_keys, lm, cfg, policy)
     task = problem_task(lm, cfg)  # a cascade's trial is the forced exit its labels were: this cue, this budget
-    return policy_for(bundle, task.exit_cue, task.answer_max_tokens)
+    return policy_for(bundle, task.exit_cue, task.answer_max_tokens), cfg
 
 
 def _check_signal_keys(keys: Sequence[str], lm: LoadedModel, cfg: RunConfig, policy: str) -> None:
@@ -168,7 +124,7 @@ def _check_signal_keys(keys: Sequence[str], lm: LoadedModel, cfg: RunConfig, pol
     from a log with its own signals): otherwise they would be missing at every decision point, and the policy
     would halt on features it was never trained with."""
     layers = resolve_layers(lm, cfg.layers)
-    made = {f"{s.name}.{k}" for s in default_signals(layers, cfg) for k in getattr(s, "KEYS", {})}
+    made = {f"{s.name}.{k}" for s in cfg.default_signals(layers) for k in getattr(s, "KEYS", {})}
     absent = [k for k in keys if k not in made]
     if absent:
         raise ValueError(f"the probe bundle {policy} reads signal values this run does not compute: "
@@ -196,17 +152,6 @@ def _align_exit(cfg: RunConfig, bc: dict[str, Any], policy: str) -> None:
                     "stated for that budget", cfg.max_new_tokens, reasoning)
 
 
-def monitor_factory(layers: Sequence[int], cfg: RunConfig, think_end: str | None,
-                    new_policy: Callable[[], Any] | None = None) -> Callable[[], Monitor]:
-    """One fresh Monitor per sequence; its policy from `new_policy()` or else from `cfg.policy`."""
-    def make() -> Monitor:
-        return Monitor(
-            signals=default_signals(layers, cfg),
-            policy=new_policy() if new_policy is not None else parse_policy(cfg.policy, cfg.halt_after),
-            cues=CueDetector(cfg.cue_words, min_step_tokens=cfg.min_step_tokens, think_end=think_end),
-            record=cfg.record,
-        )
-    return make
 
 
 def resolve_layers(lm: LoadedModel, layers: Sequence[int] | None) -> list[int]:
@@ -269,7 +214,8 @@ def make_generator(lm: LoadedModel, cfg: RunConfig, layers: Sequence[int],
     """The backend's monitored generator: HF transformers, or vLLM (an engine is built unless `llm` is given)."""
     task = task or problem_task(lm, cfg)
     if cfg.backend == "vllm":
-        from monitor.vllm import AsyncRunner, BlockingAsyncGenerator, VLLMMonitoredGenerator
+        from monitor.backends.vllm import BlockingAsyncGenerator, VLLMMonitoredGenerator
+        from monitor.backends.vllm_engine import AsyncRunner
 
         kw = dict(layers=layers, exit_cue=task.exit_cue, answer_max_tokens=task.answer_max_tokens,
                   hidden=cfg.vllm_hidden, force=cfg.vllm_force, logprobs=cfg.vllm_logprobs)
@@ -278,13 +224,13 @@ def make_generator(lm: LoadedModel, cfg: RunConfig, layers: Sequence[int],
                 llm = build_vllm_engine(lm, cfg, runner=True)
             if not isinstance(llm, AsyncRunner):
                 raise ValueError(f"--policy {cfg.policy} decodes trial answers as side requests, which need vLLM's "
-                                 "AsyncLLM: pass an engine built by monitor.vllm.make_async_runner (or let "
+                                 "AsyncLLM: pass an engine built by monitor.backends.vllm_engine.make_async_runner (or let "
                                  "run_problems build one)")
             return BlockingAsyncGenerator(llm, lm.tokenizer, factory, **kw)
         if llm is None:
             llm = build_vllm_engine(lm, cfg)
         return VLLMMonitoredGenerator(llm, lm.tokenizer, factory, **kw)
-    from monitor.hf import HFMonitoredGenerator
+    from monitor.backends.hf import HFMonitoredGenerator
 
     return HFMonitoredGenerator(lm.model, lm.tokenizer, factory, layers=layers, exit_cue=task.exit_cue,
                                 answer_max_tokens=task.answer_max_tokens)
@@ -305,7 +251,7 @@ def needs_trials(policy: str) -> bool:
 def build_vllm_engine(lm: LoadedModel, cfg: RunConfig, runner: bool = False) -> Any:
     """A vLLM engine for `lm` with the run's engine options (tensor parallelism, memory, length, dtype): the
     offline `LLM`, or with `runner` an `AsyncLLM` behind an `AsyncRunner` (side requests for trials)."""
-    from monitor.vllm import export_for_vllm, make_async_runner, make_llm
+    from monitor.backends.vllm_engine import export_for_vllm, make_async_runner, make_llm
 
     make = make_async_runner if runner else make_llm
     return make(export_for_vllm(lm), **vllm_engine_kwargs(lm, cfg))
@@ -348,16 +294,16 @@ def run_problems(
     one Trace each.
 
     `backend` ("hf" or "vllm") overrides `cfg.backend`; under vLLM `llm` may be an engine built with
-    `monitor.vllm.make_llm` (one is built and shut down here otherwise) and `cfg.batch_size` requests run
+    `monitor.backends.vllm_engine.make_llm` (one is built and shut down here otherwise) and `cfg.batch_size` requests run
     concurrently. Problems of different answer kinds in one batch are generated in sub-batches, one per exit
     cue."""
-    cfg = cfg or RunConfig()
-    if backend is not None:
-        cfg.backend = backend
+    cfg = replace(cfg or RunConfig(), **({"backend": backend} if backend is not None else {}))
     cfg.validate()
-    policy = load_probe_policy(cfg.policy, lm, cfg) if is_bundle_spec(cfg.policy) else None
+    policy = None
+    if is_bundle_spec(cfg.policy):
+        policy, cfg = load_probe_policy(cfg.policy, lm, cfg)
     layers = resolve_layers(lm, cfg.layers)
-    factory = monitor_factory(layers, cfg, lm.family.think_end, (lambda: policy) if policy is not None else None)
+    factory = cfg.monitor_factory(layers, lm.family.think_end, (lambda: policy) if policy is not None else None)
     planned = plan_problems(lm, cfg, problems)  # each problem's task and prompt, checked against the context
     gens: dict[Task, Any] = {}
     engine = llm
@@ -390,7 +336,7 @@ def run_problems(
         for g in gens.values():
             g.close()
         if cfg.backend == "vllm" and llm is None and engine is not None:
-            from monitor.vllm import shutdown_llm
+            from monitor.backends.vllm_engine import shutdown_llm
 
             shutdown_llm(engine)
     return traces

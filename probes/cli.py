@@ -276,7 +276,7 @@ def _budgets(text: str | None) -> list[int] | None:
     except ValueError:
         out = []
     if not out or any(b < 1 for b in out):
-        from monitor.cli_args import UsageError
+        from monitor.errors import UsageError
 
         raise UsageError(f"--budgets must be positive token counts, comma-separated (e.g. 128,192), or 'none'; "
                          f"got {text!r}")

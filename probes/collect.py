@@ -36,7 +36,6 @@ from monitor.run import (
     RunConfig,
     build_prompt,
     grade,
-    monitor_factory,
     problem_kind,
     problem_task,
     resolve_layers,
@@ -297,7 +296,7 @@ def collect(lm: LoadedModel, problems: Sequence[dict[str, Any]], out_dir: str | 
     `cfg.backend` "vllm": the rollouts run on vLLM's AsyncLLM (`cfg.batch_size` problems in flight) and each forced
     exit is a side request over the prefix cache; the hidden states come from the worker's tap, the signals see
     `cfg.vllm_logprobs` (set it to "full" for the HF collector's features)."""
-    from monitor.hf import HFMonitoredGenerator
+    from monitor.backends.hf import HFMonitoredGenerator
 
     cfg = cfg or RunConfig()
     cfg.validate()
@@ -339,11 +338,11 @@ def collect(lm: LoadedModel, problems: Sequence[dict[str, Any]], out_dir: str | 
         labelers.append(lab)
         return lab
 
-    factory = monitor_factory(layers, cfg, lm.family.think_end, new_labeler)
+    factory = cfg.monitor_factory(layers, lm.family.think_end, new_labeler)
     runner = None
     if cfg.backend == "vllm":
+        from monitor.backends.vllm import BlockingAsyncGenerator
         from monitor.run import build_vllm_engine
-        from monitor.vllm import BlockingAsyncGenerator
 
         if not cfg.vllm_hidden:
             raise ValueError("collect needs the hidden states at each decision point: drop --no-hidden")

@@ -6,7 +6,7 @@ set -euo pipefail
 OUT=${1:-out/bench-serve}
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 VLLM_LOGGING_LEVEL=WARNING
-D=$(python -c "from monitor.models import load_model; from monitor.vllm import export_for_vllm; print(export_for_vllm(load_model('tiny-random')))")
+D=$(python -c "from monitor.models import load_model; from monitor.backends.vllm_engine import export_for_vllm; print(export_for_vllm(load_model('tiny-random')))")
 python -m vllm.entrypoints.openai.api_server --model "$D" --served-model-name tiny --port 8311 --dtype float32 \
   --max-model-len 512 --max-logprobs 20 --enable-prefix-caching > "$OUT/plain.log" 2>&1 &
 P1=$!

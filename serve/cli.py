@@ -7,13 +7,13 @@ import logging
 from typing import Any
 
 from monitor.cli_args import (
-    UsageError,
     add_model_args,
     add_vllm_engine_args,
     err_console,
     load_from_args,
     positive_int,
 )
+from monitor.errors import UsageError
 
 log = logging.getLogger("overthink.serve")
 
@@ -62,7 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError("--upstream proxies a server that already runs the model; --backend vllm runs it in this "
                          "process: give one of them")
     if args.backend == "vllm":
-        from monitor.vllm import require_vllm
+        from monitor.backends.vllm_engine import require_vllm
 
         try:
             require_vllm()
@@ -85,7 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(str(e) + (" (proxy mode has the logprob families only: path_deviation, jsd_instability; "
                                    "hidden-state signals and probes need the in-process mode, without --upstream)"
                                    if args.upstream else "")) from None
-    from monitor.run import is_bundle_spec
+    from monitor.config import is_bundle_spec
 
     if is_bundle_spec(args.policy) and args.upstream:
         raise UsageError("a probe bundle needs the full distributions and hidden states of the in-process mode; "
@@ -130,24 +130,27 @@ def _upstream_model(url: str) -> str:
                          "--upstream, or name the model with --upstream-model") from None
 
 
-def _bundles(policy: str, lm: Any, cfg: Any) -> dict[str, Any]:
+def _bundles(policy: str, lm: Any, cfg: Any) -> tuple[dict[str, Any], Any]:
     """{name: ProbePolicy} for a bundle given as --policy (its file name without the extension; requests name it
-    in overthink.policy), after checking it was made for this model; {} for other policies."""
+    in overthink.policy), after checking it was made for this model, and the settings aligned with the bundle
+    (layers, cue words, exit cue); ({}, cfg) for other policies."""
     from pathlib import Path
 
-    from monitor.run import is_bundle_spec, load_probe_policy
+    from monitor.config import is_bundle_spec
+    from monitor.run import load_probe_policy
 
     if not is_bundle_spec(policy):
-        return {}
+        return {}, cfg
     try:
-        return {Path(policy).stem: load_probe_policy(policy, lm, cfg)}
+        probe, cfg = load_probe_policy(policy, lm, cfg)
+        return {Path(policy).stem: probe}, cfg
     except (ValueError, OSError) as e:
         raise UsageError(f"--policy {policy}: {e}") from None
 
 
 def _vllm_engine(lm: Any, cfg: Any, sink: Any) -> Any:
+    from monitor.backends.vllm_engine import export_for_vllm
     from monitor.run import resolve_layers, vllm_engine_kwargs
-    from monitor.vllm import export_for_vllm
     from serve.vllm_engine import VLLMServeEngine
 
     with err_console.status("starting the vLLM engine ..."):
@@ -173,11 +176,11 @@ def _serve(args: argparse.Namespace, cfg: Any, sink: Any) -> int:
         known = proxy_keys()
     elif args.backend == "vllm":
         lm = load_from_args(args, weights=False)  # vLLM loads the weights (a directory); others are exported
-        bundles = _bundles(args.policy, lm, cfg)
+        bundles, cfg = _bundles(args.policy, lm, cfg)
         engine = _vllm_engine(lm, cfg, sink)
     else:
         lm = load_from_args(args)
-        bundles = _bundles(args.policy, lm, cfg)  # aligns cfg (layers, cue words, exit cue) with the bundle
+        bundles, cfg = _bundles(args.policy, lm, cfg)  # cfg aligned (layers, cue words, exit cue) with the bundle
         engine = HFServeEngine(lm, cfg, max_batch=args.max_batch, trace_sink=sink)
     name = args.served_model_name or args.model
     default = next(iter(bundles)) if bundles else args.policy

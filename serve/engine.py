@@ -20,10 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from monitor.backends.sequence import SequenceResult
 from monitor.decision import Policy
 from monitor.models import LoadedModel
-from monitor.run import RunConfig, Task, grade, monitor_factory, resolve_layers, sampling_used
-from monitor.sequence import SequenceResult
+from monitor.run import RunConfig, Task, grade, resolve_layers, sampling_used
 from monitor.trace import Trace, trace_line
 
 log = logging.getLogger("overthink.serve")
@@ -197,7 +197,7 @@ class HFServeEngine:
     def _generator(self, task: Task) -> Any:
         gen = self._gens.get(task)
         if gen is None:
-            from monitor.hf import HFMonitoredGenerator
+            from monitor.backends.hf import HFMonitoredGenerator
 
             gen = self._gens[task] = HFMonitoredGenerator(self.lm.model, self.lm.tokenizer, lambda: None,
                                                           layers=self.layers, exit_cue=task.exit_cue,
@@ -208,8 +208,7 @@ class HFServeEngine:
         first = batch[0]
         gen = self._generator(first.task)
         policies = iter([j.policy() for j in batch])
-        gen.monitor_factory = monitor_factory(self.layers, self.cfg, self.lm.family.think_end,
-                                              lambda: next(policies))
+        gen.monitor_factory = self.cfg.monitor_factory(self.layers, self.lm.family.think_end, lambda: next(policies))
         gen.cancelled = set()
         for i, j in enumerate(batch):
             j._gen, j._row = gen, i

@@ -29,12 +29,18 @@ from typing import Any
 
 import httpx
 
+from monitor.backends.sequence import (
+    SequenceResult,
+    TrialScore,
+    advance_answer,
+    exit_brace_depth,
+    topk_entropy,
+)
 from monitor.cues import CueDetector
 from monitor.decision import TRIAL, TrialOutcome, TrialRequest
 from monitor.models import LoadedModel
 from monitor.monitor import Monitor
 from monitor.run import RunConfig
-from monitor.sequence import SequenceResult, TrialScore, advance_answer, exit_brace_depth, topk_entropy
 from monitor.signals import JSDInstability, PathDeviation
 from monitor.vocab import TokenTable
 from serve.engine import Job, JobResult, build_trace

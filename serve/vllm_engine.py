@@ -8,7 +8,7 @@ while it runs, and every request in flight shares the engine, so vLLM batches th
 text goes back to its request as the engine produces it (`Job.piece`); a request whose client went away, or whose
 text reached one of its `stop` strings, is aborted in the engine at its next output. A halt forces the exit cue
 with Overthink's logits processor in the same KV cache, or by abort + resubmit where the engine cannot (see
-`monitor.vllm`). When a request ends its trace is appended to the trace log, whole lines.
+`monitor.backends.vllm`). When a request ends its trace is appended to the trace log, whole lines.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import math
 from typing import Any
 
 from monitor.models import LoadedModel
-from monitor.run import RunConfig, Task, monitor_factory
+from monitor.run import RunConfig, Task
 from monitor.vocab import TokenTable
 from serve.engine import Job, JobResult, build_trace, logprob_entry
 
@@ -30,7 +30,7 @@ log = logging.getLogger("overthink.serve")
 class VLLMServeEngine:
     """Monitored requests on one shared `AsyncLLM` (see the module docstring).
 
-    `engine_kwargs` go to `monitor.vllm.make_async_llm` (`monitor.run.vllm_engine_kwargs` makes them from a
+    `engine_kwargs` go to `monitor.backends.vllm_engine.make_async_llm` (`monitor.run.vllm_engine_kwargs` makes them from a
     RunConfig); `hidden=False` taps no hidden states (logprob signals only; CUDA graphs stay on)."""
 
     def __init__(self, lm: LoadedModel, cfg: RunConfig, model_dir: str, layers: list[int], trace_sink: Any = None,
@@ -44,7 +44,7 @@ class VLLMServeEngine:
         self._closing = False
         self._gens: dict[Task, Any] = {}
         self._tasks: set[asyncio.Task] = set()
-        from monitor.vllm import make_async_llm
+        from monitor.backends.vllm_engine import make_async_llm
 
         self.engine = make_async_llm(model_dir, hidden=self.hidden, **engine_kwargs)
         import torch
@@ -95,7 +95,7 @@ class VLLMServeEngine:
     async def _generator(self, task: Task) -> Any:
         gen = self._gens.get(task)
         if gen is None:
-            from monitor.vllm import AsyncVLLMMonitoredGenerator
+            from monitor.backends.vllm import AsyncVLLMMonitoredGenerator
 
             gen = self._gens[task] = await AsyncVLLMMonitoredGenerator.create(
                 self.engine, self.lm.tokenizer, lambda: None, layers=self.layers, exit_cue=task.exit_cue,
@@ -127,7 +127,7 @@ class VLLMServeEngine:
 
     async def _generate(self, job: Job) -> JobResult:
         gen = await self._generator(job.task)
-        mon = monitor_factory(self.layers, self.cfg, self.lm.family.think_end, job.policy)()
+        mon = self.cfg.monitor_factory(self.layers, self.lm.family.think_end, job.policy)()
 
         def stop() -> str | None:
             if job.cancelled:

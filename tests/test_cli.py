@@ -105,7 +105,7 @@ def test_bench_overhead_runs_and_reports_a_ratio(capsys):
 
 def test_error_text_with_brackets_is_printed_verbatim(capsys, monkeypatch):
     import monitor.cli as cli
-    from monitor.cli_args import UsageError
+    from monitor.errors import UsageError
 
     def boom(args):
         raise UsageError('install the extra: pip install "overthink[embed]"')

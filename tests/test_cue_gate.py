@@ -76,10 +76,10 @@ def _run_batch(table, ids: np.ndarray, policy: Callable[[], object], seed: int =
     from monitor.batch import MonitorBatch
     from monitor.events import StepBatch
     from monitor.monitor import Monitor
-    from monitor.run import RunConfig, default_signals
+    from monitor.run import RunConfig
 
     cfg = RunConfig()
-    mb = MonitorBatch.create(lambda: Monitor(signals=default_signals([0, 1], cfg), policy=policy(),
+    mb = MonitorBatch.create(lambda: Monitor(signals=cfg.default_signals([0, 1]), policy=policy(),
                                              cues=CueDetector(min_step_tokens=3)), ids.shape[0], table=table)
     g = torch.Generator().manual_seed(seed)
     decisions = []
@@ -124,7 +124,7 @@ def test_monitors_attached_and_detached_while_others_run_get_what_they_get_alone
     from monitor.decision import parse_policy
     from monitor.events import StepBatch
     from monitor.monitor import Monitor
-    from monitor.run import RunConfig, default_signals
+    from monitor.run import RunConfig
     from monitor.vocab import TokenTable
 
     rng = np.random.default_rng(3)
@@ -136,7 +136,7 @@ def test_monitors_attached_and_detached_while_others_run_get_what_they_get_alone
     hidden = [torch.tensor(rng.normal(size=(e - s, 8)), dtype=torch.float32) for s, e in spans]
 
     def monitor() -> Monitor:
-        return Monitor(signals=default_signals([0], RunConfig()), policy=parse_policy("threshold:jsd_instability.jsd>=0.5"),
+        return Monitor(signals=RunConfig().default_signals([0]), policy=parse_policy("threshold:jsd_instability.jsd>=0.5"),
                        cues=CueDetector(min_step_tokens=3))
 
     def trace(m: Monitor) -> dict:

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from monitor.detokenize import IncrementalDetokenizer
+from monitor.backends.detokenize import IncrementalDetokenizer
 from monitor.models import load_model
 
 TEXT = ("Let me think. Wait — 12 × 7 = 84 ✓. 日本語のテキスト 😀 émigré\n\n**So** the answer is $\\boxed{84}$. " * 3)

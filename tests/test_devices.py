@@ -15,11 +15,12 @@ import pytest
 import torch
 
 from monitor import models as M
+from monitor.backends.hf import HFMonitoredGenerator
 from monitor.cli import main
 from monitor.decision import DeerPolicy
-from monitor.hf import HFMonitoredGenerator
 from monitor.models import load_model, resolve_device, resolve_placement, tiny_tokenizer
-from monitor.run import RunConfig, monitor_factory, run_problems
+from monitor.models.files import dir_fingerprint
+from monitor.run import RunConfig, run_problems
 from monitor.trace import read_traces
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -116,7 +117,7 @@ def test_cli_runs_a_local_directory_with_device_and_dtype_auto(qwen2_dir, tmp_pa
 def test_weights_false_builds_the_architecture_without_memory(qwen2_dir):
     lm = load_model(str(qwen2_dir), weights=False)
     assert next(lm.model.parameters()).device.type == "meta"
-    assert lm.n_layers == 4 and lm.fingerprint == M.dir_fingerprint(qwen2_dir)
+    assert lm.n_layers == 4 and lm.fingerprint == dir_fingerprint(qwen2_dir)
 
 
 def test_model_split_across_devices_by_accelerate_generates_with_hooks_trials_and_exits(qwen2_dir, tmp_path):
@@ -135,7 +136,7 @@ def test_model_split_across_devices_by_accelerate_generates_with_hooks_trials_an
     outs = []
     for model in (whole.model, split):
         cfg = RunConfig(max_new_tokens=16, answer_max_tokens=4, min_step_tokens=2)
-        factory = monitor_factory([0, 1, 2, 3], cfg, "</think>", lambda: DeerPolicy(0.0 + 1e-9, max_trial_tokens=3,
+        factory = cfg.monitor_factory([0, 1, 2, 3], "</think>", lambda: DeerPolicy(0.0 + 1e-9, max_trial_tokens=3,
                                                                                     kinds=("cue", "step_end")))
         gen = HFMonitoredGenerator(model, whole.tokenizer, factory, layers=[0, 1, 2, 3],
                                    exit_cue=whole.family.exit_cue, answer_max_tokens=4)
@@ -180,7 +181,7 @@ def test_hub_id_loads_from_the_local_cache_offline(qwen2_dir, tmp_path, monkeypa
     monkeypatch.setattr(C, "HF_HUB_CACHE", str(cache))
     lm = load_model("someorg/qwen2-random", device="cpu")
     assert lm.name == "someorg/qwen2-random" and lm.info["path"] == str(snap)
-    assert lm.fingerprint == M.dir_fingerprint(qwen2_dir)
+    assert lm.fingerprint == dir_fingerprint(qwen2_dir)
 
 
 def test_missing_hub_id_offline_says_exactly_what_to_do(tmp_path, monkeypatch):
@@ -232,7 +233,7 @@ def test_cuda_model_split_over_gpu_and_cpu_matches_the_whole_model(qwen2_dir):
     res = []
     for model in (whole.model, split):
         cfg = RunConfig(max_new_tokens=12, answer_max_tokens=3, min_step_tokens=2)
-        factory = monitor_factory([0, 3], cfg, "</think>", lambda: DeerPolicy(1e-9, max_trial_tokens=3,
+        factory = cfg.monitor_factory([0, 3], "</think>", lambda: DeerPolicy(1e-9, max_trial_tokens=3,
                                                                               kinds=("cue", "step_end")))
         gen = HFMonitoredGenerator(model, whole.tokenizer, factory, layers=[0, 3], exit_cue=whole.family.exit_cue,
                                    answer_max_tokens=3)
@@ -248,7 +249,7 @@ def test_vllm_engine_options_pass_through_to_the_engine(monkeypatch, qwen2_dir):
     """--tensor-parallel-size, --gpu-memory-utilization, --max-model-len, --dtype and --enforce-eager reach
     `make_llm` (and from there `vllm.LLM`) unchanged; the hidden tap keeps eager mode, --no-hidden leaves it to vLLM."""
     from monitor import run as R
-    from monitor import vllm as V
+    from monitor.backends import vllm_engine as V
 
     seen: list[dict] = []
     monkeypatch.setattr(V, "make_llm", lambda model_dir, **kw: seen.append({"dir": model_dir, **kw}) or "engine")

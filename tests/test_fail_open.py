@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 from factories import Recorder
 
+from monitor.backends.hf import HFMonitoredGenerator
+from monitor.backends.sequence import SequenceResult
 from monitor.decision import (
     CONTINUE,
     HALT,
@@ -28,10 +30,8 @@ from monitor.decision import (
     TrialRequest,
 )
 from monitor.events import TokenStep
-from monitor.hf import HFMonitoredGenerator
 from monitor.models import tiny_model_and_tokenizer
 from monitor.monitor import Monitor
-from monitor.sequence import SequenceResult
 from monitor.trace import Trace, read_traces, trace_line, write_traces
 
 PROMPTS = [

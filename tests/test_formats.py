@@ -11,9 +11,9 @@ import pytest
 import torch
 from tokenizers import AddedToken
 
+from monitor.backends.hf import HFMonitoredGenerator
 from monitor.cues import CueDetector
 from monitor.formats import FORMATS, R1_ASSISTANT, detect_format, get_format, validate_messages
-from monitor.hf import HFMonitoredGenerator
 from monitor.models import tiny_model_and_tokenizer, tiny_tokenizer
 from monitor.monitor import Monitor
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from factories import Recorder
 
+from monitor.backends.hf import HFMonitoredGenerator
 from monitor.decision import CONTINUE, TRIAL, Decision, HaltAfterPolicy, ObservePolicy, TrialRequest
-from monitor.hf import HFMonitoredGenerator
 from monitor.models import tiny_model_and_tokenizer
 from monitor.monitor import Monitor
 

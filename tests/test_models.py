@@ -11,11 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from monitor import models as M
 from monitor.errors import is_user_error
+from monitor.formats import FORMATS
 from monitor.models import (
-    PLAIN_EXIT_CUE,
-    THINK_EXIT_CUE,
     LoadedModel,
     ModelNotAvailable,
     decoder_layers,
@@ -24,6 +22,10 @@ from monitor.models import (
     reasoning_format,
     tiny_model_and_tokenizer,
 )
+from monitor.models import files as M
+
+THINK_EXIT_CUE = FORMATS["think"].exit_cue
+PLAIN_EXIT_CUE = FORMATS["plain"].exit_cue
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

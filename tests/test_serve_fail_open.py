@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import uvicorn
 
-import serve.engine
+from monitor.config import MonitorConfig
 from monitor.decision import CONTINUE, Decision
 from monitor.io import LineSink
 from monitor.models import load_model
@@ -63,17 +63,17 @@ class BrokenPolicy:
 @pytest.fixture(scope="module")
 def faulty_server(tmp_path_factory):
     mp = pytest.MonkeyPatch()
-    real = serve.engine.monitor_factory
+    real = MonitorConfig.monitor_factory
 
-    def factory(layers, cfg, think_end, new_policy=None):
-        make = real(layers, cfg, think_end, lambda: BrokenPolicy())
+    def factory(cfg, layers, think_end, new_policy=None):
+        make = real(cfg, layers, think_end, lambda: BrokenPolicy())
 
         def build():
             m = make()
             return Monitor(signals=[*m.signals, Broken()], policy=m.policy, cues=m.cues, record=m.record)
         return build
 
-    mp.setattr(serve.engine, "monitor_factory", factory)
+    mp.setattr(MonitorConfig, "monitor_factory", factory)
     log = tmp_path_factory.mktemp("failopen") / "t.jsonl"
     sink = LineSink(str(log), append=True, flag="--trace-log", live=True)
     sink.open()

@@ -32,8 +32,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationW
 @pytest.fixture(scope="module")
 def vllm_server(tmp_path_factory):
     pytest.importorskip("vllm")
+    from monitor.backends.vllm_engine import export_for_vllm
     from monitor.models import load_model
-    from monitor.vllm import export_for_vllm
 
     lm = load_model(MODEL)
     model_dir = export_for_vllm(lm, cache_dir=tmp_path_factory.mktemp("vllm"))

@@ -29,7 +29,7 @@ def long_trace():
     rng = np.random.default_rng(0)
     topics = rng.normal(size=(40, 16))
     noise = rng.normal(size=(N_TOKENS, 16))
-    # as monitor.run.default_signals should build it (sparse top-K similarities, K = 8)
+    # as MonitorConfig.default_signals should build it (sparse top-K similarities, K = 8)
     m = Monitor(signals=[Redundancy(min_step_tokens=8, similarity_matrix="sparse")])
     for i in range(N_TOKENS):
         k, j = divmod(i, STEP_TOKENS)
@@ -76,11 +76,11 @@ def test_report_of_the_32k_token_trace_is_bounded(trace_file, tmp_path):
 def test_32k_token_trace_with_every_default_signal_is_at_most_4_mb(tmp_path):
     """The default signal set (all four families, as `overthink run` builds them) at the default recording level:
     the report's series, rounded to 4 significant digits, plus sparse step similarities."""
-    from monitor.run import RunConfig, default_signals
+    from monitor.run import RunConfig
 
     rng = np.random.default_rng(1)
     topics = rng.normal(size=(40, 16))
-    m = Monitor(signals=default_signals([11], RunConfig()))
+    m = Monitor(signals=RunConfig().default_signals([11]))
     ids = np.arange(20)
     for i in range(N_TOKENS):
         k, j = divmod(i, STEP_TOKENS)
@@ -97,17 +97,17 @@ def test_32k_token_trace_with_every_default_signal_is_at_most_4_mb(tmp_path):
     (back,) = read_traces(path)
     assert set(back.signals) == {"path_deviation", "jsd_instability", "latent_trajectory", "redundancy"}
     assert len(back.signals["jsd_instability"]["instability"]) == N_TOKENS
-    full = Monitor(signals=default_signals([11], RunConfig()), record="full")
+    full = Monitor(signals=RunConfig().default_signals([11]), record="full")
     assert full.record == "full"  # every key, exact values: opt-in
 
 
 @pytest.mark.parametrize("record", ["points", "none"])
 def test_points_and_none_recording_levels(record, tmp_path):
     """points: signal values only at decision points (no per-token series); none: no signal values at all."""
-    from monitor.run import RunConfig, default_signals
+    from monitor.run import RunConfig
 
     rng = np.random.default_rng(2)
-    m = Monitor(signals=default_signals([11], RunConfig()), record=record)
+    m = Monitor(signals=RunConfig().default_signals([11]), record=record)
     for i in range(400):
         text = ".\n\n" if i % 32 == 31 else " w"
         m.observe(TokenStep(i, 3, text, logprobs=dict(enumerate((rng.normal(size=8)).tolist())),

@@ -6,11 +6,11 @@ import math
 
 import pytest
 
+from monitor.backends.sequence import TrialScore, topk_entropy
 from monitor.cues import CueDetector, DecisionPoint
 from monitor.decision import CertaindexPolicy, DecisionContext, TrialOutcome, parse_policy
 from monitor.events import TokenStep
 from monitor.monitor import Monitor
-from monitor.sequence import TrialScore, topk_entropy
 from monitor.trace import check_trace_file, trace_line
 
 STEP = DecisionPoint(index=40, kind="step_end", label="step", ordinal=2)

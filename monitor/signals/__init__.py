@@ -19,7 +19,7 @@ from monitor.signals.latent_trajectory import LatentTrajectory
 from monitor.signals.path_deviation import PathDeviation
 from monitor.signals.redundancy import HiddenStateEmbedder, MiniLMEmbedder, Redundancy
 
-# the default signal set, in order (`monitor.run.default_signals` builds these; the probe's feature columns follow
+# the default signal set, in order (`MonitorConfig.default_signals` in monitor/config.py builds these; the probe's feature columns follow
 # each family's declared `PROBE` keys in this order)
 DEFAULT_FAMILIES = (PathDeviation, JSDInstability, LatentTrajectory, Redundancy)
 

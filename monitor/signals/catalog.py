@@ -22,7 +22,7 @@ from monitor.signals.latent_trajectory import LatentTrajectory
 from monitor.signals.path_deviation import PathDeviation
 from monitor.signals.redundancy import Redundancy
 
-#: The families `overthink run` computes, in the order of `monitor.run.default_signals`.
+#: The families `overthink run` computes, in the order of `monitor.config.MonitorConfig.default_signals`.
 DEFAULT_FAMILIES: tuple[type, ...] = (PathDeviation, JSDInstability, LatentTrajectory, Redundancy)
 
 #: Suffix marking a family whose keys are not declared: any "family.<anything>" is accepted.

@@ -35,13 +35,8 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from monitor.batch import MonitorBatch
-from monitor.decision import TRIAL, TrialOutcome, TrialRequest
-from monitor.detokenize import IncrementalDetokenizer
-from monitor.events import StepBatch
-from monitor.models import decoder_layers, model_device
-from monitor.monitor import Monitor
-from monitor.sequence import (
+from monitor.backends.detokenize import IncrementalDetokenizer
+from monitor.backends.sequence import (
     ExitPlan,
     SequenceResult,
     TrialScore,
@@ -49,6 +44,11 @@ from monitor.sequence import (
     after_reasoning_token,
     eos_ids,
 )
+from monitor.batch import MonitorBatch
+from monitor.decision import TRIAL, TrialOutcome, TrialRequest
+from monitor.events import StepBatch
+from monitor.models import decoder_layers, model_device
+from monitor.monitor import Monitor
 from monitor.vocab import TokenTable
 
 log = logging.getLogger("overthink.hf")
@@ -177,7 +177,11 @@ class HFMonitoredGenerator:
     Example:
         >>> from monitor.models import load_model          # doctest: +SKIP
         >>> lm = load_model("smollm2")                     # doctest: +SKIP
-        >>> gen = HFMonitoredGenerator(lm.model, lm.tokenizer, monitor_factory=default_monitor_factory(...))
+        >>> from monitor.config import MonitorConfig        # doctest: +SKIP
+        >>> layers = [3, 7, 11]                            # doctest: +SKIP
+        >>> factory = MonitorConfig(policy="deer").monitor_factory(layers, lm.family.think_end)  # doctest: +SKIP
+        >>> gen = HFMonitoredGenerator(lm.model, lm.tokenizer, factory, layers=layers,
+        ...                            exit_cue=lm.family.exit_cue)            # doctest: +SKIP
         >>> [r.output_text for r in gen.generate(["..."], max_new_tokens=256)]   # doctest: +SKIP
     """
 

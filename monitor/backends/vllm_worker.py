@@ -5,7 +5,7 @@ things of ours live there, and this module is loaded by vLLM by name, never impo
 hot path:
 
 - `ForceTokensProcessor`: a V1 batch-level logits processor (loaded as
-  "monitor.vllm_worker:ForceTokensProcessor"). For requests that carry `extra_args={"overthink_key": K}`
+  "monitor.backends.vllm_worker:ForceTokensProcessor"). For requests that carry `extra_args={"overthink_key": K}`
   it forces a token sequence (the exit cue) once the driver registered one for K; other rows are left
   untouched. It sees each request's live output list (vLLM passes a reference), so it starts forcing at
   the first token sampled after registration, however late the registration landed. A request may also carry
