@@ -14,9 +14,10 @@ several. `overthink diagnose TRACES.jsonl --out report.html` renders the same re
 import argparse
 from pathlib import Path
 
+from monitor.config import RunConfig
 from monitor.models import load_model
 from monitor.report import render_report, render_text
-from monitor.run import RunConfig, run_problems
+from monitor.run import run_problems
 from monitor.trace import write_traces
 
 QUESTIONS = [

@@ -16,7 +16,9 @@ Where things live (the core first, then what drives it, then the application):
 - monitor.py      Monitor: one sequence's record (columnar values), cues and policy; signals fail open
 - trace.py        Trace record, schema validation, atomic JSON Lines IO (docs/trace-schema.md)
 - io.py           one write discipline: atomic files, streamed JSON Lines, one-writer locks, output checks
-- config.py       MonitorConfig: what every Monitor is built from (signals, layers, cues, policy, recording)
+- config.py       MonitorConfig: what every Monitor is built from (signals, layers, cues, policy, recording);
+                  RunConfig: that plus a run's own settings (budgets, sampling, batching, engine flags)
+- tasks.py        what one problem asks: answer kind, exit cue, answer budget, prompt, grade
 - errors.py       UsageError, ModelNotAvailable; which exceptions are the user's (exit 2) and which are bugs
 - backends/       sequence.py (what both backends share: exit plan, answer phase, EOS ids, the result),
                   hf.py (transformers), vllm.py (the vLLM drivers), vllm_engine.py (the engine built for them),
@@ -40,7 +42,7 @@ from typing import Any
 _WHERE = {
     # models and the run
     "load_model": "monitor.models", "LoadedModel": "monitor.models",
-    "RunConfig": "monitor.run", "run_problems": "monitor.run", "MonitorConfig": "monitor.config",
+    "RunConfig": "monitor.config", "run_problems": "monitor.run", "MonitorConfig": "monitor.config",
     # the core: one sequence's monitor, many sequences at once, what flows in and out
     "Monitor": "monitor.monitor", "MonitorBatch": "monitor.batch", "TokenStep": "monitor.events",
     "StepBatch": "monitor.events", "Decision": "monitor.decision", "DecisionContext": "monitor.decision",

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from monitor.answers import load_problems
+from monitor.config import RunConfig
 from monitor.models import LoadedModel, decoder_layers, model_device
-from monitor.run import RunConfig
 
 
 @dataclass

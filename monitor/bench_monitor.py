@@ -57,9 +57,9 @@ def _distributions(logprobs: int | str, vocab: int, n: int, rng: np.random.Gener
 def _monitors(b: int, layers: list[int], record: str) -> Any:
     """A MonitorBatch of `b` sequences with the default signal set, as `overthink run` builds it."""
     from monitor.batch import MonitorBatch
+    from monitor.config import RunConfig
     from monitor.cues import CueDetector
     from monitor.monitor import Monitor
-    from monitor.run import RunConfig
     from monitor.vocab import TokenTable
 
     cfg = RunConfig(record=record)

@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from monitor.run import RunConfig, problem_kind
+    from monitor.config import RunConfig
+    from monitor.tasks import problem_kind
 
     if args.limit and not args.data:
         raise UsageError("--limit only applies to --data")

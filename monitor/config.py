@@ -2,8 +2,9 @@
 policy spec and how much of the record a trace keeps).
 
 `overthink run`, `collect`, `serve` and `bench` all build their monitors from one of these (`monitor_factory`);
-the run's settings (`monitor.run.RunConfig`) are a MonitorConfig plus what only a run needs (budgets, sampling,
-batching, the backend's engine flags). A config is a value: nothing here changes one after it is built.
+the run's settings (`RunConfig`, below) are a MonitorConfig plus what only a run needs (budgets, sampling,
+batching, the backend's engine flags). A config is a value: nothing here changes one after it is built
+(`validate` only normalises spellings, such as the answer kind).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from monitor.answers import normalize_kind
 from monitor.cues import DEFAULT_CUE_WORDS, CueDetector
 from monitor.decision import parse_policy
+from monitor.formats import FREE_KINDS
 from monitor.monitor import RECORD_LEVELS, Monitor
 
 
@@ -93,3 +96,73 @@ class MonitorConfig:
                 record=self.record,
             )
         return make
+
+
+@dataclass
+class RunConfig(MonitorConfig):
+    """Settings of a monitored run (all have CLI flags): the monitor's (`MonitorConfig`) plus the run's own."""
+
+    max_new_tokens: int = 512
+    answer_max_tokens: int | None = None  # None: 48 for boxed answers, 256 for code/text (free answers)
+    batch_size: int = 4
+    seed: int = 0
+    do_sample: bool = False
+    temperature: float | None = None
+    answer_kind: str = "auto"  # number | math | choice | code | text | auto; a problem's own answer_kind wins
+    system: str | None = None  # system message added to every prompt
+    exit_cue: str | None = None  # text forced at a halt; None: the reasoning format's cue for the answer kind
+    device: str = "auto"  # where the model was loaded (load_model); recorded in the trace
+    dtype: str = "auto"  # weights' dtype (load_model; vLLM's --dtype)
+    backend: str = "hf"  # "hf" (transformers) | "vllm"
+    vllm_hidden: bool = True  # vLLM: tap hidden states (latent trajectory, hidden redundancy, probes)
+    vllm_logprobs: int | str = 20  # vLLM: top-k log-probabilities per token, or "full"
+    vllm_force: str = "auto"  # vLLM: how a halt forces the exit cue: auto | processor | resubmit
+    tensor_parallel_size: int = 1  # vLLM: GPUs to shard the model over
+    gpu_memory_utilization: float | None = None  # vLLM: fraction of GPU memory for the engine (vLLM's default)
+    max_model_len: int | None = None  # vLLM: context length (default: the model's, capped at 32768; 4096 on CPU)
+    enforce_eager: bool | None = None  # vLLM: None = eager only when the hidden-state tap needs it
+
+    def validate(self) -> None:
+        for name in ("max_new_tokens", "batch_size", "tensor_parallel_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        for name in ("answer_max_tokens", "max_model_len"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        self.answer_kind = normalize_kind(self.answer_kind)
+        if self.exit_cue is not None and not self.exit_cue:
+            raise ValueError("--exit-cue is empty; give the text to force at a halt, e.g. '\\n</think>\\n\\n'")
+        t = self.temperature
+        if t is not None and not (isinstance(t, (int, float)) and 0 < t < float("inf")):
+            raise ValueError(f"temperature must be a finite number > 0, got {t!r} (greedy decoding: do_sample=False)")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an integer in 0..{2**32 - 1}, got {self.seed!r}")
+        u = self.gpu_memory_utilization
+        if u is not None and not (isinstance(u, (int, float)) and 0.0 < u <= 1.0):
+            raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {u!r}")
+        super().validate()
+        if self.backend not in ("hf", "vllm"):
+            raise ValueError(f"--backend must be 'hf' or 'vllm', got {self.backend!r}")
+        if self.backend == "vllm":
+            if self.vllm_force not in ("auto", "processor", "resubmit"):
+                raise ValueError(f"--force must be auto, processor or resubmit, got {self.vllm_force!r}")
+            lp = self.vllm_logprobs
+            if lp != "full" and (not isinstance(lp, int) or lp < 1):
+                raise ValueError(f"--logprobs must be a positive integer or 'full', got {lp!r}")
+            if self.vllm_hidden and self.enforce_eager is False:
+                raise ValueError("the hidden-state tap needs eager mode (forward hooks do not run inside CUDA "
+                                 "graphs): drop --no-enforce-eager, or add --no-hidden for logprob signals only")
+
+    def answer_budget(self, kind: str) -> int:
+        """Answer tokens allowed after the exit cue for an answer of `kind`."""
+        if self.answer_max_tokens is not None:
+            return self.answer_max_tokens
+        return FREE_ANSWER_TOKENS if kind in FREE_KINDS else BOXED_ANSWER_TOKENS
+
+
+BOXED_ANSWER_TOKENS = 48
+
+
+FREE_ANSWER_TOKENS = 256

@@ -14,86 +14,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from monitor.answers import check_answer, extract_answer, normalize_kind
-from monitor.config import MonitorConfig, is_bundle_spec
-from monitor.formats import FREE_KINDS
-from monitor.models import LoadedModel, decoder_layers, default_layers
+from monitor.backends.vllm_engine import build_vllm_engine
+from monitor.config import RunConfig, is_bundle_spec
+from monitor.models import LoadedModel, resolve_layers
 from monitor.monitor import Monitor
+from monitor.tasks import Task, build_prompt, grade, problem_task
 from monitor.trace import Trace
 
 log = logging.getLogger("overthink.run")
-
-
-@dataclass
-class RunConfig(MonitorConfig):
-    """Settings of a monitored run (all have CLI flags): the monitor's (`MonitorConfig`) plus the run's own."""
-
-    max_new_tokens: int = 512
-    answer_max_tokens: int | None = None  # None: 48 for boxed answers, 256 for code/text (free answers)
-    batch_size: int = 4
-    seed: int = 0
-    do_sample: bool = False
-    temperature: float | None = None
-    answer_kind: str = "auto"  # number | math | choice | code | text | auto; a problem's own answer_kind wins
-    system: str | None = None  # system message added to every prompt
-    exit_cue: str | None = None  # text forced at a halt; None: the reasoning format's cue for the answer kind
-    device: str = "auto"  # where the model was loaded (load_model); recorded in the trace
-    dtype: str = "auto"  # weights' dtype (load_model; vLLM's --dtype)
-    backend: str = "hf"  # "hf" (transformers) | "vllm"
-    vllm_hidden: bool = True  # vLLM: tap hidden states (latent trajectory, hidden redundancy, probes)
-    vllm_logprobs: int | str = 20  # vLLM: top-k log-probabilities per token, or "full"
-    vllm_force: str = "auto"  # vLLM: how a halt forces the exit cue: auto | processor | resubmit
-    tensor_parallel_size: int = 1  # vLLM: GPUs to shard the model over
-    gpu_memory_utilization: float | None = None  # vLLM: fraction of GPU memory for the engine (vLLM's default)
-    max_model_len: int | None = None  # vLLM: context length (default: the model's, capped at 32768; 4096 on CPU)
-    enforce_eager: bool | None = None  # vLLM: None = eager only when the hidden-state tap needs it
-
-    def validate(self) -> None:
-        for name in ("max_new_tokens", "batch_size", "tensor_parallel_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
-        for name in ("answer_max_tokens", "max_model_len"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
-        self.answer_kind = normalize_kind(self.answer_kind)
-        if self.exit_cue is not None and not self.exit_cue:
-            raise ValueError("--exit-cue is empty; give the text to force at a halt, e.g. '\\n</think>\\n\\n'")
-        t = self.temperature
-        if t is not None and not (isinstance(t, (int, float)) and 0 < t < float("inf")):
-            raise ValueError(f"temperature must be a finite number > 0, got {t!r} (greedy decoding: do_sample=False)")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed must be an integer in 0..{2**32 - 1}, got {self.seed!r}")
-        u = self.gpu_memory_utilization
-        if u is not None and not (isinstance(u, (int, float)) and 0.0 < u <= 1.0):
-            raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {u!r}")
-        super().validate()
-        if self.backend not in ("hf", "vllm"):
-            raise ValueError(f"--backend must be 'hf' or 'vllm', got {self.backend!r}")
-        if self.backend == "vllm":
-            if self.vllm_force not in ("auto", "processor", "resubmit"):
-                raise ValueError(f"--force must be auto, processor or resubmit, got {self.vllm_force!r}")
-            lp = self.vllm_logprobs
-            if lp != "full" and (not isinstance(lp, int) or lp < 1):
-                raise ValueError(f"--logprobs must be a positive integer or 'full', got {lp!r}")
-            if self.vllm_hidden and self.enforce_eager is False:
-                raise ValueError("the hidden-state tap needs eager mode (forward hooks do not run inside CUDA "
-                                 "graphs): drop --no-enforce-eager, or add --no-hidden for logprob signals only")
-
-    def answer_budget(self, kind: str) -> int:
-        """Answer tokens allowed after the exit cue for an answer of `kind`."""
-        if self.answer_max_tokens is not None:
-            return self.answer_max_tokens
-        return FREE_ANSWER_TOKENS if kind in FREE_KINDS else BOXED_ANSWER_TOKENS
-
-
-BOXED_ANSWER_TOKENS = 48
-FREE_ANSWER_TOKENS = 256
-
-
-
-
 
 
 def load_probe_policy(policy: str, lm: LoadedModel, cfg: RunConfig) -> tuple[Any, RunConfig]:
@@ -152,61 +80,12 @@ def _align_exit(cfg: RunConfig, bc: dict[str, Any], policy: str) -> None:
                     "stated for that budget", cfg.max_new_tokens, reasoning)
 
 
-
-
-def resolve_layers(lm: LoadedModel, layers: Sequence[int] | None) -> list[int]:
-    n = len(decoder_layers(lm.model))
-    if not layers:
-        return default_layers(n)
-    out = []
-    for i in layers:
-        if not -n <= i < n:
-            raise ValueError(f"--layers: index {i} is out of range; this model has {n} decoder layers (0..{n - 1})")
-        out.append(i % n)
-    return sorted(set(out))
-
-
-def grade(result: Any, gold: Any, kind: str = "auto") -> tuple[str | None, bool | None]:
-    """The final answer of a generated sequence (after reasoning, else anywhere) and its correctness
-    (None without a gold answer)."""
-    answer = extract_answer(result.answer_text, kind) or extract_answer(result.output_text, kind)
-    return answer, None if gold is None else check_answer(answer, str(gold), kind)
-
-
 @dataclass
 class Progress:
     """Callbacks the CLI uses to drive a progress bar; a library user may ignore them."""
 
     on_batch: Callable[[int], None] = field(default=lambda n: None)
     on_traces: Callable[[list[Trace]], None] = field(default=lambda ts: None)  # each batch's traces, as they finish
-
-
-@dataclass(frozen=True)
-class Task:
-    """What one problem asks for: its answer kind, the exit cue forced at a halt and the answer budget."""
-
-    kind: str
-    exit_cue: str
-    answer_max_tokens: int
-
-
-def problem_kind(default_kind: str, problem: dict[str, Any] | None = None) -> str:
-    """A problem's answer kind: its own `answer_kind`, else the run's."""
-    return normalize_kind((problem or {}).get("answer_kind") or default_kind)
-
-
-def problem_task(lm: LoadedModel, cfg: RunConfig, problem: dict[str, Any] | None = None) -> Task:
-    """A problem's answer kind, exit cue and answer budget."""
-    kind = problem_kind(cfg.answer_kind, problem)
-    cue = cfg.exit_cue if cfg.exit_cue is not None else lm.family.exit_cue_for(kind)
-    return Task(kind, cue, cfg.answer_budget(kind))
-
-
-def build_prompt(lm: LoadedModel, cfg: RunConfig, problem: dict[str, Any], kind: str | None = None) -> str:
-    """The rendered prompt of one problem: its chat `messages` if it has them, else its question (with the
-    reasoning instruction its answer kind needs), and the run's system message."""
-    return lm.family.build_prompt(lm.tokenizer, problem.get("question"), messages=problem.get("messages"),
-                                  system=cfg.system, kind=kind or problem_kind(cfg.answer_kind, problem))
 
 
 def make_generator(lm: LoadedModel, cfg: RunConfig, layers: Sequence[int],
@@ -246,40 +125,6 @@ def needs_trials(policy: str) -> bool:
         except ValueError:  # not a bundle after all: the policy loader says so
             return False
     return policy.split(":")[0] in ("deer", "certaindex")
-
-
-def build_vllm_engine(lm: LoadedModel, cfg: RunConfig, runner: bool = False) -> Any:
-    """A vLLM engine for `lm` with the run's engine options (tensor parallelism, memory, length, dtype): the
-    offline `LLM`, or with `runner` an `AsyncLLM` behind an `AsyncRunner` (side requests for trials)."""
-    from monitor.backends.vllm_engine import export_for_vllm, make_async_runner, make_llm
-
-    make = make_async_runner if runner else make_llm
-    return make(export_for_vllm(lm), **vllm_engine_kwargs(lm, cfg))
-
-
-def vllm_engine_kwargs(lm: LoadedModel, cfg: RunConfig) -> dict[str, Any]:
-    """The keyword arguments of `make_llm` / `make_async_llm` from a run's settings (`overthink run`, `collect`,
-    `serve --backend vllm`): the hidden-state tap, seed, top-k log-probabilities, context, dtype, and vLLM's own
-    engine options where the user gave them."""
-    lp = -1 if cfg.vllm_logprobs == "full" else max(20, int(cfg.vllm_logprobs))
-    extra: dict[str, Any] = {"tensor_parallel_size": cfg.tensor_parallel_size}
-    if cfg.gpu_memory_utilization is not None:
-        extra["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-    if cfg.enforce_eager is not None:
-        extra["enforce_eager"] = cfg.enforce_eager
-    return dict(hidden=cfg.vllm_hidden, seed=cfg.seed, max_logprobs=lp,
-                max_model_len=cfg.max_model_len or default_model_len(lm), dtype=cfg.dtype, **extra)
-
-
-def default_model_len(lm: LoadedModel) -> int:
-    """The model's context, capped: 32768 on a GPU, 4096 on a CPU (vLLM's CPU KV cache is 1 GiB here)."""
-    import torch
-
-    return min(_max_positions(lm), 32768 if torch.cuda.is_available() else 4096)
-
-
-def _max_positions(lm: LoadedModel) -> int:
-    return int(getattr(lm.model.config, "max_position_embeddings", 4096) or 4096)
 
 
 def run_problems(

@@ -29,17 +29,11 @@ from typing import Any
 import numpy as np
 
 from monitor.answers import check_answer, extract_answer
+from monitor.config import RunConfig
 from monitor.decision import CONTINUE, TRIAL, Decision, DecisionContext, TrialOutcome, TrialRequest
 from monitor.io import atomic_write_bytes, atomic_write_text
-from monitor.models import LoadedModel
-from monitor.run import (
-    RunConfig,
-    build_prompt,
-    grade,
-    problem_kind,
-    problem_task,
-    resolve_layers,
-)
+from monitor.models import LoadedModel, resolve_layers
+from monitor.tasks import build_prompt, grade, problem_kind, problem_task
 from monitor.trace import generated_tokens
 from probes.data import CollectedData
 from probes.features import POINT_KINDS_FOR_PROBE, point_features, signal_feature_names
@@ -342,7 +336,7 @@ def collect(lm: LoadedModel, problems: Sequence[dict[str, Any]], out_dir: str | 
     runner = None
     if cfg.backend == "vllm":
         from monitor.backends.vllm import BlockingAsyncGenerator
-        from monitor.run import build_vllm_engine
+        from monitor.backends.vllm_engine import build_vllm_engine
 
         if not cfg.vllm_hidden:
             raise ValueError("collect needs the hidden states at each decision point: drop --no-hidden")

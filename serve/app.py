@@ -32,8 +32,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from monitor.answers import normalize_kind
 from monitor.bounds import check_budget, limits_of
+from monitor.config import RunConfig
 from monitor.decision import parse_policy
-from monitor.run import RunConfig, Task
+from monitor.tasks import Task
 from monitor.trace import generated_tokens
 from serve.engine import HFServeEngine, Job, JobResult
 from serve.protocol import ChatRequest, CompletionRequest

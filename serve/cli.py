@@ -56,7 +56,7 @@ def add_serve_command(sub: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from monitor.run import RunConfig
+    from monitor.config import RunConfig
 
     if args.upstream and args.backend == "vllm":
         raise UsageError("--upstream proxies a server that already runs the model; --backend vllm runs it in this "
@@ -149,8 +149,8 @@ def _bundles(policy: str, lm: Any, cfg: Any) -> tuple[dict[str, Any], Any]:
 
 
 def _vllm_engine(lm: Any, cfg: Any, sink: Any) -> Any:
-    from monitor.backends.vllm_engine import export_for_vllm
-    from monitor.run import resolve_layers, vllm_engine_kwargs
+    from monitor.backends.vllm_engine import export_for_vllm, vllm_engine_kwargs
+    from monitor.models import resolve_layers
     from serve.vllm_engine import VLLMServeEngine
 
     with err_console.status("starting the vLLM engine ..."):

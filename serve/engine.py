@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from monitor.backends.sequence import SequenceResult
+from monitor.config import RunConfig
 from monitor.decision import Policy
-from monitor.models import LoadedModel
-from monitor.run import RunConfig, Task, grade, resolve_layers, sampling_used
+from monitor.models import LoadedModel, resolve_layers
+from monitor.run import sampling_used
+from monitor.tasks import Task, grade
 from monitor.trace import Trace, trace_line
 
 log = logging.getLogger("overthink.serve")

@@ -36,11 +36,11 @@ from monitor.backends.sequence import (
     exit_brace_depth,
     topk_entropy,
 )
+from monitor.config import RunConfig
 from monitor.cues import CueDetector
 from monitor.decision import TRIAL, TrialOutcome, TrialRequest
 from monitor.models import LoadedModel
 from monitor.monitor import Monitor
-from monitor.run import RunConfig
 from monitor.signals import JSDInstability, PathDeviation
 from monitor.vocab import TokenTable
 from serve.engine import Job, JobResult, build_trace

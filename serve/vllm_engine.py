@@ -19,8 +19,9 @@ import logging
 import math
 from typing import Any
 
+from monitor.config import RunConfig
 from monitor.models import LoadedModel
-from monitor.run import RunConfig, Task
+from monitor.tasks import Task
 from monitor.vocab import TokenTable
 from serve.engine import Job, JobResult, build_trace, logprob_entry
 
@@ -30,7 +31,7 @@ log = logging.getLogger("overthink.serve")
 class VLLMServeEngine:
     """Monitored requests on one shared `AsyncLLM` (see the module docstring).
 
-    `engine_kwargs` go to `monitor.backends.vllm_engine.make_async_llm` (`monitor.run.vllm_engine_kwargs` makes them from a
+    `engine_kwargs` go to `monitor.backends.vllm_engine.make_async_llm` (`monitor.backends.vllm_engine.vllm_engine_kwargs` makes them from a
     RunConfig); `hidden=False` taps no hidden states (logprob signals only; CUDA graphs stay on)."""
 
     def __init__(self, lm: LoadedModel, cfg: RunConfig, model_dir: str, layers: list[int], trace_sink: Any = None,

@@ -600,7 +600,7 @@ def test_real_model_outputs_extract_and_grade_as_a_careful_reader_does(row):
 
 
 def test_real_outputs_grade_like_the_run_does():
-    # monitor.run.grade: the answer after reasoning, else anywhere in the output
+    # monitor.tasks.grade: the answer after reasoning, else anywhere in the output
     for r in _real_outputs():
         answer = extract_answer(r["answer_text"], r["kind"]) or extract_answer(r["output_text"], r["kind"])
         assert answer == r["expected_answer"], (r["model"], r["id"])

@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from monitor.run import RunConfig, run_problems
+from monitor.config import RunConfig
+from monitor.run import run_problems
 from probes.bundle import load_bundle
 from probes.collect import collect, load_collected
 from probes.features import signal_feature_names, trial_vector

@@ -74,9 +74,9 @@ def _run_batch(table, ids: np.ndarray, policy: Callable[[], object], seed: int =
     import torch
 
     from monitor.batch import MonitorBatch
+    from monitor.config import RunConfig
     from monitor.events import StepBatch
     from monitor.monitor import Monitor
-    from monitor.run import RunConfig
 
     cfg = RunConfig()
     mb = MonitorBatch.create(lambda: Monitor(signals=cfg.default_signals([0, 1]), policy=policy(),
@@ -121,10 +121,10 @@ def test_monitors_attached_and_detached_while_others_run_get_what_they_get_alone
     import torch
 
     from monitor.batch import MonitorBatch
+    from monitor.config import RunConfig
     from monitor.decision import parse_policy
     from monitor.events import StepBatch
     from monitor.monitor import Monitor
-    from monitor.run import RunConfig
     from monitor.vocab import TokenTable
 
     rng = np.random.default_rng(3)

@@ -17,10 +17,11 @@ import torch
 from monitor import models as M
 from monitor.backends.hf import HFMonitoredGenerator
 from monitor.cli import main
+from monitor.config import RunConfig
 from monitor.decision import DeerPolicy
 from monitor.models import load_model, resolve_device, resolve_placement, tiny_tokenizer
 from monitor.models.files import dir_fingerprint
-from monitor.run import RunConfig, run_problems
+from monitor.run import run_problems
 from monitor.trace import read_traces
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -289,7 +290,7 @@ def test_vllm_cli_flags_are_parsed(capsys):
 
 def test_problems_without_ids_get_one_id_each_within_a_batch():
     """The default trace id is the problem's place in the run ("q0", "q1", ...), not its batch's."""
-    from monitor.run import RunConfig
+    from monitor.config import RunConfig
 
     lm = load_model("tiny-random")
     qs = [{"question": f"What is {i} + 1?"} for i in range(5)]

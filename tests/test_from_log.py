@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from monitor.run import RunConfig, run_problems
+from monitor.config import RunConfig
+from monitor.run import run_problems
 from probes.bundle import load_bundle
 from probes.log import LogFormatError, load_log_data, write_log
 from probes.pipeline import calibrate_bundle, load_data, train_bundle

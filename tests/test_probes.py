@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
+from monitor.config import RunConfig
 from monitor.models import load_model
-from monitor.run import RunConfig, run_problems
+from monitor.run import run_problems
 from probes.bundle import BundleMismatch, load_bundle
 from probes.collect import FORMAT, collect, load_collected
 from probes.features import signal_feature_names

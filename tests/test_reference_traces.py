@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from monitor.config import RunConfig
 from monitor.models import load_model
-from monitor.run import RunConfig, run_problems
+from monitor.run import run_problems
 from monitor.trace import read_traces, write_traces
 
 REF = Path(__file__).parent / "data" / "reference_traces.jsonl"

@@ -36,8 +36,9 @@ def run_cli(capsys, *argv):
 @pytest.fixture(scope="module")
 def tiny_traces():
     """Real traces from the tiny random model: one halted by a budget, one that ran to its token cap."""
+    from monitor.config import RunConfig
     from monitor.models import load_model
-    from monitor.run import RunConfig, run_problems
+    from monitor.run import run_problems
 
     lm = load_model("tiny-random")
     halted = run_problems(lm, [{"id": "halted", "question": "What is 2 + 3?"}],

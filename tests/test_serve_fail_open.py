@@ -12,12 +12,11 @@ from typing import Any
 import pytest
 import uvicorn
 
-from monitor.config import MonitorConfig
+from monitor.config import MonitorConfig, RunConfig
 from monitor.decision import CONTINUE, Decision
 from monitor.io import LineSink
 from monitor.models import load_model
 from monitor.monitor import Monitor
-from monitor.run import RunConfig
 from monitor.trace import check_trace_file
 from serve.app import create_app
 from serve.engine import HFServeEngine

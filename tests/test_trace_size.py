@@ -76,7 +76,7 @@ def test_report_of_the_32k_token_trace_is_bounded(trace_file, tmp_path):
 def test_32k_token_trace_with_every_default_signal_is_at_most_4_mb(tmp_path):
     """The default signal set (all four families, as `overthink run` builds them) at the default recording level:
     the report's series, rounded to 4 significant digits, plus sparse step similarities."""
-    from monitor.run import RunConfig
+    from monitor.config import RunConfig
 
     rng = np.random.default_rng(1)
     topics = rng.normal(size=(40, 16))
@@ -104,7 +104,7 @@ def test_32k_token_trace_with_every_default_signal_is_at_most_4_mb(tmp_path):
 @pytest.mark.parametrize("record", ["points", "none"])
 def test_points_and_none_recording_levels(record, tmp_path):
     """points: signal values only at decision points (no per-token series); none: no signal values at all."""
-    from monitor.run import RunConfig
+    from monitor.config import RunConfig
 
     rng = np.random.default_rng(2)
     m = Monitor(signals=RunConfig().default_signals([11]), record=record)

@@ -22,10 +22,11 @@ from factories import Recorder  # noqa: E402
 from monitor.backends.hf import HFMonitoredGenerator  # noqa: E402
 from monitor.backends.vllm import VLLMMonitoredGenerator  # noqa: E402
 from monitor.backends.vllm_engine import export_for_vllm, make_llm, probe_engine  # noqa: E402
+from monitor.config import RunConfig  # noqa: E402
 from monitor.decision import HaltAfterPolicy, ObservePolicy  # noqa: E402
 from monitor.models import load_model  # noqa: E402
 from monitor.monitor import Monitor  # noqa: E402
-from monitor.run import RunConfig, run_problems  # noqa: E402
+from monitor.run import run_problems
 from monitor.trace import read_traces  # noqa: E402
 
 LAYERS = [1, 3]

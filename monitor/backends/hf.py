@@ -47,7 +47,7 @@ from monitor.backends.sequence import (
 from monitor.batch import MonitorBatch
 from monitor.decision import TRIAL, TrialOutcome, TrialRequest
 from monitor.events import StepBatch
-from monitor.models import decoder_layers, model_device
+from monitor.models import decoder_layers, layer_indices, model_device
 from monitor.monitor import Monitor
 from monitor.vocab import TokenTable
 
@@ -72,7 +72,7 @@ class HFTaps:
         self.model = model
         blocks = decoder_layers(model)
         n = len(blocks)
-        self.layers = sorted({(i + n) % n if -n <= i < n else _bad_layer(i, n) for i in layers})
+        self.layers = layer_indices(layers, n)
         self.logits: torch.Tensor | None = None
         self.hidden: dict[int, torch.Tensor] = {}
         self.enabled = True
@@ -104,10 +104,6 @@ class HFTaps:
         for h in self._handles:
             h.remove()
         self._handles = []
-
-
-def _bad_layer(i: int, n: int) -> int:
-    raise ValueError(f"layer index {i} is out of range for a model with {n} decoder layers (use 0..{n - 1})")
 
 
 @dataclass

@@ -72,6 +72,7 @@ from monitor.backends.vllm_engine import AsyncRunner, probe_engine, require_vllm
 from monitor.batch import MonitorBatch
 from monitor.decision import TRIAL
 from monitor.events import StepBatch
+from monitor.models import layer_indices
 from monitor.monitor import Monitor
 from monitor.vocab import TokenTable
 
@@ -214,11 +215,7 @@ class VLLMMonitoredGenerator:
             if not self.info.enforce_eager:
                 raise ValueError("hidden-state taps need enforce_eager=True (forward hooks do not run in compiled "
                                  "graphs): build the engine with make_llm(..., hidden=True)")
-            n = self.info.n_layers or 0
-            bad = [i for i in self.layers if not -n <= i < n]
-            if bad:
-                raise ValueError(f"layers {bad} out of range: the model has {n} decoder layers")
-            self.layers = sorted({i % n for i in self.layers})
+            self.layers = layer_indices(self.layers, self.info.n_layers or 0)
 
     def close(self) -> None:
         """Nothing to release on the driver side (the engine belongs to the caller)."""

@@ -14,7 +14,11 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from monitor.config import RunConfig
+    from monitor.models import LoadedModel
 
 log = logging.getLogger("overthink.vllm")
 
@@ -243,3 +247,38 @@ def probe_engine(rpc: Callable[..., list[Any]], vllm_config: Any, force: str = "
         log.warning("vLLM backend: halting by abort + resubmit, because %s", why)
     return EngineInfo(has_ext, v2 or bool(info.get("v2")), info.get("enforce_eager"), info.get("n_layers"),
                       info.get("hidden_size"), mode, why)
+
+
+# ---------------------------------------------------------------------------------------------- from a run's settings
+def build_vllm_engine(lm: LoadedModel, cfg: RunConfig, runner: bool = False) -> Any:
+    """A vLLM engine for `lm` with the run's engine options (tensor parallelism, memory, length, dtype): the
+    offline `LLM`, or with `runner` an `AsyncLLM` behind an `AsyncRunner` (side requests for trials)."""
+    from monitor.backends.vllm_engine import export_for_vllm, make_async_runner, make_llm
+
+    make = make_async_runner if runner else make_llm
+    return make(export_for_vllm(lm), **vllm_engine_kwargs(lm, cfg))
+
+
+def vllm_engine_kwargs(lm: LoadedModel, cfg: RunConfig) -> dict[str, Any]:
+    """The keyword arguments of `make_llm` / `make_async_llm` from a run's settings (`overthink run`, `collect`,
+    `serve --backend vllm`): the hidden-state tap, seed, top-k log-probabilities, context, dtype, and vLLM's own
+    engine options where the user gave them."""
+    lp = -1 if cfg.vllm_logprobs == "full" else max(20, int(cfg.vllm_logprobs))
+    extra: dict[str, Any] = {"tensor_parallel_size": cfg.tensor_parallel_size}
+    if cfg.gpu_memory_utilization is not None:
+        extra["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    if cfg.enforce_eager is not None:
+        extra["enforce_eager"] = cfg.enforce_eager
+    return dict(hidden=cfg.vllm_hidden, seed=cfg.seed, max_logprobs=lp,
+                max_model_len=cfg.max_model_len or default_model_len(lm), dtype=cfg.dtype, **extra)
+
+
+def default_model_len(lm: LoadedModel) -> int:
+    """The model's context, capped: 32768 on a GPU, 4096 on a CPU (vLLM's CPU KV cache is 1 GiB here)."""
+    import torch
+
+    return min(_max_positions(lm), 32768 if torch.cuda.is_available() else 4096)
+
+
+def _max_positions(lm: LoadedModel) -> int:
+    return int(getattr(lm.model.config, "max_position_embeddings", 4096) or 4096)

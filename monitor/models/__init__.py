@@ -11,7 +11,15 @@ The reasoning formats (end marker, exit cue, prompt) are `monitor.formats`.
 from __future__ import annotations
 
 from monitor.errors import ModelNotAvailable
-from monitor.models.load import LoadedModel, decoder_layers, default_layers, load_model, reasoning_format
+from monitor.models.load import (
+    LoadedModel,
+    decoder_layers,
+    default_layers,
+    layer_indices,
+    load_model,
+    reasoning_format,
+    resolve_layers,
+)
 from monitor.models.placement import (
     DTYPES,
     Placement,
@@ -24,6 +32,6 @@ from monitor.models.tiny import tiny_model_and_tokenizer, tiny_tokenizer
 
 __all__ = [
     "DTYPES", "LoadedModel", "ModelNotAvailable", "Placement", "decoder_layers", "default_layers", "dtype_name",
-    "load_model", "model_device", "reasoning_format", "resolve_device", "resolve_placement",
+    "layer_indices", "load_model", "model_device", "resolve_layers", "reasoning_format", "resolve_device", "resolve_placement",
     "tiny_model_and_tokenizer", "tiny_tokenizer",
 ]

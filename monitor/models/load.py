@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -319,6 +320,23 @@ def decoder_layers(model: Any) -> torch.nn.ModuleList:
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__}: looked for "
                      f"{', '.join(_LAYER_PATHS)}; pass a supported causal LM (Llama, Qwen2, Mistral, GPT-2, GPT-NeoX, "
                      "OPT, ...)")
+
+
+def layer_indices(layers: Sequence[int], n_layers: int) -> list[int]:
+    """Decoder-layer indices as 0-based, sorted and deduplicated (negative ones count from the end, like Python's);
+    a ValueError that names the valid range for one that is out of range."""
+    n = int(n_layers)
+    bad = [i for i in layers if not -n <= i < n]
+    if bad:
+        raise ValueError(f"--layers: index {bad[0]} is out of range; this model has {n} decoder layers "
+                         f"(0..{n - 1}, or -{n}..-1 from the end)")
+    return sorted({i % n for i in layers})
+
+
+def resolve_layers(lm: LoadedModel, layers: Sequence[int] | None) -> list[int]:
+    """The decoder layers to hook on `lm`: `layers` checked (`layer_indices`), or the LYNX default when none."""
+    n = len(decoder_layers(lm.model))
+    return layer_indices(layers, n) if layers else default_layers(n)
 
 
 def default_layers(n_layers: int) -> list[int]:
