@@ -45,7 +45,6 @@ console = Console(stderr=False)
 err_console = Console(stderr=True)
 
 
-PROBE_HANDLERS: dict[str, Any] = {}  # collect / train / calibrate, registered by probes.cli
 
 
 def _int_list(text: str) -> list[int]:
@@ -171,10 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     sg = sub.add_parser("signals", help="list the signal families, their keys and what each means")
     sg.add_argument("--json", action="store_true")
     from probes.cli import add_commands
-    from serve.cli import add_serve_command
+    from serve.cli import add_serve_command, cmd_serve
 
     add_serve_command(sub)
-    PROBE_HANDLERS.update(add_commands(sub, positive_int))
+    handlers = {"run": cmd_run, "bench": cmd_bench, "diagnose": cmd_diagnose, "signals": cmd_signals,
+                "serve": cmd_serve, **add_commands(sub, positive_int)}
+    for name, handler in handlers.items():  # each command carries its handler (`args.handler`)
+        sub.choices[name].set_defaults(handler=handler)
     return p
 
 
@@ -518,12 +520,8 @@ def _main(argv: list[str] | None) -> int:
         signal.signal(signal.SIGTERM, _on_sigterm)
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 with a usage line on bad flags
-    from serve.cli import cmd_serve
-
-    handlers = {"run": cmd_run, "bench": cmd_bench, "diagnose": cmd_diagnose, "signals": cmd_signals,
-                "serve": cmd_serve, **PROBE_HANDLERS}
     try:
-        return handlers[args.command](args)
+        return args.handler(args)
     except KeyboardInterrupt:
         _interrupted()
         return 130

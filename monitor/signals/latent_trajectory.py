@@ -15,8 +15,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from monitor.cues import StepSplits
 from monitor.events import StepBatch, TokenStep
-from monitor.signals.redundancy import StepSplits
 from monitor.signals.slots import SlotTable, add_rows, index, one_row
 
 _VALUE_KEYS = ("net", "cumulative", "aligned", "n_blocks")

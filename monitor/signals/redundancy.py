@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from monitor.cues import StepSplits
 from monitor.events import StepBatch, TokenStep
 from monitor.signals.slots import SlotTable, add_rows
 
@@ -24,107 +25,6 @@ EMBED_INSTALL = 'pip install "overthink[embed]"'
 # step's top-K most similar earlier steps, O(steps * K); "dense": the whole step x step matrix, O(steps^2).
 SIMILARITY_MODES = ("sparse", "dense", "none")
 DEFAULT_TOP_K = 8
-
-
-def _scan(nl: bool, para: bool, start: int, index: int, text: str, min_tokens: int) -> tuple[int | None, bool, bool,
-                                                                                              int]:
-    """The step-boundary scan of one token's text (the rules in `StepSplitter`). State in and out: `nl` (the last
-    character seen was a newline), `para` (no text since the last blank line), `start` (token index where the
-    open step began). Returns (cut, nl, para, start): cut is the offset just past the boundary, or None."""
-    cut = None
-    for j, c in enumerate(text):
-        if c == "\n" and nl:
-            if not para and cut is None and index - start + 1 >= min_tokens:
-                cut = j + 1
-                start = index + 1
-            para = True
-        elif not c.isspace() and c not in "*#>-":  # markdown markers alone do not make a paragraph
-            para = False
-        nl = c == "\n"
-    return cut, nl, para, start
-
-
-class StepSplitter:
-    """Finds reasoning-step boundaries in a stream of token text pieces.
-
-    A blank line ("\\n\\n", possibly split over two tokens) after some text closes a step; a run of 3+
-    newlines is one boundary, and a blank line before any text (or right after a boundary) is none. The
-    token holding the boundary's second newline closes the step; a step shorter than `min_step_tokens`
-    tokens is merged into the next one (PUMA). Same rules as `monitor.cues.CueDetector`'s step ends, so
-    redundancy values land on the same tokens as the "step_end" decision points. `StepSplits` is the same
-    splitter for a batch of sequences.
-    """
-
-    def __init__(self, min_step_tokens: int = 8) -> None:
-        self.min_step_tokens = min_step_tokens
-        self.reset()
-
-    def reset(self) -> None:
-        self._nl = True
-        self._para = True  # at a paragraph start: no text since the last blank line (or the start)
-        self.step_start = 0  # token index where the open step began
-
-    def feed(self, index: int, text: str) -> int | None:
-        """Feed token `index`'s text; if it closes a step, return the offset in `text` just past the
-        boundary (text before it belongs to the closing step), else None."""
-        if not self._para and not self._nl and "\n" not in text:  # mid-paragraph text: nothing changes
-            return None
-        cut, self._nl, self._para, self.step_start = _scan(self._nl, self._para, self.step_start, index, text,
-                                                           self.min_step_tokens)
-        return cut
-
-
-class StepSplits:
-    """`StepSplitter` for many sequences at once, one slot each, its state in per-slot numpy arrays.
-
-    A token is scanned character by character only when its text holds a newline or its slot's state can change
-    (at a paragraph start, or right after a newline): about one token in ten in prose. Every other row of the batch
-    is mid-paragraph text, which changes nothing, so it costs one vectorised test. `start` (token index where each
-    slot's open step began) is public: a caller that closes a block itself restarts the step count there.
-
-    Example:
-        >>> sp = StepSplits(min_step_tokens=1)
-        >>> sp.feed(np.array([0, 1]), ["a", "b"], np.array([0, 0])), sp.feed(np.array([0, 1]), ["\\n\\n", "c"], np.array([1, 1]))
-        ([], [(0, 2)])
-    """
-
-    def __init__(self, min_step_tokens: int = 8) -> None:
-        self.min_step_tokens = min_step_tokens
-        self._nl = np.ones(0, dtype=bool)
-        self._para = np.ones(0, dtype=bool)
-        self.start = np.zeros(0, dtype=np.int64)
-
-    def _grow(self, n: int) -> None:
-        extra = n - self._nl.shape[0]
-        if extra > 0:
-            self._nl = np.concatenate([self._nl, np.ones(extra, dtype=bool)])
-            self._para = np.concatenate([self._para, np.ones(extra, dtype=bool)])
-            self.start = np.concatenate([self.start, np.zeros(extra, dtype=np.int64)])
-
-    def reset(self, slots: Any) -> None:
-        """Fresh state for `slots` (each starts a new sequence)."""
-        idx = np.asarray(slots, dtype=np.int64)
-        idx = idx[idx < self._nl.shape[0]]
-        self._nl[idx] = self._para[idx] = True
-        self.start[idx] = 0
-
-    def feed(self, slots: np.ndarray, texts: Sequence[str], index: np.ndarray) -> list[tuple[int, int]]:
-        """Feed row r's token text (token `index[r]` of sequence `slots[r]`); returns (row, cut) for each row whose
-        token closes a step (cut: the offset in its text just past the boundary), in row order."""
-        if not len(texts):
-            return []
-        self._grow(int(slots.max()) + 1)
-        nl = np.fromiter(("\n" in t for t in texts), dtype=bool, count=len(texts))
-        scan = nl | self._para[slots] | self._nl[slots]
-        out: list[tuple[int, int]] = []
-        for r in np.nonzero(scan)[0].tolist():
-            s = int(slots[r])
-            cut, self._nl[s], self._para[s], self.start[s] = _scan(bool(self._nl[s]), bool(self._para[s]),
-                                                                   int(self.start[s]), int(index[r]), texts[r] or "",
-                                                                   self.min_step_tokens)
-            if cut is not None:
-                out.append((r, cut))
-        return out
 
 
 class HiddenStateEmbedder:
