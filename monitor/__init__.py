@@ -14,6 +14,7 @@ Where things live (the core first, then what drives it, then the application):
 - vocab.py        TokenTable: a tokenizer's vocabulary as text, once (decision points from token ids)
 - decision.py     Decision and the halting policies
 - monitor.py      Monitor: one sequence's record (columnar values), cues and policy; signals fail open
+- checks.py       the fail-open checks of what a signal or policy returns
 - trace.py        Trace record, schema validation, atomic JSON Lines IO (docs/trace-schema.md)
 - io.py           one write discipline: atomic files, streamed JSON Lines, one-writer locks, output checks
 - config.py       MonitorConfig: what every Monitor is built from (signals, layers, cues, policy, recording);
@@ -28,6 +29,7 @@ Where things live (the core first, then what drives it, then the application):
 - formats.py      reasoning formats (R1, Qwen3, QwQ, gpt-oss, plain): end marker, exit cue, prompt
 - bounds.py       context, prompt and memory bounds checked before a model loads
 - answers.py      answer extraction and checking (GSM8K numbers, MATH LaTeX, multiple choice)
+- problems.py     problem files (JSON Lines) and the answer kind a data set is graded with
 - report/         diagnosis reports: data.py (plain data), panels.py (plotly), html.py, text.py, command.py
 - run.py / bench.py / bench_monitor.py / cli.py / cli_args.py   the application: the `overthink` command and the
                   library calls behind it (bench_monitor.py: the monitor alone on synthetic steps)

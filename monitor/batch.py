@@ -37,10 +37,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from monitor.checks import checked_values
 from monitor.cues import CueDetector
 from monitor.decision import CONTINUE, Decision
 from monitor.events import StepBatch, TokenStep
-from monitor.monitor import Monitor, _checked_values
+from monitor.monitor import Monitor
 from monitor.signals.base import is_batch_first
 from monitor.vocab import TokenTable
 
@@ -342,7 +343,7 @@ def _local_outs(m: Monitor, local: list[Any], batch: StepBatch, i: int) -> list[
     outs: list[tuple[str, float | None]] = []
     for sig in local:
         try:
-            outs += [(f"{sig.name}.{k}", v) for k, v in _checked_values(sig.update(step), "update()").items()]
+            outs += [(f"{sig.name}.{k}", v) for k, v in checked_values(sig.update(step), "update()").items()]
         except Exception as e:
             m._failed(sig.name, "update", m.n_tokens, e)
     return outs

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from monitor.answers import load_problems
 from monitor.config import RunConfig
 from monitor.models import LoadedModel, decoder_layers, model_device
+from monitor.problems import load_problems
 
 
 @dataclass
@@ -48,6 +48,15 @@ def three_layers(n: int) -> list[int]:
     return sorted({n // 4, n // 2, n - 1})
 
 
+def _prompts(lm: LoadedModel, data_path: str | None, n: int) -> list[str]:
+    """`n` rendered prompts: the first questions of `data_path`, else the built-in ones (repeated as needed)."""
+    if data_path:
+        questions = [p["question"] for p in load_problems(data_path, limit=n)]
+    else:
+        questions = (BUILTIN_QUESTIONS * n)[:n]
+    return [lm.family.build_prompt(lm.tokenizer, q) for q in questions]
+
+
 @torch.no_grad()
 def bench_overhead(lm: LoadedModel, data_path: str | None = None, new_tokens: int = 64, batch_size: int = 1,
                    repeats: int = 3) -> OverheadResult:
@@ -55,11 +64,7 @@ def bench_overhead(lm: LoadedModel, data_path: str | None = None, new_tokens: in
 
     if new_tokens < 1 or batch_size < 1 or repeats < 1:
         raise ValueError("--new-tokens, --batch-size and --repeats must be positive integers")
-    if data_path:
-        questions = [p["question"] for p in load_problems(data_path, limit=batch_size)]
-    else:
-        questions = (BUILTIN_QUESTIONS * batch_size)[:batch_size]
-    prompts = [lm.family.build_prompt(lm.tokenizer, q) for q in questions]
+    prompts = _prompts(lm, data_path, batch_size)
     tok = prepare_tokenizer(lm.tokenizer)
     layers = three_layers(len(decoder_layers(lm.model)))
     cfg = RunConfig(max_new_tokens=new_tokens)
@@ -132,11 +137,7 @@ def bench_vllm(lm: LoadedModel, requests: int = 16, new_tokens: int = 128, repea
 
     if requests < 1 or new_tokens < 1 or repeats < 1:
         raise ValueError("--requests, --new-tokens and --repeats must be positive integers")
-    if data_path:
-        questions = [p["question"] for p in load_problems(data_path, limit=requests)]
-    else:
-        questions = (BUILTIN_QUESTIONS * requests)[:requests]
-    prompts = [lm.family.build_prompt(lm.tokenizer, q) for q in questions]
+    prompts = _prompts(lm, data_path, requests)
     prompt_ids = [lm.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
     layers = three_layers(len(decoder_layers(lm.model)))
     llm = make_llm(export_for_vllm(lm), hidden=True, max_logprobs=max(20, logprobs), dtype=dtype,

@@ -227,7 +227,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def problems_from_args(args: argparse.Namespace, cfg: Any) -> list[dict[str, Any]]:
     """The problems of --data, --question or --messages; sets cfg.answer_kind from --answer-kind or the data."""
-    from monitor.answers import kind_for_dataset, load_problems
+    from monitor.problems import kind_for_dataset, load_problems
 
     if args.data:
         problems = load_problems(args.data, limit=args.limit)

@@ -23,6 +23,11 @@ decision is "continue", decision points are still recorded, and the trace's `dec
 Non-finite values are not failures: a signal value that is NaN, +-inf or None means "undefined at this
 token": it is recorded as null in the series (JSON null) and the key is dropped from `values` (policies see
 it as missing, as before the signal first defined it). A non-number (a string, a list, ...) is a failure.
+The checks of what components return are monitor/checks.py.
+
+Why one file over ~500 lines: `Monitor` is one sequence's record, and its parts (the columnar value buffer, the
+decision points, trials, fail-open bookkeeping, the trace it writes) all read and write the same per-sequence
+state; split apart they would share private attributes across modules.
 """
 
 from __future__ import annotations
@@ -30,13 +35,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import numbers
 from array import array
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from monitor.checks import checked_decision, checked_values, describe_error, json_data, type_name
 from monitor.cues import CueDetector, DecisionPoint
 from monitor.decision import (
     CONTINUE,
@@ -47,7 +52,6 @@ from monitor.decision import (
     ObservePolicy,
     Policy,
     TrialOutcome,
-    TrialRequest,
     answer_streak,
 )
 from monitor.events import StepBatch, TokenStep
@@ -57,9 +61,7 @@ from monitor.trace import Trace
 log = logging.getLogger("overthink.monitor")
 
 PHASES = ("reasoning", "forced", "answer")
-ACTIONS = (CONTINUE, HALT, TRIAL)
 STAGES = ("reset", "update", "flush", "summary", "decide", "decide_after_trial")  # the `stage` of an error
-_MAX_ERROR_CHARS = 500  # an error message longer than this is cut (an exception may print a whole array)
 
 
 class Monitor:
@@ -257,7 +259,7 @@ class Monitor:
                         names.append(f"{name}.{k}")
                         vals.append(float(v[0]))
                 else:
-                    explicit += [(f"{name}.{k}", v) for k, v in _checked_values(sig.update(step), "update()").items()]
+                    explicit += [(f"{name}.{k}", v) for k, v in checked_values(sig.update(step), "update()").items()]
             except Exception as e:  # fail open: one broken signal must not stop generation
                 self._failed(name, "update", pos, e)
         logprob = _batch_logprob(batch) if batch is not None else _safe_logprob(step)
@@ -373,7 +375,7 @@ class Monitor:
         if self._policy_error is not None:  # switched off: behave like ObservePolicy
             return Decision(CONTINUE)
         try:
-            d = _checked_decision(self.policy.decide(ctx), "decide()")
+            d = checked_decision(self.policy.decide(ctx), "decide()")
         except Exception as e:  # fail open: a broken policy means "continue", from now on
             self._failed(self._policy_key(), "decide", ctx.position, e)
             return Decision(CONTINUE, self._policy_off_reason())
@@ -400,7 +402,7 @@ class Monitor:
         if decide_after is None:
             return Decision(CONTINUE)
         try:
-            d = _checked_decision(decide_after(ctx, trial), "decide_after_trial()")
+            d = checked_decision(decide_after(ctx, trial), "decide_after_trial()")
         except Exception as e:
             self._failed(self._policy_key(), "decide_after_trial", ctx.position, e)
             d = Decision(CONTINUE, self._policy_off_reason())
@@ -507,7 +509,7 @@ class Monitor:
         if i is not None:
             self.errors[i]["count"] += 1
         else:
-            rec = {"signal": name, "position": pos, "error": _describe(e), "stage": stage, "count": 1}
+            rec = {"signal": name, "position": pos, "error": describe_error(e), "stage": stage, "count": 1}
             self._error_index[name] = len(self.errors)
             self.errors.append(rec)
             where = f"at token {pos}" if pos is not None else "at the trace's end" if stage != "reset" else "on reset"
@@ -536,7 +538,7 @@ class Monitor:
                 continue
             try:
                 raw = flush(self.slot) if is_batch_first(sig) else flush()
-                out = {} if raw is None else _checked_values(raw, "flush()")
+                out = {} if raw is None else checked_values(raw, "flush()")
             except Exception as e:
                 self._failed(sig.name, "flush", None, e)
                 continue
@@ -564,8 +566,8 @@ class Monitor:
             try:
                 s = fn(self.slot) if is_batch_first(sig) else fn()
                 if not isinstance(s, Mapping):
-                    raise TypeError(f"summary() returned {_tname(s)}, expected a dict")
-                out[sig.name] = _json_data(s, "summary()")
+                    raise TypeError(f"summary() returned {type_name(s)}, expected a dict")
+                out[sig.name] = json_data(s, "summary()")
             except Exception as e:
                 self._failed(sig.name, "summary", None, e)
         return out
@@ -680,28 +682,6 @@ class _PointValues(Mapping):
         return repr(self._dict())
 
 
-# --------------------------------------------------------------------------- checks of what components return
-def _tname(x: Any) -> str:
-    return "None" if x is None else f"a {type(x).__name__}"
-
-
-def _number(v: Any) -> float | None:
-    """A signal value as a finite float, or None for NaN/inf/None; raises TypeError for a non-number."""
-    if type(v) is float:
-        return v if math.isfinite(v) else None
-    if v is None:
-        return None
-    if isinstance(v, numbers.Real):  # int, bool, numpy floating/integer scalars
-        f = float(v)
-        return f if math.isfinite(f) else None
-    if getattr(v, "ndim", None) == 0 and callable(getattr(v, "item", None)):  # 0-d numpy array / torch tensor
-        item = v.item()
-        if isinstance(item, numbers.Real):
-            f = float(item)
-            return f if math.isfinite(f) else None
-    raise TypeError(f"{_tname(v)}, expected a number")
-
-
 RECORD_LEVELS = ("default", "full", "points", "none")
 _NAN = math.nan
 
@@ -726,84 +706,6 @@ def compact_series(values: Sequence[float | None]) -> list[float | int | None]:
     r = np.where(nz, np.round(x * np.where(nz, mag, 1.0)) / np.where(nz, mag, 1.0), x)
     whole = ok & (r == np.round(r)) & (np.abs(r) < 1e15)
     return [None if not o else (int(v) if w else float(v)) for v, o, w in zip(r.tolist(), ok.tolist(), whole.tolist())]
-
-
-def _checked_values(out: Any, what: str) -> dict[str, float | None]:
-    """Validate a signal's `update()`/`flush()` result: {str: number}; NaN/inf/None values become None."""
-    if type(out) is not dict and not isinstance(out, Mapping):
-        raise TypeError(f"{what} returned {_tname(out)}, expected a dict {{value name: number}}")
-    clean: dict[str, float | None] = {}
-    for key, val in out.items():
-        if type(key) is not str:
-            raise TypeError(f"{what} returned the key {key!r:.40} ({type(key).__name__}); value names are strings")
-        if type(val) is float:  # the usual case, kept fast: this runs for every signal at every token
-            clean[key] = val if math.isfinite(val) else None
-            continue
-        try:
-            clean[key] = _number(val)
-        except TypeError as e:
-            raise TypeError(f"{what} returned {key!r}: {e}") from None
-    return clean
-
-
-def _checked_decision(d: Any, what: str) -> Decision:
-    """Validate a policy's `decide()`/`decide_after_trial()` result."""
-    if not isinstance(d, Decision):
-        raise TypeError(f"{what} returned {_tname(d)}, expected a Decision")
-    if d.action not in ACTIONS:
-        raise ValueError(f"{what} returned the action {d.action!r:.40}, expected one of {', '.join(ACTIONS)}")
-    if not isinstance(d.reason, str):
-        raise TypeError(f"{what} returned a Decision whose reason is {_tname(d.reason)}, expected a string")
-    if d.action == TRIAL and not isinstance(d.trial, TrialRequest):
-        raise TypeError(f"{what} returned a trial decision without a TrialRequest (got {_tname(d.trial)}); say what "
-                        "to decode: Decision('trial', reason, trial=TrialRequest(prompt, max_tokens, mean))")
-    for field in ("score", "threshold"):
-        v = getattr(d, field)
-        if v is not None:
-            try:
-                _number(v)
-            except TypeError as e:
-                raise TypeError(f"{what} returned a Decision whose {field} is {e} or None") from None
-    return d
-
-
-def _json_data(x: Any, where: str, depth: int = 0) -> Any:
-    """`x` as plain JSON data (dict with str keys, list, str, int, float, bool, None); NaN/inf -> None,
-    numpy values -> Python values, int dict keys -> strings (as the trace writer does). Raises TypeError
-    for anything JSON cannot hold (an object, a set, bytes, ...)."""
-    if depth > 100:
-        raise TypeError(f"{where} is nested more than 100 levels deep")
-    if x is None or isinstance(x, (str, bool)):
-        return str(x) if isinstance(x, str) else x
-    if isinstance(x, int):
-        return int(x)
-    if isinstance(x, float):
-        f = float(x)
-        return f if math.isfinite(f) else None
-    if isinstance(x, Mapping):
-        out = {}
-        for k, v in x.items():
-            if isinstance(k, numbers.Integral) and not isinstance(k, bool):
-                k = str(int(k))
-            elif not isinstance(k, str):
-                raise TypeError(f"{where} has the key {k!r:.40} ({type(k).__name__}); JSON keys are strings")
-            out[str(k)] = _json_data(v, f"{where}.{k}", depth + 1)
-        return out
-    if isinstance(x, (list, tuple)):
-        return [_json_data(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(x)]
-    if type(x).__module__ == "numpy" and callable(getattr(x, "tolist", None)):
-        return _json_data(x.tolist(), where, depth + 1)
-    raise TypeError(f"{where} holds {_tname(x)}, which JSON cannot represent")
-
-
-def _describe(e: BaseException) -> str:
-    """"ExceptionType: message" (cut to a readable length), even for an exception that cannot print itself."""
-    try:
-        msg = str(e)
-    except Exception:
-        msg = "<message not printable>"
-    text = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
-    return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS - 3] + "..."
 
 
 def _clean(x: Any) -> float | None:

@@ -45,7 +45,7 @@ def train_trial_probe(data: CollectedData, kind: str = "logreg", folds: int = 5,
                       seed: int = 0) -> tuple[Pipeline, dict[str, Any]]:
     """The trial probe on signal + trial features of every decision point (a trial at each, as collected), with a
     grouped cross-validated AUROC in its report."""
-    from probes.train import _fit, _metrics, make_probe
+    from probes.train import fit_probe, make_probe, probe_metrics
 
     if any(not e.get("trial") for p in data.problems for e in p["events"]):
         raise ValueError("this collection has decision points without a trial record (collected by an older "
@@ -59,8 +59,8 @@ def train_trial_probe(data: CollectedData, kind: str = "logreg", folds: int = 5,
     oof = np.full(len(y), np.nan)
     for tr, te in GroupKFold(n_splits=folds).split(X, y, data.group):
         if len(np.unique(y[tr])) >= 2:
-            oof[te] = _fit(make_probe(kind, seed), X[tr], y[tr]).predict_proba(X[te])[:, 1]
-    return _fit(make_probe(kind, seed), X, y), {"trial_probe": _metrics(y, oof), "kind": kind}
+            oof[te] = fit_probe(make_probe(kind, seed), X[tr], y[tr]).predict_proba(X[te])[:, 1]
+    return fit_probe(make_probe(kind, seed), X, y), {"trial_probe": probe_metrics(y, oof), "kind": kind}
 
 
 def _gated_scores(bundle: Bundle, data: CollectedData, free: np.ndarray, gate: float) -> tuple[np.ndarray,

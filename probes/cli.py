@@ -99,10 +99,10 @@ def add_commands(sub: Any, positive_int: Callable[[str], int]) -> dict[str, Call
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from monitor.answers import kind_for_dataset, load_problems
     from monitor.cli_args import check_bounds_from_args, load_from_args
     from monitor.config import RunConfig
     from monitor.io import directory_lock
+    from monitor.problems import kind_for_dataset, load_problems
     from probes.collect import check_collect_out, collect
 
     check_collect_out(args.out, args.data)  # not the --data file, writable, a readable manifest: before the model

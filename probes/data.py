@@ -24,3 +24,12 @@ class CollectedData:
 
     def features(self, use_hidden: bool = True) -> np.ndarray:
         return np.hstack([self.hidden, self.signals]) if use_hidden else self.signals
+
+    def subset(self, keep: np.ndarray) -> CollectedData:
+        """Rows of the problems whose index is in `keep`, re-indexed 0..k-1."""
+        keep = np.asarray(sorted(set(keep.tolist())), dtype=np.int64)
+        remap = -np.ones(len(self.problems), dtype=np.int64)
+        remap[keep] = np.arange(len(keep))
+        rows = remap[self.group] >= 0
+        return CollectedData(self.config, self.hidden[rows], self.signals[rows], self.label[rows],
+                             self.confidence[rows], remap[self.group[rows]], [self.problems[i] for i in keep])

@@ -121,12 +121,10 @@ def _row(policy: str, exit_idx: list[int | None], data: CollectedData, trial_cos
 
 
 def _graded(data: CollectedData) -> CollectedData:
-    from probes.pipeline import _subset
-
     keep = np.asarray([i for i, p in enumerate(data.problems) if p.get("full_correct") is not None], dtype=np.int64)
     if len(keep) == 0:
         raise ValueError("no problem in this collection has a gold answer; evaluate needs graded problems")
-    return _subset(data, keep)
+    return data.subset(keep)
 
 
 def replay_bundle(bundle: Bundle, data: CollectedData, name: str = "") -> ReplayRow:

@@ -30,16 +30,6 @@ def load_data(source: str | Path, from_log: bool = False) -> CollectedData:
     return load_collected(source)
 
 
-def _subset(data: CollectedData, keep: np.ndarray) -> CollectedData:
-    """Rows of the problems whose index is in `keep`, re-indexed 0..k-1."""
-    keep = np.asarray(sorted(set(keep.tolist())), dtype=np.int64)
-    remap = -np.ones(len(data.problems), dtype=np.int64)
-    remap[keep] = np.arange(len(keep))
-    rows = remap[data.group] >= 0
-    return CollectedData(data.config, data.hidden[rows], data.signals[rows], data.label[rows],
-                         data.confidence[rows], remap[data.group[rows]], [data.problems[i] for i in keep])
-
-
 def train_bundle(data_dir: str | Path, out: str | Path, kind: str = "logreg", use_hidden: bool = True,
                  calib_fraction: float = 0.3, folds: int = 5, seed: int = 0,
                  cascade: bool = False, from_log: bool = False) -> tuple[Bundle, dict[str, Any]]:
@@ -62,7 +52,7 @@ def train_bundle(data_dir: str | Path, out: str | Path, kind: str = "logreg", us
     order = rng.permutation(n)
     n_cal = int(round(calib_fraction * n))
     train_idx = np.sort(order[n_cal:])
-    train = _subset(data, train_idx)
+    train = data.subset(train_idx)
     pipe, report = train_probe(train, kind=kind, use_hidden=use_hidden, folds=folds, seed=seed)
     rep = asdict(report)
     rep["train_ids"] = [str(data.problems[i]["id"]) for i in train_idx]
@@ -107,7 +97,7 @@ def _calibration_problems(bundle: Bundle, data: CollectedData) -> np.ndarray:
 def calibration_traces(bundle: Bundle, data: CollectedData) -> tuple[list[tuple[np.ndarray, np.ndarray, bool]],
                                                                      np.ndarray, np.ndarray]:
     """(scores, stop_correct, full_correct) per problem not used in training; plus all event scores/labels."""
-    sub = _subset(data, _calibration_problems(bundle, data))
+    sub = data.subset(_calibration_problems(bundle, data))
     scores = bundle.scores(sub.hidden, sub.signals)
     traces = []
     for i, p in enumerate(sub.problems):
@@ -145,7 +135,7 @@ def calibrate_bundle(bundle_path: str | Path, data_dir: str | Path, delta: float
 
         if gates is not None:
             bundle.gates = sorted({float(g) for g in gates})
-        sub = _subset(data, _calibration_problems(bundle, data))
+        sub = data.subset(_calibration_problems(bundle, data))
         cal = CascadeRiskControl(delta, epsilon, gates=bundle.gates or [0.0], risk=risk)
         cal.fit(*calibration_arrays(bundle, sub)).require_certified()
         info = {"threshold": cal.threshold, "gate": cal.gate, "gates": list(cal.gates),

@@ -41,6 +41,17 @@ def policy_for(bundle: Bundle, exit_cue: str | None = None,
     return ProbePolicy(bundle)
 
 
+def _online_features(bundle: Bundle) -> tuple[list[int], int, list[str]]:
+    """The layers, hidden size and signal keys of the features a policy computes online (`point_features`), after
+    refusing a bundle fitted on another width or signal set (now, not with sklearn's feature-count error at the
+    first decision point)."""
+    layers, hidden_size, keys = list(bundle.config["layers"]), int(bundle.config["hidden_size"]), bundle.signal_keys
+    online = {"layers": layers, "hidden_size": hidden_size, "signal_features": signal_feature_names(keys)}
+    bundle.check_features(online, len(layers) * hidden_size, len(signal_feature_names(keys)),
+                          "the online feature computation")
+    return layers, hidden_size, keys
+
+
 class ProbePolicy:
     def __init__(self, bundle: Bundle) -> None:
         from calibration import FirstExitRiskControl, PerCueConformal
@@ -59,15 +70,7 @@ class ProbePolicy:
         else:
             raise ValueError(f"unknown calibration object {type(cal).__name__} in bundle")
         self.bundle, self.cal = bundle, cal
-        self.layers = list(bundle.config["layers"])
-        self.hidden_size = int(bundle.config["hidden_size"])
-        # the features this policy will compute online (point_features): refuse a bundle fitted on another width
-        # or signal set now, not with sklearn's feature-count error at the first decision point
-        self.keys = bundle.signal_keys
-        online = {"layers": self.layers, "hidden_size": self.hidden_size,
-                  "signal_features": signal_feature_names(self.keys)}
-        bundle.check_features(online, len(self.layers) * self.hidden_size, len(signal_feature_names(self.keys)),
-                              "the online feature computation")
+        self.layers, self.hidden_size, self.keys = _online_features(bundle)
         self.name = f"probe:{self.mode}:delta={bundle.calibration_info.get('delta')}"
         self.at_points_only = True  # the probe scores decision points only
 
@@ -108,13 +111,7 @@ class CascadePolicy:
                              f"{', '.join(want)}) than this version of overthink computes; train it again")
         self.bundle, self.cal = bundle, cal
         self.gate, self.threshold = float(cal.gate), float(cal.threshold)
-        self.layers = list(bundle.config["layers"])
-        self.hidden_size = int(bundle.config["hidden_size"])
-        self.keys = bundle.signal_keys
-        online = {"layers": self.layers, "hidden_size": self.hidden_size,
-                  "signal_features": signal_feature_names(self.keys)}
-        bundle.check_features(online, len(self.layers) * self.hidden_size, len(signal_feature_names(self.keys)),
-                              "the online feature computation")
+        self.layers, self.hidden_size, self.keys = _online_features(bundle)
         # the trial is what the collection decoded at every point: the exit cue, then the answer within its budget
         self.trial_prompt = exit_cue or str(bundle.config.get("exit_cue") or "")
         if not self.trial_prompt:

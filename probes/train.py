@@ -39,7 +39,7 @@ def make_probe(kind: str = "logreg", seed: int = 0) -> Pipeline:
     return Pipeline([("scale", StandardScaler()), ("clf", clf)])
 
 
-def _fit(pipe: Pipeline, X: np.ndarray, y: np.ndarray) -> Pipeline:
+def fit_probe(pipe: Pipeline, X: np.ndarray, y: np.ndarray) -> Pipeline:
     if isinstance(pipe.named_steps["clf"], MLPClassifier):  # balance by duplicating the minority class
         pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
         if len(pos) and len(neg):
@@ -52,7 +52,7 @@ def _fit(pipe: Pipeline, X: np.ndarray, y: np.ndarray) -> Pipeline:
         return pipe.fit(X, y)
 
 
-def _metrics(y: np.ndarray, score: np.ndarray) -> dict[str, float | None]:
+def probe_metrics(y: np.ndarray, score: np.ndarray) -> dict[str, float | None]:
     ok = np.isfinite(score)
     y, score = y[ok], score[ok]
     if len(y) == 0 or len(np.unique(y)) < 2:
@@ -88,15 +88,15 @@ def train_probe(data: CollectedData, kind: str = "logreg", use_hidden: bool = Tr
     for tr, te in GroupKFold(n_splits=folds).split(X, y, groups):
         if len(np.unique(y[tr])) < 2:
             continue
-        oof[te] = _fit(make_probe(kind, seed), X[tr], y[tr]).predict_proba(X[te])[:, 1]
-    baselines = {"deer_confidence": _metrics(y, data.confidence.astype(float))}
+        oof[te] = fit_probe(make_probe(kind, seed), X[tr], y[tr]).predict_proba(X[te])[:, 1]
+    baselines = {"deer_confidence": probe_metrics(y, data.confidence.astype(float))}
     keys = data.config.get("signal_keys") or SIGNAL_FEATURES  # a log's own signals, else the default set
     for j, name in enumerate(keys):
         col = data.signals[:, j].astype(float)
         col = np.where(data.signals[:, len(keys) + j] > 0, np.nan, col)  # missing -> excluded
-        baselines[name] = _metrics(y, col)
-    pipe = _fit(make_probe(kind, seed), X, y)
-    report = TrainReport(probe=_metrics(y, oof), baselines=baselines, n_events=int(len(y)), n_problems=n_groups,
+        baselines[name] = probe_metrics(y, col)
+    pipe = fit_probe(make_probe(kind, seed), X, y)
+    report = TrainReport(probe=probe_metrics(y, oof), baselines=baselines, n_events=int(len(y)), n_problems=n_groups,
                          positive_rate=float(y.mean()), folds=folds, kind=kind, use_hidden=use_hidden)
     return pipe, report
 

@@ -22,11 +22,10 @@ from monitor.answers import (
     DataFormatError,
     check_answer,
     extract_answer,
-    kind_for_dataset,
-    load_problems,
     normalize_kind,
     normalize_number,
 )
+from monitor.problems import kind_for_dataset, load_problems
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL_OUTPUTS = Path(__file__).resolve().parent / "data" / "real_outputs.jsonl"
