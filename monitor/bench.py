@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,7 +60,9 @@ def _prompts(lm: LoadedModel, data_path: str | None, n: int) -> list[str]:
 
 @torch.no_grad()
 def bench_overhead(lm: LoadedModel, data_path: str | None = None, new_tokens: int = 64, batch_size: int = 1,
-                   repeats: int = 3) -> OverheadResult:
+                   repeats: int = 3, on_phase: Callable[[str], None] = lambda what: None) -> OverheadResult:
+    """Plain `model.generate` against monitored generation (all four families), `repeats` times each, alternating;
+    `on_phase` is told what is being timed at each step (the CLI's status line)."""
     from monitor.backends.hf import HFMonitoredGenerator, prepare_tokenizer
 
     if new_tokens < 1 or batch_size < 1 or repeats < 1:
@@ -92,10 +95,13 @@ def bench_overhead(lm: LoadedModel, data_path: str | None = None, new_tokens: in
         n = sum(r.monitor.n_tokens for r in res)
         return n / dt
 
+    on_phase(f"warm-up: plain model.generate, batch {len(prompts)} x {new_tokens} tokens (not timed)")
     plain()  # warm-up (allocator, kernels) not timed
     p_runs, m_runs = [], []
-    for _ in range(repeats):
+    for i in range(repeats):
+        on_phase(f"timing plain model.generate, batch {len(prompts)} x {new_tokens} tokens (run {i + 1}/{repeats})")
         p_runs.append(plain())
+        on_phase(f"timing monitored generation, 4 signal families on layers {layers} (run {i + 1}/{repeats})")
         m_runs.append(monitored())
     p, m = statistics.median(p_runs), statistics.median(m_runs)
     return OverheadResult(model=lm.name, batch_size=len(prompts), new_tokens=new_tokens, repeats=repeats,
@@ -123,7 +129,7 @@ class VLLMThroughputResult:
 
 def bench_vllm(lm: LoadedModel, requests: int = 16, new_tokens: int = 128, repeats: int = 2,
                logprobs: int = 20, data_path: str | None = None, dtype: str = "auto",
-               **engine_kwargs: Any) -> VLLMThroughputResult:
+               on_phase: Callable[[str], None] = lambda what: None, **engine_kwargs: Any) -> VLLMThroughputResult:
     """`overthink bench vllm`: N concurrent requests through one vLLM engine, three ways, alternating:
     plain `LLM.generate` (no logprobs), monitored with the logprob signals only (path deviation, JSD), and
     monitored with all four families (hidden-state tap on three layers). Every run decodes exactly
@@ -140,6 +146,7 @@ def bench_vllm(lm: LoadedModel, requests: int = 16, new_tokens: int = 128, repea
     prompts = _prompts(lm, data_path, requests)
     prompt_ids = [lm.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
     layers = three_layers(len(decoder_layers(lm.model)))
+    on_phase("starting the vLLM engine (export, load, warm-up)")
     llm = make_llm(export_for_vllm(lm), hidden=True, max_logprobs=max(20, logprobs), dtype=dtype,
                    max_model_len=min(4096, max(len(x) for x in prompt_ids) + new_tokens + 128), **engine_kwargs)
     cfg = RunConfig(max_new_tokens=new_tokens)
@@ -167,11 +174,16 @@ def bench_vllm(lm: LoadedModel, requests: int = 16, new_tokens: int = 128, repea
             dt = time.perf_counter() - t0
             return sum(r.monitor.n_tokens for r in res) / dt
 
+        what = f"{len(prompts)} requests x {new_tokens} tokens"
+        on_phase(f"warm-up: plain LLM.generate, {what} (not timed)")
         plain()  # warm-up, not timed
         runs: dict[str, list[float]] = {"plain": [], "logprob": [], "hidden": []}
-        for _ in range(repeats):
+        for i in range(repeats):
+            on_phase(f"timing plain LLM.generate, {what} (run {i + 1}/{repeats})")
             runs["plain"].append(plain())
+            on_phase(f"timing monitored, logprob signals only (top-{logprobs}), {what} (run {i + 1}/{repeats})")
             runs["logprob"].append(monitored(False))
+            on_phase(f"timing monitored, all four families + hidden-state tap, {what} (run {i + 1}/{repeats})")
             runs["hidden"].append(monitored(True))
     finally:
         shutdown_llm(llm)

@@ -23,7 +23,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from monitor.cli_args import (
@@ -83,7 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--limit", type=positive_int, help="first N problems of --data")
     r.add_argument("--gold", help="gold answer for --question (to grade it)")
     r.add_argument("--policy", default="observe",
-                   help="observe | deer[:CONF] | certaindex[:K[:CONF]] | threshold:FAMILY.KEY>=VALUE (default: observe)")
+                   help="observe | deer[:CONF] | certaindex[:K[:CONF]] | threshold:FAMILY.KEY>=VALUE | a probe bundle; "
+                        "deer, certaindex and threshold take @KINDS, the decision points they act at: cue, step_end, "
+                        "any, auto (cue words, and step ends while the model has written none; DEER's default), "
+                        "e.g. deer:0.9@step_end (default: observe)")
     r.add_argument("--halt-after", type=positive_int, help="halt after N reasoning tokens (fixed budget)")
     r.add_argument("--max-new-tokens", type=positive_int, default=512, help="reasoning token cap (default 512)")
     add_task_args(r)
@@ -105,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_vllm_engine_args(r)
     r.add_argument("--no-memory-check", action="store_true",
                    help="skip the check that the batch's KV cache fits in free memory (HF backend)")
+    r.add_argument("--compare", action="store_true",
+                   help="also run every question unmonitored (same seed, same process) and show, per question, the "
+                        "tokens saved, whether the answer changed, and the accuracy of both runs (costs a second run)")
     r.add_argument("--trace", help="write traces to this JSON Lines file (atomically)")
     r.add_argument("--append", action="store_true", help="append to --trace instead of replacing it")
     r.add_argument("--record", choices=["default", "full", "points", "none"], default="default",
@@ -197,7 +203,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     vllm_logprobs=args.logprobs, vllm_force=args.force, system=args.system, exit_cue=args.exit_cue,
                     device=args.device, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
                     gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-                    enforce_eager=args.enforce_eager, record=args.record)
+                    enforce_eager=args.enforce_eager, record=args.record, compare=args.compare)
     problems = problems_from_args(args, cfg)
     cfg.validate()
     check_bounds_from_args(args, cfg.max_new_tokens,
@@ -275,14 +281,9 @@ def _run_and_print(args: argparse.Namespace, lm: Any, cfg: Any, problems: list[d
         if sink is not None:
             sink.write_lines([trace_line(t) for t in ts])
 
-    if len(problems) > 1 and not args.json:
-        with Progress(TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=err_console) as bar:
-            task = bar.add_task("run", total=len(problems))
-            traces = run_problems(lm, problems, cfg, RunProgress(on_batch=lambda n: bar.advance(task, n),
-                                                                 on_traces=write))
-    else:
-        traces = run_problems(lm, problems, cfg, RunProgress(on_traces=write))
+    with _TokenProgress(problems, cfg) as progress:  # on stderr, also under --json (stdout holds the JSON)
+        traces = run_problems(lm, problems, cfg, RunProgress(on_traces=lambda ts: (write(ts), progress.done(ts)),
+                                                             on_tokens=progress.tokens))
     if sink is not None:
         sink.close()
 
@@ -297,14 +298,106 @@ def _run_and_print(args: argparse.Namespace, lm: Any, cfg: Any, problems: list[d
         _print_one(traces[0])
     else:
         _print_summary(summary)
+    if cfg.compare:
+        _print_comparison(traces, summary)
+    if summary.get("policy_never_acted"):
+        console.print(f"[yellow]the policy ({traces[0].decision.get('policy')}) never acted in "
+                      f"{summary['policy_never_acted']} of {len(traces)} trace(s): it met no decision point of the "
+                      "kinds it acts at, or no value to read there (a model that writes no cue words gives a policy "
+                      "at cue words nothing: add @step_end or @any, e.g. --policy deer@any)[/yellow]",
+                      soft_wrap=True, highlight=False)
     if args.trace:
         console.print(f"trace written to [bold]{args.trace}[/bold]")
     return 0
 
 
+class _TokenProgress:
+    """The run's progress bar: tokens decoded against the token budget of every question (reasoning cap + answer
+    budget; twice with --compare), tokens/s, questions done, elapsed time and ETA; updated at every decoding step.
+    A finished question's unused budget is counted as done, so the bar ends full and the ETA follows the real rate."""
+
+    def __init__(self, problems: list[dict[str, Any]], cfg: Any) -> None:
+        from monitor.tasks import problem_kind
+
+        self.runs = 2 if cfg.compare else 1
+        self.budget = {str(p.get("id", f"q{i}")): cfg.max_new_tokens + cfg.answer_budget(problem_kind(cfg.answer_kind, p))
+                       for i, p in enumerate(problems)}
+        self.n, self.finished, self.decoded = len(problems), 0, 0
+        self.bar = Progress(TextColumn("[bold]generating"), BarColumn(), TextColumn("{task.fields[questions]}"),
+                            TextColumn("{task.fields[rate]}"), TextColumn("eta"), TimeRemainingColumn(),
+                            TimeElapsedColumn(), console=err_console, transient=False)
+        self.task = self.bar.add_task("run", total=self.runs * sum(self.budget.values()),
+                                      questions=f"0/{self.n} questions", rate="")
+
+    def __enter__(self) -> _TokenProgress:
+        import time
+
+        self.t0 = time.perf_counter()
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.stop()
+
+    def tokens(self, n: int) -> None:
+        import time
+
+        self.decoded += n
+        rate = self.decoded / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.update(self.task, advance=n, rate=f"{rate:.1f} tok/s")
+
+    def done(self, traces: list[Any]) -> None:
+        from monitor.trace import generated_tokens
+
+        for t in traces:
+            self.finished += 1
+            used = generated_tokens(t.accounting, probe=False) + int(t.meta.get("unmonitored_tokens") or 0)
+            self.bar.update(self.task, advance=max(0, self.runs * self.budget.get(t.id, 0) - used),
+                            questions=f"{self.finished}/{self.n} questions")
+
+
 def _brief(t: Any) -> dict[str, Any]:
-    return {"id": t.id, "answer": t.answer, "gold": t.gold, "correct": t.correct, "decision": t.decision,
-            "accounting": t.accounting}
+    from monitor.report.data import comparison
+
+    out = {"id": t.id, "answer": t.answer, "gold": t.gold, "correct": t.correct, "decision": t.decision,
+           "accounting": t.accounting}
+    c = comparison(t)
+    if c is not None:
+        out["compare"] = c
+    return out
+
+
+def _print_comparison(traces: list[Any], summary: dict[str, Any]) -> None:
+    """Per question: the monitored and unmonitored answers, tokens each used and saved, and why it stopped."""
+    from monitor.report.data import comparison, short_stop
+
+    table = Table(title="monitored vs unmonitored, same seed (tokens: reasoning + exit cue + answer + probe)")
+    for col, just in (("id", "left"), ("answer", "left"), ("unmonitored", "left"), ("gold", "left"),
+                      ("tokens", "right"), ("unmon.", "right"), ("saved", "right"), ("stop", "left")):
+        table.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
+
+    def ans(a: Any, ok: Any) -> str:
+        text = " ".join(str(a).split())
+        text = text if len(text) <= 16 else text[:15] + "…"
+        return text + ("" if ok is None else (" ✓" if ok else " ✗"))
+
+    for t in traces:
+        c = comparison(t)
+        if c is None:
+            continue
+        changed = " (changed)" if c["answer_changed"] else ""
+        stop = short_stop(t)
+        table.add_row(str(t.id), ans(t.answer, t.correct) + changed, ans(c["unmonitored_answer"],
+                      c["unmonitored_correct"]), "" if t.gold is None else str(t.gold), str(c["monitored_tokens"]),
+                      str(c["unmonitored_tokens"]), str(c["saved_tokens"]), stop)
+    console.print(table)
+    s = summary.get("compare")
+    if s:
+        pct = s["tokens_saved"] / s["unmonitored_tokens"] if s["unmonitored_tokens"] else 0.0
+        accs = ("" if s["accuracy_monitored"] is None else
+                f"; accuracy monitored {s['accuracy_monitored']:.2f} vs unmonitored {s['accuracy_unmonitored']:.2f}")
+        console.print(f"[bold]tokens saved:[/bold] {s['tokens_saved']} of {s['unmonitored_tokens']} ({pct:.1%}); "
+                      f"answers changed: {s['answers_changed']} of {s['n']}{accs}", soft_wrap=True)
 
 
 def _print_one(t: Any) -> None:
@@ -365,9 +458,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     lm = load_from_args(args)
     if args.bench == "vllm":
         return _bench_vllm(args, lm)
-    with err_console.status("benchmarking plain vs monitored generation ..."):
+    with err_console.status("benchmarking plain vs monitored generation ...") as status:
         res = bench_overhead(lm, args.data, new_tokens=args.new_tokens, batch_size=args.batch_size,
-                             repeats=args.repeats)
+                             repeats=args.repeats, on_phase=lambda what: status.update(what + " ..."))
     if args.json:
         print(json.dumps(asdict(res), indent=2))
         return 0
@@ -385,7 +478,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _bench_monitor(args: argparse.Namespace) -> int:
     from monitor.bench_monitor import bench_monitor
 
-    with err_console.status("benchmarking the monitor on synthetic steps ..."):
+    with err_console.status(f"timing the monitor alone: batch {args.batch}, {args.tokens} synthetic token steps, "
+                            f"logprobs {args.logprobs}, then its memory at {', '.join(map(str, args.memory_tokens))} tokens ..."):
         res = bench_monitor(args.batch, args.logprobs, args.vocab, args.tokens, args.hidden_size, args.layers,
                             args.memory_tokens, device=args.device)
     if args.json:
@@ -414,11 +508,12 @@ def _bench_vllm(args: argparse.Namespace, lm: Any) -> int:
     from monitor.bench import bench_vllm
 
     require_vllm()
-    with err_console.status("benchmarking plain vs monitored vLLM ..."):
+    with err_console.status("benchmarking plain vs monitored vLLM ...") as status:
         extra = {"tensor_parallel_size": args.tensor_parallel_size}
         if args.gpu_memory_utilization is not None:
             extra["gpu_memory_utilization"] = args.gpu_memory_utilization
         res = bench_vllm(lm, requests=args.requests, new_tokens=args.new_tokens, repeats=args.repeats,
+                         on_phase=lambda what: status.update(what + " ..."),
                          logprobs=args.logprobs, data_path=args.data, dtype=args.dtype, **extra)
     if args.json:
         print(json.dumps(asdict(res), indent=2))
@@ -440,7 +535,8 @@ def _bench_vllm(args: argparse.Namespace, lm: Any) -> int:
 def _bench_serve(args: argparse.Namespace) -> int:
     from serve.bench import bench_serve
 
-    with err_console.status("benchmarking the servers, one after the other ..."):
+    with err_console.status(f"timing {len(args.target)} server(s) one after the other: {args.clients} clients, "
+                            f"{args.requests} requests of {args.max_tokens} tokens each ..."):
         res = bench_serve(args.target, clients=args.clients, requests=args.requests, max_tokens=args.max_tokens)
     if args.json:
         print(json.dumps(res.to_dict(), indent=2))

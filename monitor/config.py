@@ -121,6 +121,7 @@ class RunConfig(MonitorConfig):
     gpu_memory_utilization: float | None = None  # vLLM: fraction of GPU memory for the engine (vLLM's default)
     max_model_len: int | None = None  # vLLM: context length (default: the model's, capped at 32768; 4096 on CPU)
     enforce_eager: bool | None = None  # vLLM: None = eager only when the hidden-state tap needs it
+    compare: bool = False  # also run every question unmonitored (same seed, same process): tokens saved, answer changed
 
     def validate(self) -> None:
         for name in ("max_new_tokens", "batch_size", "tensor_parallel_size"):

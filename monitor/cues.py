@@ -95,6 +95,7 @@ class CueDetector:
         self._step_start = 0
         self._ended = False
         self._counts: dict[str, int] = {}
+        self.cues_seen = 0  # cue words found so far in this sequence (policies acting at step ends until the first)
 
     @property
     def reasoning_ended(self) -> bool:
@@ -110,6 +111,7 @@ class CueDetector:
             word = "".join(self._word).lower()
             if word in self.cue_words:
                 out.append(self._point(self._word_end_index, "cue", word, self._word_at_para_start))
+                self.cues_seen += 1
             self._word = []
 
     def update(self, index: int, text: str) -> list[DecisionPoint]:

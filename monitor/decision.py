@@ -110,6 +110,37 @@ class DecisionContext:
     values: Mapping[str, float]  # latest value of every signal key, flattened "family.key"
     point: DecisionPoint | None = None  # the decision point confirmed at this token, if any
     hidden: Mapping[int, object] | None = None  # hidden states at the decision point's token
+    cues_seen: int = 0  # cue words found so far in this sequence (the "auto" point kinds below)
+
+
+#: The decision-point kinds a policy can be told to act at (`@KINDS` in a policy spec, e.g. "deer@step_end"):
+#: "cue" (cue words), "step_end" (a blank line closing a step), "any" (every decision point), and "auto": cue words,
+#: and step ends while the sequence has no cue word yet (a model that writes no "wait" still gets decision points).
+POINT_KIND_CHOICES = ("cue", "step_end", "any", "auto")
+
+
+def check_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
+    """`kinds` as a tuple of `POINT_KIND_CHOICES`; a ValueError naming the bad one and the choices otherwise."""
+    out = tuple(str(k).strip() for k in kinds)
+    bad = [k for k in out if k not in POINT_KIND_CHOICES]
+    if not out or bad:
+        raise ValueError(f"decision-point kind {(bad or [''])[0]!r} is not one of {', '.join(POINT_KIND_CHOICES)} "
+                         "(e.g. deer@step_end or threshold:KEY>=V@cue,step_end)")
+    return out
+
+
+def acts_at(kinds: tuple[str, ...], ctx: DecisionContext) -> bool:
+    """Whether a policy told to act at `kinds` acts at `ctx`'s decision point (none: no)."""
+    pt = ctx.point
+    if pt is None:
+        return False
+    if "any" in kinds or pt.kind in kinds:
+        return True
+    return "auto" in kinds and (pt.kind == "cue" or (pt.kind == "step_end" and ctx.cues_seen == 0))
+
+
+def _kinds_suffix(kinds: tuple[str, ...], default: tuple[str, ...]) -> str:
+    return "" if kinds == default else "@" + ",".join(kinds)
 
 
 @runtime_checkable
@@ -193,7 +224,7 @@ class SignalThresholdPolicy:
     """
 
     def __init__(self, key: str, threshold: float, op: str = ">=", min_tokens: int = 0,
-                 at: str = "decision_points") -> None:
+                 at: str = "decision_points", kinds: tuple[str, ...] = ("any",)) -> None:
         if not isinstance(key, str) or not key.strip():
             raise ValueError("the threshold policy needs a signal key, e.g. 'jsd_instability.instability>=0.3' "
                              "(`overthink signals` lists them)")
@@ -209,11 +240,12 @@ class SignalThresholdPolicy:
         if at not in ("decision_points", "any"):
             raise ValueError(f"at must be 'decision_points' or 'any', got {at!r}")
         self.key, self.threshold, self.op, self.min_tokens, self.at = key, float(threshold), op, min_tokens, at
-        self.name = f"threshold:{key}{op}{threshold:g}"
+        self.kinds = check_kinds(kinds)
+        self.name = f"threshold:{key}{op}{threshold:g}" + _kinds_suffix(self.kinds, ("any",))
         self.at_points_only = at == "decision_points"  # with at="tokens" it is asked at every token
 
     def decide(self, ctx: DecisionContext) -> Decision:
-        if self.at == "decision_points" and ctx.point is None:
+        if self.at == "decision_points" and not acts_at(self.kinds, ctx):
             return Decision(CONTINUE)
         if ctx.reasoning_tokens < self.min_tokens:
             return Decision(CONTINUE)
@@ -235,18 +267,19 @@ class DeerPolicy:
     trial_prompt = "\n**Final Answer**\n\\boxed{"
 
     def __init__(self, threshold: float = 0.95, max_trial_tokens: int = 20, mean: str = "arithmetic",
-                 kinds: tuple[str, ...] = ("cue",)) -> None:
+                 kinds: tuple[str, ...] = ("auto",)) -> None:
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or math.isnan(threshold) \
                 or not 0.0 < threshold <= 1.0:
             raise ValueError(f"DEER confidence threshold must be in (0, 1], got {threshold!r}")
         if mean not in ("arithmetic", "geometric"):
             raise ValueError(f"mean must be 'arithmetic' or 'geometric', got {mean!r}")
-        self.threshold, self.max_trial_tokens, self.mean, self.kinds = threshold, max_trial_tokens, mean, kinds
-        self.name = f"deer:{threshold:g}"
+        self.threshold, self.max_trial_tokens, self.mean = threshold, max_trial_tokens, mean
+        self.kinds = check_kinds(kinds)
+        self.name = f"deer:{threshold:g}" + _kinds_suffix(self.kinds, ("auto",))
         self.at_points_only = True  # trials start only at decision points
 
     def decide(self, ctx: DecisionContext) -> Decision:
-        if ctx.point is not None and ctx.point.kind in self.kinds:
+        if acts_at(self.kinds, ctx):
             return Decision(TRIAL, f"trial answer at {_point_words(ctx.point)}",
                             trial=TrialRequest(self.trial_prompt, self.max_trial_tokens, self.mean))
         return Decision(CONTINUE)
@@ -292,12 +325,14 @@ class CertaindexPolicy:
         if confidence is not None and (isinstance(confidence, bool) or not isinstance(confidence, numbers.Real)
                                        or math.isnan(confidence) or not 0.0 < confidence <= 1.0):
             raise ValueError(f"certaindex confidence must be in (0, 1], got {confidence!r}")
-        self.k, self.confidence, self.max_trial_tokens, self.kinds = k, confidence, max_trial_tokens, kinds
-        self.name = f"certaindex:{k}" + (f":{confidence:g}" if confidence is not None else "")
+        self.k, self.confidence, self.max_trial_tokens = k, confidence, max_trial_tokens
+        self.kinds = check_kinds(kinds)
+        self.name = (f"certaindex:{k}" + (f":{confidence:g}" if confidence is not None else "")
+                     + _kinds_suffix(self.kinds, ("cue", "step_end")))
         self.at_points_only = True
 
     def decide(self, ctx: DecisionContext) -> Decision:
-        if ctx.point is not None and ctx.point.kind in self.kinds:
+        if acts_at(self.kinds, ctx):
             return Decision(TRIAL, f"trial answer at {_point_words(ctx.point)}",
                             trial=TrialRequest(self.trial_prompt, self.max_trial_tokens))
         return Decision(CONTINUE)
@@ -379,8 +414,9 @@ def validate_policy_keys(policy: Policy, known_keys: Iterable[str]) -> None:
 
 def parse_policy(spec: str | None, halt_after: int | None = None,
                  known_keys: Iterable[str] | None = None) -> Policy:
-    """Build a policy from CLI text: "observe", "deer[:THRESHOLD]", "threshold:KEY>=VALUE", or
-    `halt_after` (which wins when given together with "observe").
+    """Build a policy from CLI text: "observe", "deer[:THRESHOLD]", "certaindex[:K[:CONF]]",
+    "threshold:KEY>=VALUE", or `halt_after` (which wins when given together with "observe"). DEER, certaindex and
+    threshold take "@KINDS", the decision-point kinds they act at (`POINT_KIND_CHOICES`), e.g. "deer:0.9@step_end".
 
     `known_keys`: the "family.key" names the run's signals emit (`monitor.signals.known_signal_keys`;
     "family.*" accepts any key of that family). When given, a threshold key outside them is refused with
@@ -389,6 +425,14 @@ def parse_policy(spec: str | None, halt_after: int | None = None,
     if known_keys is not None:
         known_keys = list(known_keys)  # may be a one-shot iterator
     spec = (spec or "observe").strip()
+    spec, at, kinds_text = spec.partition("@")
+    spec = spec.strip()
+    kw: dict[str, Any] = {}
+    if at:
+        if not (spec.startswith(("deer", "certaindex", "threshold:"))):
+            raise ValueError(f"--policy {spec}@{kinds_text}: only deer, certaindex and threshold policies take "
+                             "@KINDS (the decision points they act at)")
+        kw["kinds"] = check_kinds(kinds_text.split(","))
     if halt_after is not None:
         if spec != "observe":
             raise ValueError("--halt-after is a policy of its own; do not combine it with --policy")
@@ -398,7 +442,7 @@ def parse_policy(spec: str | None, halt_after: int | None = None,
     if spec == "deer" or spec.startswith("deer:"):
         _, _, thr = spec.partition(":")
         try:
-            return DeerPolicy(float(thr)) if thr else DeerPolicy()
+            return DeerPolicy(float(thr), **kw) if thr else DeerPolicy(**kw)
         except ValueError as e:
             raise ValueError(f"bad DEER policy {spec!r}: {e}. Use e.g. --policy deer:0.95") from None
     if spec.startswith("certaindex"):
@@ -407,7 +451,7 @@ def parse_policy(spec: str | None, halt_after: int | None = None,
             if parts[0] != "certaindex" or len(parts) > 3:
                 raise ValueError("expected certaindex:K or certaindex:K:CONF")
             k = int(parts[1]) if len(parts) > 1 and parts[1] else 3
-            return CertaindexPolicy(k, float(parts[2]) if len(parts) > 2 else None)
+            return CertaindexPolicy(k, float(parts[2]) if len(parts) > 2 else None, **kw)
         except ValueError as e:
             raise ValueError(f"bad certaindex policy {spec!r}: {e}. Use e.g. --policy certaindex:3 or "
                              "certaindex:3:0.6") from None
@@ -420,11 +464,11 @@ def parse_policy(spec: str | None, halt_after: int | None = None,
                 if key and known_keys is not None:
                     check_signal_key(key, known_keys, f" in --policy {spec!r}")
                 try:
-                    return SignalThresholdPolicy(key, float(val), op)
+                    return SignalThresholdPolicy(key, float(val), op, **kw)
                 except ValueError as e:
                     raise ValueError(f"bad threshold policy {spec!r}: {e}") from None
         raise ValueError(f"bad threshold policy {spec!r}: use e.g. threshold:jsd_instability.instability>=0.3")
     raise ValueError(
-        f"unknown policy {spec!r}: use observe, deer[:CONF], certaindex[:K[:CONF]], threshold:FAMILY.KEY>=VALUE, "
-        "or --halt-after N"
+        f"unknown policy {spec!r}: use observe, deer[:CONF], certaindex[:K[:CONF]], threshold:FAMILY.KEY>=VALUE "
+        "(each optionally @KINDS: @cue, @step_end, @any, @auto), or --halt-after N"
     )

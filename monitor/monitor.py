@@ -360,14 +360,15 @@ class Monitor:
         if points:
             for pt in points:
                 hidden = self._prev_hidden if pt.index < pos else hidden_now
-                ctx = DecisionContext(pos, self.reasoning_tokens, self.values, pt, hidden)
+                ctx = DecisionContext(pos, self.reasoning_tokens, self.values, pt, hidden, self.cues.cues_seen)
                 d = self._decide(ctx)
                 self._record_point(pt, d)
                 if d.action != CONTINUE:
                     decision = d
                     break
         elif self._every_token:
-            decision = self._decide(DecisionContext(pos, self.reasoning_tokens, self.values, None, hidden_now))
+            decision = self._decide(DecisionContext(pos, self.reasoning_tokens, self.values, None, hidden_now,
+                                                    self.cues.cues_seen))
         self._prev_hidden = hidden_now
         return self._apply(decision)
 

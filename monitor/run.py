@@ -14,12 +14,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from monitor.answers import check_answer
 from monitor.backends.vllm_engine import build_vllm_engine
 from monitor.config import RunConfig, is_bundle_spec
 from monitor.models import LoadedModel, resolve_layers
 from monitor.monitor import Monitor
 from monitor.tasks import Task, build_prompt, grade, problem_task
-from monitor.trace import Trace
+from monitor.trace import Trace, generated_tokens
 
 log = logging.getLogger("overthink.run")
 
@@ -86,6 +87,7 @@ class Progress:
 
     on_batch: Callable[[int], None] = field(default=lambda n: None)
     on_traces: Callable[[list[Trace]], None] = field(default=lambda ts: None)  # each batch's traces, as they finish
+    on_tokens: Callable[[int], None] | None = None  # tokens decoded at each step (monitored and --compare twin runs)
 
 
 def make_generator(lm: LoadedModel, cfg: RunConfig, layers: Sequence[int],
@@ -98,7 +100,7 @@ def make_generator(lm: LoadedModel, cfg: RunConfig, layers: Sequence[int],
 
         kw = dict(layers=layers, exit_cue=task.exit_cue, answer_max_tokens=task.answer_max_tokens,
                   hidden=cfg.vllm_hidden, force=cfg.vllm_force, logprobs=cfg.vllm_logprobs)
-        if needs_trials(cfg.policy):  # trials are side requests: vLLM's AsyncLLM, on a loop thread
+        if needs_trials(cfg.policy) or isinstance(llm, AsyncRunner):  # (an --compare twin shares the engine)  # trials are side requests: vLLM's AsyncLLM, on a loop thread
             if llm is None:
                 llm = build_vllm_engine(lm, cfg, runner=True)
             if not isinstance(llm, AsyncRunner):
@@ -124,7 +126,7 @@ def needs_trials(policy: str) -> bool:
             return load_bundle(policy).trial_pipeline is not None
         except ValueError:  # not a bundle after all: the policy loader says so
             return False
-    return policy.split(":")[0] in ("deer", "certaindex")
+    return policy.partition("@")[0].split(":")[0].strip() in ("deer", "certaindex")
 
 
 def run_problems(
@@ -150,6 +152,10 @@ def run_problems(
     layers = resolve_layers(lm, cfg.layers)
     factory = cfg.monitor_factory(layers, lm.family.think_end, (lambda: policy) if policy is not None else None)
     planned = plan_problems(lm, cfg, problems)  # each problem's task and prompt, checked against the context
+    # --compare: the unmonitored twin, the same generation with no signals and a policy that never halts
+    twin_cfg = replace(cfg, policy="observe", halt_after=None, signals=False, record="none", compare=False)
+    twin_factory = twin_cfg.monitor_factory(layers, lm.family.think_end) if cfg.compare else None
+    twins: dict[Task, Any] = {}
     gens: dict[Task, Any] = {}
     engine = llm
     traces: list[Trace] = []
@@ -163,6 +169,7 @@ def run_problems(
             for task, idx in groups.items():
                 if task not in gens:
                     gens[task] = make_generator(lm, cfg, layers, factory, engine, task)
+                    gens[task].on_tokens = progress.on_tokens if progress is not None else None
                     engine = getattr(gens[task], "llm", engine)  # vLLM: one engine for every task
                 sub = [batch[i] for i in idx]
                 prompts = [planned[start + i][1] for i in idx]
@@ -172,13 +179,23 @@ def run_problems(
                 wall = time.perf_counter() - t0
                 for i, p, r in zip(idx, sub, results):
                     out[i] = _trace(lm, cfg, layers, task, p, r, start, start + i, wall, len(sub))
+                if twin_factory is not None:
+                    if task not in twins:
+                        twins[task] = make_generator(lm, twin_cfg, layers, twin_factory, engine, task)
+                        twins[task].on_tokens = progress.on_tokens if progress is not None else None
+                    t0 = time.perf_counter()
+                    plain = twins[task].generate(prompts, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
+                                                 temperature=cfg.temperature, seed=cfg.seed + start)
+                    wall = time.perf_counter() - t0
+                    for i, p, r in zip(idx, sub, plain):
+                        _add_twin(out[i], task, p, r, wall)
             done = [t for t in out if t is not None]
             traces.extend(done)
             if progress is not None:
                 progress.on_traces(done)
                 progress.on_batch(len(batch))
     finally:
-        for g in gens.values():
+        for g in [*gens.values(), *twins.values()]:
             g.close()
         if cfg.backend == "vllm" and llm is None and engine is not None:
             from monitor.backends.vllm_engine import shutdown_llm
@@ -207,6 +224,21 @@ def _trace(lm: LoadedModel, cfg: RunConfig, layers: list[int], task: Task, p: di
         answer_text=r.answer_text, answer=answer, gold=None if gold is None else str(gold),
         correct=correct, reason=None if r.monitor.decision else r.stop_reason, meta=meta,
     )
+
+
+def _add_twin(t: Trace | None, task: Task, p: dict[str, Any], r: Any, wall: float) -> None:
+    """Record the unmonitored twin of trace `t` in its meta: what it cost (`trace.generated_tokens`, the rule every
+    tokens-saved figure uses), its answer and grade, and whether the monitored answer differs from it."""
+    if t is None:
+        return
+    answer, correct = grade(r, p.get("answer"), task.kind)
+    same = t.answer == answer or (t.answer is not None and answer is not None
+                                  and check_answer(t.answer, answer, task.kind))
+    unmonitored = generated_tokens(r.monitor.accounting(r.prompt_tokens))
+    t.meta["unmonitored_tokens"] = unmonitored
+    t.meta["compare"] = {"unmonitored_tokens": unmonitored, "unmonitored_answer": answer,
+                         "unmonitored_correct": correct, "answer_changed": not same,
+                         "unmonitored_stop_reason": r.stop_reason, "unmonitored_batch_wall_seconds": round(wall, 3)}
 
 
 def plan_problems(lm: LoadedModel, cfg: RunConfig, problems: Sequence[dict[str, Any]]) -> list[tuple[Task, str]]:

@@ -90,7 +90,9 @@ def test_report_marks_decision_points_steps_and_halt(tmp_path):
     assert len(re.findall(r'class="dp dp-cue[^"]*" data-index', html)) == 2
     assert len(re.findall(r'class="dp dp-step_end[^"]*" data-index', html)) == 2
     assert 'class="dp dp-cue act-halt"' in html  # the cue where it halted stands out
-    assert len(re.findall(r'class="halt-marker" id=', html)) == 1 and "halted here (token 21)" in html
+    # the marker names the same token as the stop reason ("halted at token 20"); the exit cue starts at 21
+    assert t.decision["at"] == 21 and "halted at token 20" in t.decision["reason"]
+    assert len(re.findall(r'class="halt-marker" id=', html)) == 1 and "halted at token 20: exit cue from here" in html
     assert "st1" in html  # alternate steps are shaded
     v = t.decision_points[-1]["values"]["jsd_instability.instability"]
     assert f"jsd_instability.instability = {v:.4g}" in html  # signal values in the marker's hover text
@@ -360,3 +362,47 @@ def test_both_index_and_id_is_a_usage_error(tmp_path):
 def test_render_report_accepts_a_path_like_and_returns_it(tmp_path):
     out = render_report([make_trace()], str(tmp_path / "x.html"))
     assert isinstance(out, Path) and out.read_text().startswith("<!DOCTYPE html>")
+
+
+def test_vllm_control_lag_is_in_the_stop_reason_and_the_marker(tmp_path):
+    t = make_signal_trace()
+    t.backend, t.meta["vllm"] = "vllm", {"lag_tokens": 3, "halt_mode": "processor"}
+    # the policy decided at token 20; the engine wrote 3 more tokens before the exit cue landed at 24
+    t.decision["at"] = 24
+    reason = stop_reason(t)
+    assert reason.startswith("halted at token 20") and "landed 3 tokens later, at token 24" in reason
+    html = render_report(t, tmp_path / "r.html").read_text()
+    assert "halted at token 20, exit cue 3 tokens later: exit cue from here" in html
+
+
+def test_outcome_histograms_keep_their_legend_with_one_outcome():
+    from monitor.report.panels import batch_panels
+
+    ts = [make_signal_trace(correct=True), make_signal_trace(correct=True)]
+    panels = {p.key: p for p in batch_panels(ts)}
+    for key in ("lengths", "halt_positions"):
+        fig = panels[key].figure
+        assert fig.layout.showlegend is True and fig.layout.legend.title.text == "outcome"
+
+
+def test_latent_trajectory_chart_keeps_room_for_its_right_axis():
+    latent = next(p for p in trace_panels(make_signal_trace()) if p.key == "latent_trajectory")
+    fig = latent.figure
+    assert fig.layout.yaxis2.title.text == "aligned (cosine)" and fig.layout.margin.r >= 80
+    assert fig.layout.yaxis.title.text == "net, cumulative"
+
+
+def test_what_if_replays_other_thresholds_on_the_recorded_scores():
+    from monitor.report.data import what_if
+
+    t = make_signal_trace()  # a threshold policy (0.05) halted at the 2nd 'wait', token 20
+    scores = {p["index"]: p["score"] for p in t.decision_points if p.get("score") is not None}
+    rows = what_if(t)
+    assert [r["own"] for r in rows].count(True) == 1 and next(r for r in rows if r["own"])["stop"] == 20
+    for r in rows:  # each stop is the first recorded point whose score reaches that threshold (None: not before 20)
+        first = next((i for i in sorted(scores) if i <= 20 and scores[i] >= r["threshold"]), None)
+        assert r["stop"] == first
+    assert any(r["stop"] is not None and r["stop"] < 20 for r in rows)  # a lower threshold stops earlier here
+    assert what_if(make_signal_trace(halt=False)) is None
+    panels = [p.key for p in trace_panels(t)]
+    assert panels[:2] == ["policy", "what_if"]

@@ -158,6 +158,8 @@ class MonitorStoppingCriteria(StoppingCriteria):
         last = input_ids[:, -1].tolist()  # one device-to-host copy for the whole batch
         cancelled = self.gen.cancelled
         infos = self.gen._token_logprobs(input_ids[:, -1]) if self.gen.logprobs is not None else None
+        if self.gen.on_tokens is not None:  # progress: the tokens this step produced
+            self.gen.on_tokens(sum(row.phase != "done" for row in self.rows))
         for b, row in enumerate(self.rows):
             if row.phase != "done":
                 self.gen._ingest(row, last[b], None if infos is None else infos[b])
@@ -194,6 +196,7 @@ class HFMonitoredGenerator:
         self.model, self.tokenizer = model, tokenizer
         self.device = model_device(model)  # where inputs go (the first shard of a model split over devices)
         self.monitor_factory = monitor_factory
+        self.on_tokens: Callable[[int], None] | None = None  # told how many tokens each decoding step produced
         self.taps = HFTaps(model, layers)
         self.layers = self.taps.layers
         self.exit = ExitPlan.build(tokenizer, exit_cue, answer_max_tokens)

@@ -93,6 +93,14 @@ class BlockingAsyncGenerator:
                                                                   **kwargs))
         self.info, self.exit, self.layers = self._gen.info, self._gen.exit, self._gen.layers
 
+    @property
+    def on_tokens(self) -> Callable[[int], None] | None:
+        return self._gen.on_tokens
+
+    @on_tokens.setter
+    def on_tokens(self, fn: Callable[[int], None] | None) -> None:
+        self._gen.on_tokens = fn
+
     def generate(self, prompts: Sequence[str], **kwargs: Any) -> list[SequenceResult]:
         return self.llm.run(self._gen.generate(prompts, **kwargs))
 
@@ -194,6 +202,7 @@ class VLLMMonitoredGenerator:
         self.llm, self.engine = llm, engine
         self.tokenizer = tokenizer
         self.monitor_factory = monitor_factory
+        self.on_tokens: Callable[[int], None] | None = None  # told how many tokens each engine step produced
         self.exit = ExitPlan.build(tokenizer, exit_cue, answer_max_tokens)
         self.exit_at_budget = exit_at_budget
         self.logprobs = -1 if logprobs == "full" else int(logprobs)
@@ -450,6 +459,8 @@ class VLLMMonitoredGenerator:
             live = [(by[out.request_id], out) for out in outs if out.request_id in by]
             streams = [list(zip(out.outputs[0].token_ids, out.outputs[0].logprobs
                                 or [None] * len(out.outputs[0].token_ids))) for _, out in live]
+            if self.on_tokens is not None:  # progress: the tokens this engine step produced
+                self.on_tokens(sum(len(x) for x in streams))
             for r in range(max((len(x) for x in streams), default=0)):  # round r: each request's r-th new token
                 self._ingest_step([(st, int(x[r][0]), x[r][1], hid.setdefault(st.rid, {}))
                                    for (st, _), x in zip(live, streams) if r < len(x)], actions)
@@ -775,6 +786,8 @@ class AsyncVLLMMonitoredGenerator(VLLMMonitoredGenerator):
                     if self.hidden and st.pending is not None and pos not in hid.get(st.rid, {}):
                         await self._drain_async(hid, st.rid, pos)
                     await self._step(st, int(tok), lp, hid.setdefault(st.rid, {}), actions)
+                    if self.on_tokens is not None:
+                        self.on_tokens(1)
                 if out.finished:
                     hid.pop(st.rid, None)
                     self._finished(st, o.finish_reason, actions)

@@ -52,6 +52,47 @@ def halting_point(t: Trace) -> dict[str, Any] | None:
     return None
 
 
+def what_if(t: Trace) -> list[dict[str, Any]] | None:
+    """For a trace halted by a policy that compares a score with a threshold (DEER, certaindex, a threshold or a
+    probe): where the same policy with other thresholds would have stopped, replayed on the scores it recorded at
+    its decision points (the same points get the same scores whatever the threshold). Each row: threshold, stop (the
+    decision-point token where it halts, or None when it would not have halted before this trace's halt: the trace
+    ends there, so later is all that can be said) and whether it is this trace's own policy. None otherwise."""
+    hp = halting_point(t)
+    if not t.decision.get("halted") or hp is None or not is_finite(hp.get("score")) \
+            or not is_finite(hp.get("threshold")):
+        return None
+    thr0, upward = float(hp["threshold"]), float(hp["score"]) >= float(hp["threshold"])
+    pts = [p for p in t.decision_points if is_finite(p.get("score")) and p["index"] <= hp["index"]]
+    if float(thr0).is_integer() and thr0 >= 1:  # a count (certaindex: trial answers in a row)
+        alts = [v for v in (thr0 - 1, thr0, thr0 + 1, thr0 + 2) if v >= 1]
+    else:
+        alts = [thr0 * f for f in (0.8, 0.9, 1.0, 1.1, 1.2)]
+        if 0.0 < thr0 <= 1.0:  # a probability (DEER's confidence, a probe's score)
+            alts = [min(v, 1.0) for v in alts]
+    rows = []
+    for v in sorted(set(alts)):
+        hit = next((p for p in pts if (p["score"] >= v if upward else p["score"] <= v)), None)
+        rows.append({"threshold": v, "stop": None if hit is None else int(hit["index"]), "own": v == thr0})
+    return rows
+
+
+def control_lag(t: Trace) -> int:
+    """Tokens the engine wrote between the halting decision and the first forced exit-cue token (vLLM's engine runs
+    ahead of the driver; they stay in the sequence as reasoning). 0 on the HF backend."""
+    lag = (t.meta.get(t.backend) or {}).get("lag_tokens") if isinstance(t.meta.get(t.backend), dict) else None
+    return lag if isinstance(lag, int) and not isinstance(lag, bool) and lag > 0 else 0
+
+
+def decision_token(t: Trace) -> int | None:
+    """The token at which the policy decided to halt (what "halted at token N" in the reason names): the exit cue
+    starts at `decision.at`, one token later, plus the control lag."""
+    at = t.decision.get("at")
+    if not t.decision.get("halted") or not isinstance(at, int):
+        return None
+    return at - 1 - control_lag(t)
+
+
 def stop_reason(t: Trace) -> str:
     """Why the trace stopped, in plain words, e.g. "halted at token 412: probe 0.93 >= threshold 0.88 at the
     6th 'wait'" or "not halted (policy observe): end of sequence after 170 reasoning tokens"."""
@@ -63,9 +104,26 @@ def stop_reason(t: Trace) -> str:
         p = halting_point(t)
         if p is not None and " at the " not in text and " at a " not in text:
             text += f" at {point_words(p)}"
+        lag = control_lag(t)
+        if lag:
+            text += (f"; the exit cue landed {lag} token{'s' if lag != 1 else ''} later, at token {t.decision.get('at')} "
+                     f"(vLLM's engine runs ahead of the driver; those tokens count as reasoning)")
         return text
     n = t.accounting.get("reasoning", 0)
     return f"not halted (policy {d.get('policy', '?')}): {reason or 'no reason recorded'} after {n} reasoning tokens"
+
+
+def short_stop(t: Trace) -> str:
+    """Why the trace stopped in a few words, for a table cell: "halted at 93 (step end)", "budget", "finished"."""
+    d = t.decision
+    if d.get("halted"):
+        p = halting_point(t)
+        where = "" if p is None else (" (step end)" if p.get("kind") == "step_end" else
+                                      f" ('{p.get('label')}')" if p.get("kind") == "cue" else " (reasoning end)")
+        return f"halted at {decision_token(t)}{where}"
+    reason = str(d.get("reason") or "")
+    return "budget" if "budget" in reason else ("finished" if "end of sequence" in reason or "finished" in reason
+                                                 else reason[:24])
 
 
 def reason_group(t: Trace) -> str:
@@ -95,6 +153,23 @@ def token_accounting(t: Trace) -> dict[str, Any]:
             "saved_fraction": (saved / unmon) if unmon else None}
 
 
+def policy_acted(t: Trace) -> bool:
+    """Whether the policy did anything in this trace: halted, or at some decision point scored it or asked for a
+    trial. A policy that never did had no decision point of the kinds it acts at (a model that writes no cue words
+    gives DEER nothing at cues) or no value to read there."""
+    return bool(t.decision.get("halted")) or any(
+        p.get("action") not in (None, "continue") or p.get("score") is not None for p in t.decision_points)
+
+
+def comparison(t: Trace) -> dict[str, Any] | None:
+    """The unmonitored twin of a `run --compare` trace (`meta["compare"]`), with the tokens saved (the accounting
+    rule of `token_accounting`); None for a trace run without one."""
+    c = t.meta.get("compare")
+    if not isinstance(c, dict):
+        return None
+    return {**c, "saved_tokens": token_accounting(t)["saved"], "monitored_tokens": token_accounting(t)["monitored"]}
+
+
 def outcome_of(t: Trace) -> str:
     return "ungraded" if t.correct is None else ("correct" if t.correct else "incorrect")
 
@@ -108,6 +183,9 @@ def batch_summary(traces: Sequence[Trace]) -> dict[str, Any]:
     tokens = {k: {"total": sum(a[k] for a in accs), "mean": (sum(a[k] for a in accs) / n) if n else 0.0}
               for k in (*ACCOUNTING_ROWS, "monitored")}
     halted = [t for t in traces if t.decision.get("halted")]
+    acting = [t for t in traces if t.decision.get("policy") not in (None, "observe")]
+    pairs = [(t, c) for t in traces if (c := comparison(t)) is not None]
+    pgraded = [c for t, c in pairs if c.get("unmonitored_correct") is not None]
     return {
         "n": n,
         "graded": len(graded),
@@ -120,6 +198,18 @@ def batch_summary(traces: Sequence[Trace]) -> dict[str, Any]:
                   "unmonitored_total": sum(a["unmonitored"] for a in known) if known else None},
         "stop_reasons": dict(Counter(reason_group(t) for t in traces).most_common()),
         "signal_errors": sum(len(t.errors) for t in traces),
+        # policies that could not act once (e.g. DEER at cue words on a model that writes none)
+        "policy_never_acted": sum(not policy_acted(t) for t in acting) if acting else None,
+        "compare": None if not pairs else {
+            "n": len(pairs),
+            "accuracy_monitored": (sum(bool(t.correct) for t, c in pairs if t.correct is not None) / len(pgraded))
+            if pgraded else None,
+            "accuracy_unmonitored": (sum(bool(c["unmonitored_correct"]) for c in pgraded) / len(pgraded))
+            if pgraded else None,
+            "answers_changed": sum(bool(c.get("answer_changed")) for _, c in pairs),
+            "tokens_saved": sum(c["saved_tokens"] for _, c in pairs),
+            "unmonitored_tokens": sum(c["unmonitored_tokens"] for _, c in pairs),
+        },
     }
 
 

@@ -17,6 +17,9 @@ from monitor.report.data import (
     ACCOUNTING_ROWS,
     ReportWriteError,
     batch_summary,
+    comparison,
+    control_lag,
+    decision_token,
     fmt_value,
     is_finite,
     outcome_of,
@@ -161,6 +164,12 @@ def _accounting_html(t: Trace) -> str:
     else:
         rows += (f'<tr><td>unmonitored run (reasoning + exit cue + answer)</td><td class="num">{a["unmonitored"]}</td></tr>'
                  f'<tr><td>saved</td><td class="num">{a["saved"]} ({a["saved_fraction"]:.1%})</td></tr>')
+    c = comparison(t)
+    if c is not None:  # run --compare: the twin's answer beside ours
+        ok = {True: " (correct)", False: " (incorrect)", None: ""}[c.get("unmonitored_correct")]
+        rows += (f'<tr><td>unmonitored answer</td><td class="num">{_e(c.get("unmonitored_answer"))}{ok}</td></tr>'
+                 f'<tr><td>answer changed by halting</td><td class="num">'
+                 f'{"yes" if c.get("answer_changed") else "no"}</td></tr>')
     return f'<table class="accounting"><tr><th>tokens</th><th class="num">count</th></tr>{rows}</table>'
 
 
@@ -191,8 +200,10 @@ def _text_html(t: Trace, anchor: str) -> str:
     out = []
     for i in range(n + 1):
         if at is not None and i == at:
+            lag = control_lag(t)
+            where = f"halted at token {decision_token(t)}" + (f", exit cue {lag} tokens later" if lag else "")
             out.append(f'<span class="halt-marker" id="{anchor}-halt" title="{_e(stop_reason(t))}">'
-                       f"&#9632; halted here (token {i})</span>")
+                       f"&#9632; {where}: exit cue from here</span>")
         elif not halted and forced_start is not None and i == forced_start:
             out.append(f'<span class="cue-marker" title="{_e(t.decision.get("reason", ""))}">'
                        "&#9632; exit cue forced (not a policy halt)</span>")
@@ -294,6 +305,14 @@ def _batch_html(traces: Sequence[Trace], figs: _Figures) -> str:
                  if not sv["known"] else f'{sv["total"]} of {sv["unmonitored_total"]} '
                  f'({sv["total"] / max(sv["unmonitored_total"], 1):.1%}) over {sv["known"]} traces with a known '
                  "unmonitored length"))
+    cmp = s.get("compare")
+    if cmp:
+        rows.append(("answers changed by halting (run --compare)", f'{cmp["answers_changed"]} of {cmp["n"]}'))
+        if cmp["accuracy_monitored"] is not None:
+            rows.append(("accuracy: monitored vs unmonitored",
+                         f'{cmp["accuracy_monitored"]:.1%} vs {cmp["accuracy_unmonitored"]:.1%}'))
+    if s.get("policy_never_acted"):
+        rows.append(("policy never acted (no decision point of its kinds)", f'{s["policy_never_acted"]} of {s["n"]}'))
     rows.append(("signal errors", s["signal_errors"]))
     table = "".join(f'<tr><td>{_e(k)}</td><td class="num">{_e(v)}</td></tr>' for k, v in rows)
     reasons = "".join(f'<tr><td>{_e(r)}</td><td class="num">{c}</td></tr>' for r, c in s["stop_reasons"].items())

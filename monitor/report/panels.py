@@ -17,6 +17,7 @@ from monitor.report.data import (
     HALT_COLOR,
     HIDDEN_STATE_FAMILIES,
     OUTCOME_COLORS,
+    decision_token,
     errors_of,
     fmt_value,
     is_finite,
@@ -26,6 +27,7 @@ from monitor.report.data import (
     policy_threshold,
     series_of,
     step_spans,
+    what_if,
 )
 from monitor.trace import Trace
 
@@ -173,6 +175,7 @@ def _line_panel(t: Trace, family: str) -> Panel:
     if family == "latent_trajectory":
         fig.update_yaxes(title_text="aligned (cosine)", range=[-1.05, 1.05], tickmode="auto", showgrid=False,
                          secondary_y=True)
+        fig.update_yaxes(title_text="net, cumulative", secondary_y=False)
         lt = t.summary.get("latent_trajectory") or {}
         notes.append(f"Block means over {lt.get('block_tokens', '?')} tokens ({lt.get('n_blocks', '?')} closed). "
                      "Net (higher = better) and cumulative (higher = worse) on the left axis, aligned (higher = "
@@ -185,6 +188,8 @@ def _line_panel(t: Trace, family: str) -> Panel:
     _mark_halt(fig, t)
     _token_axis(fig, t)
     _base_layout(fig, title)
+    if secondary:  # room for the right-hand axis and its title, clear of the plot and the legend
+        fig.update_layout(margin={"r": 80, "t": 80}, legend={"y": 1.08})
     errs = errors_of(t, family)
     if errs:
         notes.append(f"Switched off at token {errs[0].get('position')} after an error: {errs[0].get('error')}.")
@@ -447,10 +452,39 @@ def _policy_panel(t: Trace) -> Panel | None:
     return Panel("policy", title, fig, "The score the policy compared with its threshold at each decision point.")
 
 
+def _what_if_panel(t: Trace) -> Panel | None:
+    """A strip: where the same policy with other thresholds would have stopped (`data.what_if`)."""
+    import plotly.graph_objects as go
+
+    rows = what_if(t)
+    if not rows:
+        return None
+    at = decision_token(t) or 0
+    label = [f"threshold {r['threshold']:.3g}" + (" (this run)" if r["own"] else "") for r in rows]
+    x = [r["stop"] if r["stop"] is not None else at for r in rows]
+    fig = go.Figure(go.Scatter(
+        x=x, y=label, mode="markers+text", textposition="middle right",
+        text=[f"token {r['stop']}" if r["stop"] is not None else "later (not before this halt)" for r in rows],
+        marker={"size": 12, "symbol": ["diamond" if r["own"] else ("circle" if r["stop"] is not None
+                                                                      else "triangle-right") for r in rows],
+                "color": [HALT_COLOR if r["own"] else COLORS[0] for r in rows]},
+        hovertemplate="%{y}: %{text}<extra></extra>", showlegend=False))
+    _token_axis(fig, t)
+    title = f"What if: {t.decision.get('policy')} with other thresholds"
+    _base_layout(fig, title, height=110 + 34 * len(rows))
+    fig.update_layout(hovermode="closest", margin={"l": 170})
+    return Panel("what_if", title, fig, "Replayed on the scores this trace recorded at its decision points: a "
+                 "threshold that would have stopped earlier shows where; one that would not have stopped before this "
+                 "halt can only be said to stop later (the trace ends here).")
+
+
 def trace_panels(t: Trace) -> list[Panel]:
     """The panels of one trace's section, in order; empty ones carry a note saying why."""
     panels = [_line_panel(t, "path_deviation"), _line_panel(t, "jsd_instability"),
               _line_panel(t, "latent_trajectory"), _redundancy_panel(t), _matrix_panel(t)]
+    wif = _what_if_panel(t)
+    if wif is not None:
+        panels.insert(0, wif)
     pol = _policy_panel(t)
     if pol is not None:
         panels.insert(0, pol)
@@ -503,7 +537,8 @@ def batch_panels(traces: Sequence[Trace]) -> list[Panel]:
                                    marker_color=OUTCOME_COLORS[g], autobinx=False,
                                    hovertemplate=f"{g}: %{{y}} traces, %{{x}} reasoning tokens<extra></extra>"))
     _base_layout(fig, "Trace length (reasoning tokens)", xtitle="reasoning tokens")
-    fig.update_layout(barmode="stack", hovermode="closest", yaxis_title="traces", legend_traceorder="normal")
+    fig.update_layout(barmode="stack", hovermode="closest", yaxis_title="traces", legend_traceorder="normal",
+                      showlegend=True, legend_title_text="outcome")  # a legend even for one outcome
     fig.update_xaxes(range=[0, bins["end"]])
     panels.append(Panel("lengths", "Trace length", fig, "Stacked by outcome."))
 
@@ -518,7 +553,8 @@ def batch_panels(traces: Sequence[Trace]) -> list[Panel]:
                                            hovertemplate=f"{g}: %{{y}} halted at %{{x}}<extra></extra>"))
         _base_layout(fig, f"Halt position ({len(halted)} of {len(traces)} traces halted)",
                      xtitle="token where the exit cue was injected")
-        fig.update_layout(barmode="stack", hovermode="closest", yaxis_title="traces", legend_traceorder="normal")
+        fig.update_layout(barmode="stack", hovermode="closest", yaxis_title="traces", legend_traceorder="normal",
+                          showlegend=True, legend_title_text="outcome")
         fig.update_xaxes(range=[0, bins["end"]])
         panels.append(Panel("halt_positions", "Halt position", fig, "Same bins and axis as the trace lengths."))
     else:

@@ -12,6 +12,7 @@ from monitor.report.data import (
     FAMILY_LINES,
     FAMILY_TITLES,
     batch_summary,
+    comparison,
     fmt_value,
     is_finite,
     last_value,
@@ -71,6 +72,10 @@ def render_text(t: Trace | Sequence[Trace], console: Any = None) -> None:
     table.add_row("monitored cost (reasoning + exit cue + answer + probe)", str(a["monitored"]))
     table.add_row("unmonitored run", "unknown" if a["unmonitored"] is None else str(a["unmonitored"]))
     table.add_row("saved", "unknown" if a["saved"] is None else f"{a['saved']} ({a['saved_fraction']:.0%})")
+    c = comparison(t)
+    if c is not None:
+        table.add_row("unmonitored answer", str(c.get("unmonitored_answer")))
+        table.add_row("answer changed by halting", "yes" if c.get("answer_changed") else "no")
     console.print(table)
 
     sig = Table(title="signals over token position")
