@@ -109,13 +109,13 @@ def test_report_is_self_contained_with_plotly_inlined_once(tmp_path):
     assert "Content-Security-Policy" in html and "default-src 'none'" in html
     figs = json.loads(re.search(r'id="overthink-figures">(.*?)</script>', html, re.S).group(1))
     divs = set(re.findall(r'<div class="plot" id="([^"]+)" data-fig', html))
-    assert divs == set(figs) and len(divs) == 3 + 3 * 6  # 3 batch figures + 6 per trace
+    assert divs == set(figs) and len(divs) == 3 + 3 * 7  # 3 batch figures + 7 per halted trace (with what-if)
 
 
 def test_panels_cover_each_family_with_thresholds_peak_and_matrix():
     panels = {p.key: p for p in trace_panels(make_signal_trace())}
-    assert list(panels) == ["policy", "path_deviation", "jsd_instability", "latent_trajectory", "redundancy",
-                            "similarity_matrix"]
+    assert list(panels) == ["policy", "what_if", "path_deviation", "jsd_instability", "latent_trajectory",
+                            "redundancy", "similarity_matrix"]
     assert all(not p.empty for p in panels.values())
     jsd = panels["jsd_instability"]
     assert "early (constructive)" in jsd.note and "token 4" in jsd.note
