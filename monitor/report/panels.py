@@ -439,7 +439,7 @@ def _policy_panel(t: Trace) -> Panel | None:
     thr = [(p["index"], p["threshold"]) for p in pts if is_finite(p.get("threshold"))]
     if thr:
         if len({v for _, v in thr}) == 1:
-            fig.add_hline(y=thr[0][1], line_dash="dot", line_color=HALT_COLOR,
+            fig.add_hline(y=thr[0][1], line_dash="dot", line_color=HALT_COLOR, annotation_position="bottom left",
                           annotation_text=f"threshold {thr[0][1]:g}", annotation_font_color=HALT_COLOR)
         else:
             fig.add_trace(go.Scatter(x=[x for x, _ in thr], y=[v for _, v in thr], mode="lines", name="threshold",
@@ -462,8 +462,9 @@ def _what_if_panel(t: Trace) -> Panel | None:
     at = decision_token(t) or 0
     label = [f"threshold {r['threshold']:.3g}" + (" (this run)" if r["own"] else "") for r in rows]
     x = [r["stop"] if r["stop"] is not None else at for r in rows]
+    right = max([at, *x], default=0) * 0.6  # labels of points on the right half go to their left (not clipped)
     fig = go.Figure(go.Scatter(
-        x=x, y=label, mode="markers+text", textposition="middle right",
+        x=x, y=label, mode="markers+text", textposition=["middle left" if v > right else "middle right" for v in x],
         text=[f"token {r['stop']}" if r["stop"] is not None else "later (not before this halt)" for r in rows],
         marker={"size": 12, "symbol": ["diamond" if r["own"] else ("circle" if r["stop"] is not None
                                                                       else "triangle-right") for r in rows],
