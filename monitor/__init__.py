@@ -30,8 +30,9 @@ Where things live (the core first, then what drives it, then the application):
 - bounds.py       context, prompt and memory bounds checked before a model loads
 - answers.py      answer extraction and checking (GSM8K numbers, MATH LaTeX, multiple choice)
 - problems.py     problem files (JSON Lines) and the answer kind a data set is graded with
-- report/         diagnosis reports: data.py (plain data), panels.py (plotly), html.py, text.py, command.py
-- run.py / bench.py / bench_monitor.py / cli.py / cli_args.py   the application: the `overthink` command and the
+- report/         diagnosis reports: data.py (plain data), panels.py / batch_panels.py (plotly), html.py,
+                  text.py, command.py
+- run.py / bench.py / bench_monitor.py / cli.py / cli_args.py / cli_output.py   the application: the `overthink` command and the
                   library calls behind it (bench_monitor.py: the monitor alone on synthetic steps)
 (`overthink serve` is the application package serve/, above this one: only cli.py imports it, to register the command.)
 """

@@ -376,7 +376,7 @@ def test_vllm_control_lag_is_in_the_stop_reason_and_the_marker(tmp_path):
 
 
 def test_outcome_histograms_keep_their_legend_with_one_outcome():
-    from monitor.report.panels import batch_panels
+    from monitor.report.batch_panels import batch_panels
 
     ts = [make_signal_trace(correct=True), make_signal_trace(correct=True)]
     panels = {p.key: p for p in batch_panels(ts)}

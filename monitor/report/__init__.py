@@ -13,9 +13,9 @@ data (a logprob-only backend records no hidden-state signals) says why it is emp
 same diagnosis in a terminal with rich; `diagnose(path, ...)` is what `overthink diagnose` calls. Reports are
 written atomically (`monitor.io`): a failure never leaves half a report, and an existing report stays intact.
 
-Where things live: data.py (the diagnosis as plain data: stop reason, token accounting, batch summary, series),
-panels.py (plotly figures), html.py (the page and `render_report`), text.py (the terminal view), command.py
-(`diagnose`, the `overthink diagnose` command).
+Where things live: data.py (the diagnosis as plain data: stop reason, token accounting, batch summary, series,
+what-if), panels.py (plotly figures of one trace), batch_panels.py (of a batch), html.py (the page and
+`render_report`), text.py (the terminal view), command.py (`diagnose`, the `overthink diagnose` command).
 """
 
 from __future__ import annotations

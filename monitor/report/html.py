@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from monitor.io import atomic_write_text
+from monitor.report.batch_panels import batch_panels
 from monitor.report.data import (
     ACCOUNTING_ROWS,
     ReportWriteError,
@@ -30,7 +31,7 @@ from monitor.report.data import (
     stop_reason,
     token_accounting,
 )
-from monitor.report.panels import Panel, batch_panels, trace_panels
+from monitor.report.panels import Panel, trace_panels
 from monitor.trace import Trace
 
 _CSS = """

@@ -5,7 +5,6 @@ data says why it is empty.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,16 +15,12 @@ from monitor.report.data import (
     FAMILY_TITLES,
     HALT_COLOR,
     HIDDEN_STATE_FAMILIES,
-    OUTCOME_COLORS,
     decision_token,
     errors_of,
     fmt_value,
     is_finite,
-    last_value,
-    outcome_of,
     point_words,
     policy_threshold,
-    series_of,
     step_spans,
     what_if,
 )
@@ -47,7 +42,7 @@ class Panel:
         return self.figure is None
 
 
-def _base_layout(fig: Any, title: str, height: int = 300, xtitle: str = "token position") -> None:
+def base_layout(fig: Any, title: str, height: int = 300, xtitle: str = "token position") -> None:
     fig.update_layout(
         title={"text": title, "x": 0.01, "font": {"size": 15}}, height=height,
         margin={"l": 60, "r": 30, "t": 60, "b": 45}, hovermode="x unified",
@@ -187,7 +182,7 @@ def _line_panel(t: Trace, family: str) -> Panel:
                       annotation_position="bottom right", annotation_font_color=HALT_COLOR)
     _mark_halt(fig, t)
     _token_axis(fig, t)
-    _base_layout(fig, title)
+    base_layout(fig, title)
     if secondary:  # room for the right-hand axis and its title, clear of the plot and the legend
         fig.update_layout(margin={"r": 80, "t": 80}, legend={"y": 1.08})
     errs = errors_of(t, family)
@@ -281,7 +276,7 @@ def _redundancy_panel(t: Trace) -> Panel:
                       annotation_font_color=HALT_COLOR)
     _mark_halt(fig, t)
     _token_axis(fig, t)
-    _base_layout(fig, title, xtitle="token position (end of step)")
+    base_layout(fig, title, xtitle="token position (end of step)")
     fig.update_layout(hovermode="closest")
     note = (f"{len(steps)} steps; each point is a step's cosine similarity to the previous step(s), placed at the "
             f"step's last token; red = redundant (>= tau {tau:g})." if tau is not None else "")
@@ -393,7 +388,7 @@ def _matrix_panel(t: Trace) -> Panel:
                 "colorbar": {"title": {"text": "cos"}}},
         hovertemplate="step %{x} vs earlier step %{y}: cosine %{marker.color:.3f}<extra></extra>"))
     fig.add_shape(type="line", x0=1, y0=1, x1=n, y1=n, line={"color": "#bbb", "dash": "dot", "width": 1})
-    _base_layout(fig, title, height=560, xtitle="step")
+    base_layout(fig, title, height=560, xtitle="step")
     fig.update_layout(hovermode="closest")
     fig.update_xaxes(range=[0, n + 1])
     fig.update_yaxes(range=[0, n + 1], title_text="earlier step")
@@ -419,7 +414,7 @@ def _heatmap_panel(t: Trace, title: str, z: list[Any], note: str) -> Panel:
     fig = go.Figure(go.Heatmap(z=z, x=labels, y=labels, text=text, colorscale="Viridis", zmin=min(
         0.0, min(v for row in z if isinstance(row, list) for v in row if is_finite(v))), zmax=1.0,
         hovertemplate="%{text}: cosine %{z:.3f}<extra></extra>", colorbar={"title": {"text": "cos"}}))
-    _base_layout(fig, title, height=max(320, min(620, 120 + 22 * n)), xtitle="step")
+    base_layout(fig, title, height=max(320, min(620, 120 + 22 * n)), xtitle="step")
     fig.update_layout(hovermode="closest")
     fig.update_yaxes(autorange="reversed", title_text="step")
     return Panel("similarity_matrix", title, fig, note)
@@ -447,7 +442,7 @@ def _policy_panel(t: Trace) -> Panel | None:
     _mark_halt(fig, t)
     _token_axis(fig, t)
     title = f"Policy score at decision points ({t.decision.get('policy')})"
-    _base_layout(fig, title)
+    base_layout(fig, title)
     fig.update_layout(hovermode="closest")
     return Panel("policy", title, fig, "The score the policy compared with its threshold at each decision point.")
 
@@ -472,7 +467,7 @@ def _what_if_panel(t: Trace) -> Panel | None:
         hovertemplate="%{y}: %{text}<extra></extra>", showlegend=False))
     _token_axis(fig, t)
     title = f"What if: {t.decision.get('policy')} with other thresholds"
-    _base_layout(fig, title, height=110 + 34 * len(rows))
+    base_layout(fig, title, height=110 + 34 * len(rows))
     fig.update_layout(hovermode="closest", margin={"l": 170})
     return Panel("what_if", title, fig, "Replayed on the scores this trace recorded at its decision points: a "
                  "threshold that would have stopped earlier shows where; one that would not have stopped before this "
@@ -492,105 +487,4 @@ def trace_panels(t: Trace) -> list[Panel]:
     for fam in t.signals:  # custom signal families get a generic panel
         if fam not in FAMILY_TITLES:
             panels.append(_line_panel(t, fam))
-    return panels
-
-
-# --------------------------------------------------------------------------- batch panels
-def _trace_metrics(t: Trace) -> dict[str, float]:
-    out: dict[str, float] = {}
-    s = t.summary
-    jsd = s.get("jsd_instability") or {}
-    if is_finite(jsd.get("peak")):
-        out["JSD peak instability"] = float(jsd["peak"])
-    if is_finite(jsd.get("peak_relative")):
-        out["JSD peak position (relative)"] = float(jsd["peak_relative"])
-    pdv = s.get("path_deviation") or {}
-    if is_finite(pdv.get("mean_entropy")):
-        out["mean entropy (nats)"] = float(pdv["mean_entropy"])
-    pdi = [v for v in series_of(t, "path_deviation", "pdi") if is_finite(v)]
-    if pdi:
-        out["max path deviation index"] = max(pdi)
-    for key in ("net", "cumulative", "aligned"):
-        v = (s.get("latent_trajectory") or {}).get(key)
-        v = v if is_finite(v) else last_value(series_of(t, "latent_trajectory", key))
-        if v is not None:
-            out[f"latent {key}"] = float(v)
-    sims = [v for v in ((s.get("redundancy") or {}).get("similarities") or []) if is_finite(v)]
-    if not sims:
-        sims = [v for v in series_of(t, "redundancy", "similarity") if is_finite(v)]
-    if sims:
-        out["mean step similarity"] = sum(sims) / len(sims)
-    return out
-
-
-def batch_panels(traces: Sequence[Trace]) -> list[Panel]:
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    panels = []
-    groups = [g for g in ("correct", "incorrect", "ungraded") if any(outcome_of(t) == g for t in traces)]
-    longest = max([t.accounting.get("reasoning", 0) for t in traces] + [1])
-    bins = {"start": 0, "end": longest + 1, "size": max(1, math.ceil((longest + 1) / 20))}
-    fig = go.Figure()
-    for g in groups:
-        ts = [t for t in traces if outcome_of(t) == g]
-        fig.add_trace(go.Histogram(x=[t.accounting.get("reasoning", 0) for t in ts], name=g, xbins=bins,
-                                   marker_color=OUTCOME_COLORS[g], autobinx=False,
-                                   hovertemplate=f"{g}: %{{y}} traces, %{{x}} reasoning tokens<extra></extra>"))
-    _base_layout(fig, "Trace length (reasoning tokens)", xtitle="reasoning tokens")
-    fig.update_layout(barmode="stack", hovermode="closest", yaxis_title="traces", legend_traceorder="normal",
-                      showlegend=True, legend_title_text="outcome")  # a legend even for one outcome
-    fig.update_xaxes(range=[0, bins["end"]])
-    panels.append(Panel("lengths", "Trace length", fig, "Stacked by outcome."))
-
-    halted = [t for t in traces if t.decision.get("halted") and isinstance(t.decision.get("at"), int)]
-    if halted:
-        fig = go.Figure()
-        for g in groups:
-            ts = [t for t in halted if outcome_of(t) == g]
-            if ts:
-                fig.add_trace(go.Histogram(x=[t.decision["at"] for t in ts], name=g, xbins=bins, autobinx=False,
-                                           marker_color=OUTCOME_COLORS[g],
-                                           hovertemplate=f"{g}: %{{y}} halted at %{{x}}<extra></extra>"))
-        _base_layout(fig, f"Halt position ({len(halted)} of {len(traces)} traces halted)",
-                     xtitle="token where the exit cue was injected")
-        fig.update_layout(barmode="stack", hovermode="closest", yaxis_title="traces", legend_traceorder="normal",
-                          showlegend=True, legend_title_text="outcome")
-        fig.update_xaxes(range=[0, bins["end"]])
-        panels.append(Panel("halt_positions", "Halt position", fig, "Same bins and axis as the trace lengths."))
-    else:
-        panels.append(Panel("halt_positions", "Halt position",
-                            note=f"No trace in this batch was halted (policy: "
-                                 f"{', '.join(sorted({str(t.decision.get('policy')) for t in traces}))}), so there "
-                                 "is no halt position to show."))
-
-    metrics = [_trace_metrics(t) for t in traces]
-    names = [k for k in dict.fromkeys(k for m in metrics for k in m)]
-    if names:
-        cols = min(4, len(names))
-        rows = math.ceil(len(names) / cols)
-        fig = make_subplots(rows=rows, cols=cols, subplot_titles=names, horizontal_spacing=0.07,
-                            vertical_spacing=0.16 if rows > 1 else 0.1)
-        for k, name in enumerate(names):
-            r, c = divmod(k, cols)
-            for g in groups:
-                vals = [(m[name], t.id) for m, t in zip(metrics, traces) if name in m and outcome_of(t) == g]
-                if not vals:
-                    continue
-                fig.add_trace(go.Box(y=[v for v, _ in vals], text=[i for _, i in vals], name=g, legendgroup=g,
-                                     showlegend=(k == 0), boxpoints="all", jitter=0.4, pointpos=0,
-                                     marker_color=OUTCOME_COLORS[g],
-                                     hovertemplate="%{text}: %{y:.4g}<extra>" + g + "</extra>"),
-                              row=r + 1, col=c + 1)
-        _base_layout(fig, "Signal values per trace: correct vs incorrect", height=260 * rows + 110, xtitle="")
-        fig.update_layout(hovermode="closest", margin={"t": 100},
-                          legend={"orientation": "h", "yanchor": "bottom", "y": 1.06, "xanchor": "right", "x": 1.0})
-        fig.update_annotations(font_size=12)
-        note = "" if any(g != "ungraded" for g in groups) else (
-            "No trace has a gold answer, so all are ungraded; give --data with answers to compare outcomes.")
-        panels.append(Panel("signal_distributions", "Signal distributions", fig, note))
-    else:
-        panels.append(Panel("signal_distributions", "Signal distributions",
-                            note="No trace has signal summaries (signals were switched off or the backend gave "
-                                 "neither logprobs nor hidden states)."))
     return panels
