@@ -147,8 +147,13 @@ def run_problems(
     cfg = replace(cfg or RunConfig(), **({"backend": backend} if backend is not None else {}))
     cfg.validate()
     policy = None
+    extra_meta: dict[str, Any] = {}
     if is_bundle_spec(cfg.policy):
         policy, cfg = load_probe_policy(cfg.policy, lm, cfg)
+        info = getattr(getattr(policy, "bundle", None), "calibration_info", None) or {}
+        # the report's what-if strip: where the bundle's thresholds for other deltas would have stopped
+        extra_meta["bundle_calibration"] = {k: info[k] for k in ("mode", "delta", "epsilon", "risk", "threshold",
+                                                                 "thresholds_by_delta") if k in info}
     layers = resolve_layers(lm, cfg.layers)
     factory = cfg.monitor_factory(layers, lm.family.think_end, (lambda: policy) if policy is not None else None)
     planned = plan_problems(lm, cfg, problems)  # each problem's task and prompt, checked against the context
@@ -178,7 +183,7 @@ def run_problems(
                                               temperature=cfg.temperature, seed=cfg.seed + start)
                 wall = time.perf_counter() - t0
                 for i, p, r in zip(idx, sub, results):
-                    out[i] = _trace(lm, cfg, layers, task, p, r, start, start + i, wall, len(sub))
+                    out[i] = _trace(lm, cfg, layers, task, p, r, start, start + i, wall, len(sub), extra_meta)
                 if twin_factory is not None:
                     if task not in twins:
                         twins[task] = make_generator(lm, twin_cfg, layers, twin_factory, engine, task)
@@ -205,7 +210,7 @@ def run_problems(
 
 
 def _trace(lm: LoadedModel, cfg: RunConfig, layers: list[int], task: Task, p: dict[str, Any], r: Any, start: int,
-           index: int, wall: float, batch_size: int) -> Trace:
+           index: int, wall: float, batch_size: int, extra_meta: dict[str, Any] | None = None) -> Trace:
     """Problem number `index` (0-based in the run; its default id is "q<index>") of the batch from `start`."""
     gold = p.get("answer")
     answer, correct = grade(r, gold, task.kind)
@@ -216,6 +221,7 @@ def _trace(lm: LoadedModel, cfg: RunConfig, layers: list[int], task: Task, p: di
             "reasoning_format": lm.family.name, "model_info": _model_info(lm)}
     if p.get("messages"):
         meta["messages"] = p["messages"]
+    meta.update(extra_meta or {})
     if r.extra:
         meta[cfg.backend] = dict(r.extra)
     return r.monitor.to_trace(

@@ -106,6 +106,22 @@ def calibration_traces(bundle: Bundle, data: CollectedData) -> tuple[list[tuple[
     return traces, scores, sub.label.astype(int)
 
 
+DELTA_GRID = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
+
+
+def _thresholds_by_delta(traces: Any, delta: float, epsilon: float, risk: str) -> dict[str, float | None]:
+    """The per-trace threshold the same calibration certifies at each delta of `DELTA_GRID` (and `delta`), None where
+    it certifies none: what the report's what-if strip shows for a bundle (where a stricter or looser guarantee would
+    have stopped the same trace)."""
+    from calibration import FirstExitRiskControl
+
+    out: dict[str, float | None] = {}
+    for d in sorted({*DELTA_GRID, float(delta)}):
+        thr = FirstExitRiskControl(d, epsilon, risk=risk).fit(traces).threshold
+        out[f"{d:g}"] = None if thr is None else float(thr)
+    return out
+
+
 def calibrate_bundle(bundle_path: str | Path, data_dir: str | Path, delta: float, epsilon: float = 0.1,
                      mode: str = "per-trace", risk: str = "premature", out: str | Path | None = None,
                      gates: list[float] | None = None, from_log: bool = False) -> Bundle:
@@ -147,7 +163,8 @@ def calibrate_bundle(bundle_path: str | Path, data_dir: str | Path, delta: float
     elif mode == "per-trace":
         cal = FirstExitRiskControl(delta, epsilon, risk=risk).fit(traces)
         cal.require_certified()  # CalibrationError (a ValueError): one clear line from the CLI
-        info = {"threshold": float(cal.threshold), "evaluation": cal.evaluate(traces)}
+        info = {"threshold": float(cal.threshold), "evaluation": cal.evaluate(traces),
+                "thresholds_by_delta": _thresholds_by_delta(traces, delta, epsilon, risk)}
     else:
         raise ValueError(f"--mode must be 'per-cue' or 'per-trace', got {mode!r}")
     bundle.calibration = cal

@@ -121,6 +121,12 @@ def test_train_reports_grouped_auroc_and_calibrate_certifies(tiny, cue_word, tmp
     assert b.calibration.threshold is not None
     info = load_bundle(tmp_path / "b.joblib").calibration_info
     assert info["n_traces"] == 150 and "0.2" in info["guarantee"]
+    # the thresholds the same calibration certifies at other deltas (the report's what-if strip for a bundle):
+    # the chosen one among them, and a looser delta never needs a higher threshold
+    grid = info["thresholds_by_delta"]
+    assert grid["0.2"] == info["threshold"] and {"0.05", "0.1", "0.3"} <= set(grid)
+    certified = [(float(d), v) for d, v in grid.items() if v is not None]
+    assert all(b <= a + 1e-12 for (_, a), (_, b) in zip(sorted(certified), sorted(certified)[1:]))
     cue = calibrate_bundle(tmp_path / "b.joblib", tmp_path / "d", delta=0.2, mode="per-cue",
                            out=tmp_path / "cue.joblib")
     assert cue.calibration_info["mode"] == "per-cue"
@@ -147,6 +153,8 @@ def test_run_halts_online_with_a_calibrated_bundle_and_refuses_another_model(tin
     assert scored and all(p["score"] is not None for p in scored)  # the probe scored every cue online
     if t.decision["halted"]:
         assert "probe" in t.decision["reason"] and "threshold" in t.decision["reason"]
+    bc = t.meta["bundle_calibration"]  # what the report's what-if strip reads
+    assert bc["delta"] == 0.3 and bc["thresholds_by_delta"]["0.3"] == bc["threshold"]
     other = load_model("tiny-random")
     other.fingerprint = "0" * 16
     with pytest.raises(BundleMismatch, match="trained on model 'tiny-random'"):

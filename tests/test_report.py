@@ -406,3 +406,19 @@ def test_what_if_replays_other_thresholds_on_the_recorded_scores():
     assert what_if(make_signal_trace(halt=False)) is None
     panels = [p.key for p in trace_panels(t)]
     assert panels[:2] == ["policy", "what_if"]
+
+
+def test_what_if_for_a_bundle_shows_its_thresholds_at_other_deltas():
+    from monitor.report.data import what_if
+
+    t = make_signal_trace()  # halted at token 20 with score >= 0.05
+    scores = sorted((p["index"], p["score"]) for p in t.decision_points if p.get("score") is not None)
+    t.meta["bundle_calibration"] = {"delta": 0.1, "threshold": 0.05,
+                                    "thresholds_by_delta": {"0.05": 0.5, "0.1": 0.05, "0.2": 0.0, "0.02": None}}
+    rows = {r["delta"]: r for r in what_if(t)}
+    assert rows[0.1]["own"] and rows[0.1]["stop"] == 20
+    assert rows[0.2]["stop"] == scores[0][0]  # threshold 0: the first scored point
+    assert rows[0.05]["stop"] is None and rows[0.02]["certified"] is False
+    panel = next(p for p in trace_panels(t) if p.key == "what_if")
+    labels = list(panel.figure.data[0].y)
+    assert "delta 0.1: threshold 0.05 (this run)" in labels and "delta 0.02: none certified" in labels

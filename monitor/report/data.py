@@ -64,6 +64,14 @@ def what_if(t: Trace) -> list[dict[str, Any]] | None:
         return None
     thr0, upward = float(hp["threshold"]), float(hp["score"]) >= float(hp["threshold"])
     pts = [p for p in t.decision_points if is_finite(p.get("score")) and p["index"] <= hp["index"]]
+    by_delta = (t.meta.get("bundle_calibration") or {}).get("thresholds_by_delta")
+    if isinstance(by_delta, dict) and by_delta:  # a calibrated bundle: its certified thresholds at other deltas
+        rows = []
+        for d, v in sorted(by_delta.items(), key=lambda kv: float(kv[0])):
+            hit = None if not is_finite(v) else next((p for p in pts if p["score"] >= v), None)
+            rows.append({"threshold": v, "delta": float(d), "own": is_finite(v) and abs(float(v) - thr0) < 1e-12,
+                         "stop": None if hit is None else int(hit["index"]), "certified": is_finite(v)})
+        return rows
     if float(thr0).is_integer() and thr0 >= 1:  # a count (certaindex: trial answers in a row)
         alts = [v for v in (thr0 - 1, thr0, thr0 + 1, thr0 + 2) if v >= 1]
     else:

@@ -455,18 +455,22 @@ def _what_if_panel(t: Trace) -> Panel | None:
     if not rows:
         return None
     at = decision_token(t) or 0
-    label = [f"threshold {r['threshold']:.3g}" + (" (this run)" if r["own"] else "") for r in rows]
+    label = [(f"delta {r['delta']:g}: " if "delta" in r else "")
+             + (f"threshold {r['threshold']:.3g}" if r["threshold"] is not None else "none certified")
+             + (" (this run)" if r["own"] else "") for r in rows]
     x = [r["stop"] if r["stop"] is not None else at for r in rows]
     right = max([at, *x], default=0) * 0.6  # labels of points on the right half go to their left (not clipped)
     fig = go.Figure(go.Scatter(
         x=x, y=label, mode="markers+text", textposition=["middle left" if v > right else "middle right" for v in x],
-        text=[f"token {r['stop']}" if r["stop"] is not None else "later (not before this halt)" for r in rows],
+        text=[f"token {r['stop']}" if r["stop"] is not None else
+              ("never (no threshold)" if r.get("certified") is False else "later (not before this halt)") for r in rows],
         marker={"size": 12, "symbol": ["diamond" if r["own"] else ("circle" if r["stop"] is not None
                                                                       else "triangle-right") for r in rows],
                 "color": [HALT_COLOR if r["own"] else COLORS[0] for r in rows]},
         hovertemplate="%{y}: %{text}<extra></extra>", showlegend=False))
     _token_axis(fig, t)
-    title = f"What if: {t.decision.get('policy')} with other thresholds"
+    other = "its thresholds at other deltas" if "delta" in rows[0] else "other thresholds"
+    title = f"What if: {t.decision.get('policy')} with {other}"
     base_layout(fig, title, height=110 + 34 * len(rows))
     fig.update_layout(hovermode="closest", margin={"l": 170})
     return Panel("what_if", title, fig, "Replayed on the scores this trace recorded at its decision points: a "
