@@ -422,3 +422,16 @@ def test_what_if_for_a_bundle_shows_its_thresholds_at_other_deltas():
     panel = next(p for p in trace_panels(t) if p.key == "what_if")
     labels = list(panel.figure.data[0].y)
     assert "delta 0.1: threshold 0.05 (this run)" in labels and "delta 0.02: none certified" in labels
+
+
+def test_text_batch_view_shows_the_compare_columns():
+    ts = [make_signal_trace(), make_signal_trace(halt=False)]
+    ts[0].meta["compare"] = {"unmonitored_tokens": 120, "unmonitored_answer": "7", "unmonitored_correct": True,
+                             "answer_changed": True}
+    ts[1].meta["compare"] = {"unmonitored_tokens": 120, "unmonitored_answer": "7", "unmonitored_correct": True,
+                             "answer_changed": False}
+    console = Console(record=True, width=160, force_terminal=False)
+    render_text(ts, console=console)
+    out = console.export_text()
+    assert "answers changed by halting" in out and "1 of 2" in out and "7 (changed)" in out
+    assert "saved" in out and "unmonitored answer" in out

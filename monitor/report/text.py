@@ -173,13 +173,26 @@ def _render_batch_text(traces: Sequence[Trace], console: Any) -> None:
         table.add_row(f"{k} tokens (mean / total)", f"{s['tokens'][k]['mean']:.1f} / {s['tokens'][k]['total']}")
     sv = s["saved"]
     table.add_row("tokens saved", "unknown" if not sv["known"] else f"{sv['total']} over {sv['known']} traces")
+    cmp = s.get("compare")
+    if cmp:
+        table.add_row("answers changed by halting", f"{cmp['answers_changed']} of {cmp['n']}")
+        if cmp["accuracy_monitored"] is not None:
+            table.add_row("accuracy monitored / unmonitored",
+                          f"{cmp['accuracy_monitored']:.1%} / {cmp['accuracy_unmonitored']:.1%}")
+    if s.get("policy_never_acted"):
+        table.add_row("policy never acted", f"{s['policy_never_acted']} of {s['n']}")
     for r, c in s["stop_reasons"].items():
         table.add_row(f"stop: {r}", str(c))
     console.print(table)
     tt = Table(title="traces (show one with --index I or --id ID)")
-    for col in ("#", "id", "outcome", "reasoning", "stop"):
+    compared = any(comparison(t) is not None for t in traces)
+    for col in ("#", "id", "outcome", "reasoning", *(("saved", "unmonitored answer") if compared else ()), "stop"):
         tt.add_column(col)
     for k, t in enumerate(traces):
-        tt.add_row(str(k), t.id, outcome_of(t), str(t.accounting.get("reasoning", 0)),
+        c = comparison(t)
+        extra = (() if not compared else ("" , "") if c is None else
+                 (str(c["saved_tokens"]), f"{c.get('unmonitored_answer')}" + (" (changed)" if c["answer_changed"]
+                                                                              else "")))
+        tt.add_row(str(k), t.id, outcome_of(t), str(t.accounting.get("reasoning", 0)), *extra,
                    stop_reason(t) if t.decision.get("halted") else str(t.decision.get("reason", "")))
     console.print(tt)
