@@ -4,9 +4,9 @@
     python examples/diagnose_report.py --model smollm2 --out smollm2-report.html
     python examples/diagnose_report.py --model smollm2 --policy "threshold:jsd_instability.instability>=0.3"
 
-Runs each question twice with the same seed: once unmonitored (the observe policy never halts, so it
-writes what the plain model writes) and once under the policy, records the unmonitored length in each
-monitored trace (`meta["unmonitored_tokens"]`, so the report can show the tokens saved), writes the traces
+Runs each question twice with the same seed (`RunConfig(compare=True)`, the library form of `run --compare`):
+once under the policy and once unmonitored, which records the unmonitored run in each trace (`meta["compare"]`,
+so the report shows the tokens saved and whether halting changed the answer), writes the traces
 (JSON Lines) and renders the HTML report: one trace's diagnosis for one question, a batch report for
 several. `overthink diagnose TRACES.jsonl --out report.html` renders the same report from any trace file.
 """
@@ -42,11 +42,9 @@ def main() -> None:
     lm = load_model(args.model)
     problems = QUESTIONS[: args.questions]
     base = dict(max_new_tokens=args.max_new_tokens, answer_max_tokens=24, block_tokens=32, seed=0)
-    unmonitored = run_problems(lm, problems, RunConfig(**base))
     halt_after = args.halt_after if args.policy == "observe" else None
-    traces = run_problems(lm, problems, RunConfig(policy=args.policy, halt_after=halt_after, **base))
-    for plain, t in zip(unmonitored, traces):
-        t.meta["unmonitored_tokens"] = plain.accounting["reasoning"] + plain.accounting["answer"]
+    # compare=True: each question also runs unmonitored on the same seed (meta["compare"], the tokens saved)
+    traces = run_problems(lm, problems, RunConfig(policy=args.policy, halt_after=halt_after, compare=True, **base))
 
     write_traces(args.trace, traces)
     out = render_report(traces, args.out)
