@@ -4,6 +4,7 @@ stop reason and token accounting, a batch summary, and the `--compare` table; `b
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rich.console import Console
@@ -24,18 +25,16 @@ class TokenProgress:
         from monitor.tasks import problem_kind
 
         self.runs = 2 if cfg.compare else 1
-        self.budget = {str(p.get("id", f"q{i}")): cfg.max_new_tokens + cfg.answer_budget(problem_kind(cfg.answer_kind, p))
-                       for i, p in enumerate(problems)}
+        # per question, in order (traces come back in problem order)
+        self.budget = [cfg.max_new_tokens + cfg.answer_budget(problem_kind(cfg.answer_kind, p)) for p in problems]
         self.n, self.finished, self.decoded = len(problems), 0, 0
         self.bar = Progress(TextColumn("[bold]generating"), BarColumn(), TextColumn("{task.fields[questions]}"),
                             TextColumn("{task.fields[rate]}"), TextColumn("eta"), TimeRemainingColumn(),
                             TimeElapsedColumn(), console=err_console, transient=False)
-        self.task = self.bar.add_task("run", total=self.runs * sum(self.budget.values()),
+        self.task = self.bar.add_task("run", total=self.runs * sum(self.budget),
                                       questions=f"0/{self.n} questions", rate="")
 
     def __enter__(self) -> TokenProgress:
-        import time
-
         self.t0 = time.perf_counter()
         self.bar.start()
         return self
@@ -44,8 +43,6 @@ class TokenProgress:
         self.bar.stop()
 
     def tokens(self, n: int) -> None:
-        import time
-
         self.decoded += n
         rate = self.decoded / max(time.perf_counter() - self.t0, 1e-9)
         self.bar.update(self.task, advance=n, rate=f"{rate:.1f} tok/s")
@@ -54,9 +51,10 @@ class TokenProgress:
         from monitor.trace import generated_tokens
 
         for t in traces:
-            self.finished += 1
             used = generated_tokens(t.accounting, probe=False) + int(t.meta.get("unmonitored_tokens") or 0)
-            self.bar.update(self.task, advance=max(0, self.runs * self.budget.get(t.id, 0) - used),
+            budget = self.budget[self.finished] if self.finished < len(self.budget) else 0
+            self.finished += 1
+            self.bar.update(self.task, advance=max(0, self.runs * budget - used),
                             questions=f"{self.finished}/{self.n} questions")
 
 

@@ -26,9 +26,15 @@ def is_bundle_spec(policy: str | None) -> bool:
     return bool(policy) and (os.path.isfile(policy) or policy.endswith((".joblib", ".bundle")))
 
 
-def _positive_int(name: str, v: Any) -> None:
+def _positive_int(name: str, v: Any, optional: bool = False) -> None:
+    if optional and v is None:
+        return
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+
+
+BOXED_ANSWER_TOKENS = 48
+FREE_ANSWER_TOKENS = 256
 
 
 @dataclass
@@ -125,13 +131,9 @@ class RunConfig(MonitorConfig):
 
     def validate(self) -> None:
         for name in ("max_new_tokens", "batch_size", "tensor_parallel_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+            _positive_int(name, getattr(self, name))
         for name in ("answer_max_tokens", "max_model_len"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+            _positive_int(name, getattr(self, name), optional=True)
         self.answer_kind = normalize_kind(self.answer_kind)
         if self.exit_cue is not None and not self.exit_cue:
             raise ValueError("--exit-cue is empty; give the text to force at a halt, e.g. '\\n</think>\\n\\n'")
@@ -161,9 +163,3 @@ class RunConfig(MonitorConfig):
         if self.answer_max_tokens is not None:
             return self.answer_max_tokens
         return FREE_ANSWER_TOKENS if kind in FREE_KINDS else BOXED_ANSWER_TOKENS
-
-
-BOXED_ANSWER_TOKENS = 48
-
-
-FREE_ANSWER_TOKENS = 256

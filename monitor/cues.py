@@ -260,8 +260,8 @@ class StepSplitter:
     newlines is one boundary, and a blank line before any text (or right after a boundary) is none. The
     token holding the boundary's second newline closes the step; a step shorter than `min_step_tokens`
     tokens is merged into the next one (PUMA). Same rules as `CueDetector`'s step ends (`_breaks_paragraph` is
-    the one paragraph rule), so redundancy and latent-trajectory step values land on the same tokens as the "step_end" decision points. `StepSplits` is the same
-    splitter for a batch of sequences.
+    the one paragraph rule), so redundancy and latent-trajectory step values land on the same tokens as the
+    "step_end" decision points. `StepSplits` is the same splitter for a batch of sequences.
     """
 
     def __init__(self, min_step_tokens: int = 8) -> None:

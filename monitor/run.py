@@ -17,6 +17,7 @@ from typing import Any
 from monitor.answers import check_answer
 from monitor.backends.vllm_engine import build_vllm_engine
 from monitor.config import RunConfig, is_bundle_spec
+from monitor.decision import parse_policy
 from monitor.models import LoadedModel, resolve_layers
 from monitor.monitor import Monitor
 from monitor.tasks import Task, build_prompt, grade, problem_task
@@ -100,7 +101,8 @@ def make_generator(lm: LoadedModel, cfg: RunConfig, layers: Sequence[int],
 
         kw = dict(layers=layers, exit_cue=task.exit_cue, answer_max_tokens=task.answer_max_tokens,
                   hidden=cfg.vllm_hidden, force=cfg.vllm_force, logprobs=cfg.vllm_logprobs)
-        if needs_trials(cfg.policy) or isinstance(llm, AsyncRunner):  # (an --compare twin shares the engine)  # trials are side requests: vLLM's AsyncLLM, on a loop thread
+        # trials are side requests: vLLM's AsyncLLM, on a loop thread (an --compare twin shares that engine)
+        if needs_trials(cfg.policy) or isinstance(llm, AsyncRunner):
             if llm is None:
                 llm = build_vllm_engine(lm, cfg, runner=True)
             if not isinstance(llm, AsyncRunner):
@@ -126,7 +128,10 @@ def needs_trials(policy: str) -> bool:
             return load_bundle(policy).trial_pipeline is not None
         except ValueError:  # not a bundle after all: the policy loader says so
             return False
-    return policy.partition("@")[0].split(":")[0].strip() in ("deer", "certaindex")
+    try:
+        return hasattr(parse_policy(policy), "decide_after_trial")  # DEER and certaindex, whatever their @KINDS
+    except ValueError:  # not a policy at all: cfg.validate says so
+        return False
 
 
 def run_problems(
@@ -172,28 +177,24 @@ def run_problems(
                 groups.setdefault(planned[start + i][0], []).append(i)
             out: list[Trace | None] = [None] * len(batch)
             for task, idx in groups.items():
-                if task not in gens:
-                    gens[task] = make_generator(lm, cfg, layers, factory, engine, task)
-                    gens[task].on_tokens = progress.on_tokens if progress is not None else None
-                    engine = getattr(gens[task], "llm", engine)  # vLLM: one engine for every task
                 sub = [batch[i] for i in idx]
                 prompts = [planned[start + i][1] for i in idx]
-                t0 = time.perf_counter()
-                results = gens[task].generate(prompts, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
-                                              temperature=cfg.temperature, seed=cfg.seed + start)
-                wall = time.perf_counter() - t0
-                for i, p, r in zip(idx, sub, results):
-                    out[i] = _trace(lm, cfg, layers, task, p, r, start, start + i, wall, len(sub), extra_meta)
-                if twin_factory is not None:
-                    if task not in twins:
-                        twins[task] = make_generator(lm, twin_cfg, layers, twin_factory, engine, task)
-                        twins[task].on_tokens = progress.on_tokens if progress is not None else None
+                runs = [(gens, cfg, factory)] + ([(twins, twin_cfg, twin_factory)] if twin_factory is not None else [])
+                for cache, run_cfg, run_factory in runs:  # the monitored run, then (--compare) its unmonitored twin
+                    if task not in cache:
+                        cache[task] = make_generator(lm, run_cfg, layers, run_factory, engine, task)
+                        cache[task].on_tokens = progress.on_tokens if progress is not None else None
+                        engine = getattr(cache[task], "llm", engine)  # vLLM: one engine for every task and run
                     t0 = time.perf_counter()
-                    plain = twins[task].generate(prompts, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
-                                                 temperature=cfg.temperature, seed=cfg.seed + start)
+                    results = cache[task].generate(prompts, max_new_tokens=cfg.max_new_tokens,
+                                                   do_sample=cfg.do_sample, temperature=cfg.temperature,
+                                                   seed=cfg.seed + start)
                     wall = time.perf_counter() - t0
-                    for i, p, r in zip(idx, sub, plain):
-                        _add_twin(out[i], task, p, r, wall)
+                    for i, p, r in zip(idx, sub, results):
+                        if cache is gens:
+                            out[i] = _trace(lm, cfg, layers, task, p, r, start, start + i, wall, len(sub), extra_meta)
+                        else:
+                            _add_twin(out[i], task, p, r, wall)
             done = [t for t in out if t is not None]
             traces.extend(done)
             if progress is not None:

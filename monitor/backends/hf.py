@@ -158,14 +158,16 @@ class MonitorStoppingCriteria(StoppingCriteria):
         last = input_ids[:, -1].tolist()  # one device-to-host copy for the whole batch
         cancelled = self.gen.cancelled
         infos = self.gen._token_logprobs(input_ids[:, -1]) if self.gen.logprobs is not None else None
-        if self.gen.on_tokens is not None:  # progress: the tokens this step produced
-            self.gen.on_tokens(sum(row.phase != "done" for row in self.rows))
+        produced = 0
         for b, row in enumerate(self.rows):
             if row.phase != "done":
+                produced += 1
                 self.gen._ingest(row, last[b], None if infos is None else infos[b])
                 if b in cancelled and row.phase != "done":  # the caller gave up on this row: stop it here
                     row.pending = None
                     row.phase, row.stop_reason = "done", "cancelled by the caller"
+        if self.gen.on_tokens is not None:  # progress: the tokens this step produced
+            self.gen.on_tokens(produced)
         return torch.tensor([row.phase == "done" for row in self.rows], dtype=torch.bool, device=input_ids.device)
 
 

@@ -66,29 +66,30 @@ def what_if(t: Trace) -> list[dict[str, Any]] | None:
     pts = [p for p in t.decision_points if is_finite(p.get("score")) and p["index"] <= hp["index"]]
     by_delta = (t.meta.get("bundle_calibration") or {}).get("thresholds_by_delta")
     if isinstance(by_delta, dict) and by_delta:  # a calibrated bundle: its certified thresholds at other deltas
-        rows = []
-        for d, v in sorted(by_delta.items(), key=lambda kv: float(kv[0])):
-            hit = None if not is_finite(v) else next((p for p in pts if p["score"] >= v), None)
-            rows.append({"threshold": v, "delta": float(d), "own": is_finite(v) and abs(float(v) - thr0) < 1e-12,
-                         "stop": None if hit is None else int(hit["index"]), "certified": is_finite(v)})
-        return rows
-    if float(thr0).is_integer() and thr0 >= 1:  # a count (certaindex: trial answers in a row)
-        alts = [v for v in (thr0 - 1, thr0, thr0 + 1, thr0 + 2) if v >= 1]
+        rows = [{"threshold": v, "delta": float(d), "certified": is_finite(v),
+                 "own": is_finite(v) and abs(float(v) - thr0) < 1e-12}
+                for d, v in sorted(by_delta.items(), key=lambda kv: float(kv[0]))]
     else:
-        alts = [thr0 * f for f in (0.8, 0.9, 1.0, 1.1, 1.2)]
-        if 0.0 < thr0 <= 1.0:  # a probability (DEER's confidence, a probe's score)
-            alts = [min(v, 1.0) for v in alts]
-    rows = []
-    for v in sorted(set(alts)):
-        hit = next((p for p in pts if (p["score"] >= v if upward else p["score"] <= v)), None)
-        rows.append({"threshold": v, "stop": None if hit is None else int(hit["index"]), "own": v == thr0})
+        if float(thr0).is_integer() and thr0 >= 1:  # a count (certaindex: trial answers in a row)
+            alts = [v for v in (thr0 - 1, thr0, thr0 + 1, thr0 + 2) if v >= 1]
+        else:
+            alts = [thr0 * f for f in (0.8, 0.9, 1.0, 1.1, 1.2)]
+            if 0.0 < thr0 <= 1.0:  # a probability (DEER's confidence, a probe's score)
+                alts = [min(v, 1.0) for v in alts]
+        rows = [{"threshold": v, "own": v == thr0} for v in sorted(set(alts))]
+    for r in rows:  # the first recorded point whose score reaches the threshold (none: no threshold, no stop)
+        v = r["threshold"]
+        hit = None if not is_finite(v) else next(
+            (p for p in pts if (p["score"] >= v if upward else p["score"] <= v)), None)
+        r["stop"] = None if hit is None else int(hit["index"])
     return rows
 
 
 def control_lag(t: Trace) -> int:
     """Tokens the engine wrote between the halting decision and the first forced exit-cue token (vLLM's engine runs
     ahead of the driver; they stay in the sequence as reasoning). 0 on the HF backend."""
-    lag = (t.meta.get(t.backend) or {}).get("lag_tokens") if isinstance(t.meta.get(t.backend), dict) else None
+    extra = t.meta.get(t.backend)
+    lag = extra.get("lag_tokens") if isinstance(extra, dict) else None
     return lag if isinstance(lag, int) and not isinstance(lag, bool) and lag > 0 else 0
 
 
@@ -175,7 +176,8 @@ def comparison(t: Trace) -> dict[str, Any] | None:
     c = t.meta.get("compare")
     if not isinstance(c, dict):
         return None
-    return {**c, "saved_tokens": token_accounting(t)["saved"], "monitored_tokens": token_accounting(t)["monitored"]}
+    acc = token_accounting(t)
+    return {**c, "saved_tokens": acc["saved"], "monitored_tokens": acc["monitored"]}
 
 
 def outcome_of(t: Trace) -> str:
