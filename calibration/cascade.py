@@ -3,19 +3,24 @@
 
 The deployed rule, at each decision point j of a trace, with s_j the free-signal probe's score (no extra tokens):
 
-    if s_j >= g:  decode a trial answer (it costs c_j tokens) and score it: t_j(g) = trial probe(signals, trial)
-                  halt if t_j(g) >= lambda
-    else:         keep thinking (no trial)
+    if s_j >= lambda:  halt (the free probe alone is sure enough: no trial)                      [the free exit]
+    elif s_j >= g:     decode a trial answer (it costs c_j tokens) and score it: t_j(g) = trial probe(signals,
+                       trial); halt if t_j(g) >= lambda
+    else:              keep thinking (no trial)
 
-so a trace halts at the first j with s_j >= g and t_j(g) >= lambda. t_j depends on g because the trial features
-(answer stability: how many earlier trials gave the same answer) count only the trials the gate let through.
+so a trace halts at the first j whose combined score c_j(g) >= lambda, with c_j(g) = max(s_j, t_j(g)) where
+s_j >= g and c_j(g) = s_j elsewhere. t_j depends on g because the trial features (answer stability: how many
+earlier trials gave the same answer) count only the trials the gate let through. The free exit makes the
+cascade's halts at (g, lambda) a superset of the signals-only probe's at lambda, and the gate g = +inf (no trial
+anywhere) IS that probe, so the family below contains it: trials can add halts, not take any away. Bundles
+calibrated before the free exit (`free_exit` False) keep their rule: halt only at a trial.
 
 The parameter is the pair (g, lambda), and the rule is calibrated as a whole. For a per-trace 0/1 risk
 (`calibration.risks`, PREMATURE by default) with L_i(g, lambda) over n calibration traces, LTT tests
 H0(g, lambda): R(g, lambda) > delta with the binomial p-value of `first_exit.ltt_p_values`. The family of
 hypotheses is fixed before the calibration data is seen: the gates (a short list, chosen at training time from
-the TRAINING problems' free scores) times the lambda grid (1.0 down to 0.0). FWER control at epsilon:
-Bonferroni over the gates, and within each gate fixed-sequence testing along lambda from strict to lenient at
+the TRAINING problems' free scores, plus +inf: the free probe alone, unless the caller pins the gates) times the lambda grid (1.0 down to 0.0).
+FWER control at epsilon: Bonferroni over the gates, and within each gate fixed-sequence testing along lambda from strict to lenient at
 level epsilon / |gates| (mapie's `control_fwer`). Every certified pair then has R <= delta simultaneously with
 probability >= 1 - epsilon, so choosing among them with the calibration data is free: the pair with the most
 net tokens saved on the calibration traces (tokens saved by the exit, minus the trial tokens spent up to and
@@ -23,8 +28,8 @@ including it) is deployed.
 
     P_calibration( R(g*, lambda*) <= delta ) >= 1 - epsilon,
 
-for a new trace exchangeable with the calibration traces. With one gate at 0.0 (a trial at every decision
-point) this is the trial probe alone; `tests/calibration/test_cascade.py` checks the guarantee empirically on
+for a new trace exchangeable with the calibration traces. With one gate at 0.0 (a trial at every decision point
+the free probe does not already halt at) this is the trial probe alone; `tests/calibration/test_cascade.py` checks the guarantee empirically on
 simulated traces.
 
 Example:
@@ -34,13 +39,14 @@ Example:
     >>> trial = np.array([[0.1, 0.95]] * 60)[None]            # one gate: (gates, n, K)
     >>> ctl = CascadeRiskControl(0.1, 0.1, gates=[0.5]).fit(free, trial, gain=np.full((60, 2), 10.0),
     ...                                                      trial_cost=np.full((60, 2), 3.0))
-    >>> ctl.gate, ctl.first_exit([0.9, 0.9], [0.1, 0.95])
+    >>> ctl.gate, ctl.first_exit([0.3, 0.9], [0.1, 0.95])
     (0.5, 1)
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,8 +57,16 @@ from calibration.errors import CalibrationError, check_level
 from calibration.first_exit import TraceBatch, default_grid, ltt_p_values, min_traces_for, summarise_exits
 from calibration.risks import HALTED_WRONG, PREMATURE, Risk, get_risk
 
-DEFAULT_GATE_QUANTILES = (0.0, 0.5, 0.75, 0.9)  # of the training problems' free scores (`gates_from_scores`)
+# of the training problems' free scores (`gates_from_scores`); no 0 (a trial at every point: `--gates 0` pins it),
+# so that with the +inf gate `overthink calibrate` tests 4 gates, as many as before the free exit
+DEFAULT_GATE_QUANTILES = (0.5, 0.75, 0.9)
+NO_TRIAL = math.inf  # the gate no free score passes: the free probe alone (written as null in JSON)
 _UNGATED = -1.0  # a combined score below every threshold: no trial there, so no exit
+
+
+def json_gate(gate: float | None) -> float | None:
+    """A gate as JSON writes it: the no-trial gate (+inf) as null (strict JSON has no infinity)."""
+    return gate if gate is None or math.isfinite(gate) else None
 
 
 def gates_from_scores(scores: np.ndarray, quantiles: Sequence[float] = DEFAULT_GATE_QUANTILES) -> list[float]:
@@ -73,8 +87,14 @@ class CascadeRiskControl:
         Target risk and the allowed probability that the calibration draw is unlucky.
     gates : sequence of float
         Free-probe gates to test (a trial is decoded where the free score >= g); fixed before calibration.
+    free_exit : bool
+        Halt without a trial where the free score alone >= lambda (default). With it, the gate +inf (`NO_TRIAL`,
+        in `gates` when the caller puts it there, as `overthink calibrate` does by default) is the signals-only
+        probe, so that probe is one of the rules tested. False: the rule of bundles calibrated before the free exit
+        (halt only at a trial; every gate finite).
     risk : "premature" | "halted_wrong" | Risk
-    grid : lambdas for the trial probe, tested from strict (high) to lenient; default 100 values 1.0 .. 0.0.
+    grid : lambdas, tested from strict (high) to lenient; default the signals-only probe's grid
+        (`first_exit.default_grid`: 200 values 1.0 .. 0.0), so the +inf gate tests exactly its thresholds.
 
     Fitted attributes: gate, threshold (None when nothing is certified), certified_, n_, risks_ and p_values_
     (gates x grid), certified_pairs_ (list of (gate, lambda)), calibration_report_ (rates and token costs of the
@@ -82,32 +102,57 @@ class CascadeRiskControl:
     """
 
     def __init__(self, delta: float = 0.1, epsilon: float = 0.1, gates: Sequence[float] = (0.0,),
-                 risk: str | Risk = "premature", grid: Sequence[float] | np.ndarray | None = None) -> None:
+                 risk: str | Risk = "premature", grid: Sequence[float] | np.ndarray | None = None,
+                 free_exit: bool = True) -> None:
         self.delta = check_level("delta", delta)
         self.epsilon = check_level("epsilon", epsilon)
         self.risk = get_risk(risk)
         g = [float(x) for x in gates]
-        if not g or not np.isfinite(g).all():
+        if not g or np.isnan(g).any() or (not free_exit and not np.isfinite(g).all()):
             raise ValueError(f"gates must be a non-empty list of finite free-probe scores, got {list(gates)!r}")
+        self.free_exit = bool(free_exit)
         self.gates = sorted(set(g))
-        self.grid = default_grid(100) if grid is None else np.unique(np.asarray(grid, dtype=float))[::-1].copy()
+        self.grid = default_grid() if grid is None else np.unique(np.asarray(grid, dtype=float))[::-1].copy()
+
+    @property
+    def trial_gates(self) -> list[float]:
+        """The gates that decode trials (all but +inf), in order: `fit`'s trial_scores has one row per gate."""
+        return [g for g in self.gates if math.isfinite(g)]
+
+    def trial_tokens(self, free_scores: np.ndarray, gate: float, lam: float, trial_cost: np.ndarray,
+                     live: np.ndarray | bool = True) -> np.ndarray:
+        """The tokens of the trials the rule (gate, lam) decodes at each point: where the free score passes the
+        gate and (with the free exit) stays below lam; a point at or past lam halts without one."""
+        decoded = live & (free_scores >= gate)
+        if self._free_exit():
+            decoded &= free_scores < lam
+        return np.where(decoded, trial_cost, 0.0)
+
+    def _free_exit(self) -> bool:
+        return getattr(self, "free_exit", False)  # bundles pickled before the free exit existed lack the field
 
     def _exits(self, free: TraceBatch, trial: np.ndarray, gate: float) -> tuple[np.ndarray, np.ndarray]:
-        combined = np.where(free.scores >= gate, trial, _UNGATED)
+        gated = free.scores >= gate
+        if self._free_exit():
+            combined = np.where(gated, np.maximum(free.scores, trial), free.scores)
+        else:
+            combined = np.where(gated, trial, _UNGATED)
         return TraceBatch(combined, free.stop_correct, free.lengths, free.full_correct).exits(self.grid)
 
     def fit(self, free: TraceBatch, trial_scores: np.ndarray, gain: np.ndarray,
             trial_cost: np.ndarray) -> CascadeRiskControl:
         """Calibrate on traces. `free`: the free probe's scores, stop_correct and full_correct as a TraceBatch
-        (n, K); `trial_scores` (gates, n, K): the trial probe's score at each point under each gate (only the
-        gated points matter); `gain` (n, K): tokens saved by exiting at point j (the unmonitored run's tokens
+        (n, K); `trial_scores` (gates, n, K): the trial probe's score at each point under each finite gate of
+        `self.gates`, in order (`trial_gates`; only the gated points matter; the +inf gate decodes no trial); `gain` (n, K): tokens saved by exiting at point j (the unmonitored run's tokens
         minus the exit's), `trial_cost` (n, K): the tokens of the trial at j. Never raises because nothing is
         certified: then `threshold` is None (see `require_certified`)."""
         trial_scores = np.asarray(trial_scores, dtype=float)
         n, k = free.scores.shape
-        if trial_scores.shape != (len(self.gates), n, k):
-            raise ValueError(f"trial_scores must be (gates, n, K) = ({len(self.gates)}, {n}, {k}), got "
+        finite = len(self.trial_gates)
+        if trial_scores.shape != (finite, n, k):
+            raise ValueError(f"trial_scores must be (finite gates, n, K) = ({finite}, {n}, {k}), got "
                              f"{trial_scores.shape}")
+        trial_scores = np.concatenate([trial_scores, np.full((len(self.gates) - finite, n, k), _UNGATED)])
         gain, trial_cost = np.asarray(gain, dtype=float), np.asarray(trial_cost, dtype=float)
         if gain.shape != (n, k) or trial_cost.shape != (n, k):
             raise ValueError(f"gain and trial_cost must be (n, K) = ({n}, {k}), got {gain.shape} and "
@@ -129,17 +174,18 @@ class CascadeRiskControl:
             valid = np.asarray(control_fwer(p, level, fwer_method="fixed_sequence"), dtype=int)
             if not len(valid):
                 continue
-            cost = np.where(live & (free.scores >= gate), trial_cost, 0.0)
-            before = np.cumsum(cost, axis=1)  # trials spent up to each point (the exit's own trial included)
-            total = cost.sum(axis=1)
             safe = np.maximum(idx, 0)
-            saved = np.where(exited, np.take_along_axis(gain, safe, 1) - np.take_along_axis(before, safe, 1),
-                             -total[:, None])  # (n, G): net tokens saved per trace
             for li in valid.tolist():
-                pairs.append((gate, float(self.grid[li])))
-                net = float(saved[:, li].mean())
+                lam = float(self.grid[li])
+                pairs.append((gate, lam))
+                before = np.cumsum(self.trial_tokens(free.scores, gate, lam, trial_cost, live), axis=1)
+                total = before[:, -1] if k else np.zeros(n)
+                at_exit = np.take_along_axis(before, safe[:, li:li + 1], 1)[:, 0]  # the exit's own trial included
+                ex = exited[:, li]
+                saved = np.where(ex, np.take_along_axis(gain, safe[:, li:li + 1], 1)[:, 0] - at_exit, -total)
+                net = float(saved.mean())  # net tokens saved per trace
                 if best is None or net > best[0]:
-                    spent = np.where(exited[:, li], np.take_along_axis(before, safe, 1)[:, li], total)
+                    spent = np.where(ex, at_exit, total)
                     best = (net, gi, li, idx[:, li], halted_correct[:, li], float(spent.mean()))
         self.risks_ = np.asarray(risks)
         self.p_values_ = np.asarray(pvals)
@@ -160,7 +206,7 @@ class CascadeRiskControl:
             self.p_value_ = float(self.p_values_[gi, li])
             self.calibration_report_ = summarise_exits(free, idx, hc, self.risk)
             self.calibration_report_.update({"net_tokens_saved_per_trace": net, "trial_tokens_per_trace": spent})
-        self.calibration_report_.update({"gate": self.gate, "threshold": self.threshold})
+        self.calibration_report_.update({"gate": json_gate(self.gate), "threshold": self.threshold})
         return self
 
     def _check_fitted(self) -> None:
@@ -183,13 +229,17 @@ class CascadeRiskControl:
             "Collect more calibration traces or loosen delta/epsilon.")
 
     def first_exit(self, free_scores: Sequence[float], trial_scores: Sequence[float]) -> int | None:
-        """Index of the first point with free score >= gate and trial score >= threshold; None if none."""
+        """Index of the first point with free score >= gate and trial score >= threshold, or (with the free exit)
+        free score >= threshold; None if none. `trial_scores` is read only where the free score passes the gate."""
         self._check_fitted()
         if self.threshold is None or self.gate is None:
             return None
         f = np.asarray(free_scores, dtype=float)
         t = np.asarray(trial_scores, dtype=float)
-        hits = np.flatnonzero((f >= self.gate) & (t >= self.threshold))
+        hit = (f >= self.gate) & (t >= self.threshold)
+        if self._free_exit():
+            hit |= f >= self.threshold
+        hits = np.flatnonzero(hit)
         return int(hits[0]) if len(hits) else None
 
     def guarantee(self) -> str:
@@ -204,11 +254,17 @@ class CascadeRiskControl:
                  f"exit rate {rep['exit_rate']:.4g}", f"{rep['trial_tokens_per_trace']:.1f} trial tokens per trace"]
         if self.risk.name not in (PREMATURE.name, HALTED_WRONG.name):
             rates.insert(0, f"{self.risk.name} risk {self.risk_hat_:.4g}")
+        lam = f"lambda = {self.threshold:.4g}"
+        if not math.isfinite(self.gate):
+            rule = f"halt at the first decision point whose free-signal probe score is >= {lam}, with no trial answer"
+        else:
+            rule = (f"decode a trial answer at a decision point only where the free-signal probe scores >= gate "
+                    f"{self.gate:.4g}, and halt at the first trial whose trial-probe score is >= {lam}")
+            if self._free_exit():
+                rule += f" (or, with no trial, at the first point whose free-probe score is >= {lam})"
         return (
             f"With probability at least 1-epsilon = {1 - e:g} over the draw of the n = {n} calibration traces, "
-            f"the probability that a new trace is {self.risk.description} is at most delta = {d:g}. Rule: decode "
-            f"a trial answer at a decision point only where the free-signal probe scores >= gate {self.gate:.4g}, "
-            f"and halt at the first trial whose trial-probe score is >= lambda = {self.threshold:.4g} "
+            f"the probability that a new trace is {self.risk.description} is at most delta = {d:g}. Rule: {rule} "
             f"(Learn-then-Test over {len(self.gates)} gates x {len(self.grid_)} thresholds: fixed-sequence testing "
             f"per gate at epsilon/{len(self.gates)}; {len(self.certified_pairs_)} pairs certified, the one saving "
             f"the most net tokens on the calibration traces chosen; p-value {self.p_value_:.3g}). On the "
@@ -218,10 +274,11 @@ class CascadeRiskControl:
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe record of what was learned (for a report)."""
         self._check_fitted()
-        return {"kind": "cascade_risk_control", "version": 1, "delta": self.delta, "epsilon": self.epsilon,
-                "risk": self.risk.name, "gates": list(self.gates), "grid": [float(x) for x in self.grid_],
-                "gate": self.gate, "threshold": self.threshold, "certified": bool(self.certified_), "n": self.n_,
-                "certified_pairs": [list(p) for p in self.certified_pairs_],
+        return {"kind": "cascade_risk_control", "version": 2, "delta": self.delta, "epsilon": self.epsilon,
+                "risk": self.risk.name, "free_exit": self._free_exit(), "gates": [json_gate(g) for g in self.gates],
+                "grid": [float(x) for x in self.grid_], "gate": json_gate(self.gate), "threshold": self.threshold,
+                "certified": bool(self.certified_), "n": self.n_,
+                "certified_pairs": [[json_gate(g), t] for g, t in self.certified_pairs_],
                 "calibration_report": json.loads(json.dumps(self.calibration_report_)),
                 "guarantee": self.guarantee()}
 

@@ -70,10 +70,13 @@ def _gated_scores(bundle: Bundle, data: CollectedData, free: np.ndarray, gate: f
     return bundle.trial_scores(data.signals, trial_features(data, decoded)), decoded
 
 
-def calibration_arrays(bundle: Bundle, data: CollectedData) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+def calibration_arrays(bundle: Bundle, data: CollectedData,
+                       gates: list[float] | None = None) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
     """What `CascadeRiskControl.fit` takes, from the graded calibration problems in `data`: the free probe's
-    TraceBatch, the trial scores under each of the bundle's gates (gates, n, K), the tokens saved by exiting at
-    each point (the unmonitored run's tokens minus the exit's) and each point's trial cost."""
+    TraceBatch, the trial scores under each of `gates` (the calibration's `trial_gates`; default the bundle's)
+    as (gates, n, K), the tokens saved by exiting at each point (the unmonitored run's tokens minus the exit's) and
+    each point's trial cost."""
+    gates = (bundle.gates or []) if gates is None else gates
     from calibration import TraceBatch
 
     free = bundle.scores(data.hidden, data.signals)
@@ -81,8 +84,8 @@ def calibration_arrays(bundle: Bundle, data: CollectedData) -> tuple[Any, np.nda
     n, k = len(rows), max((len(r) for r in rows), default=0)
     pad = np.zeros((n, k))
     scores, correct, gain, cost = pad.copy(), pad.copy(), pad.copy(), pad.copy()
-    trial = np.zeros((len(bundle.gates or []), n, k))
-    for gi, gate in enumerate(bundle.gates or []):
+    trial = np.zeros((len(gates), n, k))
+    for gi, gate in enumerate(gates):
         t, _ = _gated_scores(bundle, data, free, gate)
         for i, r in enumerate(rows):
             trial[gi, i, :len(r)] = t[r]
@@ -105,4 +108,7 @@ def cascade_exits(bundle: Bundle, data: CollectedData) -> tuple[list[int | None]
     if cal.gate is None:
         return [None] * len(rows), [np.zeros(len(r), dtype=bool) for r in rows]
     t, decoded = _gated_scores(bundle, data, free, cal.gate)
-    return [cal.first_exit(free[r], t[r]) for r in rows], decoded
+    exits = [cal.first_exit(free[r], t[r]) for r in rows]
+    # the trials the rule decodes: past the gate, and (free exit) not where the free score alone halts
+    decoded = [cal.trial_tokens(free[r], cal.gate, cal.threshold, np.ones(len(r), dtype=bool)) > 0 for r in rows]
+    return exits, decoded

@@ -146,15 +146,18 @@ def calibrate_bundle(bundle_path: str | Path, data_dir: str | Path, delta: float
         if mode != "per-trace":
             raise ValueError("a cascade bundle is calibrated per trace (Learn-then-Test over gate and threshold); "
                              "drop --mode per-cue")
-        from calibration.cascade import CascadeRiskControl
+        from calibration.cascade import NO_TRIAL, CascadeRiskControl, json_gate
         from probes.cascade import calibration_arrays
 
-        if gates is not None:
+        if gates is not None:  # pinned: exactly these (`--gates 0`: the trial probe alone)
             bundle.gates = sorted({float(g) for g in gates})
+            tested = bundle.gates
+        else:  # the training gates and the free probe alone (gate +inf): the family contains the signals-only probe
+            tested = [*(bundle.gates or [0.0]), NO_TRIAL]
         sub = data.subset(_calibration_problems(bundle, data))
-        cal = CascadeRiskControl(delta, epsilon, gates=bundle.gates or [0.0], risk=risk)
-        cal.fit(*calibration_arrays(bundle, sub)).require_certified()
-        info = {"threshold": cal.threshold, "gate": cal.gate, "gates": list(cal.gates),
+        cal = CascadeRiskControl(delta, epsilon, gates=tested, risk=risk)
+        cal.fit(*calibration_arrays(bundle, sub, cal.trial_gates)).require_certified()
+        info = {"threshold": cal.threshold, "gate": json_gate(cal.gate), "gates": [json_gate(g) for g in cal.gates],
                 "evaluation": cal.calibration_report_}
         mode = "cascade"
     elif mode == "per-cue":

@@ -6,8 +6,9 @@ on (`probes.features.point_features`), scores them, and halts when the bundle's 
 - per-cue (`PerCueConformal`, LYNX): the first point whose conformal prediction set is exactly {1}.
 
 A cascade bundle (`overthink train --cascade`, calibrated by `CascadeRiskControl`) is run by `CascadePolicy`: the
-free probe scores every decision point; where it passes the gate, a trial answer is decoded (the exit cue and the
-answer budget the bundle was collected with) and the trial probe halts when its score >= lambda.
+free probe scores every decision point and halts alone where its score >= lambda; where it passes the gate, a trial
+answer is decoded (the exit cue and the answer budget the bundle was collected with) and the trial probe halts when
+its score >= lambda.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ class ProbePolicy:
 
 
 class CascadePolicy:
-    """Free probe everywhere, a trial only past the gate, the trial probe decides (`calibration.cascade`)."""
+    """Free probe everywhere: it halts alone where its score >= lambda (the free exit); a trial only past the gate,
+    where the trial probe decides (`calibration.cascade`)."""
 
     def __init__(self, bundle: Bundle, exit_cue: str | None = None, answer_max_tokens: int | None = None) -> None:
         from calibration.cascade import CascadeRiskControl
@@ -111,6 +113,7 @@ class CascadePolicy:
                              f"{', '.join(want)}) than this version of overthink computes; train it again")
         self.bundle, self.cal = bundle, cal
         self.gate, self.threshold = float(cal.gate), float(cal.threshold)
+        self.free_exit = bool(getattr(cal, "free_exit", False))  # bundles calibrated before it halt only at trials
         self.layers, self.hidden_size, self.keys = _online_features(bundle)
         # the trial is what the collection decoded at every point: the exit cue, then the answer within its budget
         self.trial_prompt = exit_cue or str(bundle.config.get("exit_cue") or "")
@@ -126,6 +129,9 @@ class CascadePolicy:
             return Decision(CONTINUE)
         h, s = point_features(ctx, self.layers, self.hidden_size, self.keys)
         free = self.bundle.score(h, s)
+        if self.free_exit and free >= self.threshold:  # the free probe alone is sure enough: no trial needed
+            return Decision(HALT, f"halted at token {ctx.position}: free probe {free:.2f} >= threshold "
+                                  f"{self.threshold:.2f} at {_point_words(pt)} (no trial)", free, self.threshold)
         if free < self.gate:
             return Decision(CONTINUE, score=free, threshold=self.gate)
         return Decision(TRIAL, f"free probe {free:.2f} >= gate {self.gate:.2f}: trial answer at {_point_words(pt)}",

@@ -8,7 +8,7 @@ import pytest
 
 from monitor.config import RunConfig
 from monitor.run import run_problems
-from probes.bundle import load_bundle
+from probes.bundle import load_bundle, save_bundle
 from probes.collect import collect, load_collected
 from probes.features import signal_feature_names, trial_vector
 from probes.pipeline import calibrate_bundle, train_bundle
@@ -39,9 +39,21 @@ def with_trials(path, seed=0):
     np.savez(npz, **z)
 
 
+def trials_only(bundle_path, data_dir, delta, epsilon):
+    """Recalibrate a cascade bundle with the rule of bundles made before the free exit (halt only at a trial), on
+    all of `data_dir` (for tests of the trial path, not of the risk)."""
+    from calibration.cascade import CascadeRiskControl
+    from probes.cascade import calibration_arrays
+
+    b = load_bundle(bundle_path)
+    old = CascadeRiskControl(delta, epsilon, gates=b.gates, free_exit=False)
+    b.calibration = old.fit(*calibration_arrays(b, load_collected(data_dir), old.trial_gates)).require_certified()
+    save_bundle(b, bundle_path)
+
+
 def manual_exits(bundle, data):
-    """The cascade's rule written out point by point, apart from probes/cascade.py: free score, gate, a trial's
-    stability among the trials decoded so far, trial probe, threshold."""
+    """The cascade's rule written out point by point, apart from probes/cascade.py: the free exit, free score,
+    gate, a trial's stability among the trials decoded so far, trial probe, threshold."""
     cal = bundle.calibration
     free = bundle.scores(data.hidden, data.signals)
     out = []
@@ -49,6 +61,10 @@ def manual_exits(bundle, data):
         rows = np.flatnonzero(data.group == i)
         seen, hit, decoded = [], None, []
         for j, r in enumerate(rows):
+            if getattr(cal, "free_exit", False) and free[r] >= cal.threshold:  # the free exit: no trial
+                decoded.append(False)
+                hit = j
+                break
             if free[r] < cal.gate:
                 decoded.append(False)
                 continue
@@ -81,7 +97,7 @@ def test_cascade_trains_calibrates_and_replays_with_fewer_trials_than_deer(tiny,
     bundle, rep = train_bundle(tmp_path / "d", tmp_path / "c.joblib", calib_fraction=0.5, use_hidden=False,
                                cascade=True)
     assert rep["trial_probe"]["auroc"] > rep["probe"]["auroc"] + 0.05  # the trial answer carries information
-    assert bundle.gates[0] == 0.0 and len(bundle.gates) >= 3 and bundle.config["trial_features"]
+    assert len(bundle.gates) == 3 and 0 < bundle.gates[0] and bundle.config["trial_features"]
     b = calibrate_bundle(tmp_path / "c.joblib", tmp_path / "d", delta=0.2, epsilon=0.1)
     info = b.calibration_info
     assert info["mode"] == "cascade" and info["gate"] in bundle.gates and "gate" in info["guarantee"]
@@ -105,11 +121,16 @@ def test_cascade_trains_calibrates_and_replays_with_fewer_trials_than_deer(tiny,
     tokens = [(p["full_tokens"] if h is None else p["events"][h]["reasoning_tokens"] + 5) + s
               for p, (h, _), s in zip(test.problems, want, spent)]
     assert cascade["mean_tokens"] == pytest.approx(np.mean(tokens))
-    # gate 0: a trial at every decision point up to the exit (the trial probe alone)
-    assert load_bundle(tmp_path / "trial.joblib").calibration.gate == 0.0
-    every = manual_exits(load_bundle(tmp_path / "trial.joblib"), test)
-    assert all(all(d) for _, d in every)
-    assert trial_only["trial_tokens"] == pytest.approx(np.mean([5 * len(d) for _, d in every]))
+    # gate 0: a trial at every decision point up to the exit (the trial probe alone), except an exit the free
+    # probe alone made (no trial there)
+    trial_bundle = load_bundle(tmp_path / "trial.joblib")
+    assert trial_bundle.calibration.gate == 0.0
+    every = manual_exits(trial_bundle, test)
+    free = trial_bundle.scores(test.hidden, test.signals)
+    for i, (h, d) in enumerate(every):
+        rows = np.flatnonzero(test.group == i)
+        assert all(d[:-1]) and d[-1] == (h is None or free[rows[h]] < trial_bundle.calibration.threshold)
+    assert trial_only["trial_tokens"] == pytest.approx(np.mean([5 * sum(d) for _, d in every]))
 
 
 def test_cli_train_cascade_and_calibrate_gates(tiny, cue_word, tmp_path, capsys):  # noqa: F811
@@ -120,7 +141,7 @@ def test_cli_train_cascade_and_calibrate_gates(tiny, cue_word, tmp_path, capsys)
     assert main(["train", str(tmp_path / "d"), "--out", str(tmp_path / "c.joblib"), "--signals-only", "--cascade",
                  "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
-    assert rep["trial_probe"]["auroc"] > 0.7 and rep["gates"][0] == 0.0
+    assert rep["trial_probe"]["auroc"] > 0.7 and len(rep["gates"]) == 3
     assert main(["calibrate", str(tmp_path / "c.joblib"), "--data", str(tmp_path / "d"), "--delta", "0.3",
                  "--gates", "0,0.5"]) == 0
     assert "gate" in capsys.readouterr().out
@@ -146,10 +167,13 @@ def test_a_cascade_halts_online_and_the_replay_matches_the_real_run(tiny, cue_wo
     fake_collect_dir(tmp_path / "d", tiny_config(tiny, cue_word))
     with_trials(tmp_path / "d")
     train_bundle(tmp_path / "d", tmp_path / "c.joblib", calib_fraction=0.5, use_hidden=False, cascade=True)
-    halts = []
-    for gates in ([0.0], [0.5]):
-        out = tmp_path / f"c{gates[0]}.joblib"
+    halts, kinds = [], set()
+    # the third: the rule of bundles calibrated before the free exit (halt only at a trial), on the same pair
+    for gates, free_exit_rule in (([0.0], True), ([0.5], True), ([0.0], False)):
+        out = tmp_path / f"c{gates[0]}-{free_exit_rule}.joblib"
         calibrate_bundle(tmp_path / "c.joblib", tmp_path / "d", delta=0.4, epsilon=0.2, gates=gates, out=out)
+        if not free_exit_rule:
+            trials_only(out, tmp_path / "d", 0.4, 0.2)
         gate = load_bundle(out).calibration.gate
         run_cfg = RunConfig(max_new_tokens=24, answer_max_tokens=4, batch_size=1, cue_words=cue_word, policy=str(out))
         traces = run_problems(tiny, PROBLEMS, run_cfg)
@@ -159,16 +183,22 @@ def test_a_cascade_halts_online_and_the_replay_matches_the_real_run(tiny, cue_wo
             assert points
             for p in points:
                 tried = p.get("trial") is not None
-                assert tried == (p["action"] in ("trial", "halt") or p.get("trial") is not None)
+                free_exit = p["action"] == "halt" and not tried
+                assert p["action"] in ("continue", "halt")  # after a trial the point records what the trial decided
+                if free_exit:  # the free probe alone passed the threshold: no trial was decoded there
+                    assert free_exit_rule and p["score"] >= p["threshold"] == load_bundle(out).calibration.threshold
+                if p["action"] == "halt":
+                    kinds.add("free exit" if free_exit else "trial")
             assert t.accounting["probe"] == sum(p["trial"]["tokens"] for p in points if p.get("trial"))
-        write_traces(tmp_path / f"c{gates[0]}.jsonl", traces)
-        chk = check_replay(out, tmp_path / "real", tmp_path / f"c{gates[0]}.jsonl")
+        write_traces(tmp_path / f"{out.stem}.jsonl", traces)
+        chk = check_replay(out, tmp_path / "real", tmp_path / f"{out.stem}.jsonl")
         assert chk["n"] == 3
         assert chk["agree"] == {"halted": 3, "answer": 3, "correct": 3}, chk["rows"]
         assert chk["exact_tokens"] == 3, [r["token_diff"] for r in chk["rows"]]
         halts += [r["halted"][0] for r in chk["rows"]]
         assert gate == gates[0]
     assert any(halts), "no run halted: the check covered only the no-halt path"
+    assert kinds == {"free exit", "trial"}, f"halts seen: {kinds}: both ways of halting must be checked"
 
 
 def test_a_cascade_bundle_needs_trials_and_is_refused_without_a_trial_probe_calibration(tiny, cue_word, tmp_path):  # noqa: F811

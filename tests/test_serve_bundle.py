@@ -64,12 +64,13 @@ def test_a_cascade_bundle_serves_concurrent_requests_with_trials(tiny, cue_word,
     whether it ran alone or beside others."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tests.test_cascade_probe import with_trials
+    from tests.test_cascade_probe import trials_only, with_trials
 
     fake_collect_dir(tmp_path / "c", tiny_config(tiny, cue_word))
     with_trials(tmp_path / "c")
     train_bundle(tmp_path / "c", tmp_path / "cascade.joblib", calib_fraction=0.5, use_hidden=False, cascade=True)
     calibrate_bundle(tmp_path / "cascade.joblib", tmp_path / "c", delta=0.4, epsilon=0.2, gates=[0.0])
+    trials_only(tmp_path / "cascade.joblib", tmp_path / "c", 0.4, 0.2)  # its free probe would halt before any trial
     port = free_port()
     log = tmp_path / "t.jsonl"
     proc = start_serve(["--model", MODEL, "--policy", str(tmp_path / "cascade.joblib"), "--trace-log", str(log)],

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from calibration import CalibrationError, TraceBatch
-from calibration.cascade import CascadeRiskControl, gates_from_scores
+from calibration.cascade import NO_TRIAL, CascadeRiskControl, gates_from_scores
 
 K = 10
 DELTA = 0.1
@@ -37,16 +37,18 @@ def simulate(rng: np.random.Generator, n: int) -> tuple[TraceBatch, np.ndarray, 
     return TraceBatch.from_arrays(free, stop_correct, full), np.broadcast_to(trial, (len(GATES), n, K)), gain, cost
 
 
-def test_cascade_premature_risk_is_controlled_in_at_least_1_minus_epsilon_of_draws():
+@pytest.mark.parametrize("free_exit", [False, True], ids=["halt-at-trials-only", "free-exit-and-no-trial-gate"])
+def test_cascade_premature_risk_is_controlled_in_at_least_1_minus_epsilon_of_draws(free_exit):
+    family = [*GATES, NO_TRIAL] if free_exit else GATES  # with the free exit, the signals-only probe is in the family
     held, trial, gain, cost = simulate(np.random.default_rng(777), 40_000)
-    truth = CascadeRiskControl(DELTA, EPSILON, gates=GATES).fit(held, trial, gain, cost)
+    truth = CascadeRiskControl(DELTA, EPSILON, gates=family, free_exit=free_exit).fit(held, trial, gain, cost)
     # the true risk of every (gate, lambda): with n = 40 000 every empirical risk is within ~0.003 of the truth
-    true_risk = {(g, float(lam)): truth.risks_[gi, li] for gi, g in enumerate(GATES)
+    true_risk = {(g, float(lam)): truth.risks_[gi, li] for gi, g in enumerate(family)
                  for li, lam in enumerate(truth.grid_)}
     realised, gates, spent_ratio = [], [], []
     for draw in range(DRAWS):
         cal = simulate(np.random.default_rng(5000 + draw), N_CAL)
-        ctl = CascadeRiskControl(DELTA, EPSILON, gates=GATES).fit(*cal)
+        ctl = CascadeRiskControl(DELTA, EPSILON, gates=family, free_exit=free_exit).fit(*cal)
         if not ctl.certified_:
             realised.append(0.0)
             continue
@@ -64,8 +66,52 @@ def test_cascade_premature_risk_is_controlled_in_at_least_1_minus_epsilon_of_dra
     assert covered >= 1 - EPSILON
     assert len(gates) >= 0.9 * DRAWS  # not vacuous: it certifies and halts
     assert realised.mean() > 0.3 * DELTA
-    assert any(g > 0 for g in gates)  # the gate is used: fewer trials where the free probe is unsure
+    assert any(0 < g < NO_TRIAL for g in gates)  # the gate is used: fewer trials where the free probe is unsure
     assert np.mean(spent_ratio) < 1.0
+
+
+def test_the_free_exit_family_holds_the_signals_only_probe_and_saves_at_least_as_much():
+    from calibration import FirstExitRiskControl
+
+    cal = simulate(np.random.default_rng(3), N_CAL)
+    family = [*GATES, NO_TRIAL]
+    ctl = CascadeRiskControl(DELTA, EPSILON, gates=family).fit(*cal)
+    assert ctl.trial_gates == GATES and ctl.gates[-1] == NO_TRIAL
+    # the +inf gate's risks are the signals-only probe's, threshold for threshold
+    probe = FirstExitRiskControl(DELTA, EPSILON / len(family)).fit(cal[0])
+    np.testing.assert_array_equal(ctl.risks_[-1], probe.risks_)
+    # so the chosen rule saves at least what the probe certified at the same level saves (no trial tokens there)
+    assert probe.certified_
+    idx = probe.calibration_report_
+    exit_j = np.array([np.flatnonzero(cal[0].scores[i] >= probe.threshold)[:1].tolist() or [-1]
+                       for i in range(N_CAL)])[:, 0]
+    probe_net = np.where(exit_j >= 0, cal[2][np.arange(N_CAL), np.maximum(exit_j, 0)], 0.0).mean()
+    assert idx["exit_rate"] == pytest.approx(np.mean(exit_j >= 0))
+    assert ctl.calibration_report_["net_tokens_saved_per_trace"] >= probe_net - 1e-9
+    # and the no-trial gate says so in words and in JSON (null: strict JSON has no infinity)
+    only = CascadeRiskControl(DELTA, EPSILON, gates=[NO_TRIAL]).fit(cal[0], np.zeros((0, N_CAL, K)), cal[2], cal[3])
+    assert only.gate == NO_TRIAL and "with no trial answer" in only.guarantee()
+    assert only.calibration_report_["trial_tokens_per_trace"] == 0
+    import json
+
+    assert json.loads(json.dumps(only.to_dict(), allow_nan=False))["gate"] is None
+
+
+def test_the_free_exit_halts_without_a_trial_where_the_free_score_alone_passes():
+    # point 0: free 0.97 (>= lambda): halt there, no trial; the old rule (free_exit=False) needs the trial probe
+    free = TraceBatch.from_arrays(np.array([[0.97, 0.2]] * 40), np.array([[1, 1]] * 40), np.ones(40))
+    trial = np.array([[0.1, 0.1]] * 40)[None]
+    ctl = CascadeRiskControl(0.1, 0.1, gates=[0.5]).fit(free, trial, np.full((40, 2), 10.0), np.full((40, 2), 3.0))
+    assert ctl.threshold <= 0.97 and ctl.first_exit([0.97, 0.2], [0.1, 0.1]) == 0
+    assert ctl.calibration_report_["trial_tokens_per_trace"] == 0.0  # the free exit decoded no trial
+    assert ctl.calibration_report_["net_tokens_saved_per_trace"] == 10.0
+    old = CascadeRiskControl(0.1, 0.1, gates=[0.5], free_exit=False).fit(free, trial, np.full((40, 2), 10.0),
+                                                                           np.full((40, 2), 3.0))
+    below = old.threshold - 0.01  # a trial score under the threshold: the old rule halts only at trials
+    assert old.first_exit([0.97, 0.2], [below, below]) is None and ctl.first_exit([0.97, 0.2], [below, below]) == 0
+    # a bundle pickled before the free exit existed has no such field: it keeps the old rule
+    del old.free_exit
+    assert old.first_exit([0.97, 0.2], [below, below]) is None and old.to_dict()["free_exit"] is False
 
 
 def test_selection_among_certified_pairs_takes_the_most_net_tokens():
@@ -100,12 +146,13 @@ def test_nothing_certified_is_a_clear_error_and_bad_shapes_are_refused():
     assert ctl.threshold is None and ctl.first_exit([1, 1], [1, 1]) is None
     with pytest.raises(CalibrationError, match="needs n >= "):
         ctl.require_certified()
-    with pytest.raises(ValueError, match=r"trial_scores must be \(gates, n, K\)"):
+    with pytest.raises(ValueError, match=r"trial_scores must be \(finite gates, n, K\)"):
         CascadeRiskControl(gates=[0.0, 0.5]).fit(free, np.ones((1, 5, 2)), np.ones((5, 2)), np.ones((5, 2)))
     with pytest.raises(ValueError, match="gates must be"):
         CascadeRiskControl(gates=[])
 
 
-def test_gates_come_from_training_score_quantiles_with_zero_first():
+def test_gates_come_from_training_score_quantiles():
     g = gates_from_scores(np.linspace(0, 1, 101))
-    assert g == [0.0, 0.5, 0.75, 0.9]
+    assert g == [0.5, 0.75, 0.9]
+    assert gates_from_scores(np.linspace(0, 1, 101), [0.0, 0.5]) == [0.0, 0.5]  # quantile 0: a trial everywhere
