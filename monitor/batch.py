@@ -83,6 +83,7 @@ class MonitorBatch:
         self._pkeys: tuple[str, ...] = ()
         self._ptxt: list[list[str]] = []
         self._off: set[str] = set()  # shared signals switched off (they raised in update_batch)
+        self._names: dict[tuple[tuple[str, str], ...], tuple[str, ...]] = {}  # value keys -> "family.key" names
         self._gate: tuple[np.ndarray, ...] | None = None
         self._gate_conf: Any = None
         self._transition_key: Any = None
@@ -248,7 +249,9 @@ class MonitorBatch:
             cols += [c for _, c in got]
         has_lp = batch.has_distribution
         block, keys = _block(cols, keys, batch.chosen_logprob if has_lp else None, batch.size)  # the one copy
-        names = tuple(f"{f}.{k}" for f, k in keys)
+        names = self._names.get(tuple(keys))  # the same key list step after step: built once
+        if names is None:
+            names = self._names.setdefault(tuple(keys), tuple(f"{f}.{k}" for f, k in keys))
         n_keys = len(names)
         if batch.texts is not None:
             texts = batch.texts

@@ -161,10 +161,16 @@ def bench_monitor(batches: Sequence[int] = (1, 16, 64, 256), logprobs: int | str
 
 
 def _peak_bytes(n: int, record: str, layers: list[int], pool: list[Any]) -> tuple[int, int, int]:
-    """tracemalloc's peak while one sequence of `n` tokens is monitored and its trace record is built; what the
+    """tracemalloc's peak while one sequence of `n` tokens is monitored and its trace record is built (after a short
+    warm-up sequence, so module imports and first-use caches are not counted); what the
     monitor holds at the end of the sequence (before the record is built: the record's lists of Python numbers
     are the trace, not the monitor); and the bytes of the signals' state tensors (torch allocates those outside
     tracemalloc's view)."""
+    warm = _monitors(1, layers, record)  # first-use imports and caches are not the sequence's memory
+    _feed(warm, 64, pool)
+    warm.monitors[0].finish()
+    warm.monitors[0].to_trace(trace_id="warm", model="synthetic", backend="hf", question="q")
+    del warm
     gc.collect()
     tracemalloc.start()
     try:

@@ -20,6 +20,8 @@ from monitor.cues import StepSplits
 from monitor.events import StepBatch, TokenStep
 from monitor.signals.slots import SlotTable, add_rows
 
+_BLOCK = 64  # step embeddings are stored in blocks of this many rows (`_Trace.blocks`)
+
 EMBED_INSTALL = 'pip install "overthink[embed]"'
 # Redundancy(similarity_matrix=...): how the summary records step-to-step similarities. "sparse": each
 # step's top-K most similar earlier steps, O(steps * K); "dense": the whole step x step matrix, O(steps^2).
@@ -402,7 +404,7 @@ class Redundancy:
             out["layer"] = self._layer
         if self.similarity_matrix == "sparse":
             out["step_similarity_k"] = self.top_k
-            out["step_similarity_topk"] = [None if p is None else [list(x) for x in p] for p in tr.topk]
+            out["step_similarity_topk"] = tr.topk_lists()
         elif self.similarity_matrix == "dense":
             out["step_similarity_matrix"] = self._matrix(tr)
         return out
@@ -418,28 +420,25 @@ class Redundancy:
         """Store step i's embedding; in sparse mode, first record its top_k most similar earlier steps."""
         if e is None:
             if self.similarity_matrix == "sparse":
-                tr.topk.append(None)
+                tr.topk_n.append(-1)  # no embedding: no similarities (None in the summary)
             return
         n = tr.n_emb
-        if tr.store is None:
-            dtype = np.float64 if self.similarity_matrix == "dense" else np.float32  # sparse: rounded to 4 decimals
-            tr.store = np.empty((64, e.shape[0]), dtype=dtype)
-        elif e.shape[0] != tr.store.shape[1]:
-            raise ValueError(f"step embedding changed size from {tr.store.shape[1]} to {e.shape[0]}")
+        if tr.blocks and e.shape[0] != tr.blocks[0].shape[1]:
+            raise ValueError(f"step embedding changed size from {tr.blocks[0].shape[1]} to {e.shape[0]}")
+        dtype = np.float64 if self.similarity_matrix == "dense" else np.float32  # sparse: rounded to 4 decimals
         if self.similarity_matrix == "sparse":
-            pairs: list[list[float]] = []
-            if n:
-                sims = tr.store[:n] @ e.astype(tr.store.dtype)
-                k = min(self.top_k, n)
+            k = min(self.top_k, n)
+            pairs: list[tuple[int, float]] = []
+            if k:
+                x = e.astype(dtype)
+                sims = np.concatenate([b[: min(_BLOCK, n - bi * _BLOCK)] @ x for bi, b in enumerate(tr.blocks)])
                 rows = np.argpartition(-sims, k - 1)[:k] if k < n else range(n)
                 top = sorted(((float(sims[r]), tr.emb_step[r]) for r in rows), key=lambda x: (-x[0], x[1]))
-                pairs = [[j, round(min(max(s, -1.0), 1.0), 4)] for s, j in top]
-            tr.topk.append(pairs)
-        if n == tr.store.shape[0]:
-            grown = np.empty((2 * n, tr.store.shape[1]), dtype=tr.store.dtype)
-            grown[:n] = tr.store
-            tr.store = grown
-        tr.store[n] = e
+                pairs = [(j, round(min(max(s, -1.0), 1.0), 4)) for s, j in top]
+            tr.add_topk(pairs)
+        if n == len(tr.blocks) * _BLOCK:  # fixed-size blocks: at most one block's rows unused, nothing copied
+            tr.blocks.append(np.empty((_BLOCK, e.shape[0]), dtype=dtype))
+        tr.blocks[-1][n % _BLOCK] = e
         tr.n_emb = n + 1
         tr.emb_step.append(i)
 
@@ -447,7 +446,7 @@ class Redundancy:
         n = len(tr.steps)
         mat: list[list[float | None]] = [[None] * n for _ in range(n)]
         if tr.n_emb:
-            e = tr.store[:tr.n_emb]
+            e = np.concatenate(tr.blocks)[:tr.n_emb]
             sim = np.clip(e @ e.T, -1.0, 1.0).tolist()
             ok = tr.emb_step
             for a, ja in enumerate(ok):
@@ -470,8 +469,37 @@ class _Trace:
         self.redundant: list[bool | None] = []
         self.steps: list[list[int]] = []
         self.step_chars: list[list[int]] = []
-        # every step embedding so far, one row per step that has one (rows of store[:n_emb]; grown by doubling)
-        self.store: np.ndarray | None = None
+        # every step embedding so far, one row per step that has one: row r is blocks[r // _BLOCK][r % _BLOCK]
+        self.blocks: list[np.ndarray] = []
         self.n_emb = 0
         self.emb_step: list[int] = []  # step index of each stored row
-        self.topk: list[list[list[float]] | None] = []  # per step: [[earlier step, similarity], ...]
+        # sparse similarities, compact: per step, how many [earlier step, similarity] pairs it has (-1: no
+        # embedding); the pairs of all steps one after another in a float64 array [pairs, 2] grown by doubling
+        self.topk_n: list[int] = []
+        self._pairs = np.empty((0, 2))
+        self._n_pairs = 0
+
+    def add_topk(self, pairs: list[tuple[int, float]]) -> None:
+        """Record the next step's top-k [earlier step, similarity] pairs (most similar first)."""
+        m = self._n_pairs + len(pairs)
+        if m > self._pairs.shape[0]:
+            grown = np.empty((max(64, 2 * m), 2))
+            grown[: self._n_pairs] = self._pairs[: self._n_pairs]
+            self._pairs = grown
+        if pairs:
+            self._pairs[self._n_pairs:m] = pairs
+        self._n_pairs = m
+        self.topk_n.append(len(pairs))
+
+    def topk_lists(self) -> list[list[list[float]] | None]:
+        """Per step: [[earlier step, similarity], ...] (most similar first), None for a step with no embedding."""
+        out: list[list[list[float]] | None] = []
+        flat = self._pairs[: self._n_pairs].tolist()
+        at = 0
+        for n in self.topk_n:
+            if n < 0:
+                out.append(None)
+                continue
+            out.append([[int(j), s] for j, s in flat[at:at + n]])
+            at += n
+        return out

@@ -119,8 +119,9 @@ def _steps_with(hidden_vectors):
 
 def test_sparse_summary_keeps_each_steps_top_k_earlier_steps_by_default():
     rng = np.random.default_rng(1)
-    vecs = [rng.normal(size=6) for _ in range(12)]
-    vecs[5] = None  # a step without an embedding
+    n = 150  # more steps than two blocks of stored embeddings (64 rows each)
+    vecs = [rng.normal(size=6) for _ in range(n)]
+    vecs[5] = vecs[100] = None  # steps without an embedding
     texts, hidden = _steps_with(vecs)
     sparse = Redundancy(min_step_tokens=1, tau=0.5, top_k=3)
     dense = Redundancy(min_step_tokens=1, tau=0.5, keep_embeddings=True)
@@ -131,12 +132,13 @@ def test_sparse_summary_keeps_each_steps_top_k_earlier_steps_by_default():
     assert "step_similarity_matrix" not in s and "step_similarity_topk" not in d
     assert s["step_similarity_k"] == 3
     topk, mat = s["step_similarity_topk"], d["step_similarity_matrix"]
-    assert len(topk) == len(mat) == 12 and topk[0] == [] and topk[5] is None and mat[5][5] is None
+    assert len(topk) == len(mat) == n and topk[0] == [] and topk[5] is None and mat[5][5] is None
+    assert topk[100] is None
     assert topk[1] == [[0, pytest.approx(mat[1][0], abs=1e-4)]]
-    for i in range(1, 12):
-        if i == 5:
+    for i in range(1, n):
+        if i in (5, 100):
             continue
-        earlier = sorted(((mat[i][j], j) for j in range(i) if j != 5), reverse=True)[:3]
+        earlier = sorted(((mat[i][j], j) for j in range(i) if j not in (5, 100)), reverse=True)[:3]
         assert [j for j, _ in topk[i]] == [j for _, j in earlier]
         assert [v for _, v in topk[i]] == pytest.approx([v for v, _ in earlier], abs=1e-4)
         assert all(v == round(v, 4) for _, v in topk[i])  # rounded: the trace stays small
