@@ -5,6 +5,7 @@ probes/cli.py both build on it, and it imports neither."""
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 from rich.console import Console
@@ -56,14 +57,16 @@ def layers_arg(text: str) -> list[int]:
 
 
 def gates_arg(text: str) -> list[float]:
-    """--gates: comma-separated free-probe scores in [0, 1]."""
+    """--gates: comma-separated free-probe scores in [0, 1], or "none" (no trial anywhere: the signals-only probe,
+    gate +inf)."""
+    bad = (f"--gates takes comma-separated scores in [0, 1] (0 = a trial at every decision point) or 'none' (no "
+           f"trial: the free probe alone), got {text!r}")
     try:
-        out = [float(x) for x in text.split(",") if x.strip()]
+        out = [math.inf if x.strip().lower() == "none" else float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--gates takes comma-separated scores in [0, 1], got {text!r}") from None
-    if not out or any(not 0.0 <= g <= 1.0 for g in out):
-        raise argparse.ArgumentTypeError(f"--gates takes comma-separated scores in [0, 1] (0 = a trial at every "
-                                         f"decision point), got {text!r}")
+        raise argparse.ArgumentTypeError(bad) from None
+    if not out or any(not (0.0 <= g <= 1.0 or g == math.inf) for g in out):
+        raise argparse.ArgumentTypeError(bad)
     return out
 
 

@@ -75,9 +75,10 @@ def add_commands(sub: Any, positive_int: Callable[[str], int]) -> dict[str, Call
     k.add_argument("--risk", choices=["premature", "halted_wrong"], default="premature")
     k.add_argument("--out", help="write the calibrated bundle here (default: update BUNDLE in place)")
     k.add_argument("--gates", type=gates_arg,
-                   help="cascade bundles: the free-probe gates to choose from, comma-separated (default: the ones "
-                        "train chose from the training scores; 0 = a trial at every decision point, the trial probe "
-                        "alone)")
+                   help="cascade bundles: exactly these free-probe gates to choose from, comma-separated (default: "
+                        "the ones train chose from the training scores plus 'none', no trial: the signals-only "
+                        "probe; 0 = a trial at every decision point the free probe does not halt at, the trial "
+                        "probe alone)")
     k.add_argument("--json", action="store_true")
 
     e = sub.add_parser("evaluate", help="replay calibrated bundles on a held-out collection: accuracy, risk, tokens")

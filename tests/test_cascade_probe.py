@@ -145,6 +145,11 @@ def test_cli_train_cascade_and_calibrate_gates(tiny, cue_word, tmp_path, capsys)
     assert main(["calibrate", str(tmp_path / "c.joblib"), "--data", str(tmp_path / "d"), "--delta", "0.3",
                  "--gates", "0,0.5"]) == 0
     assert "gate" in capsys.readouterr().out
+    # "none": the gate that decodes no trial (the free probe alone); --json writes it as null (strict JSON)
+    assert main(["calibrate", str(tmp_path / "c.joblib"), "--data", str(tmp_path / "d"), "--delta", "0.3",
+                 "--gates", "none", "--out", str(tmp_path / "free.joblib"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["gates"] == [None] and info["gate"] is None and "with no trial answer" in info["guarantee"]
     with pytest.raises(SystemExit) as ex:
         main(["calibrate", str(tmp_path / "c.joblib"), "--data", str(tmp_path / "d"), "--delta", "0.3", "--gates", "2"])
     assert ex.value.code == 2
