@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import GroupKFold
 from sklearn.pipeline import Pipeline
 
 from probes.bundle import Bundle
@@ -45,7 +44,7 @@ def train_trial_probe(data: CollectedData, kind: str = "logreg", folds: int = 5,
                       seed: int = 0) -> tuple[Pipeline, dict[str, Any]]:
     """The trial probe on signal + trial features of every decision point (a trial at each, as collected), with a
     grouped cross-validated AUROC in its report."""
-    from probes.train import fit_probe, make_probe, probe_metrics
+    from probes.train import grouped_fit, probe_metrics
 
     if any(not e.get("trial") for p in data.problems for e in p["events"]):
         raise ValueError("this collection has decision points without a trial record (collected by an older "
@@ -55,12 +54,8 @@ def train_trial_probe(data: CollectedData, kind: str = "logreg", folds: int = 5,
     if len(y) < 4 or len(np.unique(y)) < 2:
         raise ValueError(f"cannot train a trial probe on {len(y)} decision points with labels "
                          f"{sorted(set(y.tolist()))}: need both correct and incorrect forced exits")
-    folds = max(2, min(folds, len(np.unique(data.group))))
-    oof = np.full(len(y), np.nan)
-    for tr, te in GroupKFold(n_splits=folds).split(X, y, data.group):
-        if len(np.unique(y[tr])) >= 2:
-            oof[te] = fit_probe(make_probe(kind, seed), X[tr], y[tr]).predict_proba(X[te])[:, 1]
-    return fit_probe(make_probe(kind, seed), X, y), {"trial_probe": probe_metrics(y, oof), "kind": kind}
+    pipe, oof, params = grouped_fit(X, y, data.group, kind, folds, seed)
+    return pipe, {"trial_probe": {**probe_metrics(y, oof), **params}, "kind": kind}
 
 
 def _gated_scores(bundle: Bundle, data: CollectedData, free: np.ndarray, gate: float) -> tuple[np.ndarray,
