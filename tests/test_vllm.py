@@ -487,7 +487,7 @@ def test_collect_on_vllm_labels_every_point_as_the_hf_collector_does(tiny, tmp_p
 def test_a_cascade_bundle_runs_on_vllm_as_on_hf(tiny, tmp_path):
     """The cascade on both backends: its trials are side requests on AsyncLLM under vLLM, and the free scores, the
     trial answers, the trial-probe scores and the halt are those of the HF run (full distributions on both)."""
-    from test_cascade_probe import with_trials
+    from test_cascade_probe import trials_only, with_trials
     from test_probes import fake_collect_dir, tiny_config
 
     from probes.pipeline import calibrate_bundle, train_bundle
@@ -503,6 +503,7 @@ def test_a_cascade_bundle_runs_on_vllm_as_on_hf(tiny, tmp_path):
     with_trials(tmp_path / "d")
     train_bundle(tmp_path / "d", tmp_path / "c.joblib", calib_fraction=0.5, use_hidden=False, cascade=True)
     calibrate_bundle(tmp_path / "c.joblib", tmp_path / "d", delta=0.4, epsilon=0.2, gates=[0.0])
+    trials_only(tmp_path / "c.joblib", tmp_path / "d", 0.4, 0.2)  # its free probe would halt before any trial
     problems = [{"id": f"p{i}", "question": q, "answer": "5"} for i, q in enumerate(PROMPTS)]
     cfg = dict(policy=str(tmp_path / "c.joblib"), max_new_tokens=30, answer_max_tokens=4, min_step_tokens=4,
                vllm_logprobs="full", max_model_len=512)
@@ -519,3 +520,12 @@ def test_a_cascade_bundle_runs_on_vllm_as_on_hf(tiny, tmp_path):
         assert h.decision["halted"] == v.decision["halted"] and h.decision["at"] == v.decision["at"]
         n += len(vt)
     assert n > 0, "no trial was decoded"
+    # the same bundle with the free exit (the free probe halts alone, no trial): the same halts on both backends
+    calibrate_bundle(tmp_path / "c.joblib", tmp_path / "d", delta=0.4, epsilon=0.2, gates=[0.0],
+                     out=tmp_path / "free.joblib")
+    cfg["policy"] = str(tmp_path / "free.joblib")
+    hf = run_problems(tiny, problems, RunConfig(**cfg), backend="hf")
+    vl = run_problems(tiny, problems, RunConfig(**cfg, backend="vllm"))
+    assert [(h.decision["halted"], h.decision["at"]) for h in hf] == [(v.decision["halted"], v.decision["at"])
+                                                                      for v in vl]
+    assert any("(no trial)" in (v.decision["reason"] or "") for v in vl), [v.decision["reason"] for v in vl]
