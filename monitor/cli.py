@@ -461,12 +461,33 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
+_SIGINT = {"seen": False}  # Ctrl-C arrived during this main() call
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    """Python's own Ctrl-C behaviour (KeyboardInterrupt), noting that it happened: an interrupt inside an import
+    (numpy's, torch's) can surface as another error from the half-imported module ("module 'numpy' has no
+    attribute 'ndarray'"), which must still end as an interrupt, not as a crash."""
+    _SIGINT["seen"] = True
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    _SIGINT["seen"] = False
+    with contextlib.suppress(ValueError):  # not in the main thread (an embedding app): leave SIGINT alone
+        signal.signal(signal.SIGINT, _on_sigint)
     try:
         return _main(argv)
     except KeyboardInterrupt:  # during start-up or argument parsing: no traceback
         _interrupted()
         return 130
+    except Exception:
+        if _SIGINT["seen"]:  # an interrupted import, failing later as something else
+            _interrupted()
+            return 130
+        raise
 
 
 def _interrupted() -> None:
@@ -497,6 +518,9 @@ def _main(argv: list[str] | None) -> int:
         _interrupted()
         return 130
     except Exception as e:  # one readable line, not a traceback
+        if _SIGINT["seen"]:  # Ctrl-C inside an import can surface as another error: it is still an interrupt
+            _interrupted()
+            return 130
         if args.debug:
             raise
         from monitor.errors import is_user_error

@@ -210,6 +210,29 @@ def test_a_second_collect_into_the_same_directory_is_refused(tmp_path, capsys):
     assert code == 2 and "being written by another process" in err
 
 
+def test_an_interrupted_import_that_fails_as_another_error_is_still_an_interrupt(monkeypatch, capsys):
+    """Ctrl-C inside numpy's or torch's import can leave the module half-built; the next line then fails with
+    another error ("module 'numpy' has no attribute 'ndarray'", seen under load). That is an interrupt: 130, one
+    line, not a crash."""
+    import monitor.cli as cli
+
+    def interrupted_import(argv):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, delivered to main()'s handler
+            time.sleep(1)
+        except KeyboardInterrupt:
+            pass  # swallowed by the import machinery of a C extension
+        raise AttributeError("module 'numpy' has no attribute 'ndarray'")
+
+    monkeypatch.setattr(cli, "_main", interrupted_import)
+    assert cli.main([]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+    monkeypatch.setattr(cli, "_main", lambda argv: (_ for _ in ()).throw(AttributeError("a real bug")))
+    with pytest.raises(AttributeError, match="a real bug"):  # without a Ctrl-C an error is an error
+        cli.main([])
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def test_sigint_during_start_up_is_one_line_without_a_traceback(tmp_path):
     """Ctrl-C while torch imports or the model loads: exit 130, no traceback, nothing written."""
     trace = tmp_path / "t.jsonl"
