@@ -19,9 +19,9 @@ The parameter is the pair (g, lambda), and the rule is calibrated as a whole. Fo
 (`calibration.risks`, PREMATURE by default) with L_i(g, lambda) over n calibration traces, LTT tests
 H0(g, lambda): R(g, lambda) > delta with the binomial p-value of `first_exit.ltt_p_values`. The family of
 hypotheses is fixed before the calibration data is seen: the gates (a short list, chosen at training time from
-the TRAINING problems' free scores, plus +inf: the free probe alone, unless the caller pins the gates) times the lambda grid (1.0 down to 0.0).
-FWER control at epsilon: Bonferroni over the gates, and within each gate fixed-sequence testing along lambda from strict to lenient at
-level epsilon / |gates| (mapie's `control_fwer`). Every certified pair then has R <= delta simultaneously with
+the TRAINING problems' free scores, plus +inf: the free probe alone, unless the caller pins the gates) times
+the lambda grid (1.0 down to 0.0). FWER control at epsilon: Bonferroni over the gates, and within each gate
+fixed-sequence testing along lambda from strict to lenient at level epsilon / |gates| (mapie's `control_fwer`). Every certified pair then has R <= delta simultaneously with
 probability >= 1 - epsilon, so choosing among them with the calibration data is free: the pair with the most
 net tokens saved on the calibration traces (tokens saved by the exit, minus the trial tokens spent up to and
 including it) is deployed.
@@ -29,8 +29,8 @@ including it) is deployed.
     P_calibration( R(g*, lambda*) <= delta ) >= 1 - epsilon,
 
 for a new trace exchangeable with the calibration traces. With one gate at 0.0 (a trial at every decision point
-the free probe does not already halt at) this is the trial probe alone; `tests/calibration/test_cascade.py` checks the guarantee empirically on
-simulated traces.
+the free probe does not already halt at) this is the trial probe alone; `tests/calibration/test_cascade.py`
+checks the guarantee empirically on simulated traces.
 
 Example:
     >>> import numpy as np
@@ -101,6 +101,9 @@ class CascadeRiskControl:
     chosen pair on the calibration traces).
     """
 
+    # what an object pickled before the free exit existed reads (new objects set True by default in __init__)
+    free_exit: bool = False
+
     def __init__(self, delta: float = 0.1, epsilon: float = 0.1, gates: Sequence[float] = (0.0,),
                  risk: str | Risk = "premature", grid: Sequence[float] | np.ndarray | None = None,
                  free_exit: bool = True) -> None:
@@ -119,32 +122,33 @@ class CascadeRiskControl:
         """The gates that decode trials (all but +inf), in order: `fit`'s trial_scores has one row per gate."""
         return [g for g in self.gates if math.isfinite(g)]
 
-    def trial_tokens(self, free_scores: np.ndarray, gate: float, lam: float, trial_cost: np.ndarray,
-                     live: np.ndarray | bool = True) -> np.ndarray:
-        """The tokens of the trials the rule (gate, lam) decodes at each point: where the free score passes the
-        gate and (with the free exit) stays below lam; a point at or past lam halts without one."""
-        decoded = live & (free_scores >= gate)
-        if self._free_exit():
+    def decodes(self, free_scores: np.ndarray, gate: float, lam: float) -> np.ndarray:
+        """Where the rule (gate, lam) decodes a trial: the free score passes the gate and (with the free exit)
+        stays below lam; a point at or past lam halts without one."""
+        decoded = free_scores >= gate
+        if self.free_exit:
             decoded &= free_scores < lam
-        return np.where(decoded, trial_cost, 0.0)
+        return decoded
 
-    def _free_exit(self) -> bool:
-        return getattr(self, "free_exit", False)  # bundles pickled before the free exit existed lack the field
+    def _combined(self, free_scores: np.ndarray, trial_scores: np.ndarray, gate: float) -> np.ndarray:
+        """The score the rule halts on (halt at the first point where it is >= lambda; see the module docstring):
+        max(free, trial) past the gate and the free score elsewhere, or without the free exit the trial score past
+        the gate and nothing (-1) elsewhere."""
+        gated = free_scores >= gate
+        if self.free_exit:
+            return np.where(gated, np.fmax(free_scores, trial_scores), free_scores)
+        return np.where(gated, trial_scores, _UNGATED)
 
     def _exits(self, free: TraceBatch, trial: np.ndarray, gate: float) -> tuple[np.ndarray, np.ndarray]:
-        gated = free.scores >= gate
-        if self._free_exit():
-            combined = np.where(gated, np.maximum(free.scores, trial), free.scores)
-        else:
-            combined = np.where(gated, trial, _UNGATED)
+        combined = self._combined(free.scores, trial, gate)
         return TraceBatch(combined, free.stop_correct, free.lengths, free.full_correct).exits(self.grid)
 
     def fit(self, free: TraceBatch, trial_scores: np.ndarray, gain: np.ndarray,
             trial_cost: np.ndarray) -> CascadeRiskControl:
         """Calibrate on traces. `free`: the free probe's scores, stop_correct and full_correct as a TraceBatch
         (n, K); `trial_scores` (gates, n, K): the trial probe's score at each point under each finite gate of
-        `self.gates`, in order (`trial_gates`; only the gated points matter; the +inf gate decodes no trial); `gain` (n, K): tokens saved by exiting at point j (the unmonitored run's tokens
-        minus the exit's), `trial_cost` (n, K): the tokens of the trial at j. Never raises because nothing is
+        `self.gates`, in order (`trial_gates`; only the gated points matter; the +inf gate decodes no trial);
+        `gain` (n, K): tokens saved by exiting at point j (the unmonitored run's tokens minus the exit's), `trial_cost` (n, K): the tokens of the trial at j. Never raises because nothing is
         certified: then `threshold` is None (see `require_certified`)."""
         trial_scores = np.asarray(trial_scores, dtype=float)
         n, k = free.scores.shape
@@ -178,7 +182,8 @@ class CascadeRiskControl:
             for li in valid.tolist():
                 lam = float(self.grid[li])
                 pairs.append((gate, lam))
-                before = np.cumsum(self.trial_tokens(free.scores, gate, lam, trial_cost, live), axis=1)
+                spent_at = np.where(live & self.decodes(free.scores, gate, lam), trial_cost, 0.0)
+                before = np.cumsum(spent_at, axis=1)
                 total = before[:, -1] if k else np.zeros(n)
                 at_exit = np.take_along_axis(before, safe[:, li:li + 1], 1)[:, 0]  # the exit's own trial included
                 ex = exited[:, li]
@@ -234,12 +239,9 @@ class CascadeRiskControl:
         self._check_fitted()
         if self.threshold is None or self.gate is None:
             return None
-        f = np.asarray(free_scores, dtype=float)
-        t = np.asarray(trial_scores, dtype=float)
-        hit = (f >= self.gate) & (t >= self.threshold)
-        if self._free_exit():
-            hit |= f >= self.threshold
-        hits = np.flatnonzero(hit)
+        combined = self._combined(np.asarray(free_scores, dtype=float), np.asarray(trial_scores, dtype=float),
+                                  self.gate)
+        hits = np.flatnonzero(combined >= self.threshold)
         return int(hits[0]) if len(hits) else None
 
     def guarantee(self) -> str:
@@ -260,7 +262,7 @@ class CascadeRiskControl:
         else:
             rule = (f"decode a trial answer at a decision point only where the free-signal probe scores >= gate "
                     f"{self.gate:.4g}, and halt at the first trial whose trial-probe score is >= {lam}")
-            if self._free_exit():
+            if self.free_exit:
                 rule += f" (or, with no trial, at the first point whose free-probe score is >= {lam})"
         return (
             f"With probability at least 1-epsilon = {1 - e:g} over the draw of the n = {n} calibration traces, "
@@ -275,7 +277,7 @@ class CascadeRiskControl:
         """JSON-safe record of what was learned (for a report)."""
         self._check_fitted()
         return {"kind": "cascade_risk_control", "version": 2, "delta": self.delta, "epsilon": self.epsilon,
-                "risk": self.risk.name, "free_exit": self._free_exit(), "gates": [json_gate(g) for g in self.gates],
+                "risk": self.risk.name, "free_exit": self.free_exit, "gates": [json_gate(g) for g in self.gates],
                 "grid": [float(x) for x in self.grid_], "gate": json_gate(self.gate), "threshold": self.threshold,
                 "certified": bool(self.certified_), "n": self.n_,
                 "certified_pairs": [[json_gate(g), t] for g, t in self.certified_pairs_],

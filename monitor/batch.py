@@ -249,9 +249,9 @@ class MonitorBatch:
             cols += [c for _, c in got]
         has_lp = batch.has_distribution
         block, keys = _block(cols, keys, batch.chosen_logprob if has_lp else None, batch.size)  # the one copy
-        names = self._names.get(tuple(keys))  # the same key list step after step: built once
+        names = self._names.get(key_list := tuple(keys))  # the same key list step after step: built once
         if names is None:
-            names = self._names.setdefault(tuple(keys), tuple(f"{f}.{k}" for f, k in keys))
+            names = self._names.setdefault(key_list, tuple(f"{f}.{k}" for f, k in keys))
         n_keys = len(names)
         if batch.texts is not None:
             texts = batch.texts

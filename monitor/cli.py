@@ -480,14 +480,14 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, _on_sigint)
     try:
         return _main(argv)
-    except KeyboardInterrupt:  # during start-up or argument parsing: no traceback
-        _interrupted()
-        return 130
     except Exception:
-        if _SIGINT["seen"]:  # an interrupted import, failing later as something else
-            _interrupted()
-            return 130
-        raise
+        if not _SIGINT["seen"]:
+            raise
+        # an interrupted import (numpy's, torch's) failing later as something else: still the interrupt
+    except KeyboardInterrupt:  # anywhere, start-up and argument parsing included: no traceback
+        pass
+    _interrupted()
+    return 130
 
 
 def _interrupted() -> None:
@@ -514,14 +514,8 @@ def _main(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)  # exits 2 with a usage line on bad flags
     try:
         return args.handler(args)
-    except KeyboardInterrupt:
-        _interrupted()
-        return 130
     except Exception as e:  # one readable line, not a traceback
-        if _SIGINT["seen"]:  # Ctrl-C inside an import can surface as another error: it is still an interrupt
-            _interrupted()
-            return 130
-        if args.debug:
+        if _SIGINT["seen"] or args.debug:  # after a Ctrl-C, main() makes it the interrupt
             raise
         from monitor.errors import is_user_error
 

@@ -102,8 +102,6 @@ def cascade_exits(bundle: Bundle, data: CollectedData) -> tuple[list[int | None]
     rows = problem_rows(data)
     if cal.gate is None:
         return [None] * len(rows), [np.zeros(len(r), dtype=bool) for r in rows]
-    t, decoded = _gated_scores(bundle, data, free, cal.gate)
-    exits = [cal.first_exit(free[r], t[r]) for r in rows]
+    t, _ = _gated_scores(bundle, data, free, cal.gate)
     # the trials the rule decodes: past the gate, and (free exit) not where the free score alone halts
-    decoded = [cal.trial_tokens(free[r], cal.gate, cal.threshold, np.ones(len(r), dtype=bool)) > 0 for r in rows]
-    return exits, decoded
+    return [cal.first_exit(free[r], t[r]) for r in rows], [cal.decodes(free[r], cal.gate, cal.threshold) for r in rows]

@@ -113,7 +113,7 @@ class CascadePolicy:
                              f"{', '.join(want)}) than this version of overthink computes; train it again")
         self.bundle, self.cal = bundle, cal
         self.gate, self.threshold = float(cal.gate), float(cal.threshold)
-        self.free_exit = bool(getattr(cal, "free_exit", False))  # bundles calibrated before it halt only at trials
+        self.free_exit = cal.free_exit  # False for bundles calibrated before it: they halt only at trials
         self.layers, self.hidden_size, self.keys = _online_features(bundle)
         # the trial is what the collection decoded at every point: the exit cue, then the answer within its budget
         self.trial_prompt = exit_cue or str(bundle.config.get("exit_cue") or "")

@@ -61,7 +61,7 @@ def manual_exits(bundle, data):
         rows = np.flatnonzero(data.group == i)
         seen, hit, decoded = [], None, []
         for j, r in enumerate(rows):
-            if getattr(cal, "free_exit", False) and free[r] >= cal.threshold:  # the free exit: no trial
+            if cal.free_exit and free[r] >= cal.threshold:  # the free exit: no trial
                 decoded.append(False)
                 hit = j
                 break

@@ -420,7 +420,7 @@ class Redundancy:
         """Store step i's embedding; in sparse mode, first record its top_k most similar earlier steps."""
         if e is None:
             if self.similarity_matrix == "sparse":
-                tr.topk_n.append(-1)  # no embedding: no similarities (None in the summary)
+                tr.add_topk(None)  # no embedding: no similarities
             return
         n = tr.n_emb
         if tr.blocks and e.shape[0] != tr.blocks[0].shape[1]:
@@ -430,8 +430,8 @@ class Redundancy:
             k = min(self.top_k, n)
             pairs: list[tuple[int, float]] = []
             if k:
-                x = e.astype(dtype)
-                sims = np.concatenate([b[: min(_BLOCK, n - bi * _BLOCK)] @ x for bi, b in enumerate(tr.blocks)])
+                q = e.astype(dtype)
+                sims = np.concatenate([b[: min(_BLOCK, n - bi * _BLOCK)] @ q for bi, b in enumerate(tr.blocks)])
                 rows = np.argpartition(-sims, k - 1)[:k] if k < n else range(n)
                 top = sorted(((float(sims[r]), tr.emb_step[r]) for r in rows), key=lambda x: (-x[0], x[1]))
                 pairs = [(j, round(min(max(s, -1.0), 1.0), 4)) for s, j in top]
@@ -479,8 +479,12 @@ class _Trace:
         self._pairs = np.empty((0, 2))
         self._n_pairs = 0
 
-    def add_topk(self, pairs: list[tuple[int, float]]) -> None:
-        """Record the next step's top-k [earlier step, similarity] pairs (most similar first)."""
+    def add_topk(self, pairs: list[tuple[int, float]] | None) -> None:
+        """Record the next step's top-k [earlier step, similarity] pairs (most similar first); None: the step has
+        no embedding (None in the summary)."""
+        if pairs is None:
+            self.topk_n.append(-1)
+            return
         m = self._n_pairs + len(pairs)
         if m > self._pairs.shape[0]:
             grown = np.empty((max(64, 2 * m), 2))
