@@ -212,6 +212,29 @@ def test_version_names_the_installed_package(capsys):
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"overthink {version('overthink')}"
 
 
+def test_the_cli_parser_and_help_start_without_torch():
+    """`overthink --help` and every subcommand's parser build without importing torch or transformers (they were
+    1-3.6 s of imports before anything was parsed); `monitor.models` loads its submodules on first use, and a
+    dtype name still becomes a torch dtype when one is asked for."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from monitor.cli import build_parser; p = build_parser(); "
+            "p.parse_args(['run', '--model', 'm', '--question', 'q', '--dtype', 'bfloat16']); "
+            "print(sorted(m for m in ('torch', 'transformers', 'sklearn') if m in sys.modules)); "
+            "from monitor.models import dtype_name, DTYPES; print(DTYPES, dtype_name('bf16'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    before, after = out.stdout.strip().splitlines()
+    assert before == "[]"
+    assert after == "('auto', 'bfloat16', 'float16', 'float32') bfloat16"
+    assert M.resolve_placement("cpu", "bf16").dtype is torch.bfloat16
+    assert "load_model" in dir(M)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        M.nope  # noqa: B018
+
+
 # ----------------------------------------------------------------------------------------------- CUDA
 @cuda
 def test_cuda_one_gpu_in_the_config_dtype_with_hooks_signals_and_exit(qwen2_dir):

@@ -6,30 +6,34 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from monitor.errors import ModelNotAvailable
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("overthink.models")
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-                "half": torch.float16}
+# names (and aliases) -> torch dtype attribute names; torch is imported only when a dtype is needed, so the CLI's
+# parser (which lists DTYPES) starts without it
+_DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16",
+                "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16"}
 _CUDA_INSTALL = ("install torch from the CUDA index (e.g. `pip install torch --index-url "
                  "https://download.pytorch.org/whl/cu128`, see the README's 'Your own model'), or use --device cpu")
 
 
 def as_dtype(dtype: Any) -> torch.dtype | str:
     """A torch dtype, or "auto"."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     if isinstance(dtype, str) and dtype.strip().lower() == "auto":
         return "auto"
     if isinstance(dtype, str) and dtype.strip().lower() in _DTYPE_NAMES:
-        return _DTYPE_NAMES[dtype.strip().lower()]
+        return getattr(torch, _DTYPE_NAMES[dtype.strip().lower()])
     raise ValueError(f"dtype must be a torch.dtype or one of {', '.join(DTYPES)}; got {dtype!r}")
 
 
@@ -67,6 +71,8 @@ def resolve_device(device: str | None = "auto") -> str:
     d = str(device or "auto").strip().lower()
     if d == "cpu":
         return "cpu"
+    import torch
+
     cuda = torch.cuda.is_available()
     if d == "auto":
         return "auto" if cuda else "cpu"
@@ -86,6 +92,8 @@ def resolve_device(device: str | None = "auto") -> str:
 
 
 def _config_dtype(config: Any) -> torch.dtype | None:
+    import torch
+
     raw = None
     if isinstance(config, dict):
         raw = config.get("dtype") or config.get("torch_dtype")
@@ -93,7 +101,8 @@ def _config_dtype(config: Any) -> torch.dtype | None:
         raw = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(raw, torch.dtype):
         return raw
-    return _DTYPE_NAMES.get(str(raw).replace("torch.", "").lower()) if raw else None
+    name = _DTYPE_NAMES.get(str(raw).replace("torch.", "").lower()) if raw else None
+    return getattr(torch, name) if name else None
 
 
 def resolve_placement(device: str | None = "auto", dtype: Any = "auto", config: Any = None) -> Placement:
@@ -106,6 +115,8 @@ def resolve_placement(device: str | None = "auto", dtype: Any = "auto", config: 
         >>> resolve_placement("cpu", "auto", {"torch_dtype": "bfloat16"})
         Placement(device='cpu', dtype=torch.float32)
     """
+    import torch
+
     dev = resolve_device(device)
     dt = as_dtype(dtype)
     if dt == "auto":
@@ -133,6 +144,8 @@ def placement_kwargs(pl: Placement) -> dict[str, Any]:
 
 def model_device(model: Any) -> torch.device:
     """The device a model's inputs go to: its input embeddings' device (the first shard of a split model)."""
+    import torch
+
     try:
         return model.get_input_embeddings().weight.device
     except Exception:
