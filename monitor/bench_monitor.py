@@ -147,8 +147,10 @@ def bench_monitor(batches: Sequence[int] = (1, 16, 64, 256), logprobs: int | str
                 gc.collect()
                 secs = _feed(mb, tokens, pool)
                 us = secs / (b * tokens) * 1e6
+                ops, by_family = _kernel_ops(b, layers, pool)
                 res.throughput.append({"batch": b, "logprobs": logprobs, "host_us_per_token": round(us, 2),
-                                       "tokens_per_s_per_core": round(1e6 / us, 1)})
+                                       "tokens_per_s_per_core": round(1e6 / us, 1), "kernel_ops_per_step": ops,
+                                       "kernel_ops_by_family": by_family})
             pool = _batches(1, dists, hidden, dev)
             for n in memory_tokens:
                 for rec in recordings:
@@ -158,6 +160,43 @@ def bench_monitor(batches: Sequence[int] = (1, 16, 64, 256), logprobs: int | str
     finally:
         torch.set_num_threads(threads)
     return res
+
+
+def _kernel_ops(b: int, layers: list[int], pool: list[Any], steps: int = 40) -> tuple[float, dict[str, float]]:
+    """Torch ops that compute something (views such as slicing excluded: they launch no kernel) per monitor step,
+    in all and per signal family ("glue": the batch's own, e.g. the one [B, n_keys] block for the host). On a GPU
+    each is a kernel launch of a few microseconds of host time, so this count, unlike a CPU's wall time, carries
+    over to an accelerator; it does not depend on the machine's speed or load. Counted over `steps` steps after a
+    warm-up, by a TorchDispatchMode (not timed)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    mb = _monitors(b, layers, "default")
+    _feed(mb, 8, pool)
+    where = ["glue"]
+    counts: dict[str, int] = {}
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            if not any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns):
+                counts[where[0]] = counts.get(where[0], 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    def tagged(sig: Any) -> Any:
+        run = sig.update_batch
+
+        def update_batch(batch: Any) -> Any:
+            where[0] = sig.name
+            try:
+                return run(batch)
+            finally:
+                where[0] = "glue"
+        return update_batch
+
+    for sig in mb.shared:
+        sig.update_batch = tagged(sig)
+    with Count():
+        _feed(mb, steps, pool)
+    return round(sum(counts.values()) / steps, 1), {k: round(v / steps, 1) for k, v in sorted(counts.items())}
 
 
 def _peak_bytes(n: int, record: str, layers: list[int], pool: list[Any]) -> tuple[int, int, int]:

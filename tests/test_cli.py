@@ -126,3 +126,11 @@ def test_bench_monitor_reports_host_time_and_memory_as_json(capsys):
                                                                                          rel=1e-2)
     assert {(m["tokens"], m["recording"]) for m in res["memory"]} == {(50, "points"), (50, "default"), (50, "full")}
     assert all(m["peak_bytes"] > 0 for m in res["memory"])
+    # the count of computing torch ops (kernel launches on a GPU) per step: per family, and the same at any batch
+    # size (no per-row torch op, even at the step ends where every row closes a step at once)
+    ops = [r["kernel_ops_per_step"] for r in res["throughput"]]
+    assert ops[0] > 0 and ops[0] == ops[1]
+    for r in res["throughput"]:
+        fam = r["kernel_ops_by_family"]
+        assert {"glue", "jsd_instability", "path_deviation", "latent_trajectory", "redundancy"} <= set(fam)
+        assert sum(fam.values()) == pytest.approx(r["kernel_ops_per_step"], abs=0.5)

@@ -61,28 +61,28 @@ def jsd_sparse(a_ids: torch.Tensor, pa: torch.Tensor, b_ids: torch.Tensor, pb: t
     """[B] JSD in bits between two sparse distributions per row (ids [B, k], probabilities [B, k], id -1 =
     padding), on the union of their supports: an id one side lacks gets the floor mass `eps` there, then both
     are renormalised over the union. Computed in float64 (a few hundred numbers per row), where the entropy form
-    sum p log p + q log q - s log(s / 2), s = p + q, loses nothing: fewer ops than `jsd_dense`'s exact form."""
-    pa, pb = pa.to(torch.float64), pb.to(torch.float64)
+    sum p log p + q log q - s log(s / 2), s = p + q, loses nothing: fewer ops than `jsd_dense`'s exact form.
+
+    The union is a's ids, then b's ids that a lacks. A b id meets the a ids through one [B, kb, ka] equality
+    block (a padding b id is moved to -2, so it meets no a padding id); b's mass on each a id is one batched
+    matrix product with it. p and q are renormalised and summed together, as one [2, B, ka + kb] block."""
+    f64 = torch.float64
+    pa, pb = pa.to(f64), pb.to(f64)
     ma, mb = a_ids >= 0, b_ids >= 0
-    eq = (b_ids[:, :, None] == a_ids[:, None, :]) & mb[:, :, None]  # [B, kb, ka] (a padding id never meets a kept b id)
+    eq = torch.where(mb, b_ids, -2)[:, :, None] == a_ids[:, None, :]  # [B, kb, ka]
+    on_a = torch.bmm(pb[:, None, :], eq.to(f64))[:, 0]  # [B, ka]: b's mass on each a id
     b_only = mb & ~eq.any(2)
-    zero = pa.new_zeros(())
     floor = pa.new_full((), eps)
-    p = torch.cat([torch.where(ma, pa, zero), torch.where(b_only, floor, zero)], dim=1)
-    q = torch.cat([torch.where(ma, torch.where(eq.any(1), (eq * pb[:, :, None]).sum(1), floor), zero),
-                   torch.where(b_only, pb, zero)], dim=1)
-    union = torch.cat([ma, b_only], dim=1)
-    uniform = union / union.sum(-1, keepdim=True).clamp_min(1)
-    p, q = _renormalise(p, uniform), _renormalise(q, uniform)
-    s = p + q
-    two = torch.special.xlogy(p, p) + torch.special.xlogy(q, q) - torch.special.xlogy(s, s * 0.5)
+    pq = torch.stack([torch.cat([pa, b_only * floor], 1),
+                      torch.cat([torch.where(eq.any(1), on_a, floor), torch.where(b_only, pb, 0.0)], 1)])
+    union = torch.cat([ma, b_only], 1)
+    pq = torch.where(union, pq, 0.0)  # a's padding holds no mass on either side
+    mass = pq.sum(-1, keepdim=True)
+    uniform = union / union.sum(-1, keepdim=True).clamp_min(1)  # a side with no mass: uniform over the union
+    pq = torch.where(mass > 0, pq / mass.clamp_min(torch.finfo(f64).tiny), uniform)
+    s = pq.sum(0)
+    two = torch.special.xlogy(pq, pq).sum(0) - torch.special.xlogy(s, s * 0.5)
     return (two.sum(-1) / (2.0 * _LN2)).clamp(0.0, 1.0)
-
-
-def _renormalise(p: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to sum to 1; a row with no mass becomes `uniform` (over its union of ids)."""
-    s = p.sum(-1, keepdim=True)
-    return torch.where(s > 0, p / s.clamp_min(torch.finfo(s.dtype).tiny), uniform)
 
 
 def _full_on(full: torch.Tensor, other_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,12 +221,14 @@ class JSDInstability:
         if self._kind.shape[0] < self._state.capacity:
             self._kind = np.concatenate([self._kind, np.zeros(self._state.capacity - self._kind.shape[0], np.int8)])
         st, idx = self._state, batch.at(batch.device)
-        acc = st["acc"][idx].clone()  # [B, 4]: n, peak, peak position, previous entropy
+        acc = st["acc"][idx]  # [B, 4]: n, peak, peak position, previous entropy (read before the write below)
         p, h = batch.probs, batch.entropy
         kind = _FULL if batch.is_full else _TOPK
         prev_kind = self._kind[slots]
-        jsd = torch.zeros_like(h) if batch.is_full else h.new_zeros(h.shape, dtype=torch.float64)  # as jsd_sparse
         same = prev_kind == kind
+        jsd: torch.Tensor | None = None  # all rows computed at once below, or filled row by row from zeros
+        if not same.all() or not same.any():
+            jsd = torch.zeros_like(h) if batch.is_full else h.new_zeros(h.shape, dtype=torch.float64)  # as jsd_sparse
         if batch.is_full:
             store = self._grow("_prev_full", p.shape[1], p, 0.0)
             fast = p.dtype == torch.float32 and store.shape[1] == p.shape[1]  # see jsd_fast
@@ -276,7 +278,7 @@ class JSDInstability:
         self._kind[slots] = kind
 
         k = batch.support.to(h.dtype)
-        hn = torch.where(k > 1, (h / torch.log(k.clamp_min(2.0))).clamp(0.0, 1.0), torch.zeros_like(h))
+        hn = torch.where(k > 1, (h / torch.log(k.clamp_min(2.0))).clamp(0.0, 1.0), 0.0)
         inst = jsd * hn if self.mix is None else self.mix * jsd + (1.0 - self.mix) * hn
         t, peak = acc[:, 0], acc[:, 1]
         n1 = t + 1

@@ -217,17 +217,23 @@ class PathDeviation:
         h = batch.entropy.to(torch.float64)
         transition = self._transitions(batch)
         n = self._n[slots]  # tokens before this one
-        if self.relative_quantile is None:
-            thr = torch.full_like(h, self.entropy_threshold)
-        else:
-            thr = torch.full_like(h, math.inf)  # no threshold yet: nothing is flagged
-            for r in np.nonzero(transition & (n >= self.min_history))[0]:  # few rows: transition tokens only
-                thr[r] = history_quantile(self._history[int(slots[r]), : int(n[r])], self.relative_quantile)
-            self._remember(ridx, n, h)
         w = self.window
         aux = torch.from_numpy(np.stack([transition, n % w, n + 1], 1).astype(np.float64)).to(h.device)  # one copy
-        hett = ((aux[:, 0] > 0) & (h > thr)).to(torch.float64)
         pos, count = aux[:, 1].to(torch.int64), aux[:, 2]
+        # rows that can be flagged: transition tokens (with enough history for a relative threshold); most steps
+        # have none, and then nothing is compared
+        cand = transition if self.relative_quantile is None else transition & (n >= self.min_history)
+        if not cand.any():
+            hett = torch.zeros_like(h)
+        elif self.relative_quantile is None:
+            hett = ((aux[:, 0] > 0) & (h > self.entropy_threshold)).to(torch.float64)
+        else:
+            thr = torch.full_like(h, math.inf)  # no threshold: nothing is flagged
+            for r in np.nonzero(cand)[0]:  # few rows: transition tokens only
+                thr[r] = history_quantile(self._history[int(slots[r]), : int(n[r])], self.relative_quantile)
+            hett = (h > thr).to(torch.float64)
+        if self.relative_quantile is not None:
+            self._remember(ridx, n, h)
         ring = st["ring"]
         old = ring[ridx, pos]  # [B, 2]: what leaves the window
         ring[ridx, pos] = torch.stack([h, hett], 1)

@@ -166,6 +166,7 @@ class Redundancy:
         "loop_count": "consecutive redundant steps ending at this step",
         "loop_break": "1.0 if loop_count >= loop_m (a loop of redundant steps), else 0.0",
     }
+    _KEY_COL: ClassVar[dict[str, int]] = dict(zip(KEYS, range(len(KEYS)), strict=True))  # key -> its column
     # What each TokenStep field is used for (the backend must provide it).
     INPUTS: ClassVar[dict[str, str]] = {
         "text": "token text (blank lines end reasoning steps; the step text for a text embedder)",
@@ -267,19 +268,22 @@ class Redundancy:
         index = self._n[slots]
         cuts = dict(self._split.feed(slots, texts, index))
         keep = not self.uses_hidden  # a text embedder needs each step's text; the hidden one only its blankness
-        out: dict[str, torch.Tensor] | None = None
-        for r, cut in cuts.items():
+        values: np.ndarray | None = None
+        if cuts:  # the closing steps' hidden means, all rows in one copy (none per row: a GPU step syncs once)
+            embs = self._embed_hidden([int(slots[r]) for r in cuts]) if self.uses_hidden else None
+            values = np.full((batch.size, len(self.KEYS)), math.nan)
+            col = self._KEY_COL
+        for j, (r, cut) in enumerate(cuts.items()):
             slot, text = int(slots[r]), texts[r] or ""
             tr = self._trace(slot)
             if keep:
                 tr.pieces.append(text[:cut])
-            got = self._close(tr, slot, end_token=int(index[r]), end_char=int(self._chars[slot]) + cut)
+            e = embs[j] if embs is not None else self._embed_text("".join(tr.pieces).strip())
+            got = self._close(tr, e, end_token=int(index[r]), end_char=int(self._chars[slot]) + cut)
             tr.pieces = [text[cut:]] if keep and text[cut:] else []
             self._blank[slot] = not text[cut:].strip()
-            if out is None:
-                out = {k: torch.full((batch.size,), math.nan, dtype=torch.float64) for k in self.KEYS}
             for k, v in got.items():
-                out[k][r] = v
+                values[r, col[k]] = v
         rest = [r for r in range(batch.size) if r not in cuts] if cuts else range(batch.size)
         if keep:
             for r in rest:
@@ -292,10 +296,10 @@ class Redundancy:
             self._blank[s] &= blank[rows]
         self._chars[slots] += np.fromiter((len(t or "") for t in texts), dtype=np.int64, count=batch.size)
         self._n[slots] += 1
-        if out is None:
+        if values is None:
             return {}
-        dev = batch.device
-        return {k: v.to(dev) for k, v in out.items()} if dev.type != "cpu" else out
+        block = torch.from_numpy(values).to(batch.device)  # one host-to-device copy (none on a CPU)
+        return {k: block[:, j] for j, k in enumerate(self.KEYS)}
 
     def update(self, step: TokenStep) -> dict[str, float]:
         """One token of one sequence: a batch of one (slot 0); {} except at the token that closes a step."""
@@ -317,7 +321,8 @@ class Redundancy:
         if not ("".join(tr.pieces).strip() if not self.uses_hidden else not self._blank[slot]):
             return {}
         self._split.start[slot] = self._n[slot]
-        out = self._close(tr, slot, end_token=int(self._n[slot]) - 1, end_char=int(self._chars[slot]))
+        e = self._embed_hidden([slot])[0] if self.uses_hidden else self._embed_text("".join(tr.pieces).strip())
+        out = self._close(tr, e, end_token=int(self._n[slot]) - 1, end_char=int(self._chars[slot]))
         tr.pieces = []
         self._blank[slot] = True
         return out
@@ -339,31 +344,37 @@ class Redundancy:
         finite = add_rows(h["hsum"], idx, v)
         h["hn"][idx] += finite.to(torch.int64)
 
-    def _embed(self, slot: int, text: str) -> np.ndarray | None:
-        if self.uses_hidden:
-            h = self._h
-            if self._dim is None or slot >= h.capacity:
-                return None
-            n = int(h["hn"][slot])  # a step end: one small copy
-            if n == 0:
-                return None
-            e = _unit(h["hsum"][slot].to("cpu", torch.float64).numpy() / n)
-            h["hsum"][slot] = 0.0
-            h["hn"][slot] = 0
-            return e
+    def _embed_hidden(self, slots: list[int]) -> list[np.ndarray | None]:
+        """The unit mean hidden state of each slot's closing step (None: no finite hidden state in it), read in ONE
+        device-to-host copy for all of `slots`; their sums restart for the next step."""
+        h = self._h
+        got: list[np.ndarray | None] = [None] * len(slots)
+        at = [j for j, s in enumerate(slots) if s < h.capacity] if self._dim is not None else []
+        if not at:
+            return got
+        idx = torch.as_tensor([slots[j] for j in at], dtype=torch.int64, device=h.device)
+        block = torch.cat([h["hsum"][idx].to(torch.float64), h["hn"][idx, None].to(torch.float64)], 1).cpu().numpy()
+        h["hsum"][idx] = 0.0
+        h["hn"][idx] = 0
+        for j, row in zip(at, block, strict=True):
+            if row[-1]:
+                got[j] = _unit(row[:-1] / row[-1])
+        return got
+
+    def _embed_text(self, text: str) -> np.ndarray | None:
         arr = np.asarray(self.embedder([text]), dtype=np.float64)
         if arr.ndim == 0 or arr.size == 0:
             raise ValueError(f"embedder returned an empty array for one text (shape {arr.shape}); it must map "
                              "list[str] of n texts to an array (n, d)")
         return _unit(arr.reshape(arr.shape[0] if arr.ndim > 1 else 1, -1)[0])
 
-    def _close(self, tr: _Trace, slot: int, end_token: int, end_char: int) -> dict[str, float]:
+    def _close(self, tr: _Trace, e: np.ndarray | None, end_token: int, end_char: int) -> dict[str, float]:
+        """Close the open step of trace `tr`, whose embedding is `e` (None: it has none); returns its values."""
         i = len(tr.steps)
         start_token = tr.steps[-1][1] + 1 if tr.steps else 0
         tr.steps.append([start_token, end_token])
         tr.step_chars.append([tr.step_start_char, end_char])
         tr.step_start_char = end_char
-        e = self._embed(slot, "".join(tr.pieces).strip())
         if self.similarity_matrix != "none":
             self._keep(tr, i, e)
         sims = [float(e @ prev) for prev in tr.recent if prev is not None] if e is not None else []

@@ -276,3 +276,37 @@ def test_step_ends_land_on_the_cue_detectors_step_end_tokens(texts, m):
         joined = "".join(texts)
         assert "".join(joined[a:b] for a, b in s["step_chars"]) == joined[: s["step_chars"][-1][1]]
     assert all(math.isfinite(v) for o in outs for v in o.values())
+
+
+def test_rows_closing_steps_together_read_their_hidden_means_in_one_copy(monkeypatch):
+    """Eight sequences closing a step at the same token: the step means come to the host in ONE read for all rows
+    (a GPU step syncs once, not twice per row), and every row's values equal its own sequence run alone."""
+    import torch
+
+    from monitor.events import StepBatch
+
+    rng = np.random.default_rng(3)
+    texts = ["a", " b", "\n\n", "c", "\n\n", " d", " e", "\n\n"]
+    rows = 8
+    hidden = rng.normal(size=(len(texts), rows, 16))
+    alone = []
+    for r in range(rows):
+        sig = Redundancy(min_step_tokens=1, tau=0.5)
+        alone.append(feed(sig, texts, [{0: hidden[t, r]} for t in range(len(texts))]))
+    sig = Redundancy(min_step_tokens=1, tau=0.5)
+    reads = []
+    real = Redundancy._embed_hidden
+
+    def counted(self, slots):
+        reads.append(list(slots))
+        return real(self, slots)
+
+    monkeypatch.setattr(Redundancy, "_embed_hidden", counted)
+    for t, text in enumerate(texts):
+        out = sig.update_batch(StepBatch(slots=np.arange(rows), token_ids=np.zeros(rows, dtype=np.int64),
+                                         hidden={0: torch.from_numpy(hidden[t])}, texts=[text] * rows))
+        for r in range(rows):
+            got = {k: float(v[r]) for k, v in out.items() if not math.isnan(float(v[r]))}
+            assert got == pytest.approx(alone[r][t], abs=1e-12)
+    assert reads == [list(range(rows))] * 3  # one read per closing token, all rows in it
+    assert alone[0][4]["similarity"] != alone[1][4]["similarity"]  # the rows differ: a mix-up would show
