@@ -487,6 +487,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # anywhere, start-up and argument parsing included: no traceback
         pass
     _interrupted()
+    # CPython notes "a KeyboardInterrupt went unhandled" when one leaves an exec() of a string (dataclasses builds
+    # its methods so, in every import that defines one), even though we caught it; under `python -m` it then kills
+    # the process by SIGINT at exit, after our message and clean-up. Any exec() of a string starts by clearing
+    # that note, so this one does.
+    exec("pass")  # noqa: S102
     return 130
 
 
@@ -498,6 +503,19 @@ def _interrupted() -> None:
     with contextlib.suppress(ValueError):  # not in the main thread
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     err_console.print("interrupted")
+
+
+def _import_torch_whole() -> None:
+    """Import torch (every command uses it; the parser does not) with Ctrl-C held back until the import is done;
+    the interrupt then goes on as usual (exit 130), a second or two later. Inside torch's import a Ctrl-C can abort
+    the process from C++ ("terminate called after throwing an instance of 'pybind11::error_already_set'", seen
+    about 1 start in 30 under load) or leave numpy half-built."""
+    if "torch" in sys.modules:
+        return
+    from monitor.io import signals_deferred
+
+    with signals_deferred():
+        import torch  # noqa: F401
 
 
 def _main(argv: list[str] | None) -> int:
@@ -512,6 +530,7 @@ def _main(argv: list[str] | None) -> int:
         signal.signal(signal.SIGTERM, _on_sigterm)
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 with a usage line on bad flags
+    _import_torch_whole()
     try:
         return args.handler(args)
     except Exception as e:  # one readable line, not a traceback

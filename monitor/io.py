@@ -232,7 +232,7 @@ class LineSink:
             raise RuntimeError("LineSink is not open")
         data = b"".join(line.encode("utf-8") + b"\n" for line in lines)
         n = data.count(b"\n")
-        with _signals_deferred():  # Ctrl-C / SIGTERM land after the lines are written and counted, never between
+        with signals_deferred():  # Ctrl-C / SIGTERM land after the lines are written and counted, never between
             self._f.write(data)
             self._f.flush()
             os.fsync(self._f.fileno())
@@ -298,7 +298,7 @@ def lock_path(target: str) -> str:
 
 
 @contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
+def signals_deferred() -> Iterator[None]:
     """Hold SIGINT and SIGTERM back for the block; their handlers run when it ends.
 
     A thread signal mask is not enough: the kernel hands a process-wide signal to any thread that does not block

@@ -233,6 +233,25 @@ def test_an_interrupted_import_that_fails_as_another_error_is_still_an_interrupt
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def test_an_interrupt_raised_inside_exec_still_exits_130_under_python_m(tmp_path):
+    """A Ctrl-C that lands inside an exec() of a string (dataclasses builds its methods so, in any import that
+    defines one: the start-up test above hit it about 1 run in 30 under load) makes CPython note an unhandled
+    KeyboardInterrupt and, under `python -m`, kill the process by SIGINT at exit after our own handling; main()
+    clears that note, so the exit code is 130."""
+    (tmp_path / "interrupt_in_exec.py").write_text(
+        "import sys\n"
+        "import monitor.cli as cli\n"
+        "def fake_main(argv):\n"
+        "    exec('import os, signal\\nos.kill(os.getpid(), signal.SIGINT)\\nx = 1\\n')\n"
+        "    return 0\n"
+        "cli._main = fake_main\n"
+        "sys.exit(cli.main([]))\n")
+    proc = subprocess.run([sys.executable, "-m", "interrupt_in_exec"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 130, (proc.returncode, proc.stderr)
+    assert proc.stderr.strip() == "interrupted"
+
+
 def test_sigint_during_start_up_is_one_line_without_a_traceback(tmp_path):
     """Ctrl-C while torch imports or the model loads: exit 130, no traceback, nothing written."""
     trace = tmp_path / "t.jsonl"
