@@ -9,22 +9,12 @@
 # CPU only this takes hours (Qwen2.5-Coder-0.5B runs about 10 tokens/s on 2 cores): run it on a quiet
 # machine. Environment knobs: N_TRAIN (160), N_TEST (200), N_CHECK (16), BATCH (8), OUT (out/calibrated).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE=1
 N_TRAIN=${N_TRAIN:-160}
 N_TEST=${N_TEST:-200}
 N_CHECK=${N_CHECK:-16}
 BATCH=${BATCH:-8}
 OUT=${OUT:-out/calibrated}
-DATA=${DATA:-../shared/data}
-MODEL=qwen-coder-0.5b
-BUDGET=(--max-new-tokens 256 --answer-max-tokens 16)
-mkdir -p "$OUT"
-
-overthink collect --model $MODEL --data "$DATA/gsm8k_train.jsonl" --limit "$N_TRAIN" --out "$OUT/collect-train" \
-    "${BUDGET[@]}" --batch-size "$BATCH"
-overthink collect --model $MODEL --data "$DATA/gsm8k_test.jsonl" --limit "$N_TEST" --out "$OUT/collect-test" \
-    "${BUDGET[@]}" --batch-size "$BATCH"
+source "$(dirname "$0")/gsm8k_collections.sh"  # cd to the repo root; $MODEL, $BUDGET, $DATA; both collections
 
 # signals-only logistic regression: on these 96 training problems its grouped 5-fold AUROC (0.805) beat the probe
 # with hidden states (0.745) and the MLP (0.676); 40% of the train problems are held out for calibration

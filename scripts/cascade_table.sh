@@ -12,22 +12,12 @@
 # Environment knobs: N_TRAIN (120), N_TEST (64), CALIB (0.6: the calibration share of the train problems),
 # BATCH (8), OUT (out/cascade).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE=1
 N_TRAIN=${N_TRAIN:-120}
 N_TEST=${N_TEST:-64}
 CALIB=${CALIB:-0.6}
 BATCH=${BATCH:-8}
 OUT=${OUT:-out/cascade}
-DATA=${DATA:-../shared/data}
-MODEL=qwen-coder-0.5b
-BUDGET=(--max-new-tokens 256 --answer-max-tokens 16)
-mkdir -p "$OUT"
-
-overthink collect --model $MODEL --data "$DATA/gsm8k_train.jsonl" --limit "$N_TRAIN" --out "$OUT/collect-train" \
-    "${BUDGET[@]}" --batch-size "$BATCH"
-overthink collect --model $MODEL --data "$DATA/gsm8k_test.jsonl" --limit "$N_TEST" --out "$OUT/collect-test" \
-    "${BUDGET[@]}" --batch-size "$BATCH"
+source "$(dirname "$0")/gsm8k_collections.sh"  # cd to the repo root; $MODEL, $BUDGET, $DATA; both collections
 
 # one training run gives both probes (the same training problems, the same held-out calibration problems)
 overthink train "$OUT/collect-train" --out "$OUT/cascade.joblib" --calib-fraction "$CALIB" --signals-only --cascade \
