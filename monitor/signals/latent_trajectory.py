@@ -42,7 +42,7 @@ class _Layers:
         `present` [L] marks the layers this step has); returns [B, L] skipped (non-finite and present)."""
         t = self.t
         finite = add_rows(t["open_sum"], idx, v)  # [B, L]
-        t["open_n"][idx] += finite.to(torch.int64)
+        t["open_n"][idx] += finite  # bool into int64: no cast kernel
         t["seen"][idx] |= finite
         skipped = ~finite
         return skipped if present is None else skipped & present
@@ -224,7 +224,7 @@ class LatentTrajectory:
             skipped = st.add(idx, torch.stack(got, 1), present)
             if batch.hidden_present is not None:  # a row without hidden states is absent, not non-finite
                 skipped &= torch.as_tensor(batch.hidden_present, device=skipped.device)[:, None]
-            self._t["skipped"][idx] += skipped.to(torch.int64).sum(1)
+            self._t["skipped"][idx] += skipped.sum(1)  # a bool sum is int64
         self._n[slots] += 1
         self._open[slots] += 1
         if self.block == "steps":

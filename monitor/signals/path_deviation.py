@@ -237,8 +237,12 @@ class PathDeviation:
         ring = st["ring"]
         old = ring[ridx, pos]  # [B, 2]: what leaves the window
         ring[ridx, pos] = torch.stack([h, hett], 1)
-        sums = st["sums"][idx] + torch.stack([h - old[:, 0], hett - old[:, 1], h, hett], 1)
-        st["sums"][idx] = sums
+        step = torch.stack([h - old[:, 0], hett - old[:, 1], h, hett], 1)
+        if isinstance(idx, slice):  # the usual case: added in place, the view is the new sums
+            sums = st["sums"][idx].add_(step)
+        else:
+            sums = st["sums"][idx] + step
+            st["sums"][idx] = sums
         sum_h_win, sum_e_win, sum_h, n_hett = sums.unbind(1)
         self._n[slots] = n + 1
         self._n_transition[slots] += transition

@@ -342,7 +342,7 @@ class Redundancy:
         h.ensure(batch.slots, v.device)
         idx = batch.at(v.device)
         finite = add_rows(h["hsum"], idx, v)
-        h["hn"][idx] += finite.to(torch.int64)
+        h["hn"][idx] += finite  # bool into int64: no cast kernel
 
     def _embed_hidden(self, slots: list[int]) -> list[np.ndarray | None]:
         """The unit mean hidden state of each slot's closing step (None: no finite hidden state in it), read in ONE
