@@ -269,6 +269,7 @@ class Redundancy:
         cuts = dict(self._split.feed(slots, texts, index))
         keep = not self.uses_hidden  # a text embedder needs each step's text; the hidden one only its blankness
         values: np.ndarray | None = None
+        embs: list[np.ndarray | None] | None = None  # None: a text embedder, called per closing step below
         if cuts:  # the closing steps' hidden means, all rows in one copy (none per row: a GPU step syncs once)
             embs = self._embed_hidden([int(slots[r]) for r in cuts]) if self.uses_hidden else None
             values = np.full((batch.size, len(self.KEYS)), math.nan)
