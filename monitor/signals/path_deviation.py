@@ -32,9 +32,20 @@ def normalize_token(text: str) -> str:
     return text.strip(_STRIP).lower()
 
 
-def history_quantile(history: torch.Tensor, q: float) -> torch.Tensor:
-    """The q-quantile of a 1-D history with numpy's default ("linear") interpolation, on its device."""
-    return torch.quantile(history, q)
+def history_quantiles(history: torch.Tensor, n: np.ndarray, q: float) -> torch.Tensor:
+    """[R] the q-quantile of the first n[r] >= 1 entries of each row of `history` [R, W], all rows at once on its
+    device: numpy's default ("linear") interpolation, computed as torch.quantile computes it (sort; rank q (n - 1);
+    lerp between the entries below and above it; NaN if a NaN is among them), so each row equals
+    torch.quantile(history[r, :n[r]], q) to the last bit. Entries past n[r] are moved past the end by +inf."""
+    n = np.asarray(n, dtype=np.int64)
+    h = history[:, : int(n.max())]
+    rank = q * (n - 1).astype(np.float64)  # the same float64 arithmetic torch.quantile does, on the host
+    below = rank.astype(np.int64)
+    at = torch.from_numpy(np.stack([below, np.ceil(rank).astype(np.int64), n], 1)).to(h.device)  # one copy
+    inside = torch.arange(h.shape[1], device=h.device) < at[:, 2:]
+    ends = torch.where(inside, h, math.inf).sort(-1).values.gather(-1, at[:, :2])  # [R, 2]: below and above the rank
+    weight = torch.from_numpy(rank - below).to(h.device, h.dtype)
+    return torch.where((h.isnan() & inside).any(-1), math.nan, ends[:, 0].lerp(ends[:, 1], weight))
 
 
 class PathDeviation:
@@ -228,9 +239,10 @@ class PathDeviation:
         elif self.relative_quantile is None:
             hett = ((aux[:, 0] > 0) & (h > self.entropy_threshold)).to(torch.float64)
         else:
+            rows = np.nonzero(cand)[0]  # few rows (transition tokens), all at once: no torch op per row
             thr = torch.full_like(h, math.inf)  # no threshold: nothing is flagged
-            for r in np.nonzero(cand)[0]:  # few rows: transition tokens only
-                thr[r] = history_quantile(self._history[int(slots[r]), : int(n[r])], self.relative_quantile)
+            thr[torch.as_tensor(rows, device=h.device)] = history_quantiles(
+                self._history[torch.as_tensor(slots[rows], device=h.device)], n[rows], self.relative_quantile)
             hett = (h > thr).to(torch.float64)
         if self.relative_quantile is not None:
             self._remember(ridx, n, h)

@@ -13,7 +13,7 @@ from scipy.stats import entropy as sp_entropy
 
 from monitor.events import TokenStep
 from monitor.signals import PathDeviation
-from monitor.signals.path_deviation import history_quantile, normalize_token
+from monitor.signals.path_deviation import history_quantiles, normalize_token
 
 TEXTS = [" Wait", "wait", "Wait,", " so", " the", "**But**", " x", "Hmm", " hmm...", " no", "await", " 3"]
 
@@ -129,10 +129,22 @@ def test_reset_restores_fresh_state():
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.floats(0, 10, allow_nan=False), min_size=1, max_size=80),
        st.floats(0.01, 0.99))
-def test_history_quantile_equals_numpy(xs, q):
+def test_history_quantiles_equal_numpy_and_torch_for_every_prefix_at_once(xs, q):
+    """One call for all prefixes of xs (rows of different lengths): numpy's linear quantile, and torch.quantile's
+    value to the last bit (the per-row computation this replaced)."""
+    x = torch.tensor(xs, dtype=torch.float64)
+    n = np.arange(1, len(xs) + 1)
+    got = history_quantiles(x.expand(len(xs), -1), n, q)
     for i in range(len(xs)):
-        got = float(history_quantile(torch.tensor(xs[: i + 1], dtype=torch.float64), q))
-        assert got == pytest.approx(float(np.quantile(xs[: i + 1], q)), rel=1e-9, abs=1e-12)
+        assert float(got[i]) == pytest.approx(float(np.quantile(xs[: i + 1], q)), rel=1e-9, abs=1e-12)
+        assert float(got[i]) == float(torch.quantile(x[: i + 1], q))
+
+
+def test_history_quantiles_of_a_row_holding_nan_is_nan_and_leaves_the_others():
+    hist = torch.tensor([[1.0, math.nan, 3.0], [1.0, 2.0, 3.0]], dtype=torch.float64)
+    got = history_quantiles(hist, np.array([3, 3]), 0.5)
+    assert math.isnan(float(got[0])) and float(got[1]) == 2.0
+    assert float(history_quantiles(hist, np.array([1, 2]), 0.5)[0]) == 1.0  # the NaN lies past row 0's length
 
 
 @pytest.mark.parametrize("kwargs, match", [
