@@ -21,8 +21,8 @@ H0(g, lambda): R(g, lambda) > delta with the binomial p-value of `first_exit.ltt
 hypotheses is fixed before the calibration data is seen: the gates (a short list, chosen at training time from
 the TRAINING problems' free scores, plus +inf: the free probe alone, unless the caller pins the gates) times
 the lambda grid (1.0 down to 0.0). FWER control at epsilon: Bonferroni over the gates, and within each gate
-fixed-sequence testing along lambda from strict to lenient at level epsilon / |gates| (mapie's `control_fwer`). Every certified pair then has R <= delta simultaneously with
-probability >= 1 - epsilon, so choosing among them with the calibration data is free: the pair with the most
+fixed-sequence testing along lambda from strict to lenient at level epsilon / |gates| (mapie's
+`control_fwer`). Every certified pair then has R <= delta simultaneously with probability >= 1 - epsilon, so choosing among them with the calibration data is free: the pair with the most
 net tokens saved on the calibration traces (tokens saved by the exit, minus the trial tokens spent up to and
 including it) is deployed.
 
@@ -148,8 +148,9 @@ class CascadeRiskControl:
         """Calibrate on traces. `free`: the free probe's scores, stop_correct and full_correct as a TraceBatch
         (n, K); `trial_scores` (gates, n, K): the trial probe's score at each point under each finite gate of
         `self.gates`, in order (`trial_gates`; only the gated points matter; the +inf gate decodes no trial);
-        `gain` (n, K): tokens saved by exiting at point j (the unmonitored run's tokens minus the exit's), `trial_cost` (n, K): the tokens of the trial at j. Never raises because nothing is
-        certified: then `threshold` is None (see `require_certified`)."""
+        `gain` (n, K): tokens saved by exiting at point j (the unmonitored run's tokens minus the exit's),
+        `trial_cost` (n, K): the tokens of the trial at j. Never raises because nothing is certified: then
+        `threshold` is None (see `require_certified`)."""
         trial_scores = np.asarray(trial_scores, dtype=float)
         n, k = free.scores.shape
         finite = len(self.trial_gates)

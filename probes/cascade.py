@@ -58,11 +58,11 @@ def train_trial_probe(data: CollectedData, kind: str = "logreg", folds: int = 5,
     return pipe, {"trial_probe": {**probe_metrics(y, oof), **params}, "kind": kind}
 
 
-def _gated_scores(bundle: Bundle, data: CollectedData, free: np.ndarray, gate: float) -> tuple[np.ndarray,
-                                                                                                 list[np.ndarray]]:
-    rows = problem_rows(data)
-    decoded = [free[r] >= gate for r in rows]
-    return bundle.trial_scores(data.signals, trial_features(data, decoded)), decoded
+def _gated_scores(bundle: Bundle, data: CollectedData, free: np.ndarray, gate: float) -> np.ndarray:
+    """The trial probe's score at every point, its trial features computed as if trials were decoded where the
+    free score passes `gate` (answer stability counts only those trials)."""
+    decoded = [free[r] >= gate for r in problem_rows(data)]
+    return bundle.trial_scores(data.signals, trial_features(data, decoded))
 
 
 def calibration_arrays(bundle: Bundle, data: CollectedData,
@@ -81,7 +81,7 @@ def calibration_arrays(bundle: Bundle, data: CollectedData,
     scores, correct, gain, cost = pad.copy(), pad.copy(), pad.copy(), pad.copy()
     trial = np.zeros((len(gates), n, k))
     for gi, gate in enumerate(gates):
-        t, _ = _gated_scores(bundle, data, free, gate)
+        t = _gated_scores(bundle, data, free, gate)
         for i, r in enumerate(rows):
             trial[gi, i, :len(r)] = t[r]
     for i, (p, r) in enumerate(zip(data.problems, rows)):
@@ -102,6 +102,7 @@ def cascade_exits(bundle: Bundle, data: CollectedData) -> tuple[list[int | None]
     rows = problem_rows(data)
     if cal.gate is None:
         return [None] * len(rows), [np.zeros(len(r), dtype=bool) for r in rows]
-    t, _ = _gated_scores(bundle, data, free, cal.gate)
+    t = _gated_scores(bundle, data, free, cal.gate)
+    exits = [cal.first_exit(free[r], t[r]) for r in rows]
     # the trials the rule decodes: past the gate, and (free exit) not where the free score alone halts
-    return [cal.first_exit(free[r], t[r]) for r in rows], [cal.decodes(free[r], cal.gate, cal.threshold) for r in rows]
+    return exits, [cal.decodes(free[r], cal.gate, cal.threshold) for r in rows]

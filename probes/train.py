@@ -118,8 +118,8 @@ def train_probe(data: CollectedData, kind: str = "logreg", use_hidden: bool = Tr
         col = data.signals[:, j].astype(float)
         col = np.where(data.signals[:, len(keys) + j] > 0, np.nan, col)  # missing -> excluded
         baselines[name] = probe_metrics(y, col)
-    report = TrainReport(probe={**probe_metrics(y, oof), **params}, baselines=baselines, n_events=int(len(y)), n_problems=n_groups,
-                         positive_rate=float(y.mean()), folds=folds, kind=kind, use_hidden=use_hidden)
+    report = TrainReport(probe={**probe_metrics(y, oof), **params}, baselines=baselines, n_events=int(len(y)),
+                         n_problems=n_groups, positive_rate=float(y.mean()), folds=folds, kind=kind, use_hidden=use_hidden)
     return pipe, report
 
 
