@@ -44,7 +44,7 @@ def train_trial_probe(data: CollectedData, kind: str = "logreg", folds: int = 5,
                       seed: int = 0) -> tuple[Pipeline, dict[str, Any]]:
     """The trial probe on signal + trial features of every decision point (a trial at each, as collected), with a
     grouped cross-validated AUROC in its report."""
-    from probes.train import grouped_fit, probe_metrics
+    from probes.train import grouped_fit
 
     if any(not e.get("trial") for p in data.problems for e in p["events"]):
         raise ValueError("this collection has decision points without a trial record (collected by an older "
@@ -54,8 +54,8 @@ def train_trial_probe(data: CollectedData, kind: str = "logreg", folds: int = 5,
     if len(y) < 4 or len(np.unique(y)) < 2:
         raise ValueError(f"cannot train a trial probe on {len(y)} decision points with labels "
                          f"{sorted(set(y.tolist()))}: need both correct and incorrect forced exits")
-    pipe, oof, params = grouped_fit(X, y, data.group, kind, folds, seed)
-    return pipe, {"trial_probe": {**probe_metrics(y, oof), **params}, "kind": kind}
+    pipe, report = grouped_fit(X, y, data.group, kind, folds, seed)
+    return pipe, {"trial_probe": report, "kind": kind}
 
 
 def _gated_scores(bundle: Bundle, data: CollectedData, free: np.ndarray, gate: float) -> np.ndarray:

@@ -80,24 +80,24 @@ class TrainReport:
 
 
 def grouped_fit(X: np.ndarray, y: np.ndarray, groups: np.ndarray, kind: str = "logreg", folds: int = 5,
-                seed: int = 0) -> tuple[Pipeline, np.ndarray, dict[str, Any]]:
+                seed: int = 0) -> tuple[Pipeline, dict[str, Any]]:
     """Out-of-fold scores by GroupKFold, and the probe refit on all rows. For "logreg", C is chosen from
     `LOGREG_C` by the out-of-fold AUROC (the first best, so the weakest regularisation among ties); returns
-    (pipeline, out-of-fold scores of the chosen setting, {"C": ...} or {})."""
+    (pipeline, `probe_metrics` of the chosen setting's out-of-fold scores plus its "C" for "logreg")."""
     folds = max(2, min(folds, len(np.unique(groups))))
     splits = [(tr, te) for tr, te in GroupKFold(n_splits=folds).split(X, y, groups) if len(np.unique(y[tr])) >= 2]
-    best: tuple[float, np.ndarray, dict[str, Any]] | None = None
+    best: tuple[float, dict[str, Any], dict[str, Any]] | None = None
     for params in ([{"C": c} for c in LOGREG_C] if kind == "logreg" else [{}]):
         oof = np.full(len(y), np.nan)
         for tr, te in splits:
             oof[te] = fit_probe(make_probe(kind, seed, **params), X[tr], y[tr]).predict_proba(X[te])[:, 1]
-        auc = probe_metrics(y, oof)["auroc"]
-        auc = -1.0 if auc is None else float(auc)
+        metrics = probe_metrics(y, oof)
+        auc = -1.0 if metrics["auroc"] is None else float(metrics["auroc"])
         if best is None or auc > best[0]:
-            best = (auc, oof, params)
+            best = (auc, metrics, params)
     assert best is not None
-    _, oof, params = best
-    return fit_probe(make_probe(kind, seed, **params), X, y), oof, params
+    _, metrics, params = best
+    return fit_probe(make_probe(kind, seed, **params), X, y), {**metrics, **params}
 
 
 def train_probe(data: CollectedData, kind: str = "logreg", use_hidden: bool = True, folds: int = 5,
@@ -111,14 +111,14 @@ def train_probe(data: CollectedData, kind: str = "logreg", use_hidden: bool = Tr
         raise ValueError(f"cannot train a probe on {len(y)} decision points with labels {sorted(set(y.tolist()))}: "
                          "need both correct and incorrect forced exits; collect more problems (--limit)")
     folds = max(2, min(folds, n_groups))
-    pipe, oof, params = grouped_fit(X, y, groups, kind, folds, seed)
+    pipe, probe_report = grouped_fit(X, y, groups, kind, folds, seed)
     baselines = {"deer_confidence": probe_metrics(y, data.confidence.astype(float))}
     keys = data.config.get("signal_keys") or SIGNAL_FEATURES  # a log's own signals, else the default set
     for j, name in enumerate(keys):
         col = data.signals[:, j].astype(float)
         col = np.where(data.signals[:, len(keys) + j] > 0, np.nan, col)  # missing -> excluded
         baselines[name] = probe_metrics(y, col)
-    report = TrainReport(probe={**probe_metrics(y, oof), **params}, baselines=baselines, n_events=int(len(y)),
+    report = TrainReport(probe=probe_report, baselines=baselines, n_events=int(len(y)),
                          n_problems=n_groups, positive_rate=float(y.mean()), folds=folds, kind=kind, use_hidden=use_hidden)
     return pipe, report
 
