@@ -23,8 +23,8 @@ the TRAINING problems' free scores, plus +inf: the free probe alone, unless the 
 the lambda grid (1.0 down to 0.0). FWER control at epsilon: Bonferroni over the gates, and within each gate
 fixed-sequence testing along lambda from strict to lenient at level epsilon / |gates| (mapie's
 `control_fwer`). Every certified pair then has R <= delta simultaneously with probability >= 1 - epsilon, so choosing among them with the calibration data is free: the pair with the most
-net tokens saved on the calibration traces (tokens saved by the exit, minus the trial tokens spent up to and
-including it) is deployed.
+net tokens saved on the calibration traces (tokens saved by the exit, minus the trial tokens spent before it: a
+halt on a trial keeps that trial as the exit cue and answer, which the exit's `gain` already counts) is deployed.
 
     P_calibration( R(g*, lambda*) <= delta ) >= 1 - epsilon,
 
@@ -148,8 +148,9 @@ class CascadeRiskControl:
         """Calibrate on traces. `free`: the free probe's scores, stop_correct and full_correct as a TraceBatch
         (n, K); `trial_scores` (gates, n, K): the trial probe's score at each point under each finite gate of
         `self.gates`, in order (`trial_gates`; only the gated points matter; the +inf gate decodes no trial);
-        `gain` (n, K): tokens saved by exiting at point j (the unmonitored run's tokens minus the exit's),
-        `trial_cost` (n, K): the tokens of the trial at j. Never raises because nothing is certified: then
+        `gain` (n, K): tokens saved by exiting at point j (the unmonitored run's tokens minus the exit's: the
+        reasoning to j, the exit cue and the answer), `trial_cost` (n, K): the tokens of the trial at j (a halt on
+        it keeps it as the exit and answer, so an exit's own trial costs nothing more). Never raises because nothing is certified: then
         `threshold` is None (see `require_certified`)."""
         trial_scores = np.asarray(trial_scores, dtype=float)
         n, k = free.scores.shape
@@ -186,7 +187,8 @@ class CascadeRiskControl:
                 spent_at = np.where(live & self.decodes(free.scores, gate, lam), trial_cost, 0.0)
                 before = np.cumsum(spent_at, axis=1)
                 total = before[:, -1] if k else np.zeros(n)
-                at_exit = np.take_along_axis(before, safe[:, li:li + 1], 1)[:, 0]  # the exit's own trial included
+                # the trials before the exit: the exit's own trial (if it decoded one) is kept as its answer
+                at_exit = np.take_along_axis(before - spent_at, safe[:, li:li + 1], 1)[:, 0]
                 ex = exited[:, li]
                 saved = np.where(ex, np.take_along_axis(gain, safe[:, li:li + 1], 1)[:, 0] - at_exit, -total)
                 net = float(saved.mean())  # net tokens saved per trace

@@ -3,7 +3,9 @@
 A policy sees a `DecisionContext` after every reasoning token (most policies only act at decision
 points) and answers with a `Decision`: continue, halt (the backend then injects the exit cue), or
 trial (DEER: the backend decodes a trial answer on a copy of the cache and reports its confidence
-back through `Policy.decide_after_trial`). Policies here:
+back through `Policy.decide_after_trial`). A halt decided on a trial keeps that trial as the sequence's exit
+and answer (`backends.sequence.keeps_trial`): the trial already wrote what forcing the exit would decode
+again, so its tokens are answer tokens, not probe tokens. Policies here:
 
 - `ObservePolicy`          never halts: record signals only (the unmonitored baseline's twin)
 - `HaltAfterPolicy`        halt after N reasoning tokens (fixed-budget baseline, `--halt-after N`)
@@ -89,6 +91,13 @@ class TrialOutcome:
     # has only the top k); None where the backend has no distribution
     streak: int = 0  # consecutive earlier trials of this sequence with the same answer
     agrees_previous: bool | None = None  # the same answer as the previous trial (None: no previous trial)
+    # what a halt on this trial keeps as the sequence's exit and answer (`backends.sequence.keeps_trial`): the
+    # trial prompt, its token ids, the ids decoded after it (the end-of-sequence id included where it ended so),
+    # and whether the answer was complete (the brace the prompt opened closed, or the sequence ended)
+    prompt: str = ""
+    prompt_ids: tuple[int, ...] = ()
+    token_ids: tuple[int, ...] = ()
+    complete: bool = False
 
     def record(self) -> dict:
         """The trial as a trace's decision point holds it (and as `overthink.log/1` lines do)."""

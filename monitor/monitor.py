@@ -414,6 +414,15 @@ class Monitor:
             self.points[-1]["trial"] = trial.record()
         return self._apply(d)
 
+    def keep_trial(self, tokens: int) -> None:
+        """A halt kept the last trial as this sequence's exit and answer (`backends.sequence.keeps_trial`): its
+        `tokens` kept (recorded as "forced" and "answer" tokens) stop counting as probe tokens, and the trace's
+        decision point says how many were kept (`trial.kept`; the rest of `trial.tokens` stays a probe cost)."""
+        self._sync()
+        self.probe_tokens -= int(tokens)
+        if self.points and isinstance(self.points[-1].get("trial"), dict):
+            self.points[-1]["trial"]["kept"] = int(tokens)
+
     def _with_stability(self, trial: TrialOutcome) -> TrialOutcome:
         """The trial with its stability against this sequence's earlier trials: how many consecutive earlier
         trials gave the same (non-empty) answer, and whether the previous one did."""

@@ -12,8 +12,10 @@ flip a near-tie greedy token); `scripts/calibrated_table.sh` checks the replay a
 Token accounting (what "saved" means): unmonitored = reasoning + forced + answer tokens of the full
 rollout (a budget-hit rollout has its exit cue forced too); monitored = reasoning up to the halt + exit cue
 + answer, plus any trial (probe) tokens the policy spent. The probe policy spends none; the DEER and certaindex
-baselines spend a trial at every decision point up to and including the exit, the cascade at the gated ones (a
-trial runs on a copy of the cache; a halt then forces the exit in the sequence itself, as a real run does).
+baselines spend a trial at every decision point before the exit, the cascade at the gated ones (a trial runs on
+a copy of the cache). A halt decided on a trial keeps that trial as the exit and answer, as a real run does
+(`monitor.backends.sequence.keeps_trial`): the trial IS the forced exit at that point, so its tokens are counted
+once, as exit cue + answer, never again as a trial.
 """
 
 from __future__ import annotations
@@ -82,10 +84,10 @@ def bundle_exits(bundle: Bundle, data: CollectedData) -> list[int | None]:
 
 
 def _trial_tokens(p: dict[str, Any], j: int | None, decoded: np.ndarray | None = None) -> int:
-    """Trial tokens problem `p` spent with an exit at event `j` (None: none): every trial up to and including the
-    exit (all of them without one), at the points `decoded` marks (None: every point). After a halt the backend
-    forces the exit cue and decodes the answer in the sequence itself; the trial ran on a copy of the cache."""
-    ev = p["events"][: len(p["events"]) if j is None else j + 1]
+    """Trial tokens problem `p` spent with an exit at event `j` (None: none): every trial before the exit (all of
+    them without one), at the points `decoded` marks (None: every point). The exit's own trial, where it decoded
+    one, is not among them: a halt on a trial keeps it as the exit cue and answer, which `_outcome` counts."""
+    ev = p["events"][: len(p["events"]) if j is None else j]
     return sum(int(e["probe_tokens"]) for k, e in enumerate(ev) if decoded is None or decoded[k])
 
 
@@ -155,7 +157,8 @@ def replay_bundle(bundle: Bundle, data: CollectedData, name: str = "") -> Replay
 
 def replay_deer(data: CollectedData, threshold: float = 0.95) -> ReplayRow:
     """DEER's rule on the same collection: halt at the first decision point whose forced-exit trial answer has
-    mean token probability >= threshold. Every trial up to and including the exit is counted as spent."""
+    mean token probability >= threshold. Every trial before the exit is counted as spent; the exit's own trial is
+    kept as the answer."""
     exits: list[int | None] = []
     for i in range(len(data.problems)):
         conf = data.confidence[data.group == i]
@@ -186,7 +189,8 @@ def certaindex_exits(data: CollectedData, k: int = 3) -> list[int | None]:
 
 def replay_certaindex(data: CollectedData, k: int = 3) -> ReplayRow:
     """Certaindex (answer stability, training-free) on the same collection: halt at the first decision point where
-    the last `k` trial answers agree. Every trial up to and including the exit is counted as spent."""
+    the last `k` trial answers agree. Every trial before the exit is counted as spent; the exit's own trial is kept
+    as the answer."""
     return _row(f"certaindex (last {k} trial answers agree)", certaindex_exits(data, k), data, trial_cost=True)
 
 

@@ -34,6 +34,8 @@ from monitor.backends.sequence import (
     TrialScore,
     advance_answer,
     exit_brace_depth,
+    keep_trial_tokens,
+    keeps_trial,
     topk_entropy,
 )
 from monitor.config import RunConfig
@@ -249,7 +251,11 @@ class ProxyEngine:
                 prefix.append(text)
                 job.piece(text, "reasoning", entry)
                 if d.action == TRIAL and d.trial is not None:
-                    d = mon.trial_result(await self._trial(job, "".join(prefix), d.trial))
+                    trial, trial_tokens = await self._trial(job, "".join(prefix), d.trial)
+                    d = mon.trial_result(trial)
+                    if d.halt and keeps_trial(trial, job.task.answer_max_tokens):  # its answer is the answer
+                        self._keep_trial(job, mon, trial, trial_tokens)
+                        break
                 if d.halt:
                     forced = True
                     break
@@ -290,8 +296,28 @@ class ProxyEngine:
             if ans.phase == "done" or job.cancelled or job.stopped_by is not None:
                 break
 
-    async def _trial(self, job: Job, reasoning: str, req: TrialRequest) -> TrialOutcome:
-        """A trial answer as a side request: greedy, until the brace its prompt opened closes."""
+    def _keep_trial(self, job: Job, mon: Monitor, trial: TrialOutcome,
+                    tokens: list[tuple[int, str, float | None, dict[int, float]]]) -> None:
+        """A halt on a trial: its prompt and answer become the exit cue and answer, streamed as such (no
+        continuation request)."""
+        answer = iter(tokens)
+        kept = 0
+        for tid, phase in keep_trial_tokens(trial, job.task.answer_max_tokens):
+            kept += 1
+            if phase == "forced":
+                text = self.table.text(tid)
+                mon.record_token(tid, text, "forced")
+                job.piece(text, "forced", None)
+                continue
+            _, text, lp, top = next(answer)
+            mon.record_token(tid, text, "answer", lp)
+            job.piece(text, "answer", self._entry(tid, text, lp, top, job.logprobs))
+        mon.keep_trial(kept)
+
+    async def _trial(self, job: Job, reasoning: str,
+                     req: TrialRequest) -> tuple[TrialOutcome, list[tuple[int, str, float | None, dict[int, float]]]]:
+        """A trial answer as a side request: greedy, until the brace its prompt opened closes. Also returns its
+        tokens (id, text, log-probability, top-k) up to there, which a halt on it keeps as the answer."""
         body = self._body(job, job.prompt + reasoning + req.prompt, req.max_tokens, stream=False)
         body["temperature"] = 0.0
         r = await self._client().post(f"{self.url}/completions", json=body)
@@ -301,13 +327,20 @@ class ProxyEngine:
         lp = choice.get("logprobs") or {}
         score, n = TrialScore(req.prompt, req.mean), 0
         tops = lp.get("top_logprobs") or []
-        for i, (t, v) in enumerate(zip(lp.get("tokens") or [], lp.get("token_logprobs") or [])):
+        listed = list(zip(lp.get("tokens") or [], lp.get("token_logprobs") or []))
+        kept: list[tuple[int, str, float | None, dict[int, float]]] = []
+        for i, (t, v) in enumerate(listed):
             n += 1
             top = {self._id(k): float(x) for k, x in (tops[i] or {}).items()} if i < len(tops) and tops[i] else None
-            if score.add(self._text(t, self._id(t)), None if v is None else math.exp(v), topk_entropy(top)):
+            tid = self._id(t)
+            kept.append((tid, self._text(t, tid), v, top or {}))
+            if score.add(kept[-1][1], None if v is None else math.exp(v), topk_entropy(top)):
                 break
-        n_prompt = len(self.lm.tokenizer.encode(req.prompt, add_special_tokens=False))
-        return score.outcome(n_prompt + n, choice.get("text") or "")
+        prompt_ids = self.lm.tokenizer.encode(req.prompt, add_special_tokens=False)
+        ended = choice.get("finish_reason") == "stop" and n == len(listed)  # the upstream ended the sequence
+        out = score.outcome(len(prompt_ids) + n, choice.get("text") or "", prompt_ids=prompt_ids,
+                            token_ids=[k[0] for k in kept], ended=ended)
+        return out, kept
 
 
 __all__ = ["ProxyEngine", "PROXY_FAMILIES", "UpstreamError"]

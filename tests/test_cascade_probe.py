@@ -111,12 +111,13 @@ def test_cascade_trains_calibrates_and_replays_with_fewer_trials_than_deer(tiny,
     assert cascade["mode"] == "cascade" and cascade["delta"] == 0.2
     assert 0 < cascade["exit_rate"] and cascade["premature_risk"] <= cascade["premature_risk_upper95"]
     assert cascade["trial_tokens"] < deer["trial_tokens"]
-    # the replay is the rule written out by hand: exits, and the trial tokens of the gated points up to the exit
+    # the replay is the rule written out by hand: exits, and the trial tokens of the gated points before the exit
+    # (a halt on a trial keeps it as the exit cue and answer: the exit's 5 tokens, counted once)
     test = load_collected(tmp_path / "t")
     want = manual_exits(load_bundle(tmp_path / "c.joblib"), test)
     halted = [h is not None for h, _ in want]
     assert cascade["exit_rate"] == pytest.approx(np.mean(halted))
-    spent = [5 * sum(d[: len(d) if h is None else h + 1]) for h, d in want]
+    spent = [5 * sum(d[: len(d) if h is None else h]) for h, d in want]
     assert cascade["trial_tokens"] == pytest.approx(np.mean(spent))
     tokens = [(p["full_tokens"] if h is None else p["events"][h]["reasoning_tokens"] + 5) + s
               for p, (h, _), s in zip(test.problems, want, spent)]
@@ -130,7 +131,8 @@ def test_cascade_trains_calibrates_and_replays_with_fewer_trials_than_deer(tiny,
     for i, (h, d) in enumerate(every):
         rows = np.flatnonzero(test.group == i)
         assert all(d[:-1]) and d[-1] == (h is None or free[rows[h]] < trial_bundle.calibration.threshold)
-    assert trial_only["trial_tokens"] == pytest.approx(np.mean([5 * sum(d) for _, d in every]))
+    assert trial_only["trial_tokens"] == pytest.approx(np.mean([5 * sum(d[: len(d) if h is None else h])
+                                                                for h, d in every]))
 
 
 def test_cli_train_cascade_and_calibrate_gates(tiny, cue_word, tmp_path, capsys):  # noqa: F811
@@ -194,7 +196,14 @@ def test_a_cascade_halts_online_and_the_replay_matches_the_real_run(tiny, cue_wo
                     assert free_exit_rule and p["score"] >= p["threshold"] == load_bundle(out).calibration.threshold
                 if p["action"] == "halt":
                     kinds.add("free exit" if free_exit else "trial")
-            assert t.accounting["probe"] == sum(p["trial"]["tokens"] for p in points if p.get("trial"))
+                # a halt on a trial keeps it as the exit cue and answer; no other trial is kept
+                assert bool(tried and p["trial"].get("kept")) == (p["action"] == "halt" and tried)
+            # the kept trial's tokens are the exit cue and answer, not probe tokens
+            assert t.accounting["probe"] == sum(p["trial"]["tokens"] - p["trial"].get("kept", 0) for p in points
+                                                if p.get("trial"))
+            if any(p.get("trial", {}).get("kept") for p in points):
+                assert t.meta["stop_reason"].startswith("halted by policy: the trial answer kept")
+                assert t.accounting["forced"] > 0 and t.accounting["answer"] > 0
         write_traces(tmp_path / f"{out.stem}.jsonl", traces)
         chk = check_replay(out, tmp_path / "real", tmp_path / f"{out.stem}.jsonl")
         assert chk["n"] == 3

@@ -12,7 +12,7 @@ import torch
 from factories import Recorder
 
 from monitor.backends.hf import HFMonitoredGenerator
-from monitor.decision import CONTINUE, TRIAL, Decision, HaltAfterPolicy, ObservePolicy, TrialRequest
+from monitor.decision import CONTINUE, HALT, TRIAL, Decision, HaltAfterPolicy, ObservePolicy, TrialRequest
 from monitor.models import tiny_model_and_tokenizer
 from monitor.monitor import Monitor
 
@@ -175,6 +175,57 @@ def test_deer_trial_runs_on_a_cache_copy_and_counts_probe_tokens(tiny):
         (out,) = pol.outcomes
         assert out.mean == pytest.approx(pol.confidences[0]) and out.minimum == pytest.approx(min(probs), abs=1e-4)
         assert out.entropy is not None and out.entropy > 0 and out.streak == 0 and out.agrees_previous is None
+
+
+class HaltOnTrialAt(TrialAt):
+    """Asks for a trial answer at one position and halts on it (whatever it says)."""
+
+    name = "halt-on-trial-at"
+
+    def decide_after_trial(self, ctx, trial):
+        super().decide_after_trial(ctx, trial)
+        return Decision(HALT, "halt on the trial")
+
+
+@pytest.mark.parametrize("budget", [3, 8])
+def test_a_halt_on_a_trial_keeps_it_as_the_exit_and_answer_the_forced_exit_would_write(tiny, budget):
+    """The trial decoded the exit cue and a greedy answer on a copy of the cache; the halt keeps it, so the sequence
+    holds exactly what forcing the exit at that token writes (same ids, phases, text), and none of it is counted
+    as probe tokens. Batch of 2: one row halts on its trial at token 3, the other at token 5 by a plain halt."""
+    model, tok = tiny
+    trial = HaltOnTrialAt(3)
+    trial.request = TrialRequest(EXIT, max_tokens=budget)  # the exit cue and the answer budget: the forced exit
+    kept = generate_once(make_gen(tiny, [trial, HaltAfterPolicy(6)], answer_max_tokens=budget), PROMPTS,
+                         exit_at_budget=False, max_new_tokens=12)
+    forced = generate_once(make_gen(tiny, [HaltAfterPolicy(4), HaltAfterPolicy(6)], answer_max_tokens=budget),
+                           PROMPTS, exit_at_budget=False, max_new_tokens=12)
+    k, f = kept[0].monitor, forced[0].monitor
+    assert k.reasoning_tokens == f.reasoning_tokens == 4 and k.decision is not None
+    assert k.token_ids == f.token_ids and k._tok_phase == f._tok_phase
+    assert kept[0].output_text == forced[0].output_text and kept[0].answer_text == forced[0].answer_text
+    assert k.probe_tokens == 0 and f.probe_tokens == 0
+    assert k.accounting(0) == f.accounting(0)
+    assert kept[0].stop_reason.startswith("halted by policy: the trial answer kept")
+    n_cue = len(tok.encode(EXIT, add_special_tokens=False))
+    assert k._tok_phase.count("forced") == n_cue and 1 <= k._tok_phase.count("answer") <= budget
+    # the other row of the batch is untouched by its neighbour's kept trial
+    assert kept[1].monitor.token_ids == forced[1].monitor.token_ids
+
+
+def test_a_trial_that_stopped_short_of_the_answer_is_not_kept(tiny):
+    """A trial whose budget ends before its answer is complete and before the answer budget: the halt forces
+    the exit cue and decodes the answer as any halt does, and the whole trial stays a probe cost."""
+    model, tok = tiny
+    trial = HaltOnTrialAt(3)
+    trial.request = TrialRequest(EXIT, max_tokens=2)
+    res = generate_once(make_gen(tiny, [trial], answer_max_tokens=8), PROMPTS[:1], exit_at_budget=False,
+                        max_new_tokens=12)
+    mon = res[0].monitor
+    if trial.outcomes[0].complete:  # a two-token answer closed its brace: then it is kept, by the rule
+        pytest.skip("the tiny model closed the brace within two tokens")
+    n_cue = len(tok.encode(EXIT, add_special_tokens=False))
+    assert mon.probe_tokens == n_cue + 2 and "kept" not in res[0].stop_reason
+    assert mon._tok_phase.count("forced") == n_cue and mon.decision is not None
 
 
 def test_broken_signal_fails_open_during_real_generation(tiny):

@@ -207,7 +207,7 @@ def test_evaluate_replays_the_calibrated_rule_on_held_out_problems(tiny, cue_wor
     assert md.count("\n") == 4 and "| unmonitored |" in md and "| b.joblib | 0.2 |" in md
 
 
-def test_evaluate_deer_replay_counts_every_trial(tiny, cue_word, tmp_path):
+def test_evaluate_deer_replay_counts_every_trial_before_the_exit(tiny, cue_word, tmp_path):
     from probes.evaluate import replay_deer
 
     fake_collect_dir(tmp_path / "d", tiny_config(tiny, cue_word), n_problems=30, seed=3)
@@ -217,7 +217,8 @@ def test_evaluate_deer_replay_counts_every_trial(tiny, cue_word, tmp_path):
         conf = data.confidence[data.group == i]
         hits = np.flatnonzero(conf >= 0.8)
         k = len(p["events"])
-        tokens.append(20 * k + 30 + 5 * k if not len(hits) else 20 * (hits[0] + 1) + 5 + 5 * (hits[0] + 1))
+        # halted at j: reasoning 20 (j + 1) + the exit 5 (the kept trial at j) + 5 per trial before it
+        tokens.append(20 * k + 30 + 5 * k if not len(hits) else 20 * (hits[0] + 1) + 5 + 5 * hits[0])
     row = replay_deer(data, 0.8)
     assert row.mean_tokens == pytest.approx(np.mean(tokens))
     assert 0 < row.exit_rate < 1
@@ -246,10 +247,11 @@ def test_evaluate_certaindex_replay_halts_where_the_last_k_answers_agree(tiny, c
     assert certaindex_exits(data, 3) == [3, None, None, 2]  # empty answers never agree; agreement in a row
     assert certaindex_exits(data, 2) == [2, 4, None, 1]
     row = replay_certaindex(data, 3)
-    assert row.trial_tokens == pytest.approx(np.mean([20, 25, 25, 15]))
-    # halted at j: 20 (j + 1) + 5 (the exit) + 5 per trial up to it; not halted: the full rollout + every trial
+    assert row.trial_tokens == pytest.approx(np.mean([15, 25, 25, 10]))
+    # halted at j: 20 (j + 1) + 5 (the exit: its trial, kept) + 5 per trial before it; not halted: the full
+    # rollout + every trial
     full = [20 * len(a) + 30 for a in patterns]
-    want = [20 * 4 + 5 + 20, full[1] + 25, full[2] + 25, 20 * 3 + 5 + 15]
+    want = [20 * 4 + 5 + 15, full[1] + 25, full[2] + 25, 20 * 3 + 5 + 10]
     assert row.mean_tokens == pytest.approx(np.mean(want)) and row.exit_rate == 0.5
 
 

@@ -5,6 +5,11 @@ monitor that keeps up with a GPU engine"): tiny-random, greedy, fixed prompts, a
 exact (`record="full"`), under three policies (observe, a signal threshold, DEER). A new core must give the same
 tokens, decision points and decisions, and signal values equal within float32 rounding.
 
+One intended change since: a DEER halt keeps its trial as the exit and answer (issue "More tokens saved at the
+same guarantee"), so the two halted deer/* traces end in the trial prompt and the trial's first answer tokens,
+and their accounting moved the kept tokens from probe to forced + answer. Their reasoning tokens, decision
+points and signal series are the old core's, unchanged (checked before the update).
+
 Regenerate (only when a change of behaviour is intended, and say so in the commit):
     OVERTHINK_WRITE_REFERENCE=1 python -m pytest -q tests/test_reference_traces.py
 """

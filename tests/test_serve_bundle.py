@@ -91,6 +91,8 @@ def test_a_cascade_bundle_serves_concurrent_requests_with_trials(tiny, cue_word,
         tried = [p for t in traces for p in t["decision_points"] if p.get("trial")]
         assert tried, "no trial was decoded"
         for t in traces:
-            assert t["accounting"]["probe"] == sum(p["trial"]["tokens"] for p in t["decision_points"] if p.get("trial"))
+            # a trial the halt kept is the exit cue and answer: only the rest of it is a probe cost
+            assert t["accounting"]["probe"] == sum(p["trial"]["tokens"] - p["trial"].get("kept", 0)
+                                                   for p in t["decision_points"] if p.get("trial"))
     finally:
         stop(proc)

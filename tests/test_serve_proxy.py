@@ -94,3 +94,73 @@ def test_a_proxy_policy_on_a_hidden_state_key_is_refused_at_start_listing_the_pr
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "jsd_instability.jsd" in out.stderr and "latent_trajectory.net," not in out.stderr
     assert "in-process mode" in out.stderr
+
+
+class _HaltOnTrial:
+    """At the first decision point: a trial answer with the run's exit cue and answer budget, then a halt on it."""
+
+    name = "halt-on-trial"
+
+    def __init__(self, request):
+        self.request = request
+
+    def decide(self, ctx):
+        from monitor.decision import CONTINUE, TRIAL, Decision
+
+        return Decision(TRIAL, trial=self.request) if ctx.point is not None else Decision(CONTINUE)
+
+    def decide_after_trial(self, ctx, trial):
+        from monitor.decision import HALT, Decision
+
+        return Decision(HALT, "halt on the trial")
+
+
+def test_a_halt_on_a_trial_through_the_proxy_keeps_the_trial_as_the_exit_and_answer(pair):
+    """The proxy's trial is a side request to the upstream; a halt on it keeps it as the exit cue and answer, with
+    no continuation request: the same tokens, phases and answer as a plain halt at the same token that forces the
+    exit through a continuation, and none of it counted as probe tokens."""
+    import asyncio
+
+    import torch
+
+    from monitor.config import RunConfig
+    from monitor.decision import HaltAfterPolicy, TrialRequest
+    from monitor.models import load_model
+    from monitor.tasks import problem_task
+    from serve.engine import Job
+    from serve.proxy import ProxyEngine
+
+    lm = load_model(MODEL)
+    tok = lm.tokenizer
+    prompt = lm.family.build_prompt(tok, None, messages=MESSAGES)
+    enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    out = lm.model.generate(**enc, max_new_tokens=24, do_sample=False, temperature=None, top_p=None, top_k=None,
+                            pad_token_id=tok.eos_token_id)
+    words = [w.lower() for w in tok.decode(out[0, enc["input_ids"].shape[1]:]).split() if w.isalpha()][:2]
+    assert words, "tiny-random wrote no word"
+    cfg = RunConfig(cue_words=tuple(words), answer_max_tokens=6)
+    task = problem_task(lm, cfg)
+
+    def job(policy):
+        return Job(prompt=prompt, prompt_tokens=int(enc["input_ids"].shape[1]), task=task, policy=lambda: policy,
+                   policy_name=policy.name, max_tokens=24)
+
+    async def both():
+        eng = ProxyEngine(lm, cfg, pair["upstream"], MODEL)
+        kept = (await eng._proxy(job(_HaltOnTrial(TrialRequest(task.exit_cue, task.answer_max_tokens))))).result
+        n = kept.monitor.reasoning_tokens
+        forced = (await eng._proxy(job(HaltAfterPolicy(n)))).result
+        return kept, forced
+
+    threads = torch.get_num_threads()
+    try:
+        kept, forced = asyncio.run(both())
+    finally:
+        torch.set_num_threads(threads)  # the proxy engine sets one thread for its process
+    k, f = kept.monitor, forced.monitor
+    assert k.decision is not None and f.decision is not None and k.points and "trial" in k.points[-1]
+    assert k.points[-1]["trial"]["kept"] > 0 and k.probe_tokens == k.points[-1]["trial"]["tokens"] - \
+        k.points[-1]["trial"]["kept"]
+    assert k.token_ids == f.token_ids and k._tok_phase == f._tok_phase
+    assert (kept.output_text, kept.answer_text) == (forced.output_text, forced.answer_text)
+    assert "forced" in k._tok_phase and "answer" in k._tok_phase

@@ -442,13 +442,16 @@ def test_run_backend_vllm_decodes_trials_as_side_requests(tiny, tmp_path):
                     answer_max_tokens=4, max_model_len=512)
     (t,) = run_problems(tiny, [{"id": "a", "question": q, "answer": "5"}], cfg)
     trials = [p for p in t.decision_points if "trial" in p]
-    assert trials and t.accounting["probe"] == sum(p["trial"]["tokens"] for p in trials)
+    # a halt on a trial keeps it as the exit cue and answer: its tokens are not probe tokens
+    assert trials and t.accounting["probe"] == sum(p["trial"]["tokens"] - p["trial"].get("kept", 0) for p in trials)
     first = next((p for p in trials if p["trial"]["answer"] is not None), None)
     if first is None:  # every trial answer empty: certaindex never agrees, the run goes on to its budget
         assert not t.decision["halted"]
     else:
         assert t.decision["halted"] and "the last 1 trial answers agree" in t.decision["reason"]
         assert trials[-1] is first  # no trial after the halt
+        assert first["trial"].get("kept") and t.meta["stop_reason"].startswith("halted by policy: the trial answer")
+        assert t.meta["vllm"]["halt_mode"] == "trial kept" and t.accounting["forced"] > 0 and t.accounting["answer"] > 0
 
 
 def test_collect_on_vllm_labels_every_point_as_the_hf_collector_does(tiny, tmp_path):
@@ -516,8 +519,11 @@ def test_a_cascade_bundle_runs_on_vllm_as_on_hf(tiny, tmp_path):
         vt = [p for p in v.decision_points if p.get("trial")]
         assert [p["trial"]["answer"] for p in vt] == [p["trial"]["answer"] for p in ht]
         np.testing.assert_allclose([p["score"] for p in vt], [p["score"] for p in ht], atol=1e-3)
-        assert v.accounting["probe"] == sum(p["trial"]["tokens"] for p in vt)
+        assert v.accounting["probe"] == sum(p["trial"]["tokens"] - p["trial"].get("kept", 0) for p in vt)
         assert h.decision["halted"] == v.decision["halted"] and h.decision["at"] == v.decision["at"]
+        # a halt on a trial keeps it on both backends: the same exit cue, answer and accounting
+        assert [p["trial"].get("kept") for p in vt] == [p["trial"].get("kept") for p in ht]
+        assert v.accounting == h.accounting and v.answer == h.answer
         n += len(vt)
     assert n > 0, "no trial was decoded"
     # the same bundle with the free exit (the free probe halts alone, no trial): the same halts on both backends

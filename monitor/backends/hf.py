@@ -37,12 +37,16 @@ from transformers import (
 
 from monitor.backends.detokenize import IncrementalDetokenizer
 from monitor.backends.sequence import (
+    KEPT_TRIAL,
     ExitPlan,
     SequenceResult,
     TrialScore,
     advance_answer,
     after_reasoning_token,
     eos_ids,
+    exit_brace_depth,
+    keep_trial_tokens,
+    keeps_trial,
 )
 from monitor.batch import MonitorBatch
 from monitor.decision import TRIAL, TrialOutcome, TrialRequest
@@ -243,9 +247,27 @@ class HFMonitoredGenerator:
         """A row's decision on its reasoning token: a trial, a halt (force the exit cue), or go on."""
         mon = row.monitor
         if d.action == TRIAL and cache is not None and d.trial is not None:  # no cache: the sequence just ended
-            d = mon.trial_result(self._trial(b, row, cache, d.trial))
+            trial = self._trial(b, row, cache, d.trial)
+            d = mon.trial_result(trial)
+            if d.halt and keeps_trial(trial, self.exit.answer_max_tokens):
+                self._keep_trial(row, trial)
+                return
         if after_reasoning_token(row, mon, d.halt, tok in self.eos_ids, row.max_reasoning, self.exit_at_budget):
             self._start_forcing(row)
+
+    def _keep_trial(self, row: RowState, trial: TrialOutcome) -> None:
+        """A halt on a trial: the trial's prompt and answer become the sequence's exit cue and answer, taken in as
+        if the model had just written them (the generation loop then drops the row)."""
+        row.phase, row.forced_queue = "forcing", list(trial.prompt_ids)
+        row.brace_depth = exit_brace_depth(trial.prompt)
+        kept = 0
+        for tok, _ in keep_trial_tokens(trial, self.exit.answer_max_tokens):
+            self._ingest(row, tok)
+            kept += 1
+            if row.phase == "done":
+                break
+        row.monitor.keep_trial(kept)
+        row.phase, row.stop_reason = "done", KEPT_TRIAL
 
     def _start_forcing(self, row: RowState) -> None:
         row.phase = "forcing"
@@ -307,7 +329,7 @@ class HFMonitoredGenerator:
             past = sub.get_seq_length()
             inp = torch.tensor([ids], device=self.device)
             out_ids: list[int] = []
-            n_gen = 0
+            n_gen, ended = 0, False
             for _ in range(max_tokens):
                 pos = torch.arange(past, past + inp.shape[1], device=inp.device)[None]
                 out = self.model(input_ids=inp, past_key_values=sub, position_ids=pos, use_cache=True)
@@ -317,13 +339,14 @@ class HFMonitoredGenerator:
                 n_gen += 1
                 out_ids.append(tok)
                 if tok in self.eos_ids:
+                    ended = True
                     break
                 ent = float(-(p * p.clamp_min(1e-30).log()).sum())
                 if score.add(self.tokenizer.decode([tok], skip_special_tokens=False), float(p[tok]), ent):
                     break
                 inp = torch.tensor([[tok]], device=inp.device)
         text = self.tokenizer.decode([t for t in out_ids if t not in self.eos_ids], skip_special_tokens=False)
-        return score.outcome(len(ids) + n_gen, text)
+        return score.outcome(len(ids) + n_gen, text, prompt_ids=ids, token_ids=out_ids, ended=ended)
 
     # ------------------------------------------------------------------ batch entry point
     @torch.no_grad()

@@ -9,7 +9,7 @@ and use these pieces for the rest, so the rules are written once.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +56,8 @@ class TrialScore:
         self.probs: list[float] = []
         self.entropies: list[float] = []
         self.pieces: list[str] = []  # the answer's text (inside the braces)
+        self.prompt = prompt
+        self.closed = False  # the brace the prompt opened has closed
 
     def add(self, piece: str, prob: float | None, entropy: float | None = None) -> bool:
         """Count one answer token (its text, probability and, where the backend has the distribution, its entropy
@@ -65,6 +67,7 @@ class TrialScore:
             inside = piece[:_closing_at(piece, self.depth)]
             if inside.strip() and prob is not None:  # content before the closing brace is inside
                 self._count(inside, prob, entropy)
+            self.closed = True
             return True
         if prob is not None:
             self._count(piece, prob, entropy)
@@ -89,16 +92,41 @@ class TrialScore:
         p = self.probs
         return math.exp(sum(math.log(max(x, 1e-30)) for x in p) / len(p)) if p else None
 
-    def outcome(self, n_tokens: int, text: str) -> Any:
+    def outcome(self, n_tokens: int, text: str, prompt_ids: Sequence[int] = (), token_ids: Sequence[int] = (),
+                ended: bool = False) -> Any:
         """The `TrialOutcome` with every feature: confidence, mean, geometric mean, minimum, entropy, the
-        normalised answer (stability is added by the Monitor)."""
+        normalised answer (stability is added by the Monitor), and what a halt on it keeps: the prompt's ids, the
+        decoded ids (`ended`: the last one ended the sequence) and whether the answer was complete."""
         from monitor.answers import answer_key
         from monitor.decision import TrialOutcome
 
         p = self.probs
         return TrialOutcome(self.confidence, n_tokens, text, answer=answer_key("".join(self.pieces)),
                             mean=self.mean, geometric=self.geometric_mean, minimum=min(p) if p else None,
-                            entropy=sum(self.entropies) / len(self.entropies) if self.entropies else None)
+                            entropy=sum(self.entropies) / len(self.entropies) if self.entropies else None,
+                            prompt=self.prompt, prompt_ids=tuple(int(t) for t in prompt_ids),
+                            token_ids=tuple(int(t) for t in token_ids), complete=self.closed or ended)
+
+
+KEPT_TRIAL = "halted by policy: the trial answer kept (not decoded again)"
+
+
+def keeps_trial(trial: Any, answer_max_tokens: int) -> bool:
+    """Whether a halt decided on `trial` (a `TrialOutcome`) keeps it as the sequence's exit and answer instead of
+    forcing the exit cue and decoding the answer again: it must hold its token ids and have written what the
+    answer phase would, i.e. its answer is complete, or it ran to `answer_max_tokens` or past it (the answer is
+    then its first `answer_max_tokens` tokens). Decoded greedily, the forced answer would repeat those tokens.
+    Both backends and the proxy use this one rule (`keep_trial_tokens` says which tokens are kept)."""
+    n = len(trial.token_ids)
+    return bool(trial.prompt_ids) and n > 0 and (trial.complete or n >= answer_max_tokens)
+
+
+def keep_trial_tokens(trial: Any, answer_max_tokens: int) -> list[tuple[int, str]]:
+    """The tokens a kept trial adds to its sequence, each with its phase: the trial prompt's ids ("forced"), then
+    its answer ids ("answer"), at most `answer_max_tokens` of them. The monitor stops counting them as probe
+    tokens (`Monitor.keep_trial`)."""
+    return ([(t, "forced") for t in trial.prompt_ids]
+            + [(t, "answer") for t in trial.token_ids[:answer_max_tokens]])
 
 
 def topk_entropy(lp: Mapping[int, float] | None) -> float | None:
@@ -203,4 +231,4 @@ class SequenceResult:
 
 
 __all__ = ["ExitPlan", "SequenceResult", "TrialScore", "advance_answer", "exit_brace_depth", "brace_delta",
-           "eos_ids"]
+           "eos_ids", "keep_trial_tokens", "keeps_trial", "KEPT_TRIAL"]

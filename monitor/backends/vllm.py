@@ -61,11 +61,15 @@ import numpy as np
 
 from monitor.backends.detokenize import IncrementalDetokenizer
 from monitor.backends.sequence import (
+    KEPT_TRIAL,
     ExitPlan,
     SequenceResult,
     advance_answer,
     after_reasoning_token,
     eos_ids,
+    exit_brace_depth,
+    keep_trial_tokens,
+    keeps_trial,
     topk_entropy,
 )
 from monitor.backends.vllm_engine import AsyncRunner, probe_engine, require_vllm
@@ -147,6 +151,7 @@ class _Request:
     # (the TrialRequest, tokens of the sequence it continues, whether that token was end-of-sequence)
     trial: tuple[Any, int, bool] | None = None
     trials: int = 0
+    kept_trial: bool = False  # a halt kept a trial as the exit and answer (no exit cue forced in the engine)
 
     def out(self, text: str, phase: str, tok: int, lp: Any = None) -> None:
         if self.emit is not None:
@@ -514,7 +519,8 @@ class VLLMMonitoredGenerator:
             st.monitor, st.prompt, len(st.prompt_ids), st.stop_reason,
             extra={"lag_tokens": st.lag, "discarded_lag_tokens": st.discarded, "overrun_tokens": st.overrun,
                    "engine_finish_reason": st.engine_finish, "fallback": st.fallback,
-                   "halt_mode": self.info.force_mode if st.fbuf or st.phase_forced else None})
+                   "halt_mode": "trial kept" if st.kept_trial else
+                   self.info.force_mode if st.fbuf or st.phase_forced else None})
 
 
 def _step_batch(rows: list[tuple[_Request, int, str, dict[int, float] | None, dict[int, np.ndarray] | None]]
@@ -716,13 +722,39 @@ class AsyncVLLMMonitoredGenerator(VLLMMonitoredGenerator):
         req, n, eos = st.trial
         st.trial = None
         mon = st.monitor
+        trial = None
         try:
-            d = mon.trial_result(await self._trial(st, req, n))
+            trial = await self._trial(st, req, n)
+            d = mon.trial_result(trial)
         except Exception as e:  # the side request failed: the policy is switched off, the request goes on
             log.warning("request %s: trial failed: %s", st.key, e)
             d = mon.trial_unavailable(f"the trial request failed: {type(e).__name__}: {e}")
+        if d.halt and trial is not None and keeps_trial(trial, self.exit.answer_max_tokens):
+            self._keep_trial(st, trial, actions)  # the request's task then stops the engine request
+            return
         what = self._outcome(st, after_reasoning_token(st, mon, d.halt, eos, st.max_reasoning, self.exit_at_budget))
         self._apply([(st, None)], [what], actions)
+
+    def _keep_trial(self, st: _Request, trial: Any, actions: list[tuple[str, _Request]]) -> None:
+        """A halt on a trial: the trial's prompt and answer become the sequence's exit cue and answer (the
+        tokens the engine made after the decision token are dropped with the request)."""
+        kept = 0
+        for tok, phase in keep_trial_tokens(trial, self.exit.answer_max_tokens):
+            if phase == "forced":
+                st.generated.append(tok)
+                text = st.detok.push(tok)
+                st.monitor.record_token(tok, text, "forced")
+                st.out(text, "forced", tok)
+            else:
+                if st.phase != "answer":
+                    st.phase, st.phase_forced = "answer", True
+                    st.brace_depth = exit_brace_depth(trial.prompt)
+                self._ingest(st, tok, None, {}, actions)
+            kept += 1
+            if st.phase == "done":
+                break
+        st.monitor.keep_trial(kept)
+        st.phase, st.stop_reason, st.kept_trial = "done", KEPT_TRIAL, True
 
     async def _trial(self, st: _Request, req: Any, n: int) -> Any:
         """A trial answer as a side request on the same engine: the sequence up to the decision token plus the
@@ -737,7 +769,7 @@ class AsyncVLLMMonitoredGenerator(VLLMMonitoredGenerator):
         rid = f"{st.key}.trial{st.trials}"
         sp = SamplingParams(max_tokens=req.max_tokens, temperature=0.0, logprobs=self.logprobs, detokenize=False,
                             output_kind=RequestOutputKind.DELTA)
-        score, out_ids, done, n_gen = TrialScore(req.prompt, req.mean), [], False, 0
+        score, out_ids, done, n_gen, ended = TrialScore(req.prompt, req.mean), [], False, 0, False
         async for out in self.engine.generate({"prompt_token_ids": st.prompt_ids + st.generated[:n] + ids}, sp,
                                               request_id=rid):
             o = out.outputs[0]
@@ -745,7 +777,7 @@ class AsyncVLLMMonitoredGenerator(VLLMMonitoredGenerator):
                 tok = int(tok)
                 n_gen += 1
                 if tok in self.eos_ids:
-                    done = True
+                    done = ended = True
                     break
                 out_ids.append(tok)
                 dist = _to_logprobs(lp)
@@ -759,7 +791,8 @@ class AsyncVLLMMonitoredGenerator(VLLMMonitoredGenerator):
                     await self.engine.abort(rid)
                 break
         text = self.tokenizer.decode(out_ids, skip_special_tokens=False)
-        return score.outcome(len(ids) + n_gen, text)
+        return score.outcome(len(ids) + n_gen, text, prompt_ids=ids, token_ids=out_ids + ([tok] if ended else []),
+                             ended=ended)
 
     async def _drain_async(self, hid: dict[str, dict[int, dict[int, np.ndarray]]], rid: str, pos: int) -> None:
         """Drain the worker's hidden states unless a drain another request made meanwhile brought `rid`'s

@@ -126,17 +126,28 @@ def test_selection_among_certified_pairs_takes_the_most_net_tokens():
     assert "gate" in ctl.guarantee() and ctl.to_dict()["certified"] is True
 
 
-def test_trial_cost_counts_the_gated_trials_up_to_the_exit():
-    # two points; the free probe passes the gate at both; the trial probe accepts at point 1: both trials were
-    # spent (the halt then forces the exit in the sequence itself)
+def test_trial_cost_counts_the_gated_trials_before_the_exit():
+    # two points; the free probe passes the gate at both; the trial probe accepts at point 1: the trial at point 0
+    # was spent, the one at point 1 is kept as the exit cue and answer (the gain of exiting there counts it)
     free = TraceBatch.from_arrays(np.full((40, 2), 0.9), np.array([[0, 1]] * 40), np.ones(40))
     trial = np.array([[0.1, 0.95]] * 40)[None]
     ctl = CascadeRiskControl(0.1, 0.1, gates=[0.5]).fit(free, trial, np.full((40, 2), 10.0), np.full((40, 2), 3.0))
     assert ctl.first_exit([0.9, 0.9], [0.1, 0.95]) == 1
-    assert ctl.calibration_report_["trial_tokens_per_trace"] == 6.0
-    assert ctl.calibration_report_["net_tokens_saved_per_trace"] == 4.0
+    assert ctl.calibration_report_["trial_tokens_per_trace"] == 3.0
+    assert ctl.calibration_report_["net_tokens_saved_per_trace"] == 7.0
     # below the gate no trial is decoded, so no exit there whatever the trial probe would say
     assert ctl.first_exit([0.1, 0.9], [0.99, 0.1]) is None
+
+
+def test_a_trace_that_never_halts_pays_for_every_gated_trial():
+    # half the traces are rejected by the trial probe at both points: they pay both trials (6) and save nothing
+    free = TraceBatch.from_arrays(np.full((80, 2), 0.6), np.array([[0, 1]] * 80), np.ones(80))
+    trial = np.array([[0.1, 0.95]] * 40 + [[0.1, 0.2]] * 40)[None]
+    ctl = CascadeRiskControl(0.1, 0.1, gates=[0.5], grid=[0.9]).fit(free, trial, np.full((80, 2), 10.0),
+                                                                    np.full((80, 2), 3.0))
+    assert ctl.threshold == 0.9
+    assert ctl.calibration_report_["trial_tokens_per_trace"] == (40 * 3 + 40 * 6) / 80
+    assert ctl.calibration_report_["net_tokens_saved_per_trace"] == (40 * 7 - 40 * 6) / 80
 
 
 def test_nothing_certified_is_a_clear_error_and_bad_shapes_are_refused():
