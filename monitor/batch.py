@@ -11,7 +11,9 @@ device), hidden states, texts. Then:
    the host in ONE transfer;
 3. only the rows whose token can start or complete a decision point (see below), or whose policy acts at every
    token, are touched one by one: their monitor records the token and runs its cue detector and policy
-   (`Monitor._record_reasoning`, `Monitor._at_token`). The other rows' tokens (ids, logprobs, value rows,
+   (`Monitor._record_reasoning`, `Monitor._open_token`); the rows at a decision point whose policies are equal
+   (`batch_key`, e.g. one probe bundle) are then decided in one `decide_batch` call (one probe call for all of
+   them), and each row closes its token (`Monitor._close_token`). The other rows' tokens (ids, logprobs, value rows,
    texts) are written for the whole batch at once into per-slot held arrays (`_hold`: a few numpy scatters per
    step) and handed to each monitor in one segment (`Monitor._record_segment`) every 32 tokens, or as soon as
    anything reads or adds to that monitor (`Monitor._sync`). What a trace holds does not change.
@@ -31,7 +33,7 @@ instance and gets a `TokenStep` built for its row (the slow path; the built-in f
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,8 +41,8 @@ import torch
 
 from monitor.checks import checked_values
 from monitor.cues import CueDetector
-from monitor.decision import CONTINUE, Decision
-from monitor.events import StepBatch, TokenStep
+from monitor.decision import CONTINUE, Decision, DecisionContext
+from monitor.events import RowView, StepBatch, TokenStep
 from monitor.monitor import Monitor
 from monitor.signals.base import is_batch_first
 from monitor.vocab import TokenTable
@@ -267,6 +269,7 @@ class MonitorBatch:
             lp = block[:, -1] if has_lp else np.full(batch.size, np.nan)
             self._hold(np.nonzero(~need)[0], np.asarray(batch.slots, dtype=np.int64), batch, texts, lp, block, names)
             per_row = np.nonzero(need)[0].tolist()
+        opened: list[tuple[int, Monitor, list[DecisionContext]]] = []
         for i in per_row:
             m = mons[i]
             row = block[i]
@@ -290,9 +293,15 @@ class MonitorBatch:
                 if gap[s]:
                     m.cues.gap(bool(self._gap_word[s]), bool(self._gap_para[s]))
                     gap[s] = self._gap_word[s] = self._gap_para[s] = False
-            decisions[i] = m._at_token(pos, texts[i], _RowView(hidden, i) if hidden else None)
+            ctxs = m._open_token(pos, texts[i], RowView(hidden, i) if hidden else None)
+            if ctxs:
+                opened.append((i, m, ctxs))
             if need is not None:
                 armed[m.slot] = m.cues.armed
+        # the rows the policy is asked at: equal policies decide all their first contexts in one call
+        made = _decide_together(opened) if len(opened) > 1 else {}
+        for i, m, ctxs in opened:
+            decisions[i] = m._close_token(ctxs, made.get(i))
         return decisions
 
     def _columns(self, m: Monitor, names: tuple[str, ...]) -> np.ndarray | slice:
@@ -306,6 +315,31 @@ class MonitorBatch:
             where = slice(0, int(cols.size))
         m._batch_cols = (names, where)
         return where
+
+
+def _decide_together(opened: list[tuple[int, Monitor, list[DecisionContext]]]) -> dict[int, Decision | Exception]:
+    """The first context of each opened row, decided in one `decide_batch` call per group of rows whose policies
+    are equal (`batch_key`; a probe: one predict_proba for the group, not one per row). Rows whose policy has no
+    `decide_batch`, is switched off, or stands alone are left out: `Monitor._close_token` asks them itself. A
+    call that raises gives its exception to each row of the group, which fails open as `decide` would."""
+    groups: dict[Any, list[tuple[int, Monitor, DecisionContext]]] = {}
+    for i, m, ctxs in opened:
+        pol = m.policy
+        if m._policy_error is None and hasattr(pol, "decide_batch"):
+            groups.setdefault(getattr(pol, "batch_key", id(pol)), []).append((i, m, ctxs[0]))
+    out: dict[int, Decision | Exception] = {}
+    for rows in groups.values():
+        if len(rows) < 2:
+            continue
+        try:
+            got = list(rows[0][1].policy.decide_batch([c for _, _, c in rows]))
+            if len(got) != len(rows):
+                raise ValueError(f"decide_batch() returned {len(got)} decisions for {len(rows)} contexts")
+        except Exception as e:
+            got = [e] * len(rows)
+        for (i, _, _), d in zip(rows, got, strict=True):
+            out[i] = d
+    return out
 
 
 def _column(v: Any, n: int, key: str) -> torch.Tensor:
@@ -350,22 +384,6 @@ def _local_outs(m: Monitor, local: list[Any], batch: StepBatch, i: int) -> list[
         except Exception as e:
             m._failed(sig.name, "update", m.n_tokens, e)
     return outs
-
-
-class _RowView(Mapping):
-    """One row of a batch's hidden states, {layer: [d] tensor}, without copying (what a policy's context holds)."""
-
-    def __init__(self, hidden: Mapping[int, torch.Tensor], row: int) -> None:
-        self._h, self._row = hidden, row
-
-    def __getitem__(self, layer: int) -> torch.Tensor:
-        return self._h[layer][self._row]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._h)
-
-    def __len__(self) -> int:
-        return len(self._h)
 
 
 class TurnBatcher:

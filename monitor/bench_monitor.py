@@ -6,6 +6,10 @@ exactly as a backend feeds it (token ids with their texts, and the vocabulary's 
 float32 logits of `vocab` entries as a tensor), hidden states of `n_layers` layers of `hidden_size`, and text
 with a step end every 40 tokens and a cue word every 200. The figure is host time per token (wall time of the
 monitor calls / (B x tokens)) with torch and BLAS on one thread, so `tokens_per_s_per_core` = 1e6 / that.
+With `probe=True` (`--probe`) every row runs a calibrated `ProbePolicy` over one shared bundle: a real logistic
+probe (`probes.train.make_probe`) on hidden-state + signal features of these sizes, fitted on random features
+(its cost, not its skill, is measured), with a threshold no score reaches, so each decision point costs what a
+deployed probe costs there; the rows at a step's points are scored in one call (`decide_batch`).
 
 Memory: for one sequence of N tokens at each recording level, what the monitor holds at its end (tracemalloc's
 current size, plus the signals' state tensors, which torch allocates outside tracemalloc), and tracemalloc's
@@ -54,8 +58,9 @@ def _distributions(logprobs: int | str, vocab: int, n: int, rng: np.random.Gener
                      .tolist(), strict=True)) for _ in range(n)]
 
 
-def _monitors(b: int, layers: list[int], record: str) -> Any:
-    """A MonitorBatch of `b` sequences with the default signal set, as `overthink run` builds it."""
+def _monitors(b: int, layers: list[int], record: str, policy: Any = None) -> Any:
+    """A MonitorBatch of `b` sequences with the default signal set, as `overthink run` builds it (all sharing
+    `policy`, as a run with a bundle does; None: observe)."""
     from monitor.batch import MonitorBatch
     from monitor.config import RunConfig
     from monitor.cues import CueDetector
@@ -63,9 +68,31 @@ def _monitors(b: int, layers: list[int], record: str) -> Any:
     from monitor.vocab import TokenTable
 
     cfg = RunConfig(record=record)
-    return MonitorBatch.create(lambda: Monitor(signals=cfg.default_signals(layers),
+    return MonitorBatch.create(lambda: Monitor(signals=cfg.default_signals(layers), policy=policy,
                                                cues=CueDetector(think_end="</think>"), record=record), b,
                                table=TokenTable(VOCAB))
+
+
+def synthetic_probe_policy(layers: list[int], hidden_size: int) -> Any:
+    """A calibrated `ProbePolicy` whose bundle reads `layers` x `hidden_size` hidden features plus the signal
+    features: a real logistic probe fitted on random features (its cost is measured, not its skill), with a
+    threshold no probability reaches (every row keeps going, every decision point is scored)."""
+    from calibration import FirstExitRiskControl
+    from probes.bundle import Bundle
+    from probes.features import signal_feature_names
+    from probes.policy import ProbePolicy
+    from probes.train import fit_probe, make_probe
+
+    rng = np.random.default_rng(0)
+    names = signal_feature_names()
+    x = rng.normal(size=(512, len(layers) * hidden_size + len(names)))
+    y = (x[:, -1] + rng.normal(size=len(x)) > 0).astype(int)
+    cal = FirstExitRiskControl(delta=0.1, epsilon=0.1)
+    cal.threshold = 2.0  # above any probability: never halts
+    bundle = Bundle(fit_probe(make_probe(), x, y), {"layers": layers, "hidden_size": hidden_size,
+                                                     "signal_features": names}, calibration=cal,
+                    calibration_info={"delta": 0.1})
+    return ProbePolicy(bundle)
 
 
 def _batches(b: int, dists: list[Any], hidden: list[dict[int, Any]], device: Any = "cpu", n: int = 8) -> list[Any]:
@@ -114,7 +141,8 @@ def _feed(mb: Any, tokens: int, pool: list[Any]) -> float:
 def bench_monitor(batches: Sequence[int] = (1, 16, 64, 256), logprobs: int | str = 20, vocab: int = 151_936,
                   tokens: int = 256, hidden_size: int = 896, n_layers: int = 4,
                   memory_tokens: Sequence[int] = (1_000, 8_000, 32_000),
-                  recordings: Sequence[str] = ("points", "default", "full"), device: str = "cpu") -> MonitorBenchResult:
+                  recordings: Sequence[str] = ("points", "default", "full"), device: str = "cpu",
+                  probe: bool = False) -> MonitorBenchResult:
     """Host time per token at each batch size, and peak memory per sequence length and recording level.
 
     `device`: where the synthetic distributions and hidden states live (as a model's outputs would), so the
@@ -135,22 +163,27 @@ def bench_monitor(batches: Sequence[int] = (1, 16, 64, 256), logprobs: int | str
     dev = torch.device(resolve_device(device))
     res = MonitorBenchResult(setup={"logprobs": logprobs, "vocab": vocab, "tokens": tokens, "device": str(dev),
                                     "hidden_size": hidden_size, "layers": n_layers, "threads": 1,
-                                    "signals": "path_deviation, jsd_instability, latent_trajectory, redundancy"})
+                                    "signals": "path_deviation, jsd_instability, latent_trajectory, redundancy",
+                                    "policy": "probe" if probe else "observe"})
     try:
         with threadpool_limits(1):
             dists = _distributions(logprobs, vocab, 16 if logprobs == "full" else 64, rng)
             hidden = [{layer: torch.randn(hidden_size) for layer in layers} for _ in range(8)]
+            policy = synthetic_probe_policy(layers, hidden_size) if probe else None
             for b in batches:
                 pool = _batches(b, dists, hidden, dev)
-                _feed(_monitors(b, layers, "default"), 8, pool)  # warm-up: first-call costs are not timed
-                mb = _monitors(b, layers, "default")
+                _feed(_monitors(b, layers, "default", policy), 41, pool)  # warm-up (a step end): not timed
+                mb = _monitors(b, layers, "default", policy)
                 gc.collect()
                 secs = _feed(mb, tokens, pool)
                 us = secs / (b * tokens) * 1e6
                 ops, by_family = _kernel_ops(b, layers, pool)
-                res.throughput.append({"batch": b, "logprobs": logprobs, "host_us_per_token": round(us, 2),
-                                       "tokens_per_s_per_core": round(1e6 / us, 1), "kernel_ops_per_step": ops,
-                                       "kernel_ops_by_family": by_family})
+                row = {"batch": b, "logprobs": logprobs, "host_us_per_token": round(us, 2),
+                       "tokens_per_s_per_core": round(1e6 / us, 1), "kernel_ops_per_step": ops,
+                       "kernel_ops_by_family": by_family}
+                if policy is not None:
+                    row["probe_us_per_point"] = _probe_cost(policy, pool[0], mb.monitors[0].values)
+                res.throughput.append(row)
             pool = _batches(1, dists, hidden, dev)
             for n in memory_tokens:
                 for rec in recordings:
@@ -160,6 +193,29 @@ def bench_monitor(batches: Sequence[int] = (1, 16, 64, 256), logprobs: int | str
     finally:
         torch.set_num_threads(threads)
     return res
+
+
+def _probe_cost(policy: Any, batch: Any, values: dict[str, float], repeats: int = 5) -> dict[str, float]:
+    """Host time per decision point of the probe when all B rows of `batch` are at a step end: decided in one
+    `decide_batch` call (what `MonitorBatch` does) and one row at a time (`decide`, as before batching); best of
+    `repeats`."""
+    from monitor.cues import DecisionPoint
+    from monitor.decision import DecisionContext
+    from monitor.events import RowView
+
+    pt = DecisionPoint(39, "step_end", "step", ordinal=1)
+    ctxs = [DecisionContext(39, 40, values, pt, RowView(batch.hidden, r), 0) for r in range(batch.size)]
+
+    def best(fn: Any) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return round(min(times) / len(ctxs) * 1e6, 1)
+
+    return {"batched": best(lambda: policy.decide_batch(ctxs)),
+            "one_by_one": best(lambda: [policy.decide(c) for c in ctxs])}
 
 
 def _kernel_ops(b: int, layers: list[int], pool: list[Any], steps: int = 40) -> tuple[float, dict[str, float]]:

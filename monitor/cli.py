@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sequence lengths for the memory peak (default 1000,8000,32000)")
     mb.add_argument("--device", default="cpu", help="where the synthetic distributions and hidden states live, as a "
                     "model's would (cpu, cuda, cuda:N; default cpu); the monitor's ops run there")
+    mb.add_argument("--probe", action="store_true",
+                    help="the rows run a calibrated probe policy (a logistic probe on the hidden-state and signal "
+                         "features of these sizes, fitted on random features; its threshold never halts), so each "
+                         "decision point costs a probe call; default: observe")
     mb.add_argument("--json", action="store_true")
     sv = bsub.add_parser("serve", help="concurrent streaming clients against OpenAI-compatible servers you started "
                                        "(plain vllm serve, overthink serve --upstream, overthink serve)")
@@ -356,13 +360,13 @@ def _bench_monitor(args: argparse.Namespace) -> int:
     with err_console.status(f"timing the monitor alone: batch {args.batch}, {args.tokens} synthetic token steps, "
                             f"logprobs {args.logprobs}, then its memory at {', '.join(map(str, args.memory_tokens))} tokens ..."):
         res = bench_monitor(args.batch, args.logprobs, args.vocab, args.tokens, args.hidden_size, args.layers,
-                            args.memory_tokens, device=args.device)
+                            args.memory_tokens, device=args.device, probe=args.probe)
     if args.json:
         print(json.dumps(res.to_dict(), indent=2))
         return 0
     s = res.setup
     table = Table(title=f"monitor host cost, logprobs {s['logprobs']} (vocab {s['vocab']}), {s['layers']} layers x "
-                        f"{s['hidden_size']}, one core, tensors on {s['device']}")
+                        f"{s['hidden_size']}, one core, tensors on {s['device']}, policy {s['policy']}")
     for col in ("batch", "host us / token", "tokens/s / core"):
         table.add_column(col, justify="right")
     for r in res.throughput:

@@ -155,7 +155,12 @@ def _kinds_suffix(kinds: tuple[str, ...], default: tuple[str, ...]) -> str:
 @runtime_checkable
 class Policy(Protocol):
     """`decide` is asked at every reasoning token (ctx.point set at decision points); a policy that acts only at
-    decision points says so with `at_points_only = True` and is then not asked in between (cheaper)."""
+    decision points says so with `at_points_only = True` and is then not asked in between (cheaper).
+
+    Optional, for policies that are cheaper in batch (a probe: one predict_proba for many rows): a
+    `decide_batch(ctxs) -> list[Decision]` equal to `[decide(c) for c in ctxs]`, and a `batch_key`: the rows of a
+    batch step whose policies have equal keys (the same rule, no per-sequence state) are decided in one call
+    (`MonitorBatch.observe`; default key: the policy object itself)."""
 
     name: str
 

@@ -15,7 +15,7 @@ decoder layers from 0; -1 style indices are resolved by the backend before emitt
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Union
@@ -363,3 +363,21 @@ class StepBatch:
                 hidden[int(layer)] = t.reshape(1, -1)
         return cls(slots=np.array([slot], dtype=np.int64), token_ids=np.array([step.token_id], dtype=np.int64),
                    logits=logits, topk_ids=topk_ids, topk_logprobs=topk_lp, hidden=hidden, texts=[step.text])
+
+
+class RowView(Mapping):
+    """One row of a batch's hidden states, {layer: [d] tensor}, without copying (what a policy's context holds).
+    `source` is the batch's {layer: [B, d]} dict and `row` the row: features of many rows of one step are read
+    from `source` in one gather and one copy (`probes.features.hidden_matrix`)."""
+
+    def __init__(self, source: Mapping[int, Any], row: int) -> None:
+        self.source, self.row = source, row
+
+    def __getitem__(self, layer: int) -> Any:
+        return self.source[layer][self.row]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.source)
+
+    def __len__(self) -> int:
+        return len(self.source)

@@ -355,28 +355,47 @@ class Monitor:
     def _at_token(self, pos: int, text: str, hidden_now: Any) -> Decision:
         """The decision at reasoning token `pos` (already recorded): the decision points its text completes, each
         put to the policy, or the policy at this token when it acts at every token."""
+        return self._close_token(self._open_token(pos, text, hidden_now))
+
+    def _open_token(self, pos: int, text: str, hidden_now: Any) -> list[DecisionContext]:
+        """The contexts the policy is asked at, at reasoning token `pos`: one per decision point its text completes
+        (in order), or this token's alone when the policy acts at every token; none otherwise. A batch
+        (`MonitorBatch.observe`) opens every row's token, lets equal policies decide the first contexts of all
+        rows in one call (`Policy.decide_batch`), then closes each row with `_close_token`."""
         points = self.cues.update(pos, text)
-        decision = Decision(CONTINUE)
+        ctxs: list[DecisionContext] = []
         if points:
+            values, cues_seen = self.values, self.cues.cues_seen
             for pt in points:
                 hidden = self._prev_hidden if pt.index < pos else hidden_now
-                ctx = DecisionContext(pos, self.reasoning_tokens, self.values, pt, hidden, self.cues.cues_seen)
-                d = self._decide(ctx)
-                self._record_point(pt, d)
-                if d.action != CONTINUE:
-                    decision = d
-                    break
+                ctxs.append(DecisionContext(pos, self.reasoning_tokens, values, pt, hidden, cues_seen))
         elif self._every_token:
-            decision = self._decide(DecisionContext(pos, self.reasoning_tokens, self.values, None, hidden_now,
-                                                    self.cues.cues_seen))
+            ctxs.append(DecisionContext(pos, self.reasoning_tokens, self.values, None, hidden_now,
+                                        self.cues.cues_seen))
         self._prev_hidden = hidden_now
+        return ctxs
+
+    def _close_token(self, ctxs: list[DecisionContext], first: Decision | BaseException | None = None) -> Decision:
+        """Decide at the contexts `_open_token` gave, in order, until one does not continue; `first` is what the
+        policy already decided at the first one (in a batch call: a Decision, or the exception it raised)."""
+        decision = Decision(CONTINUE)
+        for j, ctx in enumerate(ctxs):
+            d = self._decide(ctx, first if j == 0 else None)
+            if ctx.point is not None:
+                self._record_point(ctx.point, d)
+            if d.action != CONTINUE:
+                decision = d
+                break
         return self._apply(decision)
 
-    def _decide(self, ctx: DecisionContext) -> Decision:
+    def _decide(self, ctx: DecisionContext, made: Decision | BaseException | None = None) -> Decision:
+        """The policy's decision at `ctx` (`made`: already made for it, or the exception that making it raised)."""
         if self._policy_error is not None:  # switched off: behave like ObservePolicy
             return Decision(CONTINUE)
         try:
-            d = checked_decision(self.policy.decide(ctx), "decide()")
+            if isinstance(made, BaseException):
+                raise made
+            d = checked_decision(made if made is not None else self.policy.decide(ctx), "decide()")
         except Exception as e:  # fail open: a broken policy means "continue", from now on
             self._failed(self._policy_key(), "decide", ctx.position, e)
             return Decision(CONTINUE, self._policy_off_reason())

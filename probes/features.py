@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from monitor.decision import DecisionContext
-from monitor.events import to_numpy
+from monitor.events import RowView, to_numpy
 from monitor.signals import DEFAULT_FAMILIES
 
 # The signal values a probe reads, by "family.key": each default family's declared `PROBE` keys, in
@@ -55,22 +55,60 @@ def hidden_vector(hidden: Mapping[int, Any] | None, layers: Sequence[int], hidde
         if h is not None:
             v = to_numpy(h, np.float32).reshape(-1)
             if v.size != hidden_size:
-                raise ValueError(f"layer {layer}'s hidden state has {v.size} values but the probe features expect "
-                                 f"hidden size {hidden_size} ({len(layers)} layers x {hidden_size} = "
-                                 f"{len(layers) * hidden_size} hidden features): the probe bundle was made for another "
-                                 "model; run with the model it was trained on, or collect and train a bundle for "
-                                 "this one")
+                raise _width_error(layer, v.size, layers, hidden_size)
             out[i * hidden_size:(i + 1) * hidden_size] = v
+    return out
+
+
+def _width_error(layer: int, size: int, layers: Sequence[int], hidden_size: int) -> ValueError:
+    return ValueError(f"layer {layer}'s hidden state has {size} values but the probe features expect hidden size "
+                      f"{hidden_size} ({len(layers)} layers x {hidden_size} = {len(layers) * hidden_size} hidden "
+                      "features): the probe bundle was made for another model; run with the model it was trained "
+                      "on, or collect and train a bundle for this one")
+
+
+def hidden_matrix(hiddens: Sequence[Mapping[int, Any] | None], layers: Sequence[int], hidden_size: int) -> np.ndarray:
+    """`hidden_vector` of many points at once, one row each: the rows that are views of one batch's hidden states
+    (`monitor.events.RowView`, what a batch's contexts hold) are gathered on their device and copied to the host
+    in one transfer per batch; any other mapping goes through `hidden_vector`."""
+    import torch
+
+    out = np.zeros((len(hiddens), len(layers) * hidden_size), dtype=np.float32)
+    groups: dict[int, tuple[Mapping[int, Any], list[int], list[int]]] = {}
+    for j, h in enumerate(hiddens):
+        if isinstance(h, RowView) and all(isinstance(h.source.get(layer), torch.Tensor | None) for layer in layers):
+            group = groups.setdefault(id(h.source), (h.source, [], []))
+            group[1].append(j)
+            group[2].append(h.row)
+        elif h:
+            out[j] = hidden_vector(h, layers, hidden_size)
+    for source, js, rows in groups.values():
+        present = [(i, layer) for i, layer in enumerate(layers) if source.get(layer) is not None]
+        if not present:
+            continue
+        dev = source[present[0][1]].device
+        sel = torch.tensor(rows, device=dev)
+        parts = [source[layer].to(dev).index_select(0, sel).reshape(len(rows), -1) for _, layer in present]
+        for (_, layer), part in zip(present, parts, strict=True):
+            if part.shape[1] != hidden_size:
+                raise _width_error(layer, int(part.shape[1]), layers, hidden_size)
+        block = torch.cat(parts, dim=1).to("cpu", torch.float32).numpy()  # the one copy
+        for k, (i, _) in enumerate(present):
+            out[js, i * hidden_size:(i + 1) * hidden_size] = block[:, k * hidden_size:(k + 1) * hidden_size]
     return out
 
 
 def point_features(ctx: DecisionContext, layers: Sequence[int], hidden_size: int,
                    keys: Sequence[str] = SIGNAL_FEATURES) -> tuple[np.ndarray, np.ndarray]:
     """(hidden features, signal+position features over `keys`) at the decision point in `ctx`."""
+    return hidden_vector(ctx.hidden, layers, hidden_size), point_signals(ctx, keys)
+
+
+def point_signals(ctx: DecisionContext, keys: Sequence[str] = SIGNAL_FEATURES) -> np.ndarray:
+    """The signal + position features over `keys` at the decision point in `ctx` (`point_features`' second part)."""
     pt = ctx.point
     kind, ordinal = (pt.kind, pt.ordinal) if pt is not None else ("", 0)
-    return (hidden_vector(ctx.hidden, layers, hidden_size),
-            signal_vector(ctx.values, ctx.reasoning_tokens, kind, ordinal, keys))
+    return signal_vector(ctx.values, ctx.reasoning_tokens, kind, ordinal, keys)
 
 
 # Trial features (the cascade's trial probe, `probes.cascade`): what a trial answer decoded at the point says.

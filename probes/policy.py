@@ -13,6 +13,8 @@ its score >= lambda.
 
 from __future__ import annotations
 
+import numpy as np
+
 from monitor.decision import (
     CONTINUE,
     HALT,
@@ -26,7 +28,8 @@ from monitor.decision import (
 from probes.bundle import Bundle
 from probes.features import (
     POINT_KINDS_FOR_PROBE,
-    point_features,
+    hidden_matrix,
+    point_signals,
     signal_feature_names,
     trial_feature_names,
     trial_vector,
@@ -53,6 +56,21 @@ def _online_features(bundle: Bundle) -> tuple[list[int], int, list[str]]:
     return layers, hidden_size, keys
 
 
+def _scored(bundle: Bundle, ctxs: list[DecisionContext], layers: list[int], hidden_size: int,
+            keys: list[str]) -> list[tuple[DecisionContext, Decision | None, float]]:
+    """Each context with CONTINUE where the probe does not act (no decision point of a kind it was trained on), else
+    None and the probe's score: the features of all the others stacked, and scored in one call."""
+    at = [i for i, c in enumerate(ctxs) if c.point is not None and c.point.kind in POINT_KINDS_FOR_PROBE]
+    scores = [0.0] * len(ctxs)
+    if at:
+        hidden = hidden_matrix([ctxs[i].hidden for i in at], layers, hidden_size)  # one copy per batch step
+        signals = np.stack([point_signals(ctxs[i], keys) for i in at])
+        for i, v in zip(at, bundle.scores(hidden, signals).tolist(), strict=True):
+            scores[i] = v
+    acts = set(at)
+    return [(c, None if i in acts else Decision(CONTINUE), scores[i]) for i, c in enumerate(ctxs)]
+
+
 class ProbePolicy:
     def __init__(self, bundle: Bundle) -> None:
         from calibration import FirstExitRiskControl, PerCueConformal
@@ -75,12 +93,22 @@ class ProbePolicy:
         self.name = f"probe:{self.mode}:delta={bundle.calibration_info.get('delta')}"
         self.at_points_only = True  # the probe scores decision points only
 
+    @property
+    def batch_key(self) -> tuple:
+        """Policies with equal keys decide alike (the same bundle and rule; no per-sequence state): a batch's rows
+        at decision points are scored in one `decide_batch` call."""
+        return ("probe", id(self.bundle), self.mode, self.threshold)
+
     def decide(self, ctx: DecisionContext) -> Decision:
+        return self.decide_batch([ctx])[0]
+
+    def decide_batch(self, ctxs: list[DecisionContext]) -> list[Decision]:
+        """`decide` for several contexts (rows of a batch at decision points): one probe call for all of them."""
+        return [d if d is not None else self._decision(c, float(score))
+                for c, d, score in _scored(self.bundle, ctxs, self.layers, self.hidden_size, self.keys)]
+
+    def _decision(self, ctx: DecisionContext, score: float) -> Decision:
         pt = ctx.point
-        if pt is None or pt.kind not in POINT_KINDS_FOR_PROBE:
-            return Decision(CONTINUE)
-        h, s = point_features(ctx, self.layers, self.hidden_size, self.keys)
-        score = self.bundle.score(h, s)
         if self.mode == "per-trace":
             if score >= self.threshold:
                 return Decision(HALT, f"halted at token {ctx.position}: probe {score:.2f} >= threshold "
@@ -123,12 +151,22 @@ class CascadePolicy:
         self.name = f"cascade:delta={bundle.calibration_info.get('delta')}"
         self.at_points_only = True  # stateless: a server shares one instance between its requests
 
+    @property
+    def batch_key(self) -> tuple:
+        """See `ProbePolicy.batch_key`: the free probe of equal cascades scores a batch's points in one call."""
+        return ("cascade", id(self.bundle), self.gate, self.threshold, self.free_exit, self.trial_prompt,
+                self.max_trial_tokens)
+
     def decide(self, ctx: DecisionContext) -> Decision:
+        return self.decide_batch([ctx])[0]
+
+    def decide_batch(self, ctxs: list[DecisionContext]) -> list[Decision]:
+        """`decide` for several contexts: the free probe scores all of them in one call (trials stay per row)."""
+        return [d if d is not None else self._decision(c, float(free))
+                for c, d, free in _scored(self.bundle, ctxs, self.layers, self.hidden_size, self.keys)]
+
+    def _decision(self, ctx: DecisionContext, free: float) -> Decision:
         pt = ctx.point
-        if pt is None or pt.kind not in POINT_KINDS_FOR_PROBE:
-            return Decision(CONTINUE)
-        h, s = point_features(ctx, self.layers, self.hidden_size, self.keys)
-        free = self.bundle.score(h, s)
         if self.free_exit and free >= self.threshold:  # the free probe alone is sure enough: no trial needed
             return Decision(HALT, f"halted at token {ctx.position}: free probe {free:.2f} >= threshold "
                                   f"{self.threshold:.2f} at {_point_words(pt)} (no trial)", free, self.threshold)
@@ -138,7 +176,7 @@ class CascadePolicy:
                         free, self.gate, trial=TrialRequest(self.trial_prompt, self.max_trial_tokens))
 
     def decide_after_trial(self, ctx: DecisionContext, trial: TrialOutcome) -> Decision:
-        s = point_features(ctx, self.layers, self.hidden_size, self.keys)[1]  # the point's context, as in decide
+        s = point_signals(ctx, self.keys)  # the point's context, as in decide
         t = float(self.bundle.trial_scores(s[None], trial_vector(trial.record(), trial.streak,
                                                                  trial.agrees_previous)[None])[0])
         if t >= self.threshold:

@@ -134,3 +134,14 @@ def test_bench_monitor_reports_host_time_and_memory_as_json(capsys):
         fam = r["kernel_ops_by_family"]
         assert {"glue", "jsd_instability", "path_deviation", "latent_trajectory", "redundancy"} <= set(fam)
         assert sum(fam.values()) == pytest.approx(r["kernel_ops_per_step"], abs=0.5)
+    assert res["setup"]["policy"] == "observe" and "probe_us_per_point" not in res["throughput"][0]
+
+
+def test_bench_monitor_with_a_probe_times_its_decision_points_batched_and_one_by_one(capsys):
+    code, out, err = run_cli(capsys, "bench", "monitor", "--batch", "1,4", "--tokens", "45", "--vocab", "500",
+                             "--hidden-size", "16", "--layers", "2", "--memory-tokens", "50", "--probe", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["setup"]["policy"] == "probe"
+    for r in res["throughput"]:
+        assert r["probe_us_per_point"]["batched"] > 0 and r["probe_us_per_point"]["one_by_one"] > 0
