@@ -40,20 +40,20 @@ def trial_features(data: CollectedData, decoded: list[np.ndarray] | None = None)
     return out
 
 
-def train_trial_probe(data: CollectedData, kind: str = "logreg", folds: int = 5,
-                      seed: int = 0) -> tuple[Pipeline, dict[str, Any]]:
-    """The trial probe on signal + trial features of every decision point (a trial at each, as collected), with a
-    grouped cross-validated AUROC in its report."""
-    from probes.train import grouped_fit
+def train_trial_probe(data: CollectedData, kind: str = "logreg", folds: int = 5, seed: int = 0,
+                      target: str = "correct") -> tuple[Pipeline, dict[str, Any]]:
+    """The trial probe on signal + trial features of every decision point (a trial at each, as collected), fitted
+    to `probes.train.training_labels(data, target)`, with a grouped cross-validated AUROC in its report."""
+    from probes.train import grouped_fit, training_labels
 
     if any(not e.get("trial") for p in data.problems for e in p["events"]):
         raise ValueError("this collection has decision points without a trial record (collected by an older "
                          "version of overthink); re-collect it to train a cascade")
     X = np.hstack([data.signals, trial_features(data)])
-    y = data.label.astype(int)
+    y = training_labels(data, target)
     if len(y) < 4 or len(np.unique(y)) < 2:
         raise ValueError(f"cannot train a trial probe on {len(y)} decision points with labels "
-                         f"{sorted(set(y.tolist()))}: need both correct and incorrect forced exits")
+                         f"{sorted(set(y.tolist()))}: need both positive and negative {target!r} labels")
     pipe, report = grouped_fit(X, y, data.group, kind, folds, seed)
     return pipe, {"trial_probe": report, "kind": kind}
 

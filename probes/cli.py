@@ -59,6 +59,10 @@ def add_commands(sub: Any, positive_int: Callable[[str], int]) -> dict[str, Call
                    help="fraction of problems held out for calibration (default 0.3)")
     t.add_argument("--folds", type=positive_int, default=5)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--target", choices=["correct", "safe"], default="correct",
+                   help="what the probe predicts at a decision point: 'correct' (default, LYNX: the forced answer is "
+                        "right) or 'safe' (stopping loses nothing against the full run: the forced answer is right "
+                        "or the full answer is wrong, the complement of the premature exit calibrate bounds)")
     t.add_argument("--cascade", action="store_true",
                    help="also train the trial probe (signals + trial answer features) and the gates of the cascade: "
                         "a trial answer is decoded only where the free probe passes the gate (calibrate chooses "
@@ -85,8 +89,9 @@ def add_commands(sub: Any, positive_int: Callable[[str], int]) -> dict[str, Call
     e.add_argument("bundles", nargs="+", help="calibrated bundle files")
     e.add_argument("--data", help="collect directory of held-out problems (e.g. GSM8K test)")
     e.add_argument("--from-log", metavar="FILE", help="replay on an overthink.log/1 file of held-out traces instead")
-    e.add_argument("--deer", type=float, default=0.95,
-                   help="also replay DEER's rule at this trial confidence (default 0.95; 0 to skip)")
+    e.add_argument("--deer", default="0.95",
+                   help="also replay DEER's rule at these trial confidences, comma-separated (default 0.95; a strict "
+                        "one such as 0.9999 shows DEER at a calibrated rule's accuracy; 0 to skip)")
     e.add_argument("--certaindex", type=int, default=3, metavar="K",
                    help="also replay certaindex: halt when the last K trial answers agree (default 3; 0 to skip)")
     e.add_argument("--budgets", help="fixed reasoning budgets to replay, comma-separated (default: half and three "
@@ -160,12 +165,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     source, from_log = _source(args.data_dir, args.from_log, "DATA_DIR")
     _, rep = train_bundle(source, args.out, kind=args.probe, use_hidden=not args.signals_only,
                           calib_fraction=args.calib_fraction, folds=args.folds, seed=args.seed, cascade=args.cascade,
-                          from_log=from_log)
+                          from_log=from_log, target=args.target)
     if args.json:
         print(json.dumps({k: v for k, v in rep.items() if k != "train_ids"}, indent=2))
         return 0
     table = Table(title=f"grouped {rep['folds']}-fold validation on {rep['n_events']} decision points from "
-                        f"{rep['n_problems']} problems (positive rate {rep['positive_rate']:.3f})")
+                        f"{rep['n_problems']} problems (target {rep['target']}, positive rate "
+                        f"{rep['positive_rate']:.3f})")
     table.add_column("score")
     table.add_column("AUROC", justify="right")
     table.add_column("Brier", justify="right")
@@ -212,8 +218,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from monitor.io import atomic_write_text, check_output
     from probes.evaluate import evaluate, markdown_table
 
-    if not 0.0 <= args.deer <= 1.0:
-        raise ValueError(f"--deer must be a confidence in [0, 1] (0 skips the baseline), got {args.deer}")
+    deer = _deer(args.deer)
     if args.certaindex < 0:
         raise ValueError(f"--certaindex must be K >= 1 agreeing answers (0 skips the baseline), got {args.certaindex}")
     budgets = _budgets(args.budgets)
@@ -241,7 +246,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                     console.print(f"  {r['id']}: run/replay halted {r['halted']}, answer {r['answer']}, "
                                   f"token diff {r['token_diff']}", markup=False)
         return 0
-    res = evaluate(args.bundles, source, deer=args.deer or None, certaindex=args.certaindex or None,
+    res = evaluate(args.bundles, source, deer=deer, certaindex=args.certaindex or None,
                    budgets=budgets, from_log=from_log)
     md = markdown_table(res)
     if args.markdown:
@@ -264,6 +269,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                       f"{100 * r['tokens_saved']:.1f}%")
     console.print(table)
     return 0
+
+
+def _deer(text: str) -> list[float]:
+    """--deer: the DEER confidences to replay ([] for '0')."""
+    try:
+        out = [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        out = []
+    if not out or any(not 0.0 <= c <= 1.0 for c in out):
+        raise ValueError(f"--deer must be trial confidences in [0, 1], comma-separated (0 skips the baseline), "
+                         f"got {text!r}")
+    return [c for c in out if c > 0]
 
 
 def _budgets(text: str | None) -> list[int] | None:

@@ -20,6 +20,7 @@ once, as exit cue + answer, never again as a trial.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -212,10 +213,11 @@ def default_budgets(data: CollectedData) -> list[int]:
     return sorted({b for b in (m // 2, 3 * m // 4) if b > 0})
 
 
-def evaluate(bundles: list[str | Path], data_dir: str | Path, deer: float | None = 0.95,
+def evaluate(bundles: list[str | Path], data_dir: str | Path, deer: float | Sequence[float] | None = 0.95,
              certaindex: int | None = 3, budgets: list[int] | None = None, from_log: bool = False) -> dict[str, Any]:
     """Replay each calibrated bundle on a held-out collect directory, beside the unmonitored run, fixed budgets
-    (`budgets`; None: `default_budgets`), and the DEER and certaindex baselines."""
+    (`budgets`; None: `default_budgets`), and the DEER (one row per confidence in `deer`: a strict one shows DEER
+    at a calibrated rule's accuracy) and certaindex baselines."""
     from probes.pipeline import check_bundle_data, load_data
 
     data = _graded(load_data(data_dir, from_log))
@@ -225,8 +227,8 @@ def evaluate(bundles: list[str | Path], data_dir: str | Path, deer: float | None
     rows = [_row("unmonitored", [None] * len(data.problems), data)]
     rows += [replay_budget(data, b) for b in (default_budgets(data) if budgets is None else budgets)]
     rows += [replay_bundle(b, data, name=name) for b, name in loaded]
-    if deer is not None:
-        rows.append(replay_deer(data, deer))
+    for threshold in [] if deer is None else [deer] if isinstance(deer, (int, float)) else deer:
+        rows.append(replay_deer(data, float(threshold)))
     if certaindex is not None:
         rows.append(replay_certaindex(data, certaindex))
     return {"data_dir": str(data_dir), "model": data.config.get("model"), "n": len(data.problems),

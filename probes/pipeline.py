@@ -18,7 +18,7 @@ from probes.bundle import Bundle, load_bundle, save_bundle
 from probes.collect import load_collected
 from probes.data import CollectedData
 from probes.features import SIGNAL_FEATURES, signal_feature_names
-from probes.train import train_probe
+from probes.train import TARGETS, train_probe
 
 
 def load_data(source: str | Path, from_log: bool = False) -> CollectedData:
@@ -32,12 +32,16 @@ def load_data(source: str | Path, from_log: bool = False) -> CollectedData:
 
 def train_bundle(data_dir: str | Path, out: str | Path, kind: str = "logreg", use_hidden: bool = True,
                  calib_fraction: float = 0.3, folds: int = 5, seed: int = 0,
-                 cascade: bool = False, from_log: bool = False) -> tuple[Bundle, dict[str, Any]]:
+                 cascade: bool = False, from_log: bool = False,
+                 target: str = "correct") -> tuple[Bundle, dict[str, Any]]:
     """Train the free-signal probe on all but `calib_fraction` of the problems (split by problem); with `cascade`,
     also the trial probe (signals + trial features) on the same problems, and the gates its calibration will
-    choose from (quantiles of the free probe's scores on these training problems)."""
+    choose from (quantiles of the free probe's scores on these training problems). `target`: what both probes
+    learn to predict (`probes.train.training_labels`: "correct" or "safe")."""
     if not 0.0 <= calib_fraction < 1.0:
         raise ValueError(f"--calib-fraction must be in [0, 1), got {calib_fraction}")
+    if target not in TARGETS:
+        raise ValueError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
     check_output(out, "--out", inputs={"--from-log" if from_log else "DATA_DIR": data_dir})  # before any work
     data = load_data(data_dir, from_log)
     if from_log:
@@ -53,7 +57,7 @@ def train_bundle(data_dir: str | Path, out: str | Path, kind: str = "logreg", us
     n_cal = int(round(calib_fraction * n))
     train_idx = np.sort(order[n_cal:])
     train = data.subset(train_idx)
-    pipe, report = train_probe(train, kind=kind, use_hidden=use_hidden, folds=folds, seed=seed)
+    pipe, report = train_probe(train, kind=kind, use_hidden=use_hidden, folds=folds, seed=seed, target=target)
     rep = asdict(report)
     rep["train_ids"] = [str(data.problems[i]["id"]) for i in train_idx]
     rep["data_dir"] = str(data_dir)
@@ -63,7 +67,8 @@ def train_bundle(data_dir: str | Path, out: str | Path, kind: str = "logreg", us
         from probes.cascade import train_trial_probe
         from probes.features import trial_feature_names
 
-        bundle.trial_pipeline, trial_rep = train_trial_probe(train, kind=kind, folds=folds, seed=seed)
+        bundle.trial_pipeline, trial_rep = train_trial_probe(train, kind=kind, folds=folds, seed=seed,
+                                                                     target=target)
         bundle.gates = gates_from_scores(bundle.scores(train.hidden, train.signals))
         bundle.config["trial_features"] = trial_feature_names()
         rep.update(trial_rep)

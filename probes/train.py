@@ -31,6 +31,25 @@ from probes.data import CollectedData
 from probes.features import SIGNAL_FEATURES
 
 LOGREG_C = (0.1, 0.03, 0.01, 0.003, 0.001)  # the grid `grouped_fit` chooses C from (strongest last)
+TARGETS = ("correct", "safe")  # what a probe learns to predict at a decision point (`training_labels`)
+
+
+def training_labels(data: CollectedData, target: str = "correct") -> np.ndarray:
+    """The 0/1 target a probe is fitted to, one per decision point of `data`.
+
+    "correct" (LYNX): the answer forced at this point is right. "safe": stopping here loses nothing against the
+    full run, i.e. the forced answer is right OR the full run's answer is wrong: exactly the complement of the
+    premature exit the per-trace calibration bounds (docs/calibration.md), so the probe ranks points by the risk
+    it is calibrated on. The calibration and its guarantee are the same for either target (Learn-then-Test holds
+    for any score); only how many traces the calibrated rule can halt differs. Problems without a gold answer
+    (full_correct None) keep the "correct" label."""
+    if target not in TARGETS:
+        raise ValueError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
+    y = data.label.astype(int)
+    if target == "safe":
+        full_wrong = np.array([p.get("full_correct") is False for p in data.problems], dtype=bool)
+        y = np.where(full_wrong[data.group], 1, y) if len(y) else y
+    return y
 
 
 def make_probe(kind: str = "logreg", seed: int = 0, C: float = 0.1) -> Pipeline:
@@ -77,6 +96,7 @@ class TrainReport:
     folds: int
     kind: str
     use_hidden: bool
+    target: str = "correct"
 
 
 def grouped_fit(X: np.ndarray, y: np.ndarray, groups: np.ndarray, kind: str = "logreg", folds: int = 5,
@@ -101,15 +121,16 @@ def grouped_fit(X: np.ndarray, y: np.ndarray, groups: np.ndarray, kind: str = "l
 
 
 def train_probe(data: CollectedData, kind: str = "logreg", use_hidden: bool = True, folds: int = 5,
-                seed: int = 0) -> tuple[Pipeline, TrainReport]:
-    """Grouped cross-validation report, then the probe refit on all events."""
+                seed: int = 0, target: str = "correct") -> tuple[Pipeline, TrainReport]:
+    """Grouped cross-validation report, then the probe refit on all events (fitted to `training_labels`)."""
     X = data.features(use_hidden)
-    y = data.label.astype(int)
+    y = training_labels(data, target)
     groups = data.group
     n_groups = len(np.unique(groups))
     if len(y) < 4 or len(np.unique(y)) < 2:
+        need = "safe and unsafe stops" if target == "safe" else "correct and incorrect forced exits"
         raise ValueError(f"cannot train a probe on {len(y)} decision points with labels {sorted(set(y.tolist()))}: "
-                         "need both correct and incorrect forced exits; collect more problems (--limit)")
+                         f"need both {need}; collect more problems (--limit)")
     folds = max(2, min(folds, n_groups))
     pipe, probe_report = grouped_fit(X, y, groups, kind, folds, seed)
     baselines = {"deer_confidence": probe_metrics(y, data.confidence.astype(float))}
@@ -119,7 +140,8 @@ def train_probe(data: CollectedData, kind: str = "logreg", use_hidden: bool = Tr
         col = np.where(data.signals[:, len(keys) + j] > 0, np.nan, col)  # missing -> excluded
         baselines[name] = probe_metrics(y, col)
     report = TrainReport(probe=probe_report, baselines=baselines, n_events=int(len(y)),
-                         n_problems=n_groups, positive_rate=float(y.mean()), folds=folds, kind=kind, use_hidden=use_hidden)
+                         n_problems=n_groups, positive_rate=float(y.mean()), folds=folds, kind=kind, use_hidden=use_hidden,
+                         target=target)
     return pipe, report
 
 

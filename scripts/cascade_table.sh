@@ -6,22 +6,24 @@
 #   3. calibrate on the train problems the probes did not see, at each delta: the signals-only probe per trace,
 #      the trial probe alone (--gates 0: a trial at every point) and the cascade (gate and threshold together),
 #   4. replay every calibrated rule on the held-out test problems beside the unmonitored run, two fixed budgets,
-#      DEER and certaindex (`overthink evaluate`: accuracy, realised premature risk and its 95% upper bound, net
+#      DEER (at 0.95, DEER's default, and at 0.9999, a confidence strict enough to keep the unmonitored accuracy)
+#      and certaindex (`overthink evaluate`: accuracy, realised premature risk and its 95% upper bound, net
 #      tokens saved, trial tokens, exit rate), as Markdown, JSON and a Pareto page.
 # CPU only the collection takes about an hour (Qwen2.5-Coder-0.5B, batch 8, 2 cores); the rest takes a minute.
 # Environment knobs: N_TRAIN (120), N_TEST (64), CALIB (0.6: the calibration share of the train problems),
-# BATCH (8), OUT (out/cascade).
+# BATCH (8), OUT (out/cascade), TARGET (correct: what the probes learn, `overthink train --target`; or safe).
 set -euo pipefail
 N_TRAIN=${N_TRAIN:-120}
 N_TEST=${N_TEST:-64}
 CALIB=${CALIB:-0.6}
 BATCH=${BATCH:-8}
 OUT=${OUT:-out/cascade}
+TARGET=${TARGET:-correct}
 source "$(dirname "$0")/gsm8k_collections.sh"  # cd to the repo root; $MODEL, $BUDGET, $DATA; both collections
 
 # one training run gives both probes (the same training problems, the same held-out calibration problems)
 overthink train "$OUT/collect-train" --out "$OUT/cascade.joblib" --calib-fraction "$CALIB" --signals-only --cascade \
-    | tee "$OUT/train.txt"
+    --target "$TARGET" | tee "$OUT/train.txt"
 # the signals-only probe: the same bundle without its trial probe, calibrated per trace as before
 python - "$OUT/cascade.joblib" "$OUT/probe.joblib" <<'EOF'
 import sys
@@ -45,7 +47,7 @@ for delta in 0.05 0.1; do
         fi
     done
 done
-overthink evaluate "${bundles[@]}" --data "$OUT/collect-test" --certaindex 2 --markdown "$OUT/table.md" \
+overthink evaluate "${bundles[@]}" --data "$OUT/collect-test" --deer 0.95,0.9999 --certaindex 2 --markdown "$OUT/table.md" \
     --plot "$OUT/pareto.html"
-overthink evaluate "${bundles[@]}" --data "$OUT/collect-test" --certaindex 2 --json > "$OUT/table.json"
+overthink evaluate "${bundles[@]}" --data "$OUT/collect-test" --deer 0.95,0.9999 --certaindex 2 --json > "$OUT/table.json"
 cat "$OUT/table.md"
