@@ -145,15 +145,10 @@ class CueDetector:
                 self._line_start_is_para = False
             else:
                 self._close_word(out)
-                if c == "\n" and self._prev_char == "\n":
-                    if self.step_ends and not self._line_start_is_para:
-                        # a run of 3+ newlines is one boundary: _line_start_is_para stays True until text
-                        if index - self._step_start + 1 >= self.min_step_tokens:
-                            out.append(self._point(index, "step_end", "step"))
-                            self._step_start = index + 1
-                    self._line_start_is_para = True
-                elif _breaks_paragraph(c):
-                    self._line_start_is_para = False
+                closes, self._line_start_is_para, self._step_start = _step_char(
+                    c, self._prev_char == "\n", self._line_start_is_para, self._step_start, index, self.min_step_tokens)
+                if closes and self.step_ends:
+                    out.append(self._point(index, "step_end", "step"))
             self._prev_char = c
         return self._end_marker(index, text, out) if self.think_end else out
 
@@ -235,20 +230,29 @@ def _breaks_paragraph(c: str) -> bool:
     return not c.isspace() and c not in "*#>-"
 
 
+def _step_char(c: str, nl: bool, para: bool, start: int, index: int, min_tokens: int) -> tuple[bool, bool, int]:
+    """The step-end rule for one character `c` of token `index` (the one place it is written; `CueDetector` and
+    `StepSplitter` both call it). State in: `nl` (the character before was a newline), `para` (no text since the
+    last blank line), `start` (token index where the open step began). A newline after a newline is a blank line:
+    it closes the open step if some text came since the last one (a run of 3+ newlines is one boundary) and the
+    step has at least `min_tokens` tokens (a shorter one merges into the next); paragraph text clears `para`.
+    Returns (closes, para, start)."""
+    if c == "\n" and nl:
+        closes = not para and index - start + 1 >= min_tokens
+        return closes, True, index + 1 if closes else start
+    return False, para and not _breaks_paragraph(c), start
+
+
 def _scan(nl: bool, para: bool, start: int, index: int, text: str, min_tokens: int) -> tuple[int | None, bool, bool,
                                                                                               int]:
-    """The step-boundary scan of one token's text (the rules in `StepSplitter`). State in and out: `nl` (the last
-    character seen was a newline), `para` (no text since the last blank line), `start` (token index where the
-    open step began). Returns (cut, nl, para, start): cut is the offset just past the boundary, or None."""
+    """The step-boundary scan of one token's text (`_step_char` over its characters). State in and out: `nl`,
+    `para`, `start` as there. Returns (cut, nl, para, start): cut is the offset just past the boundary, or None (a
+    token closes at most one step: right after a boundary the open step has 0 tokens)."""
     cut = None
     for j, c in enumerate(text):
-        if c == "\n" and nl:
-            if not para and cut is None and index - start + 1 >= min_tokens:
-                cut = j + 1
-                start = index + 1
-            para = True
-        elif _breaks_paragraph(c):
-            para = False
+        closes, para, start = _step_char(c, nl, para, start, index, min_tokens)
+        if closes and cut is None:
+            cut = j + 1
         nl = c == "\n"
     return cut, nl, para, start
 
@@ -259,8 +263,8 @@ class StepSplitter:
     A blank line ("\\n\\n", possibly split over two tokens) after some text closes a step; a run of 3+
     newlines is one boundary, and a blank line before any text (or right after a boundary) is none. The
     token holding the boundary's second newline closes the step; a step shorter than `min_step_tokens`
-    tokens is merged into the next one (PUMA). Same rules as `CueDetector`'s step ends (`_breaks_paragraph` is
-    the one paragraph rule), so redundancy and latent-trajectory step values land on the same tokens as the
+    tokens is merged into the next one (PUMA). The rule is `_step_char`, which `CueDetector`'s step ends call
+    too, so redundancy and latent-trajectory step values land on the same tokens as the
     "step_end" decision points. `StepSplits` is the same splitter for a batch of sequences.
     """
 

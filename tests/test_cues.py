@@ -1,6 +1,9 @@
 """Decision points: whole-word cues, step ends, end of reasoning, each at the completing token."""
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from monitor.cues import CueDetector
 
@@ -73,3 +76,30 @@ def test_reset_clears_state():
     feed(det, ["wait", "."])
     det.reset()
     assert [p.ordinal for p in feed(det, ["wait", "."])] == [1]
+
+
+PIECES = ["a", " b", "Wait", "\n", "\n\n", "\n\n\n", "x\n\ny", "**", "# ", "- ", " ", ".\n", "\nz", ""]
+
+
+@given(st.lists(st.lists(st.sampled_from(PIECES), max_size=40), min_size=1, max_size=4),
+       st.integers(min_value=1, max_value=4))
+@settings(max_examples=200, deadline=None)
+def test_step_ends_are_the_same_tokens_for_cues_and_both_splitters(streams, min_tokens):
+    """One step-end rule (`cues._step_char`): the decision points' step ends, `StepSplitter` (one sequence) and
+    `StepSplits` (a batch, the rows fed together as a backend feeds them) close steps at the same tokens."""
+    from monitor.cues import StepSplits, StepSplitter
+
+    det = [CueDetector(min_step_tokens=min_tokens) for _ in streams]
+    one = [StepSplitter(min_step_tokens=min_tokens) for _ in streams]
+    batch = StepSplits(min_step_tokens=min_tokens)
+    got_det, got_one, got_batch = set(), set(), set()
+    for i in range(max(len(s) for s in streams)):
+        rows = [r for r, s in enumerate(streams) if i < len(s)]
+        for r in rows:
+            if any(p.kind == "step_end" for p in det[r].update(i, streams[r][i])):
+                got_det.add((r, i))
+            if one[r].feed(i, streams[r][i]) is not None:
+                got_one.add((r, i))
+        cuts = batch.feed(np.array(rows), [streams[r][i] for r in rows], np.full(len(rows), i))
+        got_batch |= {(rows[k], i) for k, _ in cuts}
+    assert got_det == got_one == got_batch
