@@ -4,6 +4,11 @@ Plain = `model.generate` with no hooks at all. Monitored = the HF backend with a
 and three hooked decoder layers, observe-only policy (so both runs write the same tokens). Both runs are
 forced to the same length (`min_new_tokens`), alternate (plain, monitored, plain, ...) to spread
 machine noise evenly, and the ratio of median tokens/s is reported. A benchmark, not a test.
+
+It also reports what monitoring adds to each decoding step, in milliseconds (`added_ms_per_step`: the median
+monitored step time minus the median plain one, a step being one token for every row of the batch), and per
+token (`added_us_per_token`). On a small model that is the monitor's host cost (its kernels are tiny), the
+figure that carries over to a GPU: a step of T ms there runs at about T / (T + added) of plain throughput.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ class OverheadResult:
     plain_runs: list[float]
     monitored_runs: list[float]
     torch_threads: int
+    plain_ms_per_step: float = 0.0  # batch / plain tokens/s (medians), in ms
+    monitored_ms_per_step: float = 0.0
+    added_ms_per_step: float = 0.0  # monitored - plain: what monitoring adds to each decoding step
+    added_us_per_token: float = 0.0  # added_ms_per_step / batch, in microseconds
 
 
 # Used when no --data is given, so the benchmark needs no data file.
@@ -104,11 +113,15 @@ def bench_overhead(lm: LoadedModel, data_path: str | None = None, new_tokens: in
         on_phase(f"timing monitored generation, 4 signal families on layers {layers} (run {i + 1}/{repeats})")
         m_runs.append(monitored())
     p, m = statistics.median(p_runs), statistics.median(m_runs)
+    b = len(prompts)
+    p_ms, m_ms = 1e3 * b / p, 1e3 * b / m
     return OverheadResult(model=lm.name, batch_size=len(prompts), new_tokens=new_tokens, repeats=repeats,
                           plain_tokens_per_s=round(p, 3), monitored_tokens_per_s=round(m, 3),
                           throughput_ratio=round(m / p, 4), layers=layers,
                           plain_runs=[round(x, 3) for x in p_runs], monitored_runs=[round(x, 3) for x in m_runs],
-                          torch_threads=torch.get_num_threads())
+                          torch_threads=torch.get_num_threads(), plain_ms_per_step=round(p_ms, 3),
+                          monitored_ms_per_step=round(m_ms, 3), added_ms_per_step=round(m_ms - p_ms, 3),
+                          added_us_per_token=round(1e3 * (m_ms - p_ms) / b, 2))
 
 
 @dataclass

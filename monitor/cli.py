@@ -351,6 +351,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     table.add_row(f"monitored (4 signal families, layers {res.layers})", f"{res.monitored_tokens_per_s:.2f}")
     table.add_row("throughput_ratio", f"{res.throughput_ratio:.4f}")
     console.print(table)
+    console.print(f"a decoding step of {res.batch_size} rows: {res.plain_ms_per_step:.2f} ms plain, "
+                  f"{res.monitored_ms_per_step:.2f} ms monitored; monitoring adds {res.added_ms_per_step:.2f} ms "
+                  f"a step ({res.added_us_per_token:.1f} us per token)")
     return 0
 
 

@@ -101,6 +101,11 @@ def test_bench_overhead_runs_and_reports_a_ratio(capsys):
     assert res["throughput_ratio"] == pytest.approx(res["monitored_tokens_per_s"] / res["plain_tokens_per_s"], rel=1e-3,
                                                     abs=1e-4)
     assert len(res["layers"]) == 3
+    # the step times are the medians' batch / tokens-per-second, and the added cost their difference
+    assert res["plain_ms_per_step"] == pytest.approx(1e3 * res["batch_size"] / res["plain_tokens_per_s"], rel=1e-3)
+    assert res["added_ms_per_step"] == pytest.approx(res["monitored_ms_per_step"] - res["plain_ms_per_step"],
+                                                     abs=2e-3)
+    assert res["added_us_per_token"] == pytest.approx(1e3 * res["added_ms_per_step"] / res["batch_size"], abs=1.0)
 
 
 def test_error_text_with_brackets_is_printed_verbatim(capsys, monkeypatch):
