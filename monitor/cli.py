@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--repeats", type=positive_int, default=3)
     o.add_argument("--no-memory-check", action="store_true",
                    help="skip the check that the batch's KV cache fits in free memory")
+    o.add_argument("--random-weights", action="store_true",
+                   help="--model is a directory with config.json and tokenizer files only: build that architecture "
+                        "with random weights (seed 0) on the device; it costs what the real model costs per token "
+                        "(e.g. a 7B config on a GPU without downloading 15 GB)")
     o.add_argument("--json", action="store_true")
 
     v = bsub.add_parser("vllm", help="vLLM throughput: N concurrent requests, plain vs monitored")

@@ -141,7 +141,8 @@ def load_from_args(args: argparse.Namespace, weights: bool = True) -> Any:
 
     with err_console.status(f"loading model {args.model} ..."):
         return load_model(args.model, device=args.device, dtype=args.dtype, weights=weights,
-                          reasoning_format=args.reasoning_format)
+                          reasoning_format=args.reasoning_format,
+                          random_weights=bool(getattr(args, "random_weights", False)))
 
 
 def check_bounds_from_args(args: argparse.Namespace, new_tokens: int, answer_tokens: int, batch_size: int,

@@ -406,3 +406,38 @@ def test_real_named_model_answers(spec, layers):
     text = _greedy_answer(lm)
     assert text.strip(), text
     assert M.gguf_fingerprint(lm.info["path"]) == lm.fingerprint  # stable: a function of the file only
+
+
+def test_random_weights_build_a_directory_architecture_from_its_config_alone(tmp_path, capsys):
+    """`--random-weights`: a directory with config.json and tokenizer files (no weights) gives that architecture,
+    randomly initialised (seed 0: the same weights twice), on the requested device and dtype, with a fingerprint
+    no trained model has; `bench overhead` runs on it; other specs are refused with a message."""
+    import json
+
+    from tests.test_cli import run_cli
+
+    model, tok = tiny_model_and_tokenizer(seed=5, layers=3)  # weights other than seed 0's
+    d = tmp_path / "shape-only"
+    model.config.save_pretrained(d)
+    tok.save_pretrained(d)
+    assert not any(f.name.endswith((".safetensors", ".bin")) for f in d.iterdir())
+    with pytest.raises(ModelNotAvailable):  # without the flag a directory needs its weights
+        load_model(str(d), device="cpu")
+    a = load_model(str(d), device="cpu", dtype="float32", random_weights=True)
+    b = load_model(str(d), device="cpu", dtype="bfloat16", random_weights=True)
+    assert len(decoder_layers(a.model)) == 3 and a.model.config.vocab_size == model.config.vocab_size
+    assert a.model.dtype == torch.float32 and b.model.dtype == torch.bfloat16
+    assert "random weights" in a.source and a.fingerprint.startswith("random-") and a.fingerprint == b.fingerprint
+    assert a.fingerprint != M.dir_fingerprint(d)
+    again = load_model(str(d), device="cpu", random_weights=True)
+    for (name, p), q in zip(a.model.named_parameters(), again.model.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    assert not torch.equal(next(a.model.parameters()), next(model.parameters()))  # not the saved model's weights
+    with pytest.raises(ModelNotAvailable, match="--random-weights needs a model directory"):
+        load_model("tiny-random", random_weights=True)
+    code, out, err = run_cli(capsys, "bench", "overhead", "--model", str(d), "--random-weights", "--device", "cpu",
+                             "--new-tokens", "3", "--repeats", "1", "--batch-size", "2", "--json")
+    assert code == 0, err
+    assert json.loads(out)["batch_size"] == 2 and json.loads(out)["model"] == "shape-only"
+    code, _, err = run_cli(capsys, "bench", "overhead", "--model", "smollm2", "--random-weights", "--new-tokens", "3")
+    assert code == 2 and "--random-weights needs a model directory" in err

@@ -6,7 +6,10 @@
   joined once into a cache file) or "tiny-random" (a tiny randomly initialised Llama with an
   in-process trained byte-level BPE tokenizer; no download at all);
 - a path to a .gguf file;
-- a local model directory (config.json + tokenizer + weights; or a directory holding one .gguf);
+- a local model directory (config.json + tokenizer + weights; or a directory holding one .gguf); with
+  `random_weights=True` a directory needs only config.json and the tokenizer files, and the model is built from
+  the config with random weights (seed 0) on the target device: what a benchmark of a real model's shape needs
+  (`overthink bench overhead --random-weights`), since random weights cost what trained ones cost per token;
 - a Hugging Face hub id (ORG/NAME): from the local cache, else downloaded, unless HF_HUB_OFFLINE is set.
 
 `device` and `dtype` choose where and in what precision the weights go (`resolve_placement`): "auto" puts a
@@ -144,7 +147,7 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _load_dir(path: Path, name: str, source: str, device: str | None, dtype: Any, t0: float,
-              weights: bool = True) -> LoadedModel:
+              weights: bool = True, random_weights: bool = False) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not (path / "config.json").is_file():
@@ -154,6 +157,8 @@ def _load_dir(path: Path, name: str, source: str, device: str | None, dtype: Any
         what = f"{len(ggufs)} .gguf files (pass one of them)" if ggufs else "no config.json and no .gguf file"
         raise ModelNotAvailable(f"{path} is not a model directory: it has {what}")
     pl = resolve_placement(device, dtype, _read_config(path))
+    if random_weights:
+        return _load_random(path, name, pl, t0)
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         if weights:
@@ -165,6 +170,32 @@ def _load_dir(path: Path, name: str, source: str, device: str | None, dtype: Any
     except (OSError, ValueError, KeyError) as e:
         raise ModelNotAvailable(f"could not load a causal LM + tokenizer from {path}: {type(e).__name__}: {e}") from e
     return _finish(model, tok, name, source, dir_fingerprint(path), t0, path=str(path), weights=weights)
+
+
+def _load_random(path: Path, name: str, pl: Any, t0: float) -> LoadedModel:
+    """The architecture of `path`/config.json with random weights (seed 0), built directly on the target device (the
+    first GPU for "auto") in the placement's dtype, and the directory's tokenizer. Its fingerprint hashes the
+    config and the seed, so no probe trained on a real model accepts it."""
+    import hashlib
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from monitor.models.files import short_digest
+
+    target = pl.device if pl.device != "auto" else ("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        torch.manual_seed(0)
+        with torch.device(target):
+            model = AutoModelForCausalLM.from_config(config, dtype=pl.dtype)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelNotAvailable(f"could not build a random-weight causal LM + tokenizer from {path}: "
+                                f"{type(e).__name__}: {e}") from e
+    h = hashlib.sha256(b"overthink-fp-v1:random\0")
+    h.update(json.dumps(_read_config(path), sort_keys=True).encode() + b"\0seed 0")  # the file: not the load dtype
+    return _finish(model, tok, name, f"random weights (seed 0) from {path.resolve() / 'config.json'}",
+                   "random-" + short_digest(h), t0, path=str(path), weights="random")
 
 
 def _require(module: str, what: str) -> None:
@@ -253,7 +284,7 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def load_model(spec: str, *, device: str | None = "auto", dtype: Any = "auto", weights: bool = True,
-               reasoning_format: str | None = None) -> LoadedModel:
+               reasoning_format: str | None = None, random_weights: bool = False) -> LoadedModel:
     """Resolve `spec` (see the module docstring) and load model + tokenizer, in eval mode.
 
     device: "cpu", "cuda", "cuda:N" or "auto" (accelerate's device_map="auto" on the visible GPUs, or the CPU
@@ -261,6 +292,8 @@ def load_model(spec: str, *, device: str | None = "auto", dtype: Any = "auto", w
     it), "bfloat16", "float16", "float32" or a torch.dtype. weights=False (local directories and hub ids) builds
     the architecture on the meta device without weights: enough for vLLM, which loads its own.
     reasoning_format: a name from `monitor.formats.FORMATS` to override the detected format.
+    random_weights: a local directory's architecture with random weights (seed 0; only config.json and the
+    tokenizer are read), for benchmarks at a real model's size; other specs are refused.
 
     Raises ModelNotAvailable (a RuntimeError whose message says how to fix it) when the model is not here,
     FileNotFoundError for a .gguf path that does not exist, ValueError for a bad device or dtype."""
@@ -270,7 +303,15 @@ def load_model(spec: str, *, device: str | None = "auto", dtype: Any = "auto", w
     spec = str(spec).strip()
     if not spec:
         raise ModelNotAvailable(_unknown_spec_message(spec, "the spec is empty"))
-    lm = _load_spec(spec, device, dtype, weights, t0)
+    if random_weights:
+        path = Path(spec).expanduser()
+        if not (path.is_dir() and (path / "config.json").is_file()):
+            raise ModelNotAvailable(f"--random-weights needs a model directory with config.json and tokenizer files "
+                                    f"(the weights are not read), got {spec!r}")
+        lm = _load_dir(path, path.resolve().name, f"directory {path.resolve()}", device, dtype, t0,
+                       random_weights=True)
+    else:
+        lm = _load_spec(spec, device, dtype, weights, t0)
     if reasoning_format and reasoning_format != "auto":
         from monitor.formats import get_format
 
