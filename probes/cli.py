@@ -25,6 +25,7 @@ def add_commands(sub: Any, positive_int: Callable[[str], int]) -> dict[str, Call
         logprobs_arg,
         nonnegative_int,
     )
+    from probes.data import TARGETS
 
     c = sub.add_parser("collect", help="roll out problems and label every decision point by a forced exit")
     add_model_args(c)
@@ -59,7 +60,7 @@ def add_commands(sub: Any, positive_int: Callable[[str], int]) -> dict[str, Call
                    help="fraction of problems held out for calibration (default 0.3)")
     t.add_argument("--folds", type=positive_int, default=5)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--target", choices=["correct", "safe"], default="correct",
+    t.add_argument("--target", choices=TARGETS, default="correct",
                    help="what the probe predicts at a decision point: 'correct' (default, LYNX: the forced answer is "
                         "right) or 'safe' (stopping loses nothing against the full run: the forced answer is right "
                         "or the full answer is wrong, the complement of the premature exit calibrate bounds)")

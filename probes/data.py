@@ -9,6 +9,14 @@ from typing import Any
 
 import numpy as np
 
+TARGETS = ("correct", "safe")  # what a probe learns to predict at a decision point (`probes.train.training_labels`)
+
+
+def check_target(target: str) -> None:
+    """A ValueError naming the choices unless `target` is one of `TARGETS` (`overthink train --target`)."""
+    if target not in TARGETS:
+        raise ValueError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
+
 
 @dataclass
 class CollectedData:

@@ -16,9 +16,9 @@ import numpy as np
 from monitor.io import check_output
 from probes.bundle import Bundle, load_bundle, save_bundle
 from probes.collect import load_collected
-from probes.data import CollectedData
+from probes.data import CollectedData, check_target
 from probes.features import SIGNAL_FEATURES, signal_feature_names
-from probes.train import TARGETS, train_probe
+from probes.train import train_probe
 
 
 def load_data(source: str | Path, from_log: bool = False) -> CollectedData:
@@ -40,8 +40,7 @@ def train_bundle(data_dir: str | Path, out: str | Path, kind: str = "logreg", us
     learn to predict (`probes.train.training_labels`: "correct" or "safe")."""
     if not 0.0 <= calib_fraction < 1.0:
         raise ValueError(f"--calib-fraction must be in [0, 1), got {calib_fraction}")
-    if target not in TARGETS:
-        raise ValueError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
+    check_target(target)
     check_output(out, "--out", inputs={"--from-log" if from_log else "DATA_DIR": data_dir})  # before any work
     data = load_data(data_dir, from_log)
     if from_log:

@@ -27,11 +27,10 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from probes.data import CollectedData
+from probes.data import CollectedData, check_target
 from probes.features import SIGNAL_FEATURES
 
 LOGREG_C = (0.1, 0.03, 0.01, 0.003, 0.001)  # the grid `grouped_fit` chooses C from (strongest last)
-TARGETS = ("correct", "safe")  # what a probe learns to predict at a decision point (`training_labels`)
 
 
 def training_labels(data: CollectedData, target: str = "correct") -> np.ndarray:
@@ -43,8 +42,7 @@ def training_labels(data: CollectedData, target: str = "correct") -> np.ndarray:
     it is calibrated on. The calibration and its guarantee are the same for either target (Learn-then-Test holds
     for any score); only how many traces the calibrated rule can halt differs. Problems without a gold answer
     (full_correct None) keep the "correct" label."""
-    if target not in TARGETS:
-        raise ValueError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
+    check_target(target)
     y = data.label.astype(int)
     if target == "safe":
         full_wrong = np.array([p.get("full_correct") is False for p in data.problems], dtype=bool)

@@ -86,14 +86,19 @@ def manual_exits(bundle, data):
     return out
 
 
+def trial_collections(tmp_path, cfg, n_train, n_test):
+    """A training collection `tmp_path/d` and a held-out one `tmp_path/t` (other seed, ids "t..."), both with trial
+    records at every decision point (`with_trials`)."""
+    fake_collect_dir(tmp_path / "d", cfg, n_problems=n_train)
+    with_trials(tmp_path / "d")
+    fake_collect_dir(tmp_path / "t", cfg, n_problems=n_test, seed=1, prefix="t")
+    with_trials(tmp_path / "t", seed=1)
+
+
 def test_cascade_trains_calibrates_and_replays_with_fewer_trials_than_deer(tiny, cue_word, tmp_path):  # noqa: F811
     from probes.evaluate import evaluate
 
-    cfg = tiny_config(tiny, cue_word)
-    fake_collect_dir(tmp_path / "d", cfg, n_problems=400)
-    with_trials(tmp_path / "d")
-    fake_collect_dir(tmp_path / "t", cfg, n_problems=200, seed=1, prefix="t")
-    with_trials(tmp_path / "t", seed=1)
+    trial_collections(tmp_path, tiny_config(tiny, cue_word), 400, 200)
     bundle, rep = train_bundle(tmp_path / "d", tmp_path / "c.joblib", calib_fraction=0.5, use_hidden=False,
                                cascade=True)
     assert rep["trial_probe"]["auroc"] > rep["probe"]["auroc"] + 0.05  # the trial answer carries information

@@ -74,13 +74,9 @@ def test_safe_target_saves_more_at_the_same_delta_and_keeps_the_guarantee(tiny, 
 
 
 def test_deer_is_replayed_at_each_confidence(tiny, cue_word, tmp_path):  # noqa: F811
-    from tests.test_cascade_probe import with_trials
+    from tests.test_cascade_probe import trial_collections
 
-    cfg = tiny_config(tiny, cue_word)
-    fake_collect_dir(tmp_path / "d", cfg, n_problems=60)
-    with_trials(tmp_path / "d")
-    fake_collect_dir(tmp_path / "t", cfg, n_problems=60, seed=1, prefix="t")
-    with_trials(tmp_path / "t", seed=1)
+    trial_collections(tmp_path, tiny_config(tiny, cue_word), 60, 60)
     train_bundle(tmp_path / "d", tmp_path / "b.joblib", calib_fraction=0.5, use_hidden=False)
     calibrate_bundle(tmp_path / "b.joblib", tmp_path / "d", delta=0.3, epsilon=0.1)
     res = evaluate([tmp_path / "b.joblib"], tmp_path / "t", deer=[0.5, 0.9], certaindex=None, budgets=[])
@@ -91,14 +87,10 @@ def test_deer_is_replayed_at_each_confidence(tiny, cue_word, tmp_path):  # noqa:
 
 
 def test_cli_target_and_deer_list(tiny, cue_word, tmp_path, capsys):  # noqa: F811
-    from tests.test_cascade_probe import with_trials
+    from tests.test_cascade_probe import trial_collections
     from tests.test_cli import run_cli
 
-    cfg = tiny_config(tiny, cue_word)
-    fake_collect_dir(tmp_path / "d", cfg, n_problems=60)
-    with_trials(tmp_path / "d")
-    fake_collect_dir(tmp_path / "t", cfg, n_problems=40, seed=1, prefix="t")
-    with_trials(tmp_path / "t", seed=1)
+    trial_collections(tmp_path, tiny_config(tiny, cue_word), 60, 40)
     b = tmp_path / "b.joblib"
     code, out, err = run_cli(
         capsys,
