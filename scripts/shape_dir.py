@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 # Qwen2-7B-Instruct's config.json (the architecture fields; the hub's file also names its transformers version)
@@ -44,9 +46,15 @@ def main() -> None:
     from monitor.models import load_model
 
     tok = load_model(args.tokenizer_from, device="cpu").tokenizer
-    args.out.mkdir(parents=True)
-    tok.save_pretrained(args.out)
-    (args.out / "config.json").write_text(json.dumps(SHAPES[args.shape], indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=args.out.parent))  # renamed into place when whole
+    try:
+        tok.save_pretrained(tmp)
+        (tmp / "config.json").write_text(json.dumps(SHAPES[args.shape], indent=2) + "\n")
+        tmp.rename(args.out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     print(f"wrote {args.out}: {args.shape} config, tokenizer of {args.tokenizer_from} ({len(tok)} tokens), no weights")
 
 
