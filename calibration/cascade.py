@@ -267,11 +267,15 @@ class CascadeRiskControl:
                     f"{self.gate:.4g}, and halt at the first trial whose trial-probe score is >= {lam}")
             if self.free_exit:
                 rule += f" (or, with no trial, at the first point whose free-probe score is >= {lam})"
+        if len(self.gates) == 1:
+            ltt = f"{len(self.grid_)} thresholds of one gate fixed before calibration: fixed-sequence testing at epsilon"
+        else:
+            ltt = (f"{len(self.gates)} gates x {len(self.grid_)} thresholds: fixed-sequence testing per gate at "
+                   f"epsilon/{len(self.gates)}")
         return (
             f"With probability at least 1-epsilon = {1 - e:g} over the draw of the n = {n} calibration traces, "
             f"the probability that a new trace is {self.risk.description} is at most delta = {d:g}. Rule: {rule} "
-            f"(Learn-then-Test over {len(self.gates)} gates x {len(self.grid_)} thresholds: fixed-sequence testing "
-            f"per gate at epsilon/{len(self.gates)}; {len(self.certified_pairs_)} pairs certified, the one saving "
+            f"(Learn-then-Test over {ltt}; {len(self.certified_pairs_)} pairs certified, the one saving "
             f"the most net tokens on the calibration traces chosen; p-value {self.p_value_:.3g}). On the "
             f"calibration traces: {', '.join(rates)}. Assumes a new trace is exchangeable with the calibration "
             "traces (same model, probes, decoding and kind of problem).")
@@ -292,3 +296,37 @@ class CascadeRiskControl:
         if hasattr(self, "certified_"):
             return f"CascadeRiskControl({head}, n={self.n_}, gate={self.gate}, threshold={self.threshold})"
         return f"CascadeRiskControl({head})"
+
+
+def choose_gate(free: TraceBatch, trial_scores: np.ndarray, gain: np.ndarray, trial_cost: np.ndarray,
+                gates: Sequence[float], delta: float, epsilon: float,
+                risk: str | Risk = "premature") -> tuple[float | None, list[dict[str, Any]]]:
+    """Choose the one gate a calibration will test, on OTHER traces than the calibration's (the training problems'
+    out-of-fold scores: `probes.cascade.out_of_fold_arrays`). Arguments as `CascadeRiskControl.fit`, with
+    `trial_scores` (len(gates), n, K) for the finite `gates`; the candidates are those gates and +inf (no trial:
+    the free probe alone). Each candidate is calibrated ALONE on these traces, as the calibration will calibrate
+    the chosen one, and the one whose certified rule saves the most net tokens per trace wins (a tie goes to the
+    larger gate: fewer trials). Returns (gate, what each candidate gave: gate, certified, threshold, net tokens
+    saved and trial tokens per trace); the gate is None when no candidate certifies anything here.
+
+    Why: testing all the gates on the calibration traces splits epsilon between them (Bonferroni), so each gate,
+    the free probe's included, is certified at epsilon / |gates| and halts later than it would alone. A gate fixed
+    before the calibration data are seen is one hypothesis family, tested at the full epsilon, and the guarantee
+    holds as for a single gate (`tests/calibration/test_cascade.py` checks it on simulated traces)."""
+    finite = [float(g) for g in gates]
+    trial_scores = np.asarray(trial_scores, dtype=float)
+    if trial_scores.shape[0] != len(finite) or not np.isfinite(finite).all():
+        raise ValueError(f"trial_scores must have one row per finite gate ({len(finite)}), got "
+                         f"{trial_scores.shape[0]}")
+    tried: list[dict[str, Any]] = []
+    best: tuple[float, float] | None = None
+    for gi, gate in enumerate([*finite, NO_TRIAL]):
+        trial = trial_scores[gi:gi + 1] if gi < len(finite) else trial_scores[:0]
+        cal = CascadeRiskControl(delta, epsilon, gates=[gate], risk=risk).fit(free, trial, gain, trial_cost)
+        rep = cal.calibration_report_
+        net = float(rep["net_tokens_saved_per_trace"]) if cal.certified_ else None
+        tried.append({"gate": json_gate(gate), "certified": bool(cal.certified_), "threshold": cal.threshold,
+                      "net_tokens_saved_per_trace": net, "trial_tokens_per_trace": rep.get("trial_tokens_per_trace")})
+        if net is not None and (best is None or net >= best[0]):
+            best = (net, gate)
+    return (None if best is None else best[1]), tried

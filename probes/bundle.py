@@ -44,6 +44,9 @@ class Bundle:
     # its calibration chooses from (fixed at training time, from the training problems' free scores)
     trial_pipeline: Pipeline | None = None
     gates: list[float] | None = None
+    # the cascade's training problems as calibration arrays of out-of-fold scores (`probes.cascade.
+    # out_of_fold_arrays`): `calibrate` chooses the one gate it certifies from these, before it sees its own data
+    selection: dict[str, Any] | None = None
 
     def score(self, hidden: np.ndarray, signals: np.ndarray) -> float:
         """Probe probability that stopping here gives a correct answer."""

@@ -65,23 +65,19 @@ def _gated_scores(bundle: Bundle, data: CollectedData, free: np.ndarray, gate: f
     return bundle.trial_scores(data.signals, trial_features(data, decoded))
 
 
-def calibration_arrays(bundle: Bundle, data: CollectedData,
-                       gates: list[float] | None = None) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
-    """What `CascadeRiskControl.fit` takes, from the graded calibration problems in `data`: the free probe's
-    TraceBatch, the trial scores under each of `gates` (the calibration's `trial_gates`; default the bundle's)
-    as (gates, n, K), the tokens saved by exiting at each point (the unmonitored run's tokens minus the exit's) and
-    each point's trial cost."""
-    gates = (bundle.gates or []) if gates is None else gates
+def _arrays(data: CollectedData, free: np.ndarray, trial_at: Any,
+            gates: list[float]) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+    """`CascadeRiskControl.fit`'s arguments from per-row free scores and `trial_at(gate)` (per-row trial scores
+    with the features of that gate's trials) over the problems of `data`."""
     from calibration import TraceBatch
 
-    free = bundle.scores(data.hidden, data.signals)
     rows = problem_rows(data)
     n, k = len(rows), max((len(r) for r in rows), default=0)
     pad = np.zeros((n, k))
     scores, correct, gain, cost = pad.copy(), pad.copy(), pad.copy(), pad.copy()
     trial = np.zeros((len(gates), n, k))
     for gi, gate in enumerate(gates):
-        t = _gated_scores(bundle, data, free, gate)
+        t = trial_at(gate)
         for i, r in enumerate(rows):
             trial[gi, i, :len(r)] = t[r]
     for i, (p, r) in enumerate(zip(data.problems, rows)):
@@ -93,6 +89,76 @@ def calibration_arrays(bundle: Bundle, data: CollectedData,
     lengths = np.array([len(r) for r in rows])
     full = np.array([bool(p["full_correct"]) for p in data.problems])
     return TraceBatch.from_arrays(scores, correct, full, lengths), trial, gain, cost
+
+
+def calibration_arrays(bundle: Bundle, data: CollectedData,
+                       gates: list[float] | None = None) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+    """What `CascadeRiskControl.fit` takes, from the graded calibration problems in `data`: the free probe's
+    TraceBatch, the trial scores under each of `gates` (the calibration's `trial_gates`; default the bundle's)
+    as (gates, n, K), the tokens saved by exiting at each point (the unmonitored run's tokens minus the exit's) and
+    each point's trial cost."""
+    gates = (bundle.gates or []) if gates is None else gates
+    free = bundle.scores(data.hidden, data.signals)
+    return _arrays(data, free, lambda gate: _gated_scores(bundle, data, free, gate), gates)
+
+
+def out_of_fold_arrays(bundle: Bundle, train: CollectedData, kind: str = "logreg", folds: int = 5, seed: int = 0,
+                       target: str = "correct") -> dict[str, Any] | None:
+    """The calibration arrays of the bundle's TRAINING problems, from out-of-fold scores: each fold's problems are
+    scored by a free probe and a trial probe fitted on the other folds (the bundle's settings: kind, C, target), the
+    trial features recounted under each of the bundle's gates, as `calibration_arrays` does. `selection_gate` picks
+    the gate from them before calibration, so the calibration data choose nothing but the threshold. A dict of
+    plain arrays (stored in the bundle as `selection`); None when the training problems cannot give one (fewer
+    than two graded problems, or a fold without both labels)."""
+    from sklearn.model_selection import GroupKFold
+
+    from probes.train import fit_probe, make_probe, training_labels
+
+    graded = np.asarray([i for i, p in enumerate(train.problems) if p.get("full_correct") is not None], dtype=np.int64)
+    if len(graded) < 2 or bundle.trial_pipeline is None:
+        return None
+    data = train.subset(graded)
+    y = training_labels(data, target)
+    x_free = data.features(bundle.use_hidden)
+    x_trial = np.hstack([data.signals, trial_features(data)])
+    report = bundle.report
+    free_params = {"C": report["probe"]["C"]} if "C" in report.get("probe", {}) else {}
+    trial_params = {"C": report["trial_probe"]["C"]} if "C" in report.get("trial_probe", {}) else {}
+    splits = list(GroupKFold(n_splits=max(2, min(folds, len(graded)))).split(x_free, y, data.group))
+    if any(len(np.unique(y[tr])) < 2 for tr, _ in splits):
+        return None
+    free = np.zeros(len(y))
+    trial_models = []
+    for tr, te in splits:
+        free[te] = fit_probe(make_probe(kind, seed, **free_params), x_free[tr], y[tr]).predict_proba(x_free[te])[:, 1]
+        trial_models.append((te, fit_probe(make_probe(kind, seed, **trial_params), x_trial[tr], y[tr])))
+
+    def trial_at(gate: float) -> np.ndarray:
+        decoded = [free[r] >= gate for r in problem_rows(data)]
+        x = np.hstack([data.signals, trial_features(data, decoded)])
+        out = np.zeros(len(y))
+        for te, model in trial_models:
+            out[te] = model.predict_proba(x[te])[:, 1]
+        return out
+
+    gates = list(bundle.gates or [])
+    batch, trial, gain, cost = _arrays(data, free, trial_at, gates)
+    return {"gates": gates, "scores": batch.scores, "stop_correct": batch.stop_correct,
+            "full_correct": batch.full_correct, "lengths": batch.lengths, "trial": trial, "gain": gain,
+            "cost": cost}
+
+
+def selection_gate(selection: dict[str, Any], delta: float, epsilon: float,
+                   risk: str = "premature") -> tuple[float | None, list[dict[str, Any]]]:
+    """`calibration.cascade.choose_gate` on a bundle's `selection` (`out_of_fold_arrays`): the gate to calibrate,
+    chosen on the training problems, and what each candidate gave there."""
+    from calibration import TraceBatch
+    from calibration.cascade import choose_gate
+
+    batch = TraceBatch.from_arrays(selection["scores"], selection["stop_correct"], selection["full_correct"],
+                                   selection["lengths"])
+    return choose_gate(batch, selection["trial"], selection["gain"], selection["cost"], selection["gates"], delta,
+                       epsilon, risk)
 
 
 def cascade_exits(bundle: Bundle, data: CollectedData) -> tuple[list[int | None], list[np.ndarray]]:

@@ -201,6 +201,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2, default=str))
         return 0
     console.print(info["guarantee"], markup=False)
+    sel = info.get("gate_selection") or {}
+    if sel.get("tried"):
+        gave = ", ".join(f"{'none' if t['gate'] is None else format(t['gate'], '.4g')}: "
+                         + (f"{t['net_tokens_saved_per_trace']:+.1f}" if t["certified"] else "nothing certified")
+                         for t in sel["tried"])
+        console.print(f"gates: {sel['how']}; net tokens saved per training trace by gate: {gave}", markup=False)
     if "threshold" in info:
         console.print(f"threshold lambda = {info['threshold']:.4f} on {info['n_traces']} calibration traces")
     console.print(f"calibrated bundle written to [bold]{args.out or args.bundle}[/bold]")

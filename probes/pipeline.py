@@ -63,7 +63,7 @@ def train_bundle(data_dir: str | Path, out: str | Path, kind: str = "logreg", us
     bundle = Bundle(pipeline=pipe, config=dict(data.config), report=rep, use_hidden=use_hidden)
     if cascade:
         from calibration.cascade import gates_from_scores
-        from probes.cascade import train_trial_probe
+        from probes.cascade import out_of_fold_arrays, train_trial_probe
         from probes.features import trial_feature_names
 
         bundle.trial_pipeline, trial_rep = train_trial_probe(train, kind=kind, folds=folds, seed=seed,
@@ -72,6 +72,7 @@ def train_bundle(data_dir: str | Path, out: str | Path, kind: str = "logreg", us
         bundle.config["trial_features"] = trial_feature_names()
         rep.update(trial_rep)
         rep["gates"] = bundle.gates
+        bundle.selection = out_of_fold_arrays(bundle, train, kind=kind, folds=folds, seed=seed, target=target)
     save_bundle(bundle, out)
     return bundle, rep
 
@@ -151,18 +152,30 @@ def calibrate_bundle(bundle_path: str | Path, data_dir: str | Path, delta: float
             raise ValueError("a cascade bundle is calibrated per trace (Learn-then-Test over gate and threshold); "
                              "drop --mode per-cue")
         from calibration.cascade import NO_TRIAL, CascadeRiskControl, json_gate
-        from probes.cascade import calibration_arrays
+        from probes.cascade import calibration_arrays, selection_gate
 
+        selection: dict[str, Any] = {}
         if gates is not None:  # pinned: exactly these (`--gates 0`: the trial probe alone)
             bundle.gates = sorted({float(g) for g in gates})
             tested = bundle.gates
+            selection["how"] = "pinned (--gates)"
         else:  # the training gates and the free probe alone (gate +inf): the family contains the signals-only probe
             tested = [*(bundle.gates or [0.0]), NO_TRIAL]
+            chosen, tried = None, []
+            if bundle.selection is not None:
+                chosen, tried = selection_gate(bundle.selection, delta, epsilon, risk)
+            if chosen is not None:  # one gate, chosen without the calibration data: tested at the full epsilon
+                tested = [chosen]
+                selection["how"] = "chosen on the training problems (out of fold)"
+            else:
+                selection["how"] = (f"all {len(tested)} gates at epsilon/{len(tested)} (the training problems "
+                                    f"{'certify no gate' if bundle.selection is not None else 'were not kept'})")
+            selection["tried"] = tried
         sub = data.subset(_calibration_problems(bundle, data))
         cal = CascadeRiskControl(delta, epsilon, gates=tested, risk=risk)
         cal.fit(*calibration_arrays(bundle, sub, cal.trial_gates)).require_certified()
         info = {"threshold": cal.threshold, "gate": json_gate(cal.gate), "gates": [json_gate(g) for g in cal.gates],
-                "evaluation": cal.calibration_report_}
+                "gate_selection": selection, "evaluation": cal.calibration_report_}
         mode = "cascade"
     elif mode == "per-cue":
         cal: Any = PerCueConformal(delta).fit(scores, labels)

@@ -103,9 +103,25 @@ def test_cascade_trains_calibrates_and_replays_with_fewer_trials_than_deer(tiny,
                                cascade=True)
     assert rep["trial_probe"]["auroc"] > rep["probe"]["auroc"] + 0.05  # the trial answer carries information
     assert len(bundle.gates) == 3 and 0 < bundle.gates[0] and bundle.config["trial_features"]
+    # the training problems' out-of-fold scores, kept to choose the gate before calibration
+    sel = bundle.selection
+    assert sel["gates"] == bundle.gates and sel["trial"].shape == (3, *sel["scores"].shape)
+    assert len(sel["lengths"]) == len(rep["train_ids"]) and np.isfinite(sel["scores"][:, 0]).all()
     b = calibrate_bundle(tmp_path / "c.joblib", tmp_path / "d", delta=0.2, epsilon=0.1)
     info = b.calibration_info
     assert info["mode"] == "cascade" and info["gate"] in bundle.gates and "gate" in info["guarantee"]
+    # one gate, chosen on the training problems (the trials pay there), tested at the full epsilon
+    from probes.cascade import selection_gate
+
+    assert info["gate_selection"]["how"] == "chosen on the training problems (out of fold)"
+    assert info["gates"] == [info["gate"]] and "fixed before calibration" in info["guarantee"]
+    assert selection_gate(sel, 0.2, 0.1)[0] == info["gate"]
+    # a bundle that kept no training arrays (trained before they existed) tests every gate at epsilon / 4
+    old = load_bundle(tmp_path / "c.joblib")
+    old.selection = None
+    save_bundle(old, tmp_path / "old.joblib")
+    info = calibrate_bundle(tmp_path / "old.joblib", tmp_path / "d", delta=0.2, epsilon=0.1).calibration_info
+    assert info["gates"] == [*bundle.gates, None] and "epsilon/4" in info["guarantee"]
     assert b.calibration.threshold is not None
     calibrate_bundle(tmp_path / "c.joblib", tmp_path / "d", delta=0.2, epsilon=0.1, gates=[0.0],
                      out=tmp_path / "trial.joblib")
@@ -149,6 +165,10 @@ def test_cli_train_cascade_and_calibrate_gates(tiny, cue_word, tmp_path, capsys)
                  "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["trial_probe"]["auroc"] > 0.7 and len(rep["gates"]) == 3
+    assert main(["calibrate", str(tmp_path / "c.joblib"), "--data", str(tmp_path / "d"), "--delta", "0.3",
+                 "--out", str(tmp_path / "chosen.joblib")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "gates: chosen on the training problems (out of fold); net tokens saved per training trace by gate:" in out
     assert main(["calibrate", str(tmp_path / "c.joblib"), "--data", str(tmp_path / "d"), "--delta", "0.3",
                  "--gates", "0,0.5"]) == 0
     assert "gate" in capsys.readouterr().out
