@@ -315,7 +315,10 @@ def choose_gate(free: TraceBatch, trial_scores: np.ndarray, gain: np.ndarray, tr
     holds as for a single gate (`tests/calibration/test_cascade.py` checks it on simulated traces)."""
     finite = [float(g) for g in gates]
     trial_scores = np.asarray(trial_scores, dtype=float)
-    if trial_scores.shape[0] != len(finite) or not np.isfinite(finite).all():
+    if not np.isfinite(finite).all():
+        raise ValueError(f"gates must be finite free-probe scores (+inf, no trial, is always a candidate), got "
+                         f"{finite}")
+    if trial_scores.shape[0] != len(finite):
         raise ValueError(f"trial_scores must have one row per finite gate ({len(finite)}), got "
                          f"{trial_scores.shape[0]}")
     tried: list[dict[str, Any]] = []

@@ -13,6 +13,7 @@ answer. The trial at point j costs that point's forced-exit tokens (exit cue + a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -65,7 +66,7 @@ def _gated_scores(bundle: Bundle, data: CollectedData, free: np.ndarray, gate: f
     return bundle.trial_scores(data.signals, trial_features(data, decoded))
 
 
-def _arrays(data: CollectedData, free: np.ndarray, trial_at: Any,
+def _arrays(data: CollectedData, free: np.ndarray, trial_at: Callable[[float], np.ndarray],
             gates: list[float]) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
     """`CascadeRiskControl.fit`'s arguments from per-row free scores and `trial_at(gate)` (per-row trial scores
     with the features of that gate's trials) over the problems of `data`."""
@@ -110,9 +111,7 @@ def out_of_fold_arrays(bundle: Bundle, train: CollectedData, kind: str = "logreg
     the gate from them before calibration, so the calibration data choose nothing but the threshold. A dict of
     plain arrays (stored in the bundle as `selection`); None when the training problems cannot give one (fewer
     than two graded problems, or a fold without both labels)."""
-    from sklearn.model_selection import GroupKFold
-
-    from probes.train import fit_probe, make_probe, training_labels
+    from probes.train import fit_probe, grouped_splits, make_probe, training_labels
 
     graded = np.asarray([i for i, p in enumerate(train.problems) if p.get("full_correct") is not None], dtype=np.int64)
     if len(graded) < 2 or bundle.trial_pipeline is None:
@@ -121,10 +120,10 @@ def out_of_fold_arrays(bundle: Bundle, train: CollectedData, kind: str = "logreg
     y = training_labels(data, target)
     x_free = data.features(bundle.use_hidden)
     x_trial = np.hstack([data.signals, trial_features(data)])
-    report = bundle.report
-    free_params = {"C": report["probe"]["C"]} if "C" in report.get("probe", {}) else {}
-    trial_params = {"C": report["trial_probe"]["C"]} if "C" in report.get("trial_probe", {}) else {}
-    splits = list(GroupKFold(n_splits=max(2, min(folds, len(graded)))).split(x_free, y, data.group))
+    # the setting grouped_fit chose for each probe (its C, for a logistic probe)
+    free_params, trial_params = ({k: v for k, v in bundle.report.get(name, {}).items() if k == "C"}
+                                 for name in ("probe", "trial_probe"))
+    splits = grouped_splits(y, data.group, folds)
     if any(len(np.unique(y[tr])) < 2 for tr, _ in splits):
         return None
     free = np.zeros(len(y))

@@ -97,13 +97,19 @@ class TrainReport:
     target: str = "correct"
 
 
+def grouped_splits(y: np.ndarray, groups: np.ndarray, folds: int = 5) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train rows, held-out rows) of GroupKFold by problem, with `folds` clamped to 2..number of groups: the
+    folds of `grouped_fit`'s out-of-fold scores and of the cascade's (`probes.cascade.out_of_fold_arrays`)."""
+    folds = max(2, min(folds, len(np.unique(groups))))
+    return list(GroupKFold(n_splits=folds).split(np.zeros((len(y), 1)), y, groups))
+
+
 def grouped_fit(X: np.ndarray, y: np.ndarray, groups: np.ndarray, kind: str = "logreg", folds: int = 5,
                 seed: int = 0) -> tuple[Pipeline, dict[str, Any]]:
     """Out-of-fold scores by GroupKFold, and the probe refit on all rows. For "logreg", C is chosen from
     `LOGREG_C` by the out-of-fold AUROC (the first best, so the weakest regularisation among ties); returns
     (pipeline, `probe_metrics` of the chosen setting's out-of-fold scores plus its "C" for "logreg")."""
-    folds = max(2, min(folds, len(np.unique(groups))))
-    splits = [(tr, te) for tr, te in GroupKFold(n_splits=folds).split(X, y, groups) if len(np.unique(y[tr])) >= 2]
+    splits = [(tr, te) for tr, te in grouped_splits(y, groups, folds) if len(np.unique(y[tr])) >= 2]
     best: tuple[float, dict[str, Any], dict[str, Any]] | None = None
     for params in ([{"C": c} for c in LOGREG_C] if kind == "logreg" else [{}]):
         oof = np.full(len(y), np.nan)
