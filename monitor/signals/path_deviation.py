@@ -177,6 +177,7 @@ class PathDeviation:
         self._n = np.zeros(0, dtype=np.int64)  # tokens per slot (host: it only counts)
         self._n_transition = np.zeros(0, dtype=np.int64)
         self._history: torch.Tensor | None = None  # [slots, cap] entropies, for the relative threshold
+        self._floor_t: torch.Tensor | None = None  # see _floors
 
     def reset_slots(self, slots: Any) -> None:
         """Fresh state for the sequences in `slots` (each starts a new trace)."""
@@ -229,8 +230,12 @@ class PathDeviation:
         transition = self._transitions(batch)
         n = self._n[slots]  # tokens before this one
         w = self.window
-        aux = torch.from_numpy(np.stack([transition, n % w, n + 1], 1).astype(np.float64)).to(h.device)  # one copy
-        pos, count = aux[:, 1].to(torch.int64), aux[:, 2]
+        # one copy: transition flags, ring positions, and each row's window and trace lengths twice, the
+        # denominators of the four running sums below
+        n_win, count = np.minimum(n + 1, w), n + 1
+        aux = torch.from_numpy(np.stack([transition, n % w, n_win, n_win, count, count], 1).astype(np.float64)) \
+            .to(h.device)
+        pos = aux[:, 1].to(torch.int64)
         # rows that can be flagged: transition tokens (with enough history for a relative threshold); most steps
         # have none, and then nothing is compared
         cand = transition if self.relative_quantile is None else transition & (n >= self.min_history)
@@ -248,31 +253,39 @@ class PathDeviation:
             self._remember(ridx, n, h)
         ring = st["ring"]
         old = ring[ridx, pos]  # [B, 2]: what leaves the window
-        ring[ridx, pos] = torch.stack([h, hett], 1)
-        step = torch.stack([h - old[:, 0], hett - old[:, 1], h, hett], 1)
+        new = torch.stack([h, hett], 1)
+        ring[ridx, pos] = new
+        step = torch.cat([new - old, new], 1)
         if isinstance(idx, slice):  # the usual case: added in place, the view is the new sums
             sums = st["sums"][idx].add_(step)
         else:
             sums = st["sums"][idx] + step
             st["sums"][idx] = sums
-        sum_h_win, sum_e_win, sum_h, n_hett = sums.unbind(1)
         self._n[slots] = n + 1
         self._n_transition[slots] += transition
 
-        n_win = count.clamp_max(float(w))
-        rate_win = sum_e_win / n_win
-        rate_glob = n_hett / count
-        mean_win = sum_h_win.clamp_min(0.0) / n_win  # running sums may drift a hair below 0
-        ratio = mean_win / (sum_h / count).clamp_min(self.eps)
+        # the four sums over their lengths at once: window mean entropy, window rate, trace mean entropy, trace
+        # rate (a running window sum may drift a hair below 0; the others are sums of non-negative numbers)
+        means = sums.clamp_min(0.0) / aux[:, 2:]
+        # entropy_ratio and pdi at once: the window's mean and rate over the trace's, each with its floor
+        ratios = means[:, :2] / means[:, 2:].clamp_min(self._floors(h.device))
+        ratio = ratios[:, 0]
         return {
             "entropy": h,
             "is_hett": hett,
-            "hett_rate_window": rate_win,
-            "hett_rate_global": rate_glob,
-            "pdi": rate_win / rate_glob.clamp_min(self.rate_floor),
+            "hett_rate_window": means[:, 1],
+            "hett_rate_global": means[:, 3],
+            "pdi": ratios[:, 1],
             "entropy_ratio": ratio,
             "deviating": (ratio >= self.ratio_threshold).to(torch.float64),
         }
+
+    def _floors(self, device: torch.device) -> torch.Tensor:
+        """(eps, rate_floor) as a float64 tensor on `device`, made once per device."""
+        got = self._floor_t
+        if got is None or got.device != device:
+            got = self._floor_t = torch.tensor([self.eps, self.rate_floor], dtype=torch.float64, device=device)
+        return got
 
     def update(self, step: TokenStep) -> dict[str, float]:
         """One token of one sequence: a batch of one (slot 0)."""
