@@ -10,7 +10,8 @@
 # It needs torch, transformers, numpy, scipy, scikit-learn, rich, joblib and threadpoolctl, which the GPU image has;
 # it runs the CLI from the working tree (python -m monitor.cli), so nothing is installed. Each figure is written as
 # JSON under the output directory as soon as it is measured (a run cut short keeps what it finished).
-# Environment knobs: SHAPE (out/qwen2-7b-shape), DEVICE (cuda), BATCHES (32,64), NEW_TOKENS (64), REPEATS (3),
+# Environment knobs: SHAPE (out/qwen2-7b-shape), DEVICE (cuda), BATCHES (32,64), NEW_TOKENS (256: a generate call
+# also pays ~45 ms once for its monitors and results at batch 32, about 1 ms a step over 64 tokens), REPEATS (3),
 # MONITOR_BATCHES (1,16,64,256), MONITOR_TOKENS (128).
 set -euo pipefail
 out=${1:?usage: scripts/gpu_figures.sh OUT_DIR}
@@ -19,7 +20,7 @@ mkdir -p "$out"
 SHAPE=${SHAPE:-out/qwen2-7b-shape}
 DEVICE=${DEVICE:-cuda}
 BATCHES=${BATCHES:-32,64}
-NEW_TOKENS=${NEW_TOKENS:-64}
+NEW_TOKENS=${NEW_TOKENS:-256}
 REPEATS=${REPEATS:-3}
 MONITOR_BATCHES=${MONITOR_BATCHES:-1,16,64,256}
 MONITOR_TOKENS=${MONITOR_TOKENS:-128}
