@@ -7,7 +7,8 @@
 #   4. replay every calibrated rule on the test collection (probes/evaluate.py says why this is exact),
 #   5. check the replay against real `overthink run --policy BUNDLE` halting runs on the first test problems.
 # CPU only this takes hours (Qwen2.5-Coder-0.5B runs about 10 tokens/s on 2 cores): run it on a quiet
-# machine. Environment knobs: N_TRAIN (160), N_TEST (200), N_CHECK (16), BATCH (8), OUT (out/calibrated).
+# machine. Environment knobs: N_TRAIN (160), N_TEST (200), N_CHECK (16), BATCH (8), OUT (out/calibrated), MODEL
+# (qwen-coder-0.5b) and MAX_NEW_TOKENS (256), as scripts/gsm8k_collections.sh reads them.
 set -euo pipefail
 N_TRAIN=${N_TRAIN:-160}
 N_TEST=${N_TEST:-200}
@@ -36,6 +37,6 @@ overthink evaluate "${bundles[@]}" --data "$OUT/collect-test" --json > "$OUT/eva
 
 # the replay claim, checked: real halting runs with the most lenient certified bundle on the first test problems
 check=${lenient:-$OUT/per-cue-0.1.joblib}
-overthink run --model $MODEL --data "$DATA/gsm8k_test.jsonl" --limit "$N_CHECK" "${BUDGET[@]}" --batch-size "$BATCH" \
+overthink run --model "$MODEL" --data "$DATA/gsm8k_test.jsonl" --limit "$N_CHECK" "${BUDGET[@]}" --batch-size "$BATCH" \
     --policy "$check" --trace "$OUT/check-run.jsonl" > "$OUT/check-run.txt"
 overthink evaluate "$check" --data "$OUT/collect-test" --check-run "$OUT/check-run.jsonl" | tee "$OUT/check.txt"

@@ -11,7 +11,8 @@
 #      tokens saved, trial tokens, exit rate), as Markdown, JSON and a Pareto page.
 # CPU only the collection takes about an hour (Qwen2.5-Coder-0.5B, batch 8, 2 cores); the rest takes a minute.
 # Environment knobs: N_TRAIN (120), N_TEST (64), CALIB (0.6: the calibration share of the train problems),
-# BATCH (8), OUT (out/cascade), TARGET (correct: what the probes learn, `overthink train --target`; or safe).
+# BATCH (8), OUT (out/cascade), TARGET (correct: what the probes learn, `overthink train --target`; or safe),
+# MODEL (qwen-coder-0.5b: any `--model` spec) and MAX_NEW_TOKENS (256), as scripts/gsm8k_collections.sh reads them.
 set -euo pipefail
 N_TRAIN=${N_TRAIN:-120}
 N_TEST=${N_TEST:-64}
