@@ -261,7 +261,7 @@ class PathDeviation:
         else:
             sums = st["sums"][idx] + step
             st["sums"][idx] = sums
-        self._n[slots] = n + 1
+        self._n[slots] = count
         self._n_transition[slots] += transition
 
         # the four sums over their lengths at once: window mean entropy, window rate, trace mean entropy, trace
