@@ -77,13 +77,15 @@ class MonitorBatch:
         self._gap = np.zeros(0, dtype=bool)
         self._gap_word = np.zeros(0, dtype=bool)
         self._gap_para = np.zeros(0, dtype=bool)
+        # per slot: the row goes the per-row way at every token (see `_mark`)
+        self._slow = np.zeros(0, dtype=bool)
         # per slot: the tokens held for its monitor (ids, logprobs, value rows, texts; `_flush` hands them over)
         self._pn = np.zeros(0, dtype=np.int64)
         self._pid = np.zeros((0, _HELD), dtype=np.int64)
         self._plp = np.zeros((0, _HELD), dtype=np.float64)
         self._pval = np.zeros((0, _HELD, 0), dtype=np.float64)
         self._pkeys: tuple[str, ...] = ()
-        self._ptxt: list[list[str]] = []
+        self._ptxt = np.empty((0, _HELD), dtype=object)  # texts (str), written like the ids
         self._off: set[str] = set()  # shared signals switched off (they raised in update_batch)
         self._names: dict[tuple[tuple[str, str], ...], tuple[str, ...]] = {}  # value keys -> "family.key" names
         self._gate: tuple[np.ndarray, ...] | None = None
@@ -118,6 +120,7 @@ class MonitorBatch:
                 monitor.signals[i] = first  # one instance per family; each monitor is a slot of it
         monitor._on_reset = self._slot_reset(slot)
         monitor.reset()
+        self._mark(slot)
         conf = (monitor.cues.cue_words, monitor.cues.think_end)
         if self._gate_conf is None:
             self._gate_conf = conf
@@ -141,13 +144,13 @@ class MonitorBatch:
         extra = n - self._pn.shape[0]
         if extra <= 0:
             return
-        for a in ("_armed", "_gap", "_gap_word", "_gap_para"):
+        for a in ("_armed", "_gap", "_gap_word", "_gap_para", "_slow"):
             setattr(self, a, np.concatenate([getattr(self, a), np.zeros(extra, dtype=bool)]))
         self._pn = np.concatenate([self._pn, np.zeros(extra, dtype=np.int64)])
         self._pid = np.concatenate([self._pid, np.zeros((extra, _HELD), dtype=np.int64)])
         self._plp = np.concatenate([self._plp, np.zeros((extra, _HELD), dtype=np.float64)])
         self._pval = np.concatenate([self._pval, np.zeros((extra, *self._pval.shape[1:]), dtype=np.float64)])
-        self._ptxt += [[] for _ in range(extra)]
+        self._ptxt = np.concatenate([self._ptxt, np.empty((extra, _HELD), dtype=object)])
 
     @classmethod
     def create(cls, factory: Callable[[], Monitor], n: int, table: TokenTable | None = None) -> MonitorBatch:
@@ -159,8 +162,15 @@ class MonitorBatch:
         def reset() -> None:
             self._armed[slot] = self._gap[slot] = self._gap_word[slot] = self._gap_para[slot] = False
             self._pn[slot] = 0
-            self._ptxt[slot] = []
+            self._mark(slot)
         return reset
+
+    def _mark(self, slot: int) -> None:
+        """Whether the row of `slot` goes the per-row way at every token (`Monitor._failed` calls this when a
+        family is switched off for its sequence): a policy that acts at every token, a per-sequence signal, or a
+        family off for this sequence only (its values are masked row by row)."""
+        m = self.monitors[slot]
+        self._slow[slot] = bool(m._every_token or m._local or m._disabled)
 
     def _flush(self, slot: int) -> None:
         """Hand the tokens held for `slot` to its monitor (before it reads or records anything)."""
@@ -168,7 +178,7 @@ class MonitorBatch:
         if not n:
             return
         self._pn[slot] = 0
-        texts, self._ptxt[slot] = self._ptxt[slot], []
+        texts = self._ptxt[slot, :n].tolist()
         m = self.monitors[slot]
         m._record_segment(self._pid[slot, :n], texts, self._plp[slot, :n], self._columns(m, self._pkeys),
                           self._pval[slot, :n])
@@ -188,9 +198,7 @@ class MonitorBatch:
         self._plp[s, k] = lp[rows]
         self._pval[s, k] = block[rows, : len(names)]
         self._pn[s] = k + 1
-        held = self._ptxt
-        for i, slot in zip(rows.tolist(), s.tolist()):
-            held[slot].append(texts[i])
+        self._ptxt[s, k] = np.array(texts, dtype=object)[rows]
         for slot in s[k + 1 >= _HELD].tolist():
             self._flush(slot)
 
@@ -206,18 +214,13 @@ class MonitorBatch:
                                for i in range(3))
         return cand, empty, ends, breaks
 
-    def _gated(self, batch: StepBatch, mons: list[Monitor]) -> np.ndarray:
+    def _gated(self, batch: StepBatch) -> np.ndarray:
         """Which rows reach their detector and policy at this token (see the module docstring); the skipped rows'
         effect is added to their slots' gap."""
         cand, empty, ends, breaks = self._gate  # type: ignore[misc]
         ids = np.minimum(np.asarray(batch.token_ids, dtype=np.int64), len(cand) - 1)
         slots = np.asarray(batch.slots, dtype=np.int64)
-        need = cand[ids] | self._armed[slots]
-        for i, m in enumerate(mons):
-            # a policy that acts at every token, a per-sequence signal, a family off for this sequence only (its
-            # values are masked row by row): the row goes the per-row way
-            if m._every_token or m._local or m._disabled:
-                need[i] = True
+        need = cand[ids] | self._armed[slots] | self._slow[slots]
         skip = ~need & ~empty[ids]
         if skip.any():
             s, t = slots[skip], ids[skip]
@@ -229,11 +232,11 @@ class MonitorBatch:
     def observe(self, batch: StepBatch) -> list[Decision]:
         """Feed one reasoning token for each row of `batch` (`batch.slots` name the monitors); returns each row's
         decision, in batch order."""
-        mons = [self.monitors[int(s)] for s in batch.slots]
+        monitors, slot_list = self.monitors, np.asarray(batch.slots).tolist()
         if self._transition_key is not None and batch.transition is None:
             batch.transition = self.table.lookup(self._transition_key, self._transition_sig.transition_table,
                                                  batch.token_ids, beyond=False)
-        need = self._gated(batch, mons) if self._gate is not None else None
+        need = self._gated(batch) if self._gate is not None else None
         keys: list[tuple[str, str]] = []
         cols: list[torch.Tensor] = []
         for sig in self.shared:
@@ -244,7 +247,8 @@ class MonitorBatch:
                 got = [((sig.name, k), _column(v, batch.size, k)) for k, v in out.items()]
             except Exception as e:  # fail open: the family is off for every row, generation goes on
                 self._off.add(sig.name)
-                for m in mons:
+                for s in slot_list:
+                    m = monitors[s]
                     m._failed(sig.name, "update", m.n_tokens, e)
                 continue
             keys += [k for k, _ in got]
@@ -271,7 +275,7 @@ class MonitorBatch:
             per_row = np.nonzero(need)[0].tolist()
         opened: list[tuple[int, Monitor, list[DecisionContext]]] = []
         for i in per_row:
-            m = mons[i]
+            m = monitors[slot_list[i]]
             row = block[i]
             where = self._columns(m, names)
             vals = row[:n_keys]

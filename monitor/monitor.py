@@ -550,6 +550,8 @@ class Monitor:
             self._pending_ctx = None
         else:
             self._disabled.add(name)
+            if self._deferred is not None:  # the batch sends this row the per-row way from now on
+                self._deferred._mark(self.slot)
             self._stopped.setdefault(name, self.reasoning_tokens)  # its series end where it failed
             prefix = f"{name}."
             for key, j in self._col.items():

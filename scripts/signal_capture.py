@@ -8,7 +8,8 @@ path leaves every value unchanged to the last bit.
 The capture feeds one `MonitorBatch` (the default signal set on 4 tapped layers, as `overthink run` builds it)
 300 synthetic steps of `monitor.bench_monitor`: 16 rows for 100 steps, then 9 of them (rows leaving), then 9 new
 slots (rows joining), once with top-20, once with top-5 log-probabilities and once with full distributions. It
-records each family's output at every step and every row's decision. `compare` exits 1 and names the first
+records each family's output at every step, every row's decision, and at the end each sequence's trace
+(its tokens, texts, series and decision points, as JSON). `compare` exits 1 and names the first
 differences if any array differs (NaN equal to NaN) or any decision differs.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import tempfile
@@ -64,6 +66,10 @@ def capture(path: Path) -> None:
                                         texts=[bm.VOCAB[tok]] * proto.size)
             decisions.append([repr(d) for d in mb.observe(batch)])
         arrays[f"{lp}/decisions"] = np.array(["|".join(d) for d in decisions])
+        for j, m in enumerate(mb.monitors):  # what each trace records (tokens, texts, series, points)
+            m.finish()
+            tr = m.to_trace(trace_id=str(j), model="synthetic", backend="capture", question="")
+            arrays[f"{lp}/trace/{j:02d}"] = np.array(json.dumps(tr.to_dict(), sort_keys=True, default=str))
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
     os.close(fd)
     try:

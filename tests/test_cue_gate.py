@@ -174,3 +174,48 @@ def test_monitors_attached_and_detached_while_others_run_get_what_they_get_alone
             step(shared, rows, [slot_of[r] for r in rows], t)
     assert slot_of[3] == slot_of[1]  # request 3 took the slot request 1 left
     assert [got[r] for r in range(len(spans))] == alone
+
+
+def test_a_family_off_for_one_sequence_is_masked_for_its_row_through_the_gate():
+    """A shared family whose reset fails for one sequence is off for that sequence only: its values must not
+    reach that trace, including at the tokens the gate records for the whole batch at once."""
+    import torch
+
+    from monitor.batch import MonitorBatch
+    from monitor.config import RunConfig
+    from monitor.events import StepBatch
+    from monitor.monitor import Monitor
+    from monitor.vocab import TokenTable
+
+    rng = np.random.default_rng(5)
+    weights = np.ones(len(VOCAB))
+    weights[[0, 1, 9, 32]] = 30.0
+    ids = rng.choice(len(VOCAB), size=(3, 90), p=weights / weights.sum())
+
+    def run(table):
+        mb = MonitorBatch.create(lambda: Monitor(signals=RunConfig().default_signals([0]),
+                                                 cues=CueDetector(min_step_tokens=3)), 3, table=table)
+        jsd = mb._by_name["jsd_instability"]
+        g = torch.Generator().manual_seed(0)
+        for t in range(ids.shape[1]):
+            if t == 30:  # sequence 1 starts over, and the shared family's reset fails for its slot only
+                ok = jsd.reset_slots
+                jsd.reset_slots = lambda slots: (_ for _ in ()).throw(RuntimeError("injected"))
+                mb.monitors[1].reset()
+                jsd.reset_slots = ok
+            mb.observe(StepBatch(slots=np.arange(3), token_ids=ids[:, t], logits=torch.randn(3, len(VOCAB), generator=g),
+                                 hidden={0: torch.randn(3, 8, generator=g)}, texts=[VOCAB[i] for i in ids[:, t]]))
+        out = []
+        for m in mb.monitors:
+            m.finish()
+            out.append(m.to_trace(trace_id="t", model="m", backend="hf", question="q").to_dict())
+        return out
+
+    gated, every = run(TokenTable(VOCAB)), run(None)
+    assert gated == every
+    off = gated[1]
+    assert [e["signal"] for e in off["errors"]] == ["jsd_instability"]
+    assert all(v is None for v in off["signals"].get("jsd_instability", {}).get("jsd", []))
+    assert not any(k.startswith("jsd_instability.") for p in off["decision_points"] for k in p["values"])
+    assert any(v is not None for v in gated[0]["signals"]["jsd_instability"]["jsd"])
+    assert len(off["tokens"]["ids"]) == ids.shape[1] - 30
