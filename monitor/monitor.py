@@ -325,10 +325,13 @@ class Monitor:
         """Record n reasoning tokens at once, in order: what n calls of `_record_reasoning` record (their ids,
         texts, logprobs (NaN: none) and value rows [n, len(cols)], NaN meaning "no value at this token")."""
         n = len(texts)
-        self._tok_ids.extend(ids.tolist())
+        # the int64 arrays go in as bytes (array "q" is a C int64: no Python int per token)
+        self._tok_ids.frombytes(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
         self._pieces.extend(texts)
-        end = self._text_end[-1] if self._text_end else 0
-        self._text_end.extend((end + np.cumsum([len(t) for t in texts])).tolist())
+        ends = np.fromiter(map(len, texts), dtype=np.int64, count=n).cumsum()
+        if self._text_end:
+            ends += self._text_end[-1]
+        self._text_end.frombytes(ends.tobytes())
         if len(self._pieces) >= 4096:
             self._joined()
         lp = np.where(np.isfinite(logprobs), logprobs, np.nan).astype(np.float32)
