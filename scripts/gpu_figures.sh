@@ -2,7 +2,9 @@
 # Issue 11's GPU figures in one run (about 6 minutes on one H200), for a session that is lent a GPU machine:
 #   1. the monitor alone on CUDA tensors (`overthink bench monitor --device cuda`): host time per token and kernel
 #      ops per step at batch 1 to 256, top-20 and the full 151,936-token vocabulary;
-#   2. monitored / plain throughput of a randomly initialised model of Qwen2-7B's shape in bf16 at batch 32 and 64
+#   2. what a CUDA graph would save on the host: JSD's top-k kernel chain eager against replayed
+#      (`scripts/graph_probe.py`: host us per call, kernels per call, replay equal to eager bit for bit);
+#   3. monitored / plain throughput of a randomly initialised model of Qwen2-7B's shape in bf16 at batch 32 and 64
 #      (`overthink bench overhead --random-weights`; random weights cost what trained ones cost per token).
 # Prepare here (a few MB, no weights): python scripts/shape_dir.py out/qwen2-7b-shape
 # Then run on the GPU machine with `out/qwen2-7b-shape` carried, e.g. through the device tool:
@@ -45,6 +47,8 @@ for lp in 20 full; do
     atomic "$out/monitor-$lp.json" ot bench monitor --device "$DEVICE" --batch "$MONITOR_BATCHES" --logprobs $lp \
         --tokens "$MONITOR_TOKENS" --memory-tokens 1000 --json
 done
+echo "graph probe: one family's kernel chain, eager against a replayed CUDA graph"
+atomic "$out/graph-probe.json" "$py" scripts/graph_probe.py --device "$DEVICE" --batch "$MONITOR_BATCHES" --json
 IFS=, read -ra bs <<< "$BATCHES"
 for b in "${bs[@]}"; do
     echo "bench overhead, $SHAPE, batch $b"
@@ -59,6 +63,12 @@ for f in sorted(d.glob("monitor-*.json")):
     for r in json.loads(f.read_text())["throughput"]:
         print(f"{f.stem}: batch {r['batch']:>3}  {r['host_us_per_token']:>9.2f} us/token  "
               f"{r['kernel_ops_per_step']:>6} ops/step")
+g = d / "graph-probe.json"
+if g.exists():
+    for r in json.loads(g.read_text())["jsd_sparse"]:
+        print(f"graph probe: batch {r['batch']:>3}  {r['kernels_per_call']} kernels  eager "
+              f"{r['eager_host_us_per_call']} us, graph {r.get('graph_host_us_per_call')} us a call (host), "
+              f"equal {r.get('graph_equals_eager')}")
 for f in sorted(d.glob("overhead-*.json")):
     r = json.loads(f.read_text())
     print(f"{f.stem}: plain {r['plain_tokens_per_s']} tok/s, monitored {r['monitored_tokens_per_s']} tok/s, "
