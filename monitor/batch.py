@@ -119,8 +119,7 @@ class MonitorBatch:
             else:
                 monitor.signals[i] = first  # one instance per family; each monitor is a slot of it
         monitor._on_reset = self._slot_reset(slot)
-        monitor.reset()
-        self._mark(slot)
+        monitor.reset()  # marks the slot's per-row flag too (`_slot_reset`, `Monitor._failed`)
         conf = (monitor.cues.cue_words, monitor.cues.think_end)
         if self._gate_conf is None:
             self._gate_conf = conf

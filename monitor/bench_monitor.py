@@ -218,6 +218,12 @@ def _probe_cost(policy: Any, batch: Any, values: dict[str, float], repeats: int 
             "one_by_one": best(lambda: [policy.decide(c) for c in ctxs])}
 
 
+def computes(func: Any) -> bool:
+    """Whether a dispatched torch op computes something (on a GPU: launches a kernel). Views such as slicing,
+    whose outputs alias an input without writing it, do not."""
+    return not any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+
+
 def _kernel_ops(b: int, layers: list[int], pool: list[Any], steps: int = 40) -> tuple[float, dict[str, float]]:
     """Torch ops that compute something (views such as slicing excluded: they launch no kernel) per monitor step,
     in all and per signal family ("glue": the batch's own, e.g. the one [B, n_keys] block for the host). On a GPU
@@ -233,7 +239,7 @@ def _kernel_ops(b: int, layers: list[int], pool: list[Any], steps: int = 40) -> 
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            if not any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns):
+            if computes(func):
                 counts[where[0]] = counts.get(where[0], 0) + 1
             return func(*args, **(kwargs or {}))
 

@@ -1,9 +1,9 @@
 """What capturing the monitor's step in a CUDA graph would save on the host: one family's kernel chain, eager
 against replayed, on a GPU (the measurement issue 11's next design step needs; see the README's "Measured").
 
-`jsd_sparse` (JSD instability's top-k path: 47 kernels, no host sync inside) is run on fixed-shape
-inputs of B rows x k ids, first eagerly and then as a captured `torch.cuda.CUDAGraph` replayed on the same
-buffers. Per batch size it reports the host time per call (the wall time of enqueueing N calls / N, the GPU
+`jsd_sparse` (JSD instability's top-k path: 43 kernels, counted as `bench monitor` counts them; no host sync
+inside) is run on fixed-shape inputs of B rows x k ids, first eagerly and then as a captured
+`torch.cuda.CUDAGraph` replayed on the same buffers. Per batch size it reports the host time per call (the wall time of enqueueing N calls / N, the GPU
 being faster than the host here; then one synchronize, not counted), the kernels per call, and whether the
 replayed result equals the eager one bit for bit.
 
@@ -39,13 +39,13 @@ def _inputs(b: int, k: int, device: str, seed: int):
 def _kernels(fn, args) -> int:
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from monitor.bench_monitor import computes  # the rule `bench monitor`'s kernel_ops_per_step counts by
+
     n = [0]
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, a=(), kw=None):  # noqa: ANN001, ANN204
-            if func.__name__ not in ("view", "_unsafe_view", "expand", "unsqueeze", "slice", "select", "t",
-                                     "detach", "alias", "as_strided", "permute"):
-                n[0] += 1
+            n[0] += computes(func)
             return func(*a, **(kw or {}))
 
     with Count():

@@ -37,7 +37,6 @@ import os, sys
 import numpy as np, torch
 torch.set_num_threads(1)
 from monitor import bench_monitor as bm
-from monitor.config import RunConfig
 from monitor.cues import CueDetector
 from monitor.monitor import Monitor
 from monitor.batch import MonitorBatch
@@ -47,13 +46,11 @@ layers = [0, 1, 2, 3]
 dists = bm._distributions(20, 151_936, 8, np.random.default_rng(0))
 gen = torch.Generator().manual_seed(1)
 hidden = [{layer: torch.randn(896, generator=gen) for layer in layers} for _ in range(8)]
-cfg = RunConfig(record="default")
 for b in batches:
     pool = bm._batches(b, dists, hidden)
     for n in (n1, n2):
-        mb = MonitorBatch.create(lambda: Monitor(signals=cfg.default_signals(layers) if signals == "all" else [],
-                                                 cues=CueDetector(think_end="</think>"), record="default"), b,
-                                 table=TokenTable(bm.VOCAB))
+        mb = bm._monitors(b, layers, "default") if signals == "all" else MonitorBatch.create(
+            lambda: Monitor(signals=[], cues=CueDetector(think_end="</think>")), b, table=TokenTable(bm.VOCAB))
         bm._feed(mb, 8, pool)  # warm: the state tensors and caches exist
         os.getppid()  # callgrind zeroes its counters here
         bm._feed(mb, n, pool)

@@ -232,7 +232,8 @@ class PathDeviation:
         w = self.window
         # one copy: transition flags, ring positions, and each row's window and trace lengths twice, the
         # denominators of the four running sums below
-        n_win, count = np.minimum(n + 1, w), n + 1
+        count = n + 1
+        n_win = np.minimum(count, w)
         aux = torch.from_numpy(np.stack([transition, n % w, n_win, n_win, count, count], 1).astype(np.float64)) \
             .to(h.device)
         pos = aux[:, 1].to(torch.int64)
