@@ -1,8 +1,8 @@
-"""Host instructions per token of the batched monitor, counted by valgrind (callgrind): a deterministic figure.
+"""Host instructions per token of the batched monitor, counted by valgrind (callgrind): a nearly fixed figure.
 
 Wall time and CPU time on this project's VM move by +-20% between runs of the same code, so a change of a few
 percent to the hot path cannot be seen in `overthink bench monitor`. The number of instructions the CPU executes
-for the same synthetic steps does not move. This runs `monitor.bench_monitor`'s synthetic steps (the default
+for the same synthetic steps moves by under about 1% between runs. This runs `monitor.bench_monitor`'s synthetic steps (the default
 four families on 4 tapped layers x 896, top-20 log-probabilities, the default recording level) through one
 `MonitorBatch` per batch size under callgrind, counting only the steps themselves: `os.getppid()` before a run of
 steps zeroes the counters and `os.getuid()` after it dumps them. Each batch size is fed N1 and then N2 steps, and
